@@ -1,0 +1,3 @@
+from sdjobs.cli import main
+
+raise SystemExit(main())

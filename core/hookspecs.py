@@ -1,0 +1,150 @@
+"""The hooks sdjobs calls, and the `hookimpl` marker plugins use.
+
+Two kinds of hook:
+
+* **Observer hooks** learn what happened.  Each implementation is called on its
+  own; one that raises is logged with its plugin's name and the job goes on.
+* **Control hooks** change what happens.  An error raised by one propagates: the
+  job fails, naming the plugin.
+
+Every hook is called on the runner's thread, one job at a time, in the order of
+a job's life.  An implementation may take any subset of a hook's arguments, so
+arguments added later break nobody.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from sdjobs.polling import PollRequest, Poller
+    from sdjobs.spec import JobSpec, StageSpec
+    from sdjobs.status import JobState, RuntimeStatus, StageResult
+
+PROJECT = "sdjobs"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -------------------------------------------------------------------------
+# The queue of one `sdjobs run` (observer hooks)
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def sdjobs_job_queued(job_id: str, spec: JobSpec) -> None:
+    """A job was validated and queued; fires for every job before the first starts.
+
+    Called on the thread that queues jobs (the runner's).  The return value is
+    ignored; raising is logged and changes nothing.
+    """
+
+
+@hookspec
+def sdjobs_queue_drained(outcomes: Mapping[str, JobState]) -> None:
+    """Every queued job has ended, or a cancel of the whole queue stopped the rest.
+
+    ``outcomes`` maps each job id to how it ended, in queue order; jobs that never
+    ran are absent.  Fires once, last of all.  The return value is ignored;
+    raising is logged and changes nothing.
+    """
+
+
+# -------------------------------------------------------------------------
+# One job (observer hooks)
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def sdjobs_job_started(status: RuntimeStatus, spec: JobSpec) -> None:
+    """A job left the queue; its seed is known, no request has been sent yet.
+
+    The return value is ignored; raising is logged and the job goes on.
+    """
+
+
+@hookspec
+def sdjobs_stage_started(status: RuntimeStatus, stage: StageSpec) -> None:
+    """A stage is about to send its first request.
+
+    The return value is ignored; raising is logged and the job goes on.
+    """
+
+
+@hookspec
+def sdjobs_progress(status: RuntimeStatus) -> None:
+    """The running job's progress, step, ETA or queue position changed.
+
+    Fires only on a change, as often as the poll interval allows.  Progress in
+    consecutive calls never goes back.  The return value is ignored; raising is
+    logged and the job goes on.
+    """
+
+
+@hookspec
+def sdjobs_stage_finished(status: RuntimeStatus, result: StageResult) -> None:
+    """A stage's requests returned and its images are on disk.
+
+    Also fires for a stage cut short by a cancel, with ``result.partial`` set and
+    the images it had.  The return value is ignored; raising is logged and the
+    job goes on.
+    """
+
+
+@hookspec
+def sdjobs_job_stalled(status: RuntimeStatus, seconds: float) -> None:
+    """The running stage has shown no progress for ``seconds``, and the server's
+    step and pass agree that nothing moves.
+
+    Fires once per stall.  The return value is ignored; raising is logged and the
+    job goes on.
+    """
+
+
+@hookspec
+def sdjobs_job_finished(
+    status: RuntimeStatus,
+    outcome: JobState,
+    error: str | None,
+    results: tuple[StageResult, ...],
+) -> None:
+    """A job ended: ``outcome`` is ``done``, ``failed`` or ``cancelled``.
+
+    ``error`` says why a job failed (None otherwise); ``results`` holds every
+    finished stage, partial ones too.  This is the last hook of a job: none
+    follows for it.  The return value is ignored; raising is logged.
+    """
+
+
+# -------------------------------------------------------------------------
+# Control hooks
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def sdjobs_amend_payload(
+    payload: dict[str, Any], stage: StageSpec, status: RuntimeStatus
+) -> None:
+    """Change a request's JSON body in place before it is sent.
+
+    Called for every request of every stage, after sdjobs built the payload.
+    The return value is ignored.  Raising fails the job, naming the plugin; no
+    request is sent for the stage.
+    """
+
+
+@hookspec(firstresult=True)
+def sdjobs_start_polling(request: PollRequest) -> Poller | None:
+    """Start following a request's progress; return the running `Poller`.
+
+    Called on the runner's thread just before a generation request is sent.  The
+    first plugin to return a poller wins (the built-in polling plugin does, unless
+    disabled).  The poller hands samples to ``request.report`` from its own
+    thread, and the runner calls its ``stop()`` once the request returned or was
+    cancelled.  Returning None leaves the request without live progress: the
+    stage still ends when its request returns.  Raising fails the job.
+    """

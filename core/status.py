@@ -1,0 +1,229 @@
+"""Runtime values: what the WebUI says about progress, and what sdjobs tells its hooks.
+
+Everything here is a frozen `attrs` value.  The runner makes a new one for every
+change and hands it to hooks, so a plugin can keep a reference without seeing it
+change underneath it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+
+def _unit_interval(instance: object, attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be within [0, 1], got {value!r}")
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+@attrs.frozen
+class ProgressInfo:
+    """One answer of `GET /sdapi/v1/progress`.
+
+    The endpoint is global: it describes whatever the server is running, which is
+    not necessarily our job (see `job_timestamp`).
+
+    Attributes:
+        progress: The server's own figure, `0.01 + job_no/job_count + step fraction`.
+        eta_relative: Seconds left as the server guesses them; wild in the first step.
+        current_step: `state.sampling_step`.
+        total_steps: `state.sampling_steps` (stale when idle).
+        job_no: `state.job_no`, the pass being sampled (0-based).
+        job_count: `state.job_count`; -1 for a moment when a job begins, 0 when idle.
+        job_timestamp: `state.job_timestamp`; changes with every job the server begins.
+        current_image: Base64 preview, when asked for and sent.
+        textinfo: Free text some servers send.
+        state: The raw `state` dict, for anything not lifted out above.
+    """
+
+    progress: float
+    eta_relative: float
+    current_step: int | None = None
+    total_steps: int | None = None
+    job_no: int = 0
+    job_count: int = 0
+    job_timestamp: str | None = None
+    current_image: str | None = None
+    textinfo: str | None = None
+    state: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
+
+    @property
+    def idle(self) -> bool:
+        """True when the server runs nothing (A1111 answers `job_count == 0`, progress 0)."""
+        return self.job_count == 0 and self.progress == 0
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.state.get("interrupted"))
+
+    @classmethod
+    def from_response(cls, data: Mapping[str, Any]) -> ProgressInfo:
+        """Parse a decoded `/sdapi/v1/progress` body; raise on a malformed one.
+
+        Raises `TypeError`, `ValueError` or `KeyError` when the body is not the
+        shape A1111, Forge and SD.Next send.
+        """
+        state = data.get("state") or {}
+        if not isinstance(state, Mapping):
+            raise TypeError(f"'state' is not an object: {state!r}")
+        timestamp = state.get("job_timestamp")
+        return cls(
+            progress=float(data["progress"]),
+            eta_relative=float(data.get("eta_relative") or 0.0),
+            current_step=_int_or_none(state.get("sampling_step")),
+            total_steps=_int_or_none(state.get("sampling_steps")),
+            job_no=int(state.get("job_no") or 0),
+            job_count=int(state.get("job_count") or 0),
+            job_timestamp=None if timestamp is None else str(timestamp),
+            current_image=data.get("current_image"),
+            textinfo=data.get("textinfo"),
+            state=dict(state),
+        )
+
+
+@attrs.frozen
+class TaskProgress:
+    """One answer of `POST /internal/progress` for a task id we sent as `force_task_id`.
+
+    Attributes:
+        active: Our task is the one running.
+        queued: Our task waits behind another; `queue_position` says where.
+        completed: Our task is among the server's last 16 finished ones.
+        progress: `job_no/job_count + step fraction` *without* the 0.01 offset; None unless active.
+        eta: The server's guess in seconds; None until the first step.
+        queue_position: `(i, n)` parsed from "In queue: i/n", when queued.
+        live_preview: A `data:` URI preview, when asked for and sent.
+        id_live_preview: The preview's id, to send back so the same one is not sent twice.
+        textinfo: The server's text ("Waiting...", "In queue: 1/2", ...).
+    """
+
+    active: bool
+    queued: bool
+    completed: bool
+    progress: float | None = None
+    eta: float | None = None
+    queue_position: tuple[int, int] | None = None
+    live_preview: str | None = None
+    id_live_preview: int = -1
+    textinfo: str | None = None
+
+    @classmethod
+    def from_response(cls, data: Mapping[str, Any]) -> TaskProgress:
+        """Parse a decoded `/internal/progress` body; raise on a malformed one."""
+        textinfo = data.get("textinfo")
+        position = None
+        if isinstance(textinfo, str) and textinfo.startswith("In queue:"):
+            i, _, n = textinfo.removeprefix("In queue:").strip().partition("/")
+            position = (int(i), int(n))
+        progress = data.get("progress")
+        eta = data.get("eta")
+        preview_id = data.get("id_live_preview")
+        return cls(
+            active=bool(data["active"]),
+            queued=bool(data["queued"]),
+            completed=bool(data["completed"]),
+            progress=None if progress is None else float(progress),
+            eta=None if eta is None else float(eta),
+            queue_position=position,
+            live_preview=data.get("live_preview"),
+            id_live_preview=-1 if preview_id is None else int(preview_id),
+            textinfo=textinfo,
+        )
+
+
+class JobState(enum.StrEnum):
+    """Where a job is in its life; the stage states are the stages' own names."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+@attrs.frozen
+class RuntimeStatus:
+    """A snapshot of one running job, made anew for every change and handed to hooks.
+
+    Attributes:
+        job_id: The job's id (also its output folder's name).
+        name: The job's name from its spec.
+        stage: The running stage's type (`txt2img`, `img2img`, `adetailer`, `upscale`).
+        stage_index: 0-based index of the running stage.
+        stage_count: How many stages the job has.
+        progress: The running stage's progress, 0..1; never goes back within a stage.
+        job_progress: The whole job's progress, 0..1; never goes back.
+        step: Sampling step of the current pass, when the server says.
+        steps: Sampling steps of the current pass, when the server says.
+        eta: Seconds left in this stage, None while still calculating.
+        job_eta: Seconds left in the whole job, None while still calculating.
+        seed: The job's seed; known before the first request.
+        started_at: Unix time the job started.
+        state: Where the job is (`JobState`).
+        queue_position: `(i, n)` while the server holds our request in its queue.
+        preview: Base64 live preview, when the user asked for one and the server sent it.
+    """
+
+    job_id: str
+    name: str
+    stage: str
+    stage_index: int
+    stage_count: int
+    progress: float = attrs.field(default=0.0, validator=_unit_interval)
+    job_progress: float = attrs.field(default=0.0, validator=_unit_interval)
+    step: int | None = None
+    steps: int | None = None
+    eta: float | None = None
+    job_eta: float | None = None
+    seed: int | None = None
+    started_at: float = 0.0
+    state: JobState = JobState.QUEUED
+    queue_position: tuple[int, int] | None = None
+    preview: str | None = attrs.field(default=None, repr=False)
+
+    @property
+    def stage_label(self) -> str:
+        """`"2/3 img2img"`: the 1-based stage number, the count and the stage type."""
+        return f"{self.stage_index + 1}/{self.stage_count} {self.stage}"
+
+    @property
+    def percent(self) -> int:
+        """The stage's progress as a whole percentage, rounded down."""
+        return int(self.progress * 100)
+
+
+@attrs.frozen
+class StageResult:
+    """What one finished stage produced.
+
+    Attributes:
+        stage: The stage's type.
+        stage_index: 0-based index of the stage.
+        images: Paths of the images written, in order.
+        infos: The server's parsed `info` for each request of the stage.
+        seeds: The seeds the server reports it used (`all_seeds`), per image.
+        started_at: Unix time the stage started.
+        elapsed: Seconds the stage took.
+        partial: True when the stage was interrupted and its images are unfinished.
+    """
+
+    stage: str
+    stage_index: int
+    images: tuple[Path, ...] = ()
+    infos: tuple[Mapping[str, Any], ...] = attrs.field(default=(), repr=False)
+    seeds: tuple[int, ...] = ()
+    started_at: float = 0.0
+    elapsed: float = 0.0
+    partial: bool = False
