@@ -1,0 +1,226 @@
+"""The `sdjobs` command.
+
+Exit status: 0 every job done; 1 a job failed (or the WebUI could not be
+reached); 2 bad usage or bad input, and then nothing ran; 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sdjobs import frontend as frontends
+from sdjobs.client import DEFAULT_URL, WebUIClient
+from sdjobs.hooks import Hooks, describe_plugins, make_plugin_manager
+from sdjobs.job import JobSettings
+from sdjobs.polling import DEFAULT_POLL_INTERVAL, POLL_INTERVAL_RANGE
+from sdjobs.runner import Runner
+from sdjobs.spec import JobFileError, JobSpec, load_job
+from sdjobs.status import JobState
+
+EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 1, 2, 130
+DEMO_JOB = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
+
+
+class UsageError(Exception):
+    """Bad usage or bad input: reported in one line, exit status 2, nothing run."""
+
+
+def _poll_interval(text: str) -> float:
+    low, high = POLL_INTERVAL_RANGE
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be between {low} and {high} seconds, got {value}")
+    return value
+
+
+def _credentials(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        # Never echo the value: it may be a password.
+        raise UsageError("--auth / SDJOBS_WEBUI_AUTH must look like USER:PASSWORD")
+    return user, password
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    names = ", ".join(frontends.available_frontends()) or "none installed"
+    show = parser.add_argument_group("display")
+    show.add_argument(
+        "--frontend",
+        metavar="NAME",
+        help=f"how to show progress: {names} (default: $SDJOBS_FRONTEND, else console "
+        "on a terminal and log otherwise)",
+    )
+    show.add_argument("--log-file", type=Path, metavar="PATH", help="log front end: write here, not stderr")
+    show.add_argument("--log-level", default="INFO", metavar="LEVEL", help="log front end: DEBUG, INFO, ...")
+    show.add_argument("--log-format", metavar="FORMAT", help="log front end: a logging format string")
+    show.add_argument("--preview", action="store_true", help="show the live preview where the front end can")
+    jobs = parser.add_argument_group("running")
+    jobs.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output folder (default: ./outputs)")
+    jobs.add_argument(
+        "--poll-interval",
+        type=_poll_interval,
+        default=DEFAULT_POLL_INTERVAL,
+        metavar="SECONDS",
+        help=f"seconds between progress samples, {POLL_INTERVAL_RANGE[0]} to {POLL_INTERVAL_RANGE[1]} (default: {DEFAULT_POLL_INTERVAL})",
+    )
+    jobs.add_argument("--stall-after", type=float, default=60.0, metavar="SECONDS", help="report a stall after this long without progress (default: 60)")
+    jobs.add_argument(
+        "--stall-interrupt-after",
+        type=float,
+        metavar="SECONDS",
+        help="interrupt a stage stalled this long, failing the job (default: never)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdjobs",
+        description="Run multi-stage Stable Diffusion jobs (txt2img → img2img → ADetailer → upscale) "
+        "against an AUTOMATIC1111-compatible WebUI, with live progress.",
+        epilog="Exit status: 0 all jobs done, 1 a job failed, 2 bad usage or input, 130 cancelled.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="run the demo job against the built-in simulated WebUI")
+    demo.add_argument("--step-time", type=float, default=None, metavar="S", help="simulator seconds per sampling step")
+    _add_run_options(demo)
+
+    run = commands.add_parser("run", help="run job files one after another")
+    run.add_argument("jobs", nargs="+", type=Path, metavar="JOB.toml")
+    run.add_argument("--webui", metavar="URL", help=f"the WebUI (default: $SDJOBS_WEBUI, else {DEFAULT_URL})")
+    run.add_argument("--auth", metavar="USER:PASS", help="HTTP Basic credentials (--api-auth); default $SDJOBS_WEBUI_AUTH")
+    _add_run_options(run)
+
+    check = commands.add_parser("check", help="validate job files and print their plans")
+    check.add_argument("jobs", nargs="+", type=Path, metavar="JOB.toml")
+
+    sim = commands.add_parser("sim", help="serve the simulated WebUI")
+    from sdjobs.sim import cli as sim_cli
+
+    sim_cli.add_arguments(sim)
+
+    commands.add_parser("plugins", help="list loaded plugins and their hooks, as JSON")
+    commands.add_parser("frontends", help="list the front ends --frontend can choose")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, JobFileError, frontends.FrontendError) as exc:
+        print(f"sdjobs: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _load_jobs(paths: Sequence[Path]) -> list[JobSpec]:
+    """Every job file, validated before anything runs."""
+    return [load_job(path) for path in paths]
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    for spec in _load_jobs(args.jobs):
+        print(f"{spec.source}: {spec.name!r}, seed {spec.seed}")
+        for index, step in enumerate(spec.plan()):
+            print(
+                f"  {index + 1}. {step.type:<9} {step.endpoint:<18} "
+                f"{step.requests} request(s), {step.images} image(s), {step.steps} step(s) each"
+            )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    specs = _load_jobs(args.jobs)
+    url = args.webui or os.environ.get("SDJOBS_WEBUI") or DEFAULT_URL
+    auth = _credentials(args.auth or os.environ.get("SDJOBS_WEBUI_AUTH"))
+    with WebUIClient(url, auth=auth) as client:
+        return _run(specs, client, args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if not DEMO_JOB.is_file():
+        raise UsageError(f"{DEMO_JOB}: the demo job is not there (run the demo from a checkout)")
+    from sdjobs.sim import SimSettings, SimulatedWebUI
+
+    specs = _load_jobs([DEMO_JOB])
+    settings = SimSettings() if args.step_time is None else SimSettings(step_time=args.step_time)
+    with SimulatedWebUI(settings) as sim, WebUIClient(sim.url) as client:
+        print(f"sdjobs demo: simulated WebUI at {sim.url}", file=sys.stderr)
+        return _run(specs, client, args)
+
+
+def _run(specs: list[JobSpec], client: WebUIClient, args: argparse.Namespace) -> int:
+    name = frontends.choose_frontend(args.frontend, os.environ, sys.stdout.isatty())
+    shown = frontends.load_frontend(name)(
+        frontends.FrontendOptions(
+            log_file=args.log_file,
+            log_level=args.log_level,
+            log_format=args.log_format,
+            preview=args.preview,
+        )
+    )
+    pm = make_plugin_manager(plugins=[shown])
+    runner = Runner(
+        specs=specs,
+        client=client,
+        hooks=Hooks(pm),
+        out_dir=args.out,
+        settings=JobSettings(
+            poll_interval=args.poll_interval,
+            stall_after=args.stall_after,
+            stall_interrupt_after=args.stall_interrupt_after,
+            preview=args.preview,
+        ),
+    )
+    status = shown.run(runner)
+    if status is not None:
+        return status
+    return exit_status(runner)
+
+
+def exit_status(runner: Runner) -> int:
+    outcomes = set(runner.outcomes.values())
+    if runner.stopped:
+        return EXIT_CANCELLED
+    if JobState.FAILED in outcomes:
+        return EXIT_FAILED
+    if JobState.CANCELLED in outcomes:
+        return EXIT_CANCELLED
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from sdjobs.sim import cli as sim_cli
+
+    return sim_cli.run(args)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    print(json.dumps(describe_plugins(make_plugin_manager()), indent=2))
+    return 0
+
+
+def cmd_frontends(args: argparse.Namespace) -> int:
+    for name, cls in frontends.available_frontends().items():
+        print(f"{name:<10} {cls.load().description}")
+    return 0
+
+
+COMMANDS = {
+    "check": cmd_check,
+    "demo": cmd_demo,
+    "frontends": cmd_frontends,
+    "plugins": cmd_plugins,
+    "run": cmd_run,
+    "sim": cmd_sim,
+}

@@ -1,0 +1,441 @@
+"""`WebUIClient`: the HTTP client for A1111, Forge and SD.Next.
+
+One `requests.Session` per client.  Every call has a timeout; read-only GETs
+retry transient failures with backoff, while the generation POSTs are never
+retried (a retried txt2img is a second render).  Progress calls neither retry nor
+raise: a sample that cannot be had is None, and the job goes on without it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from sdjobs.status import ProgressInfo, TaskProgress
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://127.0.0.1:7860"
+
+
+@attrs.frozen
+class Timeouts:
+    """Seconds to wait, per kind of call.
+
+    Attributes:
+        connect: Time to open a connection, for every call.
+        read: Time to wait for an answer to a short call (progress, interrupt, lists).
+        generation: Time to wait for a generation's answer; None waits as long as
+            the render takes (a 10-minute render is normal).
+    """
+
+    connect: float = 3.0
+    read: float = 5.0
+    generation: float | None = None
+
+    @property
+    def short(self) -> tuple[float, float]:
+        return (self.connect, self.read)
+
+    @property
+    def long(self) -> tuple[float, float | None]:
+        return (self.connect, self.generation)
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class WebUIError(Exception):
+    """A call to the WebUI failed.  The message names the URL, never credentials.
+
+    Attributes:
+        url: The URL called, without credentials.
+        status: The HTTP status, or None when no answer came.
+        detail: The server's own message, or what went wrong on the way.
+    """
+
+    def __init__(self, url: str, status: int | None, detail: str) -> None:
+        self.url = url
+        self.status = status
+        self.detail = detail
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        return f"{self.url} answered {self.status}: {self.detail}"
+
+
+class WebUIUnreachable(WebUIError):
+    """No answer: the connection was refused, dropped or timed out."""
+
+    def _describe(self) -> str:
+        return f"cannot reach {self.url}: {self.detail}"
+
+
+class WebUIAuthError(WebUIError):
+    """401: credentials missing or wrong (`--api-auth`)."""
+
+    def _describe(self) -> str:
+        return f"{self.url} refused the credentials (401): {self.detail}"
+
+
+class WebUINotFound(WebUIError):
+    """404: no such route on this server (e.g. `--nowebui`), or a named thing is missing."""
+
+    def _describe(self) -> str:
+        return f"{self.url} not found (404): {self.detail}"
+
+
+class WebUIServerError(WebUIError):
+    """5xx: the server failed while handling the call."""
+
+    def _describe(self) -> str:
+        return f"{self.url} failed ({self.status}): {self.detail}"
+
+
+def _server_message(response: requests.Response) -> str:
+    """The server's explanation, from whichever error shape it sent.
+
+    A1111 puts it in `errors`, Forge in `message`, FastAPI in `detail` (a string,
+    or a list of validation errors), SD.Next in `errors` or `detail`.
+    """
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:300] or response.reason or "no message"
+    if not isinstance(body, Mapping):
+        return str(body)[:300]
+    for key in ("errors", "message"):
+        if isinstance(body.get(key), str) and body[key]:
+            return body[key]
+    detail = body.get("detail")
+    if isinstance(detail, list):
+        return "; ".join(_validation_message(item) for item in detail)
+    if detail:
+        return str(detail)
+    return str(body.get("error") or body)[:300]
+
+
+def _validation_message(item: Any) -> str:
+    if not isinstance(item, Mapping):
+        return str(item)
+    where = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
+    return f"{where}: {item.get('msg', '')}" if where else str(item.get("msg", ""))
+
+
+_ERRORS_BY_STATUS: dict[int, type[WebUIError]] = {401: WebUIAuthError, 404: WebUINotFound}
+
+
+def _error_for(response: requests.Response, url: str) -> WebUIError:
+    status = response.status_code
+    cls = _ERRORS_BY_STATUS.get(status, WebUIServerError if status >= 500 else WebUIError)
+    return cls(url, status, _server_message(response))
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class GenerationResult:
+    """The answer of txt2img, img2img or extra-single-image.
+
+    Attributes:
+        images: The images as encoded bytes (PNG unless the server is set otherwise).
+        info: The parsed `info` (A1111 sends it as a JSON string); empty for extras.
+        parameters: The request as the server echoed it, defaults filled in.
+    """
+
+    images: tuple[bytes, ...]
+    info: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
+    parameters: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The seeds the server says it used, one per image."""
+        seeds = self.info.get("all_seeds") or ([self.info["seed"]] if "seed" in self.info else [])
+        return tuple(int(seed) for seed in seeds)
+
+    @property
+    def infotexts(self) -> tuple[str, ...]:
+        return tuple(self.info.get("infotexts") or ())
+
+
+def _decode_image(data: str) -> bytes:
+    _, _, payload = data.rpartition("base64,")
+    return base64.b64decode(payload, validate=True)
+
+
+def _parse_info(raw: Any) -> Mapping[str, Any]:
+    if isinstance(raw, Mapping):
+        return raw
+    if not raw:
+        return {}
+    try:
+        info = json.loads(raw)
+    except (TypeError, ValueError):
+        return {"text": str(raw)}
+    return info if isinstance(info, Mapping) else {"text": str(raw)}
+
+
+# ---------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------
+
+
+def _split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """Take `user:pass@` out of a URL, so it never shows in a message."""
+    parts = urlsplit(url.rstrip("/"))
+    if parts.username is None:
+        return urlunsplit(parts), None
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc)), (parts.username, parts.password or "")
+
+
+class WebUIClient:
+    """Talks to one WebUI over HTTP.
+
+    Thread-safe for the way sdjobs uses it: one generation call at a time, while
+    another thread polls progress and a third may interrupt.
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        auth: tuple[str, str] | None = None,
+        timeouts: Timeouts = Timeouts(),
+        retries: int = 3,
+    ) -> None:
+        self.base_url, url_auth = _split_credentials(base_url)
+        self.timeouts = timeouts
+        self._session = requests.Session()
+        self._session.auth = auth or url_auth
+        retry = Retry(
+            total=retries,
+            backoff_factor=0.2,
+            status_forcelist=(502, 503, 504),
+            allowed_methods=frozenset({"GET"}),
+            raise_on_status=False,
+        )
+        self._session.mount(self.base_url, HTTPAdapter(max_retries=retry))
+        # A progress sample is worth nothing once the next one is due: never retry it.
+        for path in ("/sdapi/v1/progress", "/internal/progress"):
+            self._session.mount(self.base_url + path, HTTPAdapter(max_retries=0))
+        self._task_progress: bool | None = None
+
+    def __repr__(self) -> str:
+        auth = ", auth=***" if self._session.auth else ""
+        return f"WebUIClient({self.base_url!r}{auth})"
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> WebUIClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, str] | None = None,
+        timeout: tuple[float, float | None] | None = None,
+    ) -> Any:
+        url = self.base_url + path
+        try:
+            response = self._session.request(
+                method, url, json=json_body, params=params, timeout=timeout or self.timeouts.short
+            )
+        except requests.Timeout as exc:
+            raise WebUIUnreachable(url, None, "timed out") from exc
+        except requests.ConnectionError as exc:
+            raise WebUIUnreachable(url, None, _connection_problem(exc)) from exc
+        if response.status_code >= 400:
+            raise _error_for(response, url)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise WebUIError(url, response.status_code, "the answer is not JSON") from exc
+
+    def _generate(self, route: str, payload: Mapping[str, Any], force_task_id: str | None) -> Any:
+        body = dict(payload)
+        if force_task_id is not None:
+            body["force_task_id"] = force_task_id
+        return self._call("POST", f"/sdapi/v1/{route}", json_body=body, timeout=self.timeouts.long)
+
+    # -- generation ---------------------------------------------------------
+
+    def txt2img(
+        self, payload: Mapping[str, Any], *, force_task_id: str | None = None
+    ) -> GenerationResult:
+        """Run a txt2img request; block until the server answers.
+
+        An interrupted request still answers 200, with the images finished so far.
+        """
+        return self._generation_result(self._generate("txt2img", payload, force_task_id))
+
+    def img2img(
+        self, payload: Mapping[str, Any], *, force_task_id: str | None = None
+    ) -> GenerationResult:
+        """Run an img2img request (ADetailer stages too); block until it answers."""
+        return self._generation_result(self._generate("img2img", payload, force_task_id))
+
+    def extra_single_image(self, payload: Mapping[str, Any]) -> GenerationResult:
+        """Upscale one image through extras.  Extras take no task id."""
+        body = self._generate("extra-single-image", payload, None)
+        return GenerationResult(
+            images=(_decode_image(body["image"]),) if body.get("image") else (),
+            info={"html_info": body.get("html_info")},
+        )
+
+    def generate(
+        self, endpoint: str, payload: Mapping[str, Any], *, force_task_id: str | None = None
+    ) -> GenerationResult:
+        """Call the generation route ``endpoint`` (`txt2img`, `img2img`, `extra-single-image`)."""
+        if endpoint == "extra-single-image":
+            return self.extra_single_image(payload)
+        call = {"txt2img": self.txt2img, "img2img": self.img2img}[endpoint]
+        return call(payload, force_task_id=force_task_id)
+
+    def _generation_result(self, body: Mapping[str, Any]) -> GenerationResult:
+        try:
+            images = tuple(_decode_image(image) for image in body.get("images") or ())
+        except (binascii.Error, ValueError) as exc:
+            raise WebUIError(self.base_url, 200, f"an image is not valid base64: {exc}") from exc
+        return GenerationResult(
+            images=images,
+            info=_parse_info(body.get("info")),
+            parameters=body.get("parameters") or {},
+        )
+
+    # -- control ------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """Stop whatever the server is generating, whoever started it."""
+        self._call("POST", "/sdapi/v1/interrupt")
+
+    def skip(self) -> None:
+        """End the current iteration early; the request goes on with the next."""
+        self._call("POST", "/sdapi/v1/skip")
+
+    # -- progress -----------------------------------------------------------
+
+    def get_progress(self, *, skip_current_image: bool = True) -> ProgressInfo | None:
+        """The server's global progress; None when idle, and on any failure.
+
+        Never raises: a failed, timed-out or malformed sample is simply missing.
+        """
+        try:
+            body = self._call(
+                "GET",
+                "/sdapi/v1/progress",
+                params={"skip_current_image": str(skip_current_image).lower()},
+            )
+            info = ProgressInfo.from_response(body)
+        except (WebUIError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            log.debug("progress sample failed: %s", exc)
+            return None
+        return None if info.idle else info
+
+    def internal_progress(
+        self, task_id: str, *, preview: bool = False, id_live_preview: int = -1
+    ) -> TaskProgress | None:
+        """Progress of the task we sent as `force_task_id`; None on any failure.
+
+        Always sends the id: without one the server answers "active" for nothing.
+        """
+        body = {"id_task": task_id, "id_live_preview": id_live_preview, "live_preview": preview}
+        try:
+            return TaskProgress.from_response(self._call("POST", "/internal/progress", json_body=body))
+        except (WebUIError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            log.debug("task progress sample failed: %s", exc)
+            return None
+
+    def supports_task_progress(self) -> bool:
+        """Whether this server follows our `force_task_id` through `/internal/progress`.
+
+        True on A1111 and Forge ≥ 1.8 with the UI; false with `--nowebui` (no
+        route), on SD.Next (no task ids for API jobs) and on older servers (no
+        `/internal/pending-tasks`).  Asked once, then remembered.
+        """
+        if self._task_progress is None:
+            self._task_progress = self._detect_task_progress()
+        return self._task_progress
+
+    def _detect_task_progress(self) -> bool:
+        probe = f"sdjobs-probe-{uuid.uuid4().hex}"
+        try:
+            pending = self._call("GET", "/internal/pending-tasks")
+            answer = self._call(
+                "POST", "/internal/progress", json_body={"id_task": probe, "live_preview": False}
+            )
+        except WebUIError:
+            return False
+        return (
+            isinstance(pending, Mapping)
+            and "tasks" in pending
+            and isinstance(answer, Mapping)
+            and answer.get("active") is False
+            and "paused" not in answer  # SD.Next answers, but never for API jobs
+        )
+
+    # -- lists and settings -------------------------------------------------
+
+    def options(self) -> Mapping[str, Any]:
+        return self._call("GET", "/sdapi/v1/options")
+
+    def set_options(self, options: Mapping[str, Any]) -> None:
+        self._call("POST", "/sdapi/v1/options", json_body=dict(options), timeout=self.timeouts.long)
+
+    def samplers(self) -> Sequence[Mapping[str, Any]]:
+        return self._call("GET", "/sdapi/v1/samplers")
+
+    def upscalers(self) -> Sequence[Mapping[str, Any]]:
+        return self._call("GET", "/sdapi/v1/upscalers")
+
+    def sd_models(self) -> Sequence[Mapping[str, Any]]:
+        return self._call("GET", "/sdapi/v1/sd-models")
+
+    def adetailer_models(self) -> Sequence[str] | None:
+        """ADetailer's model names; None when the extension is not installed."""
+        try:
+            return self._call("GET", "/adetailer/v1/ad_model")["ad_model"]
+        except WebUINotFound:
+            return None
+
+    def adetailer_schema(self) -> Mapping[str, Any] | None:
+        """ADetailer's JSON schema of a tab's settings; None without the extension."""
+        try:
+            return self._call("GET", "/adetailer/v1/schema")
+        except WebUINotFound:
+            return None
+
+
+def _connection_problem(exc: requests.ConnectionError) -> str:
+    text = str(exc)
+    if "Connection refused" in text or "NewConnectionError" in text:
+        return "connection refused (is the WebUI running, with --api?)"
+    if "RemoteDisconnected" in text or "Connection aborted" in text:
+        return "the server closed the connection without answering"
+    return "connection failed"

@@ -1,0 +1,81 @@
+"""Pytest fixtures for people who test sdjobs plugins (and for sdjobs' own tests).
+
+Installed as a `pytest11` plugin, so the fixtures are there in any project that
+has sdjobs installed:
+
+* `sim_settings`: the simulated WebUI's settings; override it in a test module.
+* `webui_sim`: a simulated WebUI on a free port on 127.0.0.1, stopped after the test.
+* `webui_client`: a `WebUIClient` talking to `webui_sim`.
+* `plugin_manager`: sdjobs' plugin manager with the built-ins, no entry points.
+* `register_plugin`: registers a plugin for one test and unregisters it after.
+* `fake_clock`: a clock that moves only when the test says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import attrs
+import pluggy
+import pytest
+
+from sdjobs.client import WebUIClient
+from sdjobs.hooks import make_plugin_manager
+from sdjobs.sim import SimSettings, SimulatedWebUI
+
+
+@attrs.define
+class FakeClock:
+    """Monotonic seconds that only `advance` moves; call it like `time.monotonic`."""
+
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+@pytest.fixture
+def sim_settings() -> SimSettings:
+    """Fast steps, so a test's job takes milliseconds; override to change faults."""
+    return SimSettings(step_time=0.002, first_step_time=0.002)
+
+
+@pytest.fixture
+def webui_sim(sim_settings: SimSettings) -> Iterator[SimulatedWebUI]:
+    with SimulatedWebUI(sim_settings) as sim:
+        yield sim
+
+
+@pytest.fixture
+def webui_client(webui_sim: SimulatedWebUI) -> Iterator[WebUIClient]:
+    auth = tuple(webui_sim.settings.api_auth.split(":", 1)) if webui_sim.settings.api_auth else None
+    with WebUIClient(webui_sim.url, auth=auth) as client:
+        yield client
+
+
+@pytest.fixture
+def plugin_manager() -> pluggy.PluginManager:
+    return make_plugin_manager(load_entry_points=False, disabled=())
+
+
+@pytest.fixture
+def register_plugin(plugin_manager: pluggy.PluginManager) -> Iterator[Callable[[object], object]]:
+    registered: list[object] = []
+
+    def register(plugin: object, name: str | None = None) -> object:
+        plugin_manager.register(plugin, name=name)
+        registered.append(plugin)
+        return plugin
+
+    yield register
+    for plugin in registered:
+        plugin_manager.unregister(plugin)
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()

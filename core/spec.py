@@ -1,0 +1,663 @@
+"""Job files: what a job is (`JobSpec`, `StageSpec`), how it is read and checked, and its plan.
+
+A job file is TOML.  Its settings use the WebUI's own request field names, so a
+key is valid when the stage's endpoint accepts it (`FIELDS` lists them, from
+A1111's request models).  Everything is checked when the file is read, before
+anything is queued: each mistake becomes one `JobFileError` naming the file, the
+key and what is wrong.  Stages are numbered from 1 in messages, as in the output
+folders and the progress display.
+
+The rules:
+
+* `[settings]` apply to every generation stage (txt2img, img2img, adetailer, an
+  upscale through img2img) unless the stage sets the key itself; `width` and
+  `height` there size the first stage only, since later stages take the
+  previous stage's size.
+* Each `[[stages]]` table takes its endpoint's request fields plus the sdjobs
+  keys `type`, `checkpoint` (not on an extras upscale), and for an `upscale`
+  stage `upscaler`, `scale` and `via` (`"extras"`, the default, or
+  `"img2img"`).  An `adetailer` stage also takes ADetailer's own `ad_*` keys;
+  setting `ad_steps` (likewise `ad_cfg_scale`, `ad_sampler`, ...) turns on its
+  `ad_use_steps` switch unless the file sets the switch itself.
+* Anything else goes in a stage's `[stages.extra]` table, which is sent as is.
+* A seed of -1 is drawn here, on the client, so it is known before the first
+  request.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import random
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+STAGE_TYPES = ("txt2img", "img2img", "adetailer", "upscale")
+UPSCALE_VIAS = ("extras", "img2img")
+
+#: The largest seed A1111 draws itself (`random.randrange(4294967294)`).
+_SEED_LIMIT = 4294967294
+
+# --------------------------------------------------------------------------
+# The fields each endpoint accepts, with their TOML type
+# --------------------------------------------------------------------------
+
+_GENERATION_FIELDS: dict[str, type] = {
+    "styles": list, "subseed": int, "subseed_strength": float,
+    "seed_resize_from_h": int, "seed_resize_from_w": int,
+    "sampler_name": str, "scheduler": str, "sampler_index": str,
+    "batch_size": int, "n_iter": int, "steps": int, "cfg_scale": float,
+    "width": int, "height": int, "denoising_strength": float,
+    "restore_faces": bool, "tiling": bool, "do_not_save_samples": bool, "do_not_save_grid": bool,
+    "eta": float, "s_min_uncond": float, "s_churn": float, "s_tmax": float, "s_tmin": float,
+    "s_noise": float,
+    "override_settings": dict, "override_settings_restore_afterwards": bool,
+    "refiner_checkpoint": str, "refiner_switch_at": float, "disable_extra_networks": bool,
+    "firstpass_image": str, "comments": dict, "script_name": str, "script_args": list,
+    "alwayson_scripts": dict, "infotext": str,
+}  # fmt: skip
+
+#: Request fields per endpoint, less those sdjobs sets itself (`MANAGED_FIELDS`).
+FIELDS: Mapping[str, Mapping[str, type]] = {
+    "txt2img": _GENERATION_FIELDS | {
+        "enable_hr": bool, "hr_scale": float, "hr_upscaler": str, "hr_second_pass_steps": int,
+        "hr_resize_x": int, "hr_resize_y": int, "hr_checkpoint_name": str,
+        "hr_sampler_name": str, "hr_scheduler": str, "hr_prompt": str, "hr_negative_prompt": str,
+        "firstphase_width": int, "firstphase_height": int,
+    },
+    "img2img": _GENERATION_FIELDS | {
+        "resize_mode": int, "image_cfg_scale": float, "mask": str, "mask_blur": int,
+        "mask_blur_x": int, "mask_blur_y": int, "mask_round": bool, "inpainting_fill": int,
+        "inpaint_full_res": bool, "inpaint_full_res_padding": int, "inpainting_mask_invert": int,
+        "initial_noise_multiplier": float, "latent_mask": str, "include_init_images": bool,
+    },
+    "extra-single-image": {
+        "resize_mode": int, "show_extras_results": bool, "gfpgan_visibility": float,
+        "codeformer_visibility": float, "codeformer_weight": float,
+        "upscaling_resize_w": int, "upscaling_resize_h": int, "upscaling_crop": bool,
+        "upscaler_2": str, "extras_upscaler_2_visibility": float, "upscale_first": bool,
+    },
+}  # fmt: skip
+
+#: Request fields a job file may not set, and why.
+MANAGED_FIELDS: Mapping[str, str] = {
+    "prompt": "set it at the top of the job file (or in [stages.extra] for one stage)",
+    "negative_prompt": "set it at the top of the job file (or in [stages.extra] for one stage)",
+    "seed": "set it at the top of the job file; every stage uses the job's seed",
+    "init_images": "sdjobs sends the previous stage's image",
+    "image": "sdjobs sends the previous stage's image",
+    "send_images": "sdjobs always asks for the images",
+    "save_images": "sdjobs writes the images itself",
+    "force_task_id": "sdjobs sets it to follow progress",
+    "upscaler_1": "use 'upscaler'",
+    "upscaling_resize": "use 'scale'",
+}
+
+#: ADetailer's fields (v25.3.0), used to type-check a job file and, where the
+#: server has no `/adetailer/v1/schema`, to check a stage's `ad_*` keys.
+ADETAILER_FIELDS: Mapping[str, type] = {
+    "ad_model": str, "ad_model_classes": str, "ad_tab_enable": bool,
+    "ad_prompt": str, "ad_negative_prompt": str, "ad_confidence": float,
+    "ad_mask_filter_method": str, "ad_mask_k": int, "ad_mask_min_ratio": float,
+    "ad_mask_max_ratio": float, "ad_dilate_erode": int, "ad_x_offset": int, "ad_y_offset": int,
+    "ad_mask_merge_invert": str, "ad_mask_blur": int, "ad_denoising_strength": float,
+    "ad_inpaint_only_masked": bool, "ad_inpaint_only_masked_padding": int,
+    "ad_use_inpaint_width_height": bool, "ad_inpaint_width": int, "ad_inpaint_height": int,
+    "ad_use_steps": bool, "ad_steps": int, "ad_use_cfg_scale": bool, "ad_cfg_scale": float,
+    "ad_use_checkpoint": bool, "ad_checkpoint": str, "ad_use_vae": bool, "ad_vae": str,
+    "ad_use_sampler": bool, "ad_sampler": str, "ad_scheduler": str,
+    "ad_use_noise_multiplier": bool, "ad_noise_multiplier": float,
+    "ad_use_clip_skip": bool, "ad_clip_skip": int, "ad_restore_face": bool,
+    "ad_controlnet_model": str, "ad_controlnet_module": str, "ad_controlnet_weight": float,
+    "ad_controlnet_guidance_start": float, "ad_controlnet_guidance_end": float,
+}  # fmt: skip
+
+#: ADetailer values that count only when their `ad_use_*` switch is on.
+_ADETAILER_SWITCHED = ("steps", "cfg_scale", "checkpoint", "vae", "sampler", "noise_multiplier", "clip_skip")
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               dict: "a table", list: "an array"}  # fmt: skip
+
+
+def _between(low: float, high: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: low <= v <= high), f"between {low} and {high}"
+
+
+def _at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f"at least {low}"
+
+
+_POSITIVE = ((lambda v: v > 0), "greater than 0")
+_MULTIPLE_OF_8 = ((lambda v: v > 0 and v % 8 == 0), "a positive multiple of 8")
+_UNIT = _between(0, 1)
+
+#: Ranges checked beyond the type; the description completes "must be ...".
+_RANGES: Mapping[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": _between(-1, 2**32 - 1), "subseed": _between(-1, 2**32 - 1),
+    "steps": _at_least(1), "n_iter": _at_least(1), "batch_size": _at_least(1),
+    "hr_second_pass_steps": _at_least(0),
+    "width": _MULTIPLE_OF_8, "height": _MULTIPLE_OF_8,
+    "cfg_scale": _POSITIVE, "hr_scale": _POSITIVE, "scale": _POSITIVE,
+    "denoising_strength": _UNIT, "subseed_strength": _UNIT,
+    "gfpgan_visibility": _UNIT, "codeformer_visibility": _UNIT, "codeformer_weight": _UNIT,
+    "extras_upscaler_2_visibility": _UNIT,
+    "ad_confidence": _UNIT, "ad_denoising_strength": _UNIT, "ad_steps": _at_least(1),
+}  # fmt: skip
+
+_TOP_LEVEL_KEYS = ("name", "prompt", "negative_prompt", "seed", "checkpoint", "settings", "stages")
+_SIZE_KEYS = ("width", "height")
+
+
+class JobFileError(Exception):
+    """A job file (or mapping) that cannot be run, with the file, the key and what is wrong.
+
+    `str()` is one line, `"jobs/x.toml: stages[2].denoise: unknown key"`, fit
+    to print as is; the command line exits with status 2 on it.
+
+    Attributes:
+        path: The job file; None for a mapping that came from no file.
+        key: Where in the file, `"stages[2].denoise"`; None for the whole file.
+        message: What is wrong.
+    """
+
+    def __init__(self, path: Path | None, key: str | None, message: str) -> None:
+        super().__init__(path, key, message)
+        self.path = path
+        self.key = key
+        self.message = message
+
+    def __str__(self) -> str:
+        return ": ".join(str(part) for part in (self.path, self.key, self.message) if part is not None)
+
+
+# --------------------------------------------------------------------------
+# Values
+# --------------------------------------------------------------------------
+
+
+def freeze(value: Any) -> Any:
+    """A read-only copy of a TOML value: tables become mapping proxies, arrays tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({key: freeze(item) for key, item in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(freeze(item) for item in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """A plain, JSON-ready copy of a frozen value: dicts and lists again."""
+    if isinstance(value, Mapping):
+        return {key: thaw(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(item) for item in value]
+    return value
+
+
+def _frozen_mapping() -> Any:
+    return attrs.field(factory=dict, converter=freeze)
+
+
+@attrs.frozen
+class StageSpec:
+    """One stage of a job, with its settings already merged with the job's `[settings]`.
+
+    Attributes:
+        type: `txt2img`, `img2img`, `adetailer` or `upscale`.
+        settings: WebUI request fields for this stage's endpoint.
+        extra: The `[stages.extra]` pass-through, merged last into the request as is.
+        adetailer: ADetailer's settings (`ad_*`) for an `adetailer` stage, with
+            the `ad_use_*` switches that its values imply.
+        upscaler: The upscaler of an `upscale` stage.
+        scale: The factor of an `upscale` stage.
+        via: How an `upscale` stage runs: `"extras"` or `"img2img"`; None for other stages.
+        checkpoint: A checkpoint for this stage alone (beats the job's).
+    """
+
+    type: str = attrs.field(validator=attrs.validators.in_(STAGE_TYPES))
+    settings: Mapping[str, Any] = _frozen_mapping()
+    extra: Mapping[str, Any] = _frozen_mapping()
+    adetailer: Mapping[str, Any] = _frozen_mapping()
+    upscaler: str | None = None
+    scale: float | None = None
+    via: str | None = attrs.field(default=None, validator=attrs.validators.in_((None, *UPSCALE_VIAS)))
+    checkpoint: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """The WebUI route this stage posts to, after `/sdapi/v1/`."""
+        if self.type == "txt2img":
+            return "txt2img"
+        if self.type == "upscale" and self.via != "img2img":
+            return "extra-single-image"
+        return "img2img"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stage as plain JSON-ready data (for the manifest)."""
+        return thaw(attrs.asdict(self, recurse=False))
+
+
+def _valid_stages(instance: JobSpec, attribute: attrs.Attribute, stages: tuple[StageSpec, ...]) -> None:
+    types = [stage.type for stage in stages]
+    if not types or types[0] != "txt2img" or "txt2img" in types[1:]:
+        raise ValueError(f"a job's stages start with its only txt2img stage, got {types}")
+
+
+@attrs.frozen
+class JobSpec:
+    """A job: one prompt and seed carried through an ordered chain of stages.
+
+    Build one with `load_job` or `JobSpec.from_mapping`; both check everything
+    and resolve a seed of -1.  Derive changed copies with `attrs.evolve`.
+
+    Attributes:
+        name: The job's name (its output folder's name is made from it).
+        prompt: The prompt every generation stage sends.
+        negative_prompt: The negative prompt every generation stage sends.
+        seed: The seed every generation stage sends; never -1.
+        settings: The job's `[settings]`, as written (stages hold them merged).
+        stages: The stages, txt2img first.
+        checkpoint: A checkpoint for every stage that does not name its own.
+        source: The job file, when it came from one.
+    """
+
+    name: str
+    prompt: str
+    negative_prompt: str
+    seed: int = attrs.field(validator=attrs.validators.ge(0))
+    settings: Mapping[str, Any] = _frozen_mapping()
+    stages: tuple[StageSpec, ...] = attrs.field(default=(), converter=tuple, validator=_valid_stages)
+    checkpoint: str | None = None
+    source: Path | None = None
+
+    @classmethod
+    def from_mapping(
+        cls,
+        data: Any,
+        source: Path | str | None = None,
+        rng: random.Random | None = None,
+    ) -> JobSpec:
+        """Check a decoded job file and build its spec; raise `JobFileError` on any mistake.
+
+        `rng` draws the seed when the file asks for a random one (-1).
+        """
+        reader = _JobReader(None if source is None else Path(source))
+        return reader.read(data, rng or random.Random())
+
+    def plan(self) -> tuple[StagePlan, ...]:
+        """What each stage is expected to do, for `sdjobs check` and progress weights."""
+        plans: list[StagePlan] = []
+        for stage in self.stages:
+            plans.append(StagePlan.of(stage, plans[-1] if plans else None))
+        return tuple(plans)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain JSON-ready data (for the manifest)."""
+        data = thaw(attrs.asdict(self, recurse=False))
+        data["stages"] = [stage.to_dict() for stage in self.stages]
+        data["source"] = None if self.source is None else str(self.source)
+        return data
+
+
+def load_job(path: Path | str, *, rng: random.Random | None = None) -> JobSpec:
+    """Read and check a TOML job file; raise `JobFileError` on any mistake."""
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except FileNotFoundError:
+        raise JobFileError(path, None, "no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise JobFileError(path, None, f"cannot read: {getattr(error, 'strerror', None) or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise JobFileError(path, None, f"not valid TOML: {error}") from None
+    return JobSpec.from_mapping(data, source=path, rng=rng)
+
+
+# --------------------------------------------------------------------------
+# Reading and checking
+# --------------------------------------------------------------------------
+
+
+def did_you_mean(key: str, choices: Iterable[str]) -> str:
+    """A hint naming the choice `key` was probably meant to be, or "".
+
+    A long shared start counts most (`denoise` means `denoising_strength`, not
+    `s_noise`); failing that, the closest spelling.
+    """
+    choices = list(choices)
+
+    def shared_start(choice: str) -> int:
+        return len(os.path.commonprefix([key, choice]))
+
+    ranked = sorted(choices, key=lambda choice: (-shared_start(choice), len(choice)))
+    shared = shared_start(ranked[0]) if ranked else 0
+    if len(key) >= 3 and shared >= min(4, len(key)) and 2 * shared >= len(key):
+        return f" (did you mean {ranked[0]!r}?)"
+    match = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+@attrs.frozen
+class _JobReader:
+    """Checks one decoded job file, raising the first mistake as a `JobFileError`."""
+
+    source: Path | None
+
+    def fail(self, key: str | None, message: str) -> JobFileError:
+        return JobFileError(self.source, key, message)
+
+    def read(self, data: Any, rng: random.Random) -> JobSpec:
+        if not isinstance(data, Mapping):
+            raise self.fail(None, "a job is a table of keys")
+        for key in data:
+            if key not in _TOP_LEVEL_KEYS:
+                raise self.fail(_key(key), self.unknown_top_level(str(key)))
+        settings = self.table(data, "settings", "settings")
+        for key, value in settings.items():
+            self.check_setting("settings", key, value, FIELDS["txt2img"] | FIELDS["img2img"])
+        raw_stages = data.get("stages")
+        if raw_stages is None:
+            raise self.fail("stages", "missing: a job needs at least one [[stages]] table")
+        if not isinstance(raw_stages, list) or not raw_stages:
+            raise self.fail("stages", "must be an array of tables ([[stages]]), at least one")
+        seed = self.value(data, "seed", "seed", int, default=-1)
+        return JobSpec(
+            name=self.name(data),
+            prompt=self.value(data, "prompt", "prompt", str, default=""),
+            negative_prompt=self.value(data, "negative_prompt", "negative_prompt", str, default=""),
+            seed=rng.randrange(_SEED_LIMIT) if seed == -1 else seed,
+            settings=settings,
+            stages=tuple(self.stage(raw, index, settings) for index, raw in enumerate(raw_stages)),
+            checkpoint=self.text(data, "checkpoint", "checkpoint"),
+            source=self.source,
+        )
+
+    def unknown_top_level(self, key: str) -> str:
+        if any(key in fields for fields in FIELDS.values()):
+            return "unknown key here; WebUI settings go in [settings] or in a stage"
+        return "unknown key" + did_you_mean(key, _TOP_LEVEL_KEYS)
+
+    def name(self, data: Mapping[str, Any]) -> str:
+        default = None if self.source is None else self.source.stem
+        name = self.value(data, "name", "name", str, default=default)
+        if name is None:
+            raise self.fail("name", "missing: a job needs a name")
+        if not name.strip():
+            raise self.fail("name", "must not be empty")
+        return name
+
+    def stage(self, raw: Any, index: int, job_settings: Mapping[str, Any]) -> StageSpec:
+        where = f"stages[{index + 1}]"
+        if not isinstance(raw, Mapping):
+            raise self.fail(where, "must be a table ([[stages]])")
+        stage_type = self.stage_type(raw, where, first=index == 0)
+        via = None
+        if stage_type == "upscale":
+            via = self.value(raw, "via", f"{where}.via", str, default="extras")
+            if via not in UPSCALE_VIAS:
+                raise self.fail(f"{where}.via", f"must be one of: {', '.join(UPSCALE_VIAS)}; got {via!r}")
+        endpoint = StageSpec(stage_type, via=via).endpoint
+        if endpoint == "extra-single-image":
+            if "checkpoint" in raw:
+                raise self.fail(f"{where}.checkpoint", "not allowed here: an extras upscale uses no checkpoint")
+            if "upscaler" not in raw:
+                raise self.fail(f"{where}.upscaler", "missing: an extras upscale needs an upscaler")
+        settings, adetailer = self.stage_settings(raw, where, stage_type, endpoint)
+        if endpoint != "extra-single-image":
+            skipped = _SIZE_KEYS if index > 0 else ()
+            inherited = {k: v for k, v in job_settings.items() if k in FIELDS[endpoint] and k not in skipped}
+            settings = inherited | settings
+        scale = self.value(raw, "scale", f"{where}.scale", float, default=2.0)
+        return StageSpec(
+            type=stage_type,
+            settings=settings,
+            extra=self.table(raw, "extra", f"{where}.extra"),
+            adetailer=self.adetailer(where, adetailer) if stage_type == "adetailer" else {},
+            upscaler=self.text(raw, "upscaler", f"{where}.upscaler"),
+            scale=float(scale) if stage_type == "upscale" else None,
+            via=via,
+            checkpoint=self.text(raw, "checkpoint", f"{where}.checkpoint"),
+        )
+
+    def stage_type(self, raw: Mapping[str, Any], where: str, *, first: bool) -> str:
+        stage_type = self.value(raw, "type", f"{where}.type", str, default=None)
+        if stage_type is None:
+            raise self.fail(f"{where}.type", f"missing; choose one of: {', '.join(STAGE_TYPES)}")
+        if stage_type not in STAGE_TYPES:
+            hint = did_you_mean(stage_type, STAGE_TYPES)
+            raise self.fail(f"{where}.type", f"unknown stage {stage_type!r}{hint}; choose one of: {', '.join(STAGE_TYPES)}")
+        if first != (stage_type == "txt2img"):
+            raise self.fail(f"{where}.type", "a job starts with a txt2img stage, and has only that one")
+        return stage_type
+
+    def stage_settings(
+        self, raw: Mapping[str, Any], where: str, stage_type: str, endpoint: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A stage's own request fields and ADetailer settings, each checked."""
+        sdjobs_keys = self.sdjobs_keys(stage_type, endpoint)
+        settings: dict[str, Any] = {}
+        adetailer: dict[str, Any] = {}
+        for key, value in raw.items():
+            if not isinstance(key, str):
+                raise self.fail(where, f"keys must be strings, got {key!r}")
+            if key in sdjobs_keys:
+                continue
+            if stage_type == "adetailer" and key.startswith("ad_"):
+                adetailer[key] = self.checked(f"{where}.{_key(key)}", value, ADETAILER_FIELDS.get(key))
+            else:
+                settings[key] = self.check_setting(where, key, value, FIELDS[endpoint], sdjobs_keys)
+        return settings, adetailer
+
+    @staticmethod
+    def sdjobs_keys(stage_type: str, endpoint: str) -> tuple[str, ...]:
+        keys = ("type", "extra")
+        if endpoint != "extra-single-image":
+            keys += ("checkpoint",)
+        if stage_type == "upscale":
+            keys += ("upscaler", "scale", "via")
+        return keys
+
+    def adetailer(self, where: str, settings: dict[str, Any]) -> dict[str, Any]:
+        if "ad_model" not in settings:
+            raise self.fail(f"{where}.ad_model", "missing: an adetailer stage needs a detection model")
+        switches = {f"ad_use_{name}": True for name in _ADETAILER_SWITCHED if f"ad_{name}" in settings}
+        return switches | settings
+
+    def check_setting(
+        self,
+        where: str,
+        key: str,
+        value: Any,
+        fields: Mapping[str, type],
+        sdjobs_keys: tuple[str, ...] = (),
+    ) -> Any:
+        path = f"{where}.{_key(key)}"
+        if key in MANAGED_FIELDS:
+            raise self.fail(path, f"not allowed here: {MANAGED_FIELDS[key]}")
+        if key not in fields:
+            if key.startswith("ad_"):
+                raise self.fail(path, "ADetailer settings belong in an adetailer stage")
+            hint = did_you_mean(key, [*fields, *sdjobs_keys])
+            raise self.fail(path, f"unknown key{hint}; pass other request fields in a [stages.extra] table")
+        return self.checked(path, value, fields[key])
+
+    def checked(self, path: str, value: Any, kind: type | None) -> Any:
+        """`value` if it is of `kind` (None: any) and in its key's range; else raise."""
+        if kind is not None and not _is_a(value, kind):
+            raise self.fail(path, f"must be {_TYPE_NAMES[kind]}, got {_shown(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(path, f"must be a finite number, got {value!r}")
+        in_range, description = _RANGES.get(path.rpartition(".")[2], (None, ""))
+        if in_range is not None and not in_range(value):
+            raise self.fail(path, f"must be {description}, got {_shown(value)}")
+        return value
+
+    def value(self, data: Mapping[str, Any], key: str, path: str, kind: type, *, default: Any) -> Any:
+        if key not in data:
+            return default
+        return self.checked(path, data[key], kind)
+
+    def text(self, data: Mapping[str, Any], key: str, path: str) -> str | None:
+        """An optional, non-empty string."""
+        text = self.value(data, key, path, str, default=None)
+        if text is not None and not text.strip():
+            raise self.fail(path, "must not be empty")
+        return text
+
+    def table(self, data: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
+        table = self.value(data, key, path, dict, default={})
+        for inner in table:
+            if not isinstance(inner, str):
+                raise self.fail(path, f"keys must be strings, got {inner!r}")
+        return table
+
+
+def _key(key: object) -> str:
+    """A key as TOML writes it: bare when it can be, else quoted (so a message stays one line)."""
+    if isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        return key
+    return json.dumps(str(key))
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if kind is dict:
+        return isinstance(value, Mapping)
+    if kind is list:
+        return isinstance(value, list | tuple)
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
+
+
+def _shown(value: Any) -> str:
+    """A value as a message shows it: TOML's true/false, tables and arrays by kind."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return repr(value)
+
+
+# --------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------
+
+#: A1111's request defaults, where a stage's settings leave a value out.
+_DEFAULTS: Mapping[str, Any] = {
+    "steps": 50, "n_iter": 1, "batch_size": 1, "width": 512, "height": 512,
+    "denoising_strength": 0.75, "hr_scale": 2.0, "hr_second_pass_steps": 0,
+    "hr_resize_x": 0, "hr_resize_y": 0,
+    "ad_use_steps": False, "ad_steps": 28, "ad_denoising_strength": 0.4,
+}  # fmt: skip
+
+#: Faces ADetailer is assumed to find in each image before it has run.
+ASSUMED_FACES = 1
+
+#: The cost of an extras request, in sampling steps: small but not nothing.
+EXTRAS_COST = 1.0
+
+
+def img2img_steps(steps: int, denoising: float) -> int:
+    """Steps an img2img pass really samples: A1111 runs `int(steps * denoising) + 1`."""
+    return int(min(denoising, 0.999) * steps) + 1
+
+
+def multiple_of_8(pixels: float) -> int:
+    """The size A1111 makes when asked for `pixels`: it works in latents 1/8 the size."""
+    return max(8, int(pixels) // 8 * 8)
+
+
+@attrs.frozen
+class StagePlan:
+    """What one stage is expected to do, worked out from its settings before it runs.
+
+    The model follows A1111: a stage after the first runs one request per image
+    of the previous stage.  Within one request, each of `n_iter` iterations
+    samples `steps`; hires fix adds a second pass of `hr_second_pass_steps` (or
+    `steps`); an img2img pass samples `int(steps * denoising) + 1`; an adetailer
+    request samples one step for its skipped img2img pass, then inpaints each face
+    (`ASSUMED_FACES` until it has run) with `ad_steps` (when `ad_use_steps`, else
+    `steps`) scaled by `ad_denoising_strength`.  `batch_size` images are sampled
+    together, so they add images, not steps.  Extras sample nothing.
+
+    Attributes:
+        type: The stage's type.
+        endpoint: The route it posts to.
+        requests: HTTP requests the stage sends.
+        images: Images the stage produces in all.
+        steps: Sampling steps one request runs, all passes together.
+        passes: Sampling passes one request runs: the `job_count` the server
+            should report for it (n_iter, doubled by hires, plus ADetailer's faces).
+        size: `(width, height)` of the images it produces.
+        cost: A relative weight for progress and ETA across stages: the steps of
+            all its requests (`EXTRAS_COST` per extras request).
+    """
+
+    type: str
+    endpoint: str
+    requests: int
+    images: int
+    steps: int
+    passes: int
+    size: tuple[int, int]
+    cost: float
+
+    @classmethod
+    def of(cls, stage: StageSpec, previous: StagePlan | None) -> StagePlan:
+        """Plan `stage`, fed with the images `previous` produces (None for the first stage)."""
+        setting = {**_DEFAULTS, **stage.settings, **stage.adetailer}
+        requests = 1 if previous is None else previous.images
+        width, height = (setting["width"], setting["height"]) if previous is None else previous.size
+        if stage.endpoint == "extra-single-image":
+            size = (int(width * stage.scale), int(height * stage.scale))
+            return cls(stage.type, stage.endpoint, requests, requests, 0, 1, size, requests * EXTRAS_COST)
+        if previous is not None:
+            if stage.type == "upscale":
+                width, height = multiple_of_8(width * stage.scale), multiple_of_8(height * stage.scale)
+            width, height = stage.settings.get("width", width), stage.settings.get("height", height)
+        steps, passes, size = setting["steps"], 1, (width, height)
+        if stage.type == "txt2img" and stage.settings.get("enable_hr"):
+            steps += setting["hr_second_pass_steps"] or steps
+            passes = 2
+            size = _hires_size(width, height, setting)
+        elif stage.type == "adetailer":
+            ad_steps = setting["ad_steps"] if setting["ad_use_steps"] else steps
+            steps = 1 + ASSUMED_FACES * img2img_steps(ad_steps, setting["ad_denoising_strength"])
+            passes += ASSUMED_FACES
+        elif stage.type != "txt2img":
+            steps = img2img_steps(steps, setting["denoising_strength"])
+        n_iter = setting["n_iter"]
+        return cls(
+            type=stage.type,
+            endpoint=stage.endpoint,
+            requests=requests,
+            images=requests * n_iter * setting["batch_size"],
+            steps=n_iter * steps,
+            passes=n_iter * passes,
+            size=size,
+            cost=float(requests * n_iter * steps),
+        )
+
+
+def _hires_size(width: int, height: int, setting: Mapping[str, Any]) -> tuple[int, int]:
+    """The size hires fix upscales to: `hr_resize_x/y` (one keeps the aspect) or `hr_scale`."""
+    x, y = setting["hr_resize_x"], setting["hr_resize_y"]
+    if x and y:
+        return multiple_of_8(x), multiple_of_8(y)
+    if x:
+        return multiple_of_8(x), multiple_of_8(x * height / width)
+    if y:
+        return multiple_of_8(y * width / height), multiple_of_8(y)
+    return multiple_of_8(width * setting["hr_scale"]), multiple_of_8(height * setting["hr_scale"])

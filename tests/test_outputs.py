@@ -1,0 +1,198 @@
+"""A job's folder, images with provenance, and manifest on disk."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image, PngImagePlugin
+
+from sdjobs.outputs import (
+    JobFolder,
+    new_job_id,
+    read_parameters,
+    read_provenance,
+    read_text_chunks,
+    slugify,
+    with_text_chunks,
+)
+from sdjobs.spec import JobSpec
+from sdjobs.status import JobState, StageResult
+
+NOW = datetime(2024, 2, 26, 13, 5, 9, tzinfo=UTC)
+INFOTEXT = "a cat\nSteps: 8, Sampler: Euler a, CFG scale: 7.0, Seed: 1234, Size: 64x64"
+
+
+def png(parameters: str | None = None, **texts: str) -> bytes:
+    if parameters is not None:
+        texts["parameters"] = parameters
+    info = PngImagePlugin.PngInfo()
+    for key, text in texts.items():
+        info.add_text(key, text)
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 100, 50)).save(buffer, "PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def pixels(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.tobytes()
+
+
+@pytest.fixture
+def folder(tmp_path) -> JobFolder:
+    return JobFolder.create(tmp_path / "outputs", "20240226-130509-cat-00ff")
+
+
+# --------------------------------------------------------------------------
+# Job ids and folders
+# --------------------------------------------------------------------------
+
+
+def test_a_job_id_is_utc_time_slug_and_four_hex():
+    assert re.fullmatch(r"20240226-130509-a-cat-at-dusk-[0-9a-f]{4}", new_job_id("A cat, at dusk!", NOW, random.Random(1)))
+
+
+def test_a_job_id_is_in_utc_whatever_the_clock_zone():
+    local = NOW.astimezone(timezone(timedelta(hours=-5)))
+    assert new_job_id("x", local, random.Random(1)) == new_job_id("x", NOW, random.Random(1))
+
+
+@given(name=st.text())
+def test_any_name_gives_a_safe_single_folder_name(name):
+    job_id = new_job_id(name, NOW, random.Random(0))
+    slug = slugify(name)
+    assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug) and len(slug) <= 40
+    assert Path(job_id).name == job_id and job_id.startswith("20240226-130509-")
+
+
+def test_job_ids_for_the_same_name_and_second_differ():
+    rng = random.Random(3)
+    assert len({new_job_id("same", NOW, rng) for _ in range(20)}) == 20
+
+
+def test_a_name_of_only_dots_or_slashes_still_gets_a_slug():
+    assert slugify("../..") == slugify("///") == slugify("") == "job"
+
+
+def test_a_job_folder_is_never_reused(tmp_path, folder):
+    assert folder.path == tmp_path / "outputs" / "20240226-130509-cat-00ff"
+    assert folder.job_id == "20240226-130509-cat-00ff"
+    with pytest.raises(FileExistsError):
+        JobFolder.create(tmp_path / "outputs", folder.job_id)
+
+
+@pytest.mark.parametrize("job_id", ["", ".", "..", "../escape", "a/b", "a\\b"])
+def test_a_job_id_cannot_leave_the_output_folder(tmp_path, job_id):
+    with pytest.raises(ValueError, match="one folder name"):
+        JobFolder.create(tmp_path, job_id)
+
+
+def test_stage_folders_are_numbered_from_one(folder):
+    assert folder.stage_dir(0, "txt2img") == folder.path / "01-txt2img"
+    assert folder.stage_dir(3, "upscale").is_dir()
+
+
+# --------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------
+
+
+def test_an_image_keeps_its_infotext_and_pixels_and_gains_provenance(folder):
+    source = png(INFOTEXT, extra="kept")
+    path = folder.write_image(1, "img2img", 2, source, provenance={"seed": 1234})
+    assert path == folder.path / "02-img2img" / "002.png"
+    written = path.read_bytes()
+    assert read_parameters(written) == INFOTEXT
+    assert read_text_chunks(written)["extra"] == "kept"
+    assert read_provenance(written) == {"job_id": folder.job_id, "stage": "img2img", "stage_index": 1, "seed": 1234}
+    assert pixels(written) == pixels(source)
+
+
+def test_an_extras_image_without_infotext_gets_its_sources(folder):
+    path = folder.write_image(3, "upscale", 1, png(), provenance={"seed": 7}, parameters_fallback=INFOTEXT)
+    assert read_parameters(path.read_bytes()) == INFOTEXT
+
+
+def test_the_fallback_never_replaces_the_servers_own_infotext(folder):
+    path = folder.write_image(3, "upscale", 1, png("server's own"), provenance={}, parameters_fallback=INFOTEXT)
+    assert read_parameters(path.read_bytes()) == "server's own"
+
+
+def test_text_beyond_latin1_survives(folder):
+    prompt = "灯台, 夕暮れ — ölmalerei"
+    path = folder.write_image(0, "txt2img", 1, png(), provenance={"prompt": prompt}, parameters_fallback=prompt)
+    assert read_parameters(path.read_bytes()) == prompt
+    assert read_provenance(path.read_bytes())["prompt"] == prompt
+
+
+def test_an_image_is_never_overwritten(folder):
+    folder.write_image(0, "txt2img", 1, png(), provenance={})
+    with pytest.raises(FileExistsError):
+        folder.write_image(0, "txt2img", 1, png(), provenance={})
+
+
+def test_image_numbers_start_at_one(folder):
+    with pytest.raises(ValueError, match="start at 1"):
+        folder.write_image(0, "txt2img", 0, png(), provenance={})
+
+
+def test_only_png_images_are_accepted():
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    with pytest.raises(ValueError, match="samples_format"):
+        with_text_chunks(buffer.getvalue(), {"a": "b"})
+
+
+def test_an_image_without_text_reads_as_having_none():
+    assert read_parameters(png()) is None
+    assert read_provenance(png()) is None
+
+
+# --------------------------------------------------------------------------
+# The manifest
+# --------------------------------------------------------------------------
+
+
+def test_the_manifest_records_spec_stages_and_outcome(folder):
+    spec = JobSpec.from_mapping(
+        {"name": "cat", "seed": 1234, "stages": [{"type": "txt2img"}, {"type": "upscale", "upscaler": "Lanczos"}]}
+    )
+    image = folder.write_image(0, "txt2img", 1, png(INFOTEXT), provenance={"seed": 1234})
+    results = [
+        StageResult("txt2img", 0, (image,), ({"seed": 1234, "all_seeds": [1234]},), (1234,), 100.0, 2.5),
+        StageResult("upscale", 1, (), (), (), 102.5, 0.1, partial=True),
+    ]
+    path = folder.write_manifest(spec, results, outcome=JobState.CANCELLED, error=None)
+    manifest = json.loads(path.read_text())
+    assert manifest["job_id"] == folder.job_id
+    assert (manifest["name"], manifest["seed"], manifest["outcome"], manifest["error"]) == ("cat", 1234, "cancelled", None)
+    assert manifest["spec"] == json.loads(json.dumps(spec.to_dict()))
+    assert manifest["stages"] == [
+        {
+            "stage": "txt2img", "stage_index": 0, "images": ["01-txt2img/001.png"],
+            "infos": [{"seed": 1234, "all_seeds": [1234]}], "seeds": [1234],
+            "started_at": 100.0, "elapsed": 2.5, "partial": False,
+        },
+        {
+            "stage": "upscale", "stage_index": 1, "images": [], "infos": [], "seeds": [],
+            "started_at": 102.5, "elapsed": 0.1, "partial": True,
+        },
+    ]  # fmt: skip
+
+
+def test_the_manifest_is_replaced_whole_and_leaves_no_scratch_file(folder):
+    spec = JobSpec.from_mapping({"name": "cat", "seed": 1, "stages": [{"type": "txt2img"}]})
+    folder.write_manifest(spec, [], outcome="running")
+    folder.write_manifest(spec, [], outcome=JobState.FAILED, error="stage 1 (txt2img): 500 from the server")
+    assert sorted(path.name for path in folder.path.iterdir()) == ["manifest.json"]
+    manifest = json.loads((folder.path / "manifest.json").read_text())
+    assert (manifest["outcome"], manifest["error"]) == ("failed", "stage 1 (txt2img): 500 from the server")
