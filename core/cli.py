@@ -64,6 +64,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--log-level", default="INFO", metavar="LEVEL", help="log front end: DEBUG, INFO, ...")
     show.add_argument("--log-format", metavar="FORMAT", help="log front end: a logging format string")
     show.add_argument("--preview", action="store_true", help="show the live preview where the front end can")
+    show.add_argument("--close-when-done", action="store_true", help="tk: close the window when the queue has drained")
     jobs = parser.add_argument_group("running")
     jobs.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output folder (default: ./outputs)")
     jobs.add_argument(
@@ -141,10 +142,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     specs = _load_jobs(args.jobs)
+    shown = _frontend(args)
     url = args.webui or os.environ.get("SDJOBS_WEBUI") or DEFAULT_URL
     auth = _credentials(args.auth or os.environ.get("SDJOBS_WEBUI_AUTH"))
     with WebUIClient(url, auth=auth) as client:
-        return _run(specs, client, args)
+        return _run(specs, client, shown, args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -153,22 +155,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sdjobs.sim import SimSettings, SimulatedWebUI
 
     specs = _load_jobs([DEMO_JOB])
+    shown = _frontend(args)
     settings = SimSettings() if args.step_time is None else SimSettings(step_time=args.step_time)
     with SimulatedWebUI(settings) as sim, WebUIClient(sim.url) as client:
         print(f"sdjobs demo: simulated WebUI at {sim.url}", file=sys.stderr)
-        return _run(specs, client, args)
+        return _run(specs, client, shown, args)
 
 
-def _run(specs: list[JobSpec], client: WebUIClient, args: argparse.Namespace) -> int:
+def _frontend(args: argparse.Namespace) -> frontends.Frontend:
+    """The chosen front end, made before anything starts (a bad name runs nothing)."""
     name = frontends.choose_frontend(args.frontend, os.environ, sys.stdout.isatty())
-    shown = frontends.load_frontend(name)(
+    return frontends.load_frontend(name)(
         frontends.FrontendOptions(
             log_file=args.log_file,
             log_level=args.log_level,
             log_format=args.log_format,
             preview=args.preview,
+            close_when_done=args.close_when_done,
         )
     )
+
+
+def _run(
+    specs: list[JobSpec], client: WebUIClient, shown: frontends.Frontend, args: argparse.Namespace
+) -> int:
     pm = make_plugin_manager(plugins=[shown])
     runner = Runner(
         specs=specs,
@@ -211,8 +221,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_frontends(args: argparse.Namespace) -> int:
-    for name, cls in frontends.available_frontends().items():
-        print(f"{name:<10} {cls.load().description}")
+    for name, description in frontends.describe_frontends().items():
+        print(f"{name:<10} {description}")
     return 0
 
 

@@ -1,21 +1,28 @@
-"""What a front end is: a plugin that shows jobs, and owns the main thread while they run.
+"""What a front end is, and how the one the user asked for is found.
 
 A front end is a class registered under the entry-point group `sdjobs.frontends`
-(the built-in ones too).  The command line makes one from `FrontendOptions`,
-registers the instance as a pluggy plugin, so its `hookimpl`s see every event,
-and calls `run(session)` on the main thread.  Front ends never import the runner:
-`Session` is all they see of it.
+(the built-in ones too, so a third party adds one exactly as sdjobs does).  The
+command line picks a name with `choose_frontend`, loads the class with
+`load_frontend`, makes one from `FrontendOptions`, registers the instance as a
+pluggy plugin, so its `hookimpl`s see every event, and calls `run(session)` on
+the main thread.  Front ends never import the runner: `Session` is all they see
+of it.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 import attrs
 
 ENTRY_POINT_GROUP = "sdjobs.frontends"
+
+#: The environment variable that names a front end when `--frontend` is absent.
+FRONTEND_ENV = "SDJOBS_FRONTEND"
 
 
 class CancelMode(enum.StrEnum):
@@ -53,12 +60,15 @@ class FrontendOptions:
         log_level: A `logging` level name.
         log_format: A `logging` format string (None: the front end's own).
         preview: Show the server's live preview where the front end can.
+        close_when_done: The `tk` window closes by itself once every job ended,
+            instead of staying open on the final state until the user closes it.
     """
 
     log_file: Path | None = None
     log_level: str = "INFO"
     log_format: str | None = None
     preview: bool = False
+    close_when_done: bool = False
 
 
 class Frontend(Protocol):
@@ -73,4 +83,90 @@ class Frontend(Protocol):
         """Show ``session`` while it runs it; return an exit status to force one.
 
         Called on the main thread.  None leaves the status to the jobs' outcomes.
+        Raises `FrontendUnavailable`, before the session runs, when it cannot
+        show anything here.
         """
+
+
+class FrontendError(Exception):
+    """The front end asked for cannot be used: a usage error (exit 2), nothing ran."""
+
+
+class UnknownFrontendError(FrontendError, ValueError):
+    """No front end of that name is installed; the message lists the ones that are."""
+
+    def __init__(self, name: str, source: str, valid: list[str]) -> None:
+        self.name = name
+        self.valid = valid
+        choices = ", ".join(valid) or "none is installed"
+        super().__init__(f"unknown front end {name!r} (from {source}); choose one of: {choices}")
+
+
+class FailedToLoadFrontend(FrontendError):
+    """A front end's entry point is there, but importing it raised."""
+
+    def __init__(self, name: str, value: str, error: BaseException) -> None:
+        self.name = name
+        self.error = error
+        super().__init__(f"front end {name!r} ({value}) failed to load: {type(error).__name__}: {error}")
+
+
+class FrontendUnavailable(FrontendError):
+    """A front end cannot run here (the Tk window without a display)."""
+
+
+def available_frontends() -> dict[str, EntryPoint]:
+    """Every installed front end by name, sorted; loading them is left to `load_frontend`."""
+    found: dict[str, EntryPoint] = {}
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(entry_point.name, entry_point)  # first on sys.path wins
+    return dict(sorted(found.items()))
+
+
+def choose_frontend(flag: str | None, env: Mapping[str, str], isatty: bool) -> str:
+    """The front end to use: ``flag``, else `SDJOBS_FRONTEND`, else console or log.
+
+    The default is `console` when output goes to a terminal and `log` when it
+    does not.  A name that is not installed raises `UnknownFrontendError`; there
+    is no silent fallback.
+    """
+    if flag:
+        name, source = flag, "--frontend"
+    elif env.get(FRONTEND_ENV):
+        name, source = env[FRONTEND_ENV], FRONTEND_ENV
+    else:
+        return "console" if isatty else "log"
+    valid = list(available_frontends())
+    if name not in valid:
+        raise UnknownFrontendError(name, source, valid)
+    return name
+
+
+def load_frontend(name: str) -> type[Frontend]:
+    """The front end class installed as ``name``.
+
+    Raises `UnknownFrontendError` when there is none, and `FailedToLoadFrontend`,
+    naming it, when importing it fails.
+    """
+    installed = available_frontends()
+    if name not in installed:
+        raise UnknownFrontendError(name, "load_frontend", list(installed))
+    entry_point = installed[name]
+    try:
+        return entry_point.load()
+    except Exception as exc:  # a broken plugin is reported by name, not as a traceback
+        raise FailedToLoadFrontend(name, entry_point.value, exc) from exc
+
+
+def describe_frontends() -> dict[str, str]:
+    """Each installed front end's one-line description, as `sdjobs frontends` lists them.
+
+    One that fails to load is listed with the reason instead of hiding the others.
+    """
+    described = {}
+    for name in available_frontends():
+        try:
+            described[name] = load_frontend(name).description
+        except FrontendError as exc:
+            described[name] = f"(unusable) {exc}"
+    return described

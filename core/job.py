@@ -23,7 +23,7 @@ from sdjobs.machine import JobMachine
 from sdjobs.outputs import JobFolder, read_parameters
 from sdjobs.payloads import adetailer_applied, build_payload
 from sdjobs.polling import DEFAULT_POLL_INTERVAL, PollRequest, Poller, Report
-from sdjobs.progress import JobTracker, StageTracker
+from sdjobs.progress import JobTracker, StageTracker, StallEvent, StallWatch
 from sdjobs.status import JobState, ProgressInfo, RuntimeStatus, StageResult, TaskProgress
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ class Job:
     _stage_started_wall: float = attrs.field(default=0.0, init=False)
     _cancel: CancelMode | None = attrs.field(default=None, init=False)
     _cancel_deadline: float | None = attrs.field(default=None, init=False)
-    _stall_reported: bool = attrs.field(default=False, init=False)
+    _stalls: StallWatch = attrs.field(init=False)
     _stall_interrupted: bool = attrs.field(default=False, init=False)
     _status: RuntimeStatus = attrs.field(init=False)
 
@@ -248,17 +248,12 @@ class Job:
                     self._finish_stage(partial=True)
                 self._end(JobState.CANCELLED)
             return
-        stalled = self._stage.stalled_for(now)
-        if stalled is None:
-            self._stall_reported = False
-            return
-        if stalled >= self.settings.stall_after and not self._stall_reported:
-            self._stall_reported = True
-            self.hooks.job_stalled(self._status, stalled)
-        limit = self.settings.stall_interrupt_after
-        if limit is not None and stalled >= limit and not self._stall_interrupted:
-            self._stall_interrupted = True
-            self.port.interrupt()
+        for event in self._stalls.check(self._stage.stalled_for(now)):
+            if event is StallEvent.STALLED:
+                self.hooks.job_stalled(self._status, self._stage.stalled_for(now))
+            elif self._ours_running():
+                self._stall_interrupted = True
+                self.port.interrupt()
 
     # -- stages ---------------------------------------------------------------
 
@@ -273,7 +268,7 @@ class Job:
         self._outputs, self._paths, self._infos, self._seeds = [], [], [], []
         self._stage_started = self.clock()
         self._stage_started_wall = self.wall_clock()
-        self._stall_reported = False
+        self._stalls = StallWatch(self.settings.stall_after, self.settings.stall_interrupt_after)
         self._status = attrs.evolve(
             self._status,
             stage=self.spec.stages[index].type,
@@ -395,7 +390,7 @@ class Job:
             step=stage.step,
             steps=stage.steps,
             eta=eta,
-            job_eta=self._jobs.job_eta(index, eta),
+            job_eta=self._jobs.job_eta(index, eta, stage.seconds_per_step),
             queue_position=stage.queue_position,
         )
         self.hooks.progress(self._status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -22,7 +23,7 @@ from sdjobs.client import (
 from sdjobs.sim import SimSettings
 from sdjobs.status import ProgressInfo
 
-from .conftest import TRACES
+TRACES = Path(__file__).parent / "data" / "traces"
 
 TXT2IMG = {"prompt": "a lighthouse", "seed": 1234, "steps": 8, "width": 64, "height": 64, "sampler_name": "Euler a"}
 
@@ -64,7 +65,7 @@ def stepping(**kwargs) -> SimSettings:
 @pytest.mark.parametrize("sim_settings", [stepping()])
 def test_get_progress_returns_progress_info(webui_sim, webui_client):
     call = Background(webui_client.txt2img, TXT2IMG)
-    webui_sim.release(3)
+    webui_sim.release(4)  # A1111 reports the 0-based step just finished
     assert webui_sim.wait_for(lambda s: s.sampling_step == 3)
     info = webui_client.get_progress()
     webui_sim.release(100)
@@ -153,7 +154,7 @@ def test_extra_single_image_upscales(webui_client):
 @pytest.mark.parametrize("sim_settings", [stepping()])
 def test_interrupt_makes_the_blocked_post_return_partial_images(webui_sim, webui_client):
     call = Background(webui_client.txt2img, {**TXT2IMG, "n_iter": 3})
-    webui_sim.release(3)
+    webui_sim.release(4)
     assert webui_sim.wait_for(lambda s: s.sampling_step == 3)
     webui_client.interrupt()
     webui_sim.release(100)
@@ -188,7 +189,7 @@ def test_internal_progress_follows_our_task_queued_active_completed(webui_sim, w
     assert webui_sim.wait_for(lambda s: "task(two)" in s.pending_tasks)
     queued = webui_client.internal_progress("task(two)")
     assert queued.queued and not queued.active and queued.queue_position == (1, 1)
-    webui_sim.release(2)
+    webui_sim.release(3)
     assert webui_sim.wait_for(lambda s: s.sampling_step == 2)
     active = webui_client.internal_progress("task(one)")
     assert active.active and active.progress == pytest.approx(2 / 8)

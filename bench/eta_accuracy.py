@@ -1,0 +1,235 @@
+"""How far off the ETA is: sdjobs' estimate against A1111's own `eta_relative`.
+
+Replays every recorded A1111 run that has progress polls (tests/data/traces)
+through `StageTracker`, each sample at its recorded time, and compares the ETA
+at 25 %, 50 % and 75 % of the run with the truth (when the blocking request
+returned).  Runs of a server that follows task ids are replayed twice: as
+sdjobs follows them (task mode) and as it would without task ids (global mode).
+
+Run: python bench/eta_accuracy.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from sdjobs.progress import StageTracker
+from sdjobs.spec import ASSUMED_FACES, StagePlan, StageSpec, img2img_steps
+from sdjobs.status import ProgressInfo, TaskProgress
+
+TRACES = Path(__file__).resolve().parents[1] / "tests" / "data" / "traces"
+GLOBAL = "GET /sdapi/v1/progress"
+TASK = "POST /internal/progress"
+#: Where in a run the ETA is compared, as a share of its duration.
+POINTS = (0.25, 0.50, 0.75)
+#: A task poll and a global poll this close (seconds) count as one sample.
+PAIRED = 0.05
+
+
+@attrs.frozen
+class Sample:
+    """One progress sample as the poller reports it, at `t` seconds after the trace's first POST."""
+
+    t: float
+    info: ProgressInfo | None
+    task: TaskProgress | None = None
+
+
+@attrs.frozen
+class Run:
+    """One blocking generation request of a trace, and the samples to fold for it.
+
+    Attributes:
+        trace: The trace file's name.
+        sent: When the request was sent.
+        returned: When it answered.
+        request: Its body.
+        endpoint: `txt2img` or `img2img`.
+        task_mode: Replayed as sdjobs follows a task id (else from global samples).
+        baseline: The last global sample before `sent` (global mode).
+        samples: Every sample of the trace, in time order.
+    """
+
+    trace: str
+    sent: float
+    returned: float
+    request: Mapping[str, Any]
+    endpoint: str
+    task_mode: bool
+    baseline: ProgressInfo | None
+    samples: tuple[Sample, ...]
+
+    def tracker(self) -> StageTracker:
+        """A tracker planned as sdjobs plans this request (ADetailer: one face assumed)."""
+        settings = {key: value for key, value in self.request.items() if key != "alwayson_scripts"}
+        plan = StagePlan.of(StageSpec(type=self.endpoint, settings=settings), None)
+        steps, passes = plan.steps, plan.passes
+        ad_args = self.request.get("alwayson_scripts", {}).get("ADetailer", {}).get("args", [])
+        tab = next((arg for arg in ad_args if isinstance(arg, dict)), None)
+        if tab is not None:
+            n_iter = settings.get("n_iter", 1)
+            ad_steps = tab["ad_steps"] if tab.get("ad_use_steps") else settings.get("steps", 50)
+            face = img2img_steps(ad_steps, tab.get("ad_denoising_strength", 0.4))
+            steps += n_iter * ASSUMED_FACES * face
+            passes += n_iter * ASSUMED_FACES
+        return StageTracker(requests=1, steps_per_request=steps, passes_per_request=passes)
+
+    def at(self, share: float) -> float:
+        """The time `share` of the way through the run."""
+        return self.sent + share * (self.returned - self.sent)
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _info(line: dict[str, Any]) -> ProgressInfo | None:
+    return ProgressInfo.from_response(line["body"]) if line["status"] == 200 else None
+
+
+def read_runs(path: Path, *, task_mode: bool = False) -> list[Run]:
+    """The txt2img/img2img runs of one trace with progress polls while they were out."""
+    lines = _lines(path)
+    polls = sorted(
+        (line for line in lines if line.get("t") is not None and "t_end" not in line),
+        key=lambda line: line["t"],
+    )
+    globals_ = [line for line in polls if line["endpoint"].startswith(GLOBAL)]
+    runs = []
+    for line in lines:
+        if "t_end" not in line or line["status"] != 200:
+            continue
+        endpoint = line["endpoint"].split()[1].removeprefix("/sdapi/v1/")  # "POST /sdapi/v1/txt2img [note]"
+        if endpoint not in ("txt2img", "img2img"):
+            continue
+        request = line["request"]
+        if task_mode:
+            samples = _task_samples(polls, globals_, request.get("force_task_id"))
+        else:
+            samples = tuple(Sample(poll["t"], _info(poll)) for poll in globals_)
+        if not any(line["t"] < sample.t < line["t_end"] for sample in samples):
+            continue
+        before = [poll for poll in globals_ if poll["t"] < line["t"]]
+        runs.append(
+            Run(
+                trace=path.name,
+                sent=line["t"],
+                returned=line["t_end"],
+                request=request,
+                endpoint=endpoint,
+                task_mode=task_mode,
+                baseline=_info(before[-1]) if before else None,
+                samples=samples,
+            )
+        )
+    return runs
+
+
+def _task_samples(polls: list[dict], globals_: list[dict], task_id: str | None) -> tuple[Sample, ...]:
+    """Our task's polls, each paired (while active) with the nearest global poll, as the poller does."""
+    samples = []
+    for poll in polls:
+        if not poll["endpoint"].startswith(TASK) or poll.get("request", {}).get("id_task") != task_id:
+            continue
+        task = TaskProgress.from_response(poll["body"])
+        nearest = min(globals_, key=lambda line: abs(line["t"] - poll["t"]), default=None)
+        if task.active and nearest is not None and abs(nearest["t"] - poll["t"]) <= PAIRED:
+            samples.append(Sample(max(poll["t"], nearest["t"]), _info(nearest), task))
+        else:
+            samples.append(Sample(poll["t"], None, task))
+    return tuple(samples)
+
+
+def all_runs() -> list[Run]:
+    """Every run with progress polls: global mode for all, task mode where the trace has task polls."""
+    runs = []
+    for path in sorted(TRACES.glob("*.jsonl")):
+        runs += read_runs(path)
+        runs += [run for run in read_runs(path, task_mode=True) if run.request.get("force_task_id")]
+    return runs
+
+
+def replay(run: Run) -> Iterator[tuple[Sample, StageTracker]]:
+    """Feed the run's samples to a tracker as the runner would; yield after each fold.
+
+    Samples from before the request was sent are folded too (and must count for
+    nothing); the tracker sees the request sent at its recorded time and
+    returned after the last sample before the answer.
+    """
+    tracker = run.tracker()
+    sent = False
+    for sample in run.samples:
+        if sample.t > run.returned:
+            break
+        if not sent and sample.t >= run.sent:
+            tracker.request_sent(run.sent, baseline=run.baseline, task_mode=run.task_mode)
+            sent = True
+        tracker.fold(sample.info, sample.task, sample.t)
+        yield sample, tracker
+    tracker.request_returned(run.returned)
+
+
+def etas_at(run: Run, shares: tuple[float, ...] = POINTS) -> list[tuple[float | None, float | None]]:
+    """`(ours, A1111's)` ETA at each share of the run, from the samples seen by then."""
+    moments = [run.at(share) for share in shares]
+    ours: list[float | None] = [None] * len(moments)
+    theirs: list[float | None] = [None] * len(moments)
+    for sample, tracker in replay(run):
+        for i, moment in enumerate(moments):
+            if sample.t <= moment:
+                ours[i] = tracker.eta(moment)
+                if sample.info is not None and not sample.info.idle:
+                    theirs[i] = sample.info.eta_relative
+    return list(zip(ours, theirs))
+
+
+def _cell(estimate: float | None, truth: float) -> str:
+    return "—" if estimate is None else f"{estimate - truth:+.1f}"
+
+
+def _mean(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.2f}" if values else "—"
+
+
+def main() -> None:
+    # errors[who][point]: absolute errors in seconds; "a1111 where ours" only where sdjobs has an estimate too
+    errors: dict[str, list[list[float]]] = {who: [[] for _ in POINTS] for who in ("ours", "a1111", "paired")}
+    print("| run | mode | length s | " + " | ".join(f"{p:.0%}: ours / A1111" for p in POINTS) + " |")
+    print("| --- | --- | ---: |" + " ---: |" * len(POINTS))
+    for run in all_runs():
+        cells = []
+        for i, (ours, theirs) in enumerate(etas_at(run)):
+            truth = run.returned - run.at(POINTS[i])
+            if ours is not None:
+                errors["ours"][i].append(abs(ours - truth))
+            if theirs is not None:
+                errors["a1111"][i].append(abs(theirs - truth))
+                if ours is not None:
+                    errors["paired"][i].append(abs(theirs - truth))
+            cells.append(f"{_cell(ours, truth)} / {_cell(theirs, truth)}")
+        name = run.trace.removesuffix(".jsonl") + (f" ({run.request['force_task_id']})" if run.task_mode else "")
+        mode = "task" if run.task_mode else "global"
+        print(f"| {name} | {mode} | {run.returned - run.sent:.1f} | " + " | ".join(cells) + " |")
+    print()
+    print("Mean absolute error in seconds (n: points with an estimate):")
+    print()
+    print("| estimate | " + " | ".join(f"{p:.0%}" for p in POINTS) + " | all | n |")
+    print("| --- |" + " ---: |" * (len(POINTS) + 2))
+    for who, label in (
+        ("ours", "sdjobs (step rate)"),
+        ("paired", "A1111 `eta_relative`, same points"),
+        ("a1111", "A1111 `eta_relative`, all points"),
+    ):
+        every = [error for point in errors[who] for error in point]
+        cells = " | ".join(_mean(point) for point in errors[who])
+        print(f"| {label} | {cells} | {_mean(every)} | {len(every)} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Orchestration overhead: a 4-stage job through sdjobs vs the same HTTP calls made directly.
+
+Both run against the simulated WebUI, 64×64 images.  sdjobs' run includes what
+it adds on top of the requests: preflight, progress polling, hooks, writing PNGs
+and the manifest.  The direct run replays the very payloads sdjobs sent, with
+plain `requests`, one after another.
+
+Targets: ≤ 5 ms per stage at zero time per step; a ratio ≤ 1.02 at 20 steps of 50 ms.
+Run: python bench/orchestration.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import requests
+
+from _common import four_stage_job, run_jobs, table
+from sdjobs import hookimpl
+from sdjobs.client import WebUIClient
+from sdjobs.sim import SimSettings, SimulatedWebUI
+
+ROUTES = {"txt2img": "txt2img", "img2img": "img2img", "extra-single-image": "extra-single-image"}
+
+
+class PayloadRecorder:
+    """Keeps every payload sdjobs sends, to replay them directly."""
+
+    def __init__(self) -> None:
+        self.payloads: list[tuple[str, dict]] = []
+
+    @hookimpl(trylast=True)
+    def sdjobs_amend_payload(self, payload, stage):
+        self.payloads.append((stage.endpoint, payload))
+
+
+def direct(url: str, payloads: list[tuple[str, dict]]) -> float:
+    with requests.Session() as session:
+        started = time.perf_counter()
+        for endpoint, payload in payloads:
+            session.post(f"{url}/sdapi/v1/{ROUTES[endpoint]}", json=payload).raise_for_status()
+        return time.perf_counter() - started
+
+
+def through_sdjobs(client: WebUIClient, recorder: PayloadRecorder | None = None) -> float:
+    started = time.perf_counter()
+    runner = run_jobs([four_stage_job(steps=20)], client, plugins=[recorder] if recorder else ())
+    elapsed = time.perf_counter() - started
+    assert set(runner.outcomes.values()) == {"done"}, runner.outcomes
+    return elapsed
+
+
+def measure(step_time: float, repeats: int) -> tuple[float, float]:
+    settings = SimSettings(step_time=step_time, first_step_time=step_time)
+    with SimulatedWebUI(settings) as sim, WebUIClient(sim.url) as client:
+        recorder = PayloadRecorder()
+        through_sdjobs(client, recorder)  # warm-up, and the payloads to replay
+        ours = [through_sdjobs(client) for _ in range(repeats)]
+        theirs = [direct(sim.url, recorder.payloads) for _ in range(repeats)]
+    return statistics.median(ours), statistics.median(theirs)
+
+
+def main() -> None:
+    rows = []
+    for step_time, repeats, target in ((0.0, 15, "≤ 5 ms/stage"), (0.05, 3, "ratio ≤ 1.02")):
+        ours, theirs = measure(step_time, repeats)
+        per_stage = (ours - theirs) / 4 * 1000
+        rows.append(
+            [f"{step_time * 1000:.0f} ms", f"{ours:.3f} s", f"{theirs:.3f} s", f"{per_stage:.1f} ms", f"{ours / theirs:.3f}", target]
+        )
+    print(table(["step time", "sdjobs", "direct", "overhead/stage", "ratio", "target"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""What the recorded server had installed: samplers, upscalers, models, scripts, options.
+
+The lists were taken from the recorded A1111 (`tests/data/traces/meta_*.json`) and are
+shipped in `data/catalog.json`, so the simulator works without the test data.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+from typing import Any
+
+import attrs
+
+VERSION = "1.7.0"  # what the recorded dev checkout (c8a5322d) reported
+ADETAILER_SCRIPT = "adetailer"
+_SELECTABLE_TXT2IMG = ("prompt matrix", "prompts from file or textbox", "x/y/z plot")
+
+
+def _load(name: str) -> Any:
+    return json.loads(resources.files(__package__).joinpath("data", name).read_text("utf-8"))
+
+
+@attrs.frozen
+class Catalog:
+    """The read-only lists a client can ask for, and lookups into them."""
+
+    data: dict[str, Any] = attrs.field(repr=False)
+    request_fields: dict[str, dict[str, dict[str, Any]]] = attrs.field(repr=False)
+
+    @classmethod
+    @functools.cache
+    def load(cls) -> Catalog:
+        return cls(_load("catalog.json"), _load("request_fields.json"))
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.data["sd_models"][0]
+
+    def sampler_exists(self, name: str) -> bool:
+        return any(sampler["name"] == name for sampler in self.data["samplers"])
+
+    def upscaler_exists(self, name: str) -> bool:
+        return any(upscaler["name"] == name for upscaler in self.data["upscalers"])
+
+    def hires_upscaler_exists(self, name: str) -> bool:
+        """Hires fix takes latent modes as well as the image upscalers."""
+        latent = (mode["name"] for mode in self.data["latent_upscale_modes"])
+        return name in latent or self.upscaler_exists(name)
+
+    def checkpoint_exists(self, name: str) -> bool:
+        """A1111's `checkpoint_aliases`: title, name, file name or hash."""
+        model = self.model
+        filename = model["filename"].rsplit("/", 1)[-1]
+        return name in {model["title"], model["model_name"], filename, model["hash"], model["sha256"]}
+
+    def scripts(self, kind: str) -> list[str]:
+        """`GET /sdapi/v1/scripts` for `kind`, ADetailer included."""
+        return [*self.data["scripts"][kind], ADETAILER_SCRIPT]
+
+    def is_selectable_script(self, kind: str, name: str) -> bool:
+        selectable = [s for s in self.data["scripts"][kind] if s in _SELECTABLE_TXT2IMG]
+        if kind == "img2img":
+            selectable += ["img2img alternative test", "loopback", "outpainting mk2"]
+            selectable += ["poor man's outpainting", "sd upscale"]
+        return name.lower() in selectable
+
+    def is_alwayson_script(self, kind: str, name: str) -> bool:
+        known = {s.lower() for s in self.scripts(kind)}
+        return name.lower() in known and not self.is_selectable_script(kind, name)
+
+    def default_options(self) -> dict[str, Any]:
+        """Every option key; values where the recording kept them, else None."""
+        options = dict.fromkeys(self.data["option_keys"])
+        options.update(self.data["option_values"])
+        return options

@@ -1,0 +1,76 @@
+"""How the simulated WebUI behaves: its speed, its mode, and the faults it plays."""
+
+from __future__ import annotations
+
+import attrs
+
+
+def _non_negative(instance: object, attribute: attrs.Attribute, value: float | None) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{attribute.name} must not be negative, got {value!r}")
+
+
+def _rate(instance: object, attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{attribute.name} must be within [0, 1], got {value!r}")
+
+
+def _credentials(instance: object, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is None:
+        return
+    for pair in value.split(","):
+        user, sep, password = pair.partition(":")
+        if not (sep and user and password):
+            raise ValueError(f"{attribute.name} must be USER:PASS[,USER:PASS...]")
+
+
+@attrs.frozen
+class SimSettings:
+    """Settings of one simulated WebUI.
+
+    Attributes:
+        step_time: Seconds per sampling step.
+        first_step_time: Seconds for the first step of a job (the model warming up);
+            `None` means three steps' worth, as on the recorded server.
+        stepping: When true, time does not pass by itself: each sampling step waits
+            for `SimulatedWebUI.release()`, so a test decides when every step happens.
+        faces: Faces ADetailer "detects" on every image (0: nothing detected).
+        api_auth: `USER:PASS` (comma-separated for several) protecting `/sdapi/v1/*`,
+            like `--api-auth`; never shown in a repr.
+        ui: False plays `--nowebui`: no `/internal/*` routes.
+        progress_error_rate: Share of `/sdapi/v1/progress` calls answered with 500.
+        progress_latency: Seconds `/sdapi/v1/progress` waits before answering.
+        progress_stuck: `/sdapi/v1/progress` keeps reading 0.01 with `sampling_step` 0
+            while a job runs (Forge issue #1814).
+        drop_connection_at_step: Once a job has run this many sampling steps, its
+            POST's connection is closed without an answer.
+        generation_error: Generation POSTs fail with 500 and this message.
+        fault_seed: Seed of the random choices behind `progress_error_rate`.
+    """
+
+    step_time: float = attrs.field(default=0.15, validator=_non_negative)
+    first_step_time: float | None = attrs.field(default=None, validator=_non_negative)
+    stepping: bool = False
+    faces: int = attrs.field(default=1, validator=attrs.validators.ge(0))
+    api_auth: str | None = attrs.field(default=None, repr=False, validator=_credentials)
+    ui: bool = True
+    progress_error_rate: float = attrs.field(default=0.0, validator=_rate)
+    progress_latency: float = attrs.field(default=0.0, validator=_non_negative)
+    progress_stuck: bool = False
+    drop_connection_at_step: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
+    generation_error: str | None = None
+    fault_seed: int = 0
+
+    @property
+    def warmup_time(self) -> float:
+        """Seconds the first sampling step of a job takes."""
+        return 3 * self.step_time if self.first_step_time is None else self.first_step_time
+
+    @property
+    def credentials(self) -> frozenset[tuple[str, str]]:
+        """The accepted (user, password) pairs; empty when the API is open."""
+        if self.api_auth is None:
+            return frozenset()
+        return frozenset(tuple(pair.split(":", 1)) for pair in self.api_auth.split(","))  # type: ignore[misc]

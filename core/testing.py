@@ -1,0 +1,344 @@
+"""Property-testing kit: hypothesis strategies and a rule-based state machine over `Job`.
+
+`JobRules` drives the step-able `Job` core with a fake WebUI and a fake clock:
+each rule is one event (a progress sample, the server's answer, a server error,
+a cancel, time passing, a plugin that raises), so hypothesis explores the
+interleavings that threads would make flaky.  Its invariants are sdjobs'
+promises; subclass it to add rules for your own plugin and keep them::
+
+    class MyPluginRules(JobRules):
+        def plugins(self):
+            return [MyPlugin()]
+
+    TestMyPlugin = MyPluginRules.TestCase
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+from hypothesis import event
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from PIL import Image, PngImagePlugin
+
+from sdjobs import hookimpl
+from sdjobs.client import GenerationResult, WebUIServerError
+from sdjobs.frontend import CancelMode
+from sdjobs.hooks import Hooks, make_plugin_manager
+from sdjobs.job import Job, JobSettings
+from sdjobs.outputs import JobFolder
+from sdjobs.pytest_plugin import FakeClock
+from sdjobs.spec import JobSpec
+from sdjobs.status import JobState, ProgressInfo, TaskProgress
+
+__all__ = [
+    "FakeWebUI",
+    "HookRecorder",
+    "JobRules",
+    "follows_documented_order",
+    "job_specs",
+    "progress_samples",
+    "stage_chains",
+]
+
+LATER_STAGES = ("img2img", "adetailer", "upscale")
+
+# -- strategies ------------------------------------------------------------------
+
+
+def stage_chains(max_later: int = 3) -> st.SearchStrategy[list[str]]:
+    """Stage types of a job: txt2img first, then any of the others."""
+    return st.lists(st.sampled_from(LATER_STAGES), max_size=max_later).map(lambda rest: ["txt2img", *rest])
+
+
+def _stage(kind: str) -> dict[str, Any]:
+    return {
+        "txt2img": {"type": "txt2img"},
+        "img2img": {"type": "img2img", "denoising_strength": 0.5},
+        "adetailer": {"type": "adetailer", "ad_model": "face_yolov8n.pt"},
+        "upscale": {"type": "upscale", "upscaler": "Lanczos", "scale": 2},
+    }[kind]
+
+
+@st.composite
+def job_specs(draw: st.DrawFn, chains: st.SearchStrategy[list[str]] | None = None) -> JobSpec:
+    """Valid jobs of small images: a drawn chain, steps, iterations and seed."""
+    chain = draw(chains or stage_chains())
+    data = {
+        "name": draw(st.text(min_size=1, max_size=20).filter(str.strip)),
+        "prompt": "a test",
+        "seed": draw(st.integers(0, 2**32 - 1)),
+        "settings": {"steps": draw(st.integers(1, 30)), "width": 64, "height": 64},
+        "stages": [_stage(kind) for kind in chain],
+    }
+    data["stages"][0]["n_iter"] = draw(st.integers(1, 3))
+    return JobSpec.from_mapping(data)
+
+
+@st.composite
+def progress_samples(draw: st.DrawFn, timestamp: str = "20260101000000") -> ProgressInfo | None:
+    """One global progress answer as a real server may give it, or None (error, idle).
+
+    Covers regressions, a stale idle state, `job_count` -1 at a job's start,
+    another job's timestamp, and values out of range.
+    """
+    kind = draw(st.sampled_from(["running", "running", "running", "none", "idle", "starting", "other"]))
+    if kind == "none":
+        return None
+    steps = draw(st.integers(1, 40))
+    job_count = draw(st.integers(1, 6))
+    job_no = draw(st.integers(0, job_count))
+    step = draw(st.integers(0, steps))
+    progress = draw(st.floats(-0.5, 1.5, allow_nan=False))
+    state = {
+        "idle": {"job_count": 0, "job_no": job_no, "sampling_step": 0, "sampling_steps": steps},
+        "starting": {"job_count": -1, "job_no": 0, "sampling_step": 0, "sampling_steps": steps},
+    }.get(kind, {"job_count": job_count, "job_no": job_no, "sampling_step": step, "sampling_steps": steps})
+    state["job_timestamp"] = "20250101000000" if kind == "other" else timestamp
+    body = {"progress": 0.0 if kind == "idle" else progress, "eta_relative": 1.0, "state": state}
+    return ProgressInfo.from_response(body)
+
+
+# -- the fake world ------------------------------------------------------------------
+
+
+def png(seed: int, size: tuple[int, int] = (64, 64), parameters: str | None = None) -> bytes:
+    """A small real PNG, with an infotext if given."""
+    image = Image.new("RGB", size, (seed % 256, 64, 128))
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    out = io.BytesIO()
+    image.save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
+@attrs.define
+class FakeWebUI:
+    """A `WebUIPort` that records what the job asks and answers when the test says."""
+
+    task_tracking: bool = False
+    client: Any = None
+    sent: list[tuple[str, dict[str, Any], str | None]] = attrs.field(factory=list)
+    interrupts: int = 0
+
+    def report(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
+        """Samples come from the rules directly; no poller runs."""
+
+    def baseline(self) -> ProgressInfo | None:
+        return None
+
+    def send(self, endpoint: str, payload: dict[str, Any], task_id: str | None) -> None:
+        self.sent.append((endpoint, payload, task_id))
+
+    def interrupt(self) -> None:
+        self.interrupts += 1
+
+    def answer(self, spec: JobSpec) -> GenerationResult:
+        """A 200 answer to the last request: images as the spec asks, with ADetailer's marks."""
+        endpoint, payload, _ = self.sent[-1]
+        count = payload.get("n_iter", 1) * payload.get("batch_size", 1) if endpoint == "txt2img" else 1
+        text = f"{spec.prompt}\nSteps: 1, Seed: {spec.seed}, ADetailer model: face_yolov8n.pt"
+        images = tuple(png(spec.seed + i, parameters=text) for i in range(count))
+        info = {"seed": spec.seed, "all_seeds": [spec.seed + i for i in range(count)], "infotexts": [text] * count}
+        return GenerationResult(images=images, info=info if endpoint != "extra-single-image" else {})
+
+
+class HookRecorder:
+    """Records every observer hook call as `(name, kwargs)`."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    def _record(self, name: str, **kwargs: Any) -> None:
+        self.calls.append((name, kwargs))
+
+    @hookimpl
+    def sdjobs_job_started(self, status, spec):
+        self._record("job_started", status=status)
+
+    @hookimpl
+    def sdjobs_stage_started(self, status, stage):
+        self._record("stage_started", status=status)
+
+    @hookimpl
+    def sdjobs_progress(self, status):
+        self._record("progress", status=status)
+
+    @hookimpl
+    def sdjobs_stage_finished(self, status, result):
+        self._record("stage_finished", status=status, result=result)
+
+    @hookimpl
+    def sdjobs_job_stalled(self, status, seconds):
+        self._record("job_stalled", status=status, seconds=seconds)
+
+    @hookimpl
+    def sdjobs_job_finished(self, status, outcome, error, results):
+        self._record("job_finished", status=status, outcome=outcome, error=error)
+
+
+class RaisingObserver:
+    """An observer plugin that raises in every hook it has."""
+
+    @hookimpl
+    def sdjobs_progress(self, status):
+        raise RuntimeError("observer failed")
+
+    @hookimpl
+    def sdjobs_stage_finished(self, status, result):
+        raise RuntimeError("observer failed")
+
+
+#: One letter per hook, so a job's hook sequence can be matched as a string.
+_LETTERS = {
+    "job_started": "J",
+    "stage_started": "S",
+    "progress": "P",
+    "job_stalled": "T",
+    "stage_finished": "F",
+    "job_finished": "E",
+}
+
+
+def follows_documented_order(names: Iterable[str], stages: int) -> bool:
+    """Whether hook names run: job_started, then per stage (stage_started,
+    any progress and job_stalled, stage_finished), then job_finished."""
+    sequence = "".join(_LETTERS[name] for name in names)
+    return re.fullmatch(rf"J(?:S[PT]*F){{{stages}}}E", sequence) is not None
+
+
+# -- the state machine -----------------------------------------------------------------
+
+
+class JobRules(RuleBasedStateMachine):
+    """sdjobs' promises about one job, checked under any order of events.
+
+    Subclass and override `plugins()` to run your own plugins inside the job;
+    add `@rule`s for what they do.  The invariants stay.
+    """
+
+    def plugins(self) -> list[object]:
+        """Extra plugins to register for each run."""
+        return []
+
+    @initialize(spec=job_specs(), task_tracking=st.booleans())
+    def start_job(self, spec: JobSpec, task_tracking: bool) -> None:
+        self._tmp = tempfile.TemporaryDirectory()
+        self.clock = FakeClock()
+        self.webui = FakeWebUI(task_tracking=task_tracking)
+        self.recorder = HookRecorder()
+        self.pm = make_plugin_manager(load_entry_points=False, disabled=["sdjobs.plugins.progress_poller"])
+        self.pm.register(self.recorder, name="recorder")
+        for plugin in self.plugins():
+            self.pm.register(plugin)
+        self.spec = spec
+        self.job = Job(
+            spec=spec,
+            job_id="job-1",
+            folder=JobFolder.create(Path(self._tmp.name), "job-1"),
+            hooks=Hooks(self.pm),
+            port=self.webui,
+            settings=JobSettings(stall_after=60.0, cancel_grace=30.0),
+            clock=self.clock,
+            wall_clock=self.clock,
+        )
+        self.cancelled_at: float | None = None  # the fake clock when a cancel "now" came
+        self.sent_at_cancel = 0
+        self.raising = False
+        self.job.begin()
+
+    def teardown(self) -> None:
+        if hasattr(self, "_tmp"):
+            self._tmp.cleanup()
+
+    # -- rules --------------------------------------------------------------------
+
+    @rule(info=progress_samples(), active=st.booleans())
+    def poll(self, info: ProgressInfo | None, active: bool) -> None:
+        task = TaskProgress(active=active, queued=not active, completed=False) if self.webui.task_tracking else None
+        self.clock.advance(0.5)
+        self.job.sample(info, task)
+
+    @precondition(lambda self: self.job.awaiting_answer)
+    @rule()
+    def answer(self) -> None:
+        self.job.returned(self.webui.answer(self.spec))
+
+    @precondition(lambda self: self.job.awaiting_answer)
+    @rule()
+    def server_error(self) -> None:
+        self.job.failed(WebUIServerError("http://webui/sdapi/v1/txt2img", 500, "boom"))
+
+    @rule(mode=st.sampled_from(CancelMode))
+    def cancel(self, mode: CancelMode) -> None:
+        self.job.cancel(mode)
+        if mode is CancelMode.NOW and self.cancelled_at is None:
+            self.cancelled_at = self.clock.now
+            self.sent_at_cancel = len(self.webui.sent)
+
+    @rule(seconds=st.floats(0.1, 120.0))
+    def time_passes(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.job.tick()
+
+    @precondition(lambda self: not self.raising)
+    @rule()
+    def observer_raises(self) -> None:
+        self.pm.register(RaisingObserver(), name="raising-observer")
+        self.raising = True
+
+    # -- invariants -----------------------------------------------------------------
+
+    def _progress_calls(self):
+        return [kw["status"] for name, kw in self.recorder.calls if "status" in kw]
+
+    @invariant()
+    def progress_is_monotonic_and_in_range(self) -> None:
+        stage, progress, job = 0, 0.0, 0.0
+        for status in self._progress_calls():
+            assert 0.0 <= status.progress <= 1.0 and 0.0 <= status.job_progress <= 1.0
+            assert status.stage_index >= stage, "the stage index went back"
+            if status.stage_index == stage:
+                assert status.progress >= progress, "stage progress went back"
+            stage, progress = status.stage_index, status.progress
+            assert status.job_progress >= job, "job progress went back"
+            job = status.job_progress
+
+    @invariant()
+    def nothing_after_the_terminal_hook(self) -> None:
+        names = self.recorder.names()
+        if "job_finished" in names:
+            assert names.index("job_finished") == len(names) - 1
+            assert names.count("job_finished") == 1
+
+    @invariant()
+    def a_cancel_ends_the_job_promptly_and_sends_nothing_more(self) -> None:
+        if self.cancelled_at is None:
+            return
+        assert len(self.webui.sent) == self.sent_at_cancel, "a request was sent after cancel"
+        # Cancelled once the interrupted request answers, or once the grace time passed.
+        grace_over = self.clock.now >= self.cancelled_at + self.job.settings.cancel_grace
+        if not self.job.awaiting_answer or grace_over:
+            assert self.job.finished
+
+    @invariant()
+    def a_finished_job_says_how(self) -> None:
+        if not self.job.finished:
+            return
+        assert self.job.outcome in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+        assert self.job.machine.state == self.job.outcome.value
+        event(f"outcome: {self.job.outcome}")
+        if self.job.outcome is JobState.DONE:
+            assert follows_documented_order(self.recorder.names(), len(self.spec.stages))
+            assert self.job.status.job_progress == 1.0

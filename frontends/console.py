@@ -1,0 +1,173 @@
+"""The `console` front end: a live display per running job, for a person at a terminal.
+
+While a job runs, rich redraws (at most `REFRESH_PER_SECOND` times a second) its
+status line, a bar for the stage and one for the job.  Each finished stage
+leaves a line with its time and images; the end leaves a summary table.  The
+first Ctrl-C cancels the running job (its stage's partial images are kept) and
+runs no further job; a second one leaves at once.  Without a terminal, rich
+draws nothing live and writes no escape codes: only the lines and the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from sdjobs import hookimpl
+from sdjobs.frontend import FrontendOptions, Session
+from sdjobs.frontends.formatting import (
+    format_duration,
+    format_eta,
+    outcome_line,
+    plural,
+    stage_finished_line,
+    status_line,
+)
+from sdjobs.frontends.interrupt import run_with_ctrl_c
+from sdjobs.frontends.ledger import JobLedger
+from sdjobs.spec import JobSpec
+from sdjobs.status import JobState, RuntimeStatus, StageResult
+
+REFRESH_PER_SECOND = 10
+BAR_WIDTH = 40
+
+OUTCOME_STYLES = {JobState.DONE: "green", JobState.FAILED: "red", JobState.CANCELLED: "yellow"}
+
+CANCELLING = "Ctrl-C: cancelling the running job, keeping its partial images; no further job runs. Ctrl-C again quits at once."
+
+
+class ConsoleFrontend:
+    """Shows jobs on ``console`` (default: a rich `Console` on stdout)."""
+
+    name = "console"
+    description = "a live display per running job, a line per finished stage, a summary table"
+
+    def __init__(self, options: FrontendOptions, console: Console | None = None) -> None:
+        self.options = options
+        self.console = console or Console()
+        self._ledger = JobLedger()
+        self._status: RuntimeStatus | None = None
+        self._live: Live | None = None
+        self._cancelling = False
+
+    def run(self, session: Session) -> int | None:
+        try:
+            return run_with_ctrl_c(session, on_cancel=self._cancel_requested)
+        finally:
+            self._stop_live()
+
+    def _cancel_requested(self) -> None:
+        # Called in the signal handler: only set a flag; the live view and the
+        # job's last line say it.
+        self._cancelling = True
+
+    def view(self) -> RenderableType:
+        """What the live display shows now: the status line and the two bars."""
+        status = self._status
+        if status is None:
+            return Text("")
+        bars = Table.grid(padding=(0, 1))
+        bars.add_row("stage", ProgressBar(total=1.0, completed=status.progress, width=BAR_WIDTH), f"{status.percent}%")
+        bars.add_row(
+            "job",
+            ProgressBar(total=1.0, completed=status.job_progress, width=BAR_WIDTH),
+            f"{int(status.job_progress * 100)}% · ETA {format_eta(status.job_eta)}",
+        )
+        lines: list[RenderableType] = [Text.assemble((status.name, "bold"), "  ", status_line(status)), bars]
+        if self._cancelling:
+            lines.append(Text(CANCELLING, style="yellow"))
+        return Group(*lines)
+
+    def _say(self, text: Text) -> None:
+        """One line above the live view; the terminal wraps it, so paths stay whole for copying."""
+        self.console.print(text, soft_wrap=True)
+
+    def _start_live(self) -> None:
+        self._live = Live(
+            get_renderable=self.view,
+            console=self.console,
+            refresh_per_second=REFRESH_PER_SECOND,
+            transient=True,
+        )
+        self._live.start()
+
+    def _stop_live(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    @hookimpl
+    def sdjobs_job_queued(self, job_id: str, spec: JobSpec) -> None:
+        self._ledger.queued(job_id, spec.name)
+
+    @hookimpl
+    def sdjobs_job_started(self, status: RuntimeStatus) -> None:
+        self._ledger.started(status.job_id)
+        self._status = status
+        self._say(
+            Text.assemble(
+                (status.name, "bold"),
+                f" (job {self._ledger.number(status.job_id)}) · {plural(status.stage_count, 'stage')} · seed {status.seed}",
+            )
+        )
+        self._start_live()
+
+    @hookimpl
+    def sdjobs_stage_started(self, status: RuntimeStatus) -> None:
+        self._status = status
+
+    @hookimpl
+    def sdjobs_progress(self, status: RuntimeStatus) -> None:
+        self._status = status
+
+    @hookimpl
+    def sdjobs_job_stalled(self, status: RuntimeStatus, seconds: float) -> None:
+        self._say(
+            Text(f"  no progress for {format_duration(seconds)} in stage {status.stage_label}", style="yellow")
+        )
+
+    @hookimpl
+    def sdjobs_stage_finished(self, status: RuntimeStatus, result: StageResult) -> None:
+        self._status = status
+        mark, style = ("✗", "yellow") if result.partial else ("✓", "green")
+        self._say(Text.assemble("  ", (mark, style), " ", stage_finished_line(status, result)))
+
+    @hookimpl
+    def sdjobs_job_finished(
+        self, status: RuntimeStatus, outcome: JobState, error: str | None, results: tuple[StageResult, ...]
+    ) -> None:
+        self._stop_live()
+        self._status = None
+        entry = self._ledger.finished(status.job_id, outcome, results)
+        line = outcome_line(status.name, outcome, error, entry.elapsed, results)
+        self._say(Text(line, style=OUTCOME_STYLES[outcome]))
+        if outcome is JobState.CANCELLED and self._cancelling:
+            self._say(Text("Cancelled with Ctrl-C: no further job runs.", style="yellow"))
+
+    @hookimpl
+    def sdjobs_queue_drained(self, outcomes: Mapping[str, JobState]) -> None:
+        self.console.print(self.summary())
+
+    def summary(self) -> Table:
+        """The table printed at the end: each job, how it ended, its images and time."""
+        table = Table(title="Summary", title_justify="left")
+        table.add_column("job")
+        table.add_column("outcome")
+        table.add_column("images", justify="right")
+        table.add_column("time", justify="right")
+        for entry in self._ledger.entries.values():
+            if entry.outcome is None:
+                table.add_row(Text(entry.name), Text("not run", style="dim"), "", "")
+            else:
+                table.add_row(
+                    Text(entry.name),
+                    Text(entry.outcome.value, style=OUTCOME_STYLES[entry.outcome]),
+                    str(entry.images),
+                    format_duration(entry.elapsed),
+                )
+        return table

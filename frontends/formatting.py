@@ -1,0 +1,104 @@
+"""The words every front end shows: durations, ETAs, the one-line status, outcomes.
+
+Written once, so the console, the log, and the Tk window say the same thing the
+same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from sdjobs.status import JobState, RuntimeStatus, StageResult
+
+#: What an ETA reads until the server's figures allow a guess.
+CALCULATING = "calculating..."
+
+
+def format_duration(seconds: float) -> str:
+    """`"45s"`, `"1m 05s"`, `"2h 03m"`: whole units, the smaller one zero-padded."""
+    whole = max(0, round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def format_eta(seconds: float | None) -> str:
+    """An ETA, or `"calculating..."` while there is none."""
+    return CALCULATING if seconds is None else format_duration(seconds)
+
+
+def format_seed(seed: int | None) -> str:
+    return CALCULATING if seed is None else str(seed)
+
+
+def format_step(status: RuntimeStatus) -> str | None:
+    """`"12/30"`, or None while the server has not said."""
+    if status.step is None or not status.steps:
+        return None
+    return f"{status.step}/{status.steps}"
+
+
+def status_line(status: RuntimeStatus) -> str:
+    """`"Stage 2/4 img2img · step 12/30 · 40% · ETA 1m 05s · seed 1234567890"`.
+
+    The step is left out while unknown; a request waiting in the server's own
+    queue says so instead of a step.
+    """
+    parts = [f"Stage {status.stage_label}"]
+    if status.queue_position is not None:
+        position, length = status.queue_position
+        parts.append(f"waiting in the server's queue {position}/{length}")
+    elif (step := format_step(status)) is not None:
+        parts.append(f"step {step}")
+    parts += [f"{status.percent}%", f"ETA {format_eta(status.eta)}", f"seed {format_seed(status.seed)}"]
+    return " · ".join(parts)
+
+
+def plural(count: int, noun: str) -> str:
+    """`"1 stage"`, `"3 stages"`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def images_text(count: int, *, partial: bool = False) -> str:
+    """`"1 image"`, `"3 partial images"`."""
+    return plural(count, "partial image" if partial else "image")
+
+
+def stage_finished_line(status: RuntimeStatus, result: StageResult) -> str:
+    """`"Stage 1/3 txt2img finished in 12s · 2 images: out/a.png, out/b.png"`."""
+    verb = "cut short after" if result.partial else "finished in"
+    line = f"Stage {status.stage_label} {verb} {format_duration(result.elapsed)}"
+    line += f" · {images_text(len(result.images), partial=result.partial)}"
+    if result.images:
+        line += ": " + ", ".join(str(path) for path in result.images)
+    return line
+
+
+def outcome_line(
+    name: str, outcome: JobState, error: str | None, elapsed: float, results: tuple[StageResult, ...]
+) -> str:
+    """`"lighthouse: done in 1m 05s · 4 images"`, or why it failed, or that it was cancelled."""
+    images = sum(len(result.images) for result in results)
+    took = format_duration(elapsed)
+    ended = f"done in {took}" if outcome is JobState.DONE else f"{outcome.value} after {took}"
+    line = f"{name}: {ended} · {images_text(images)}"
+    if outcome is JobState.CANCELLED and any(result.partial for result in results):
+        line += " (the stage's partial images are kept)"
+    if error:
+        line += f": {error}"
+    return line
+
+
+def drained_line(outcomes: Mapping[str, JobState], queued: int) -> str:
+    """`"3 jobs: 1 done, 1 failed, 1 not run"`, outcomes in a fixed order."""
+    counts = {state: 0 for state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)}
+    for outcome in outcomes.values():
+        counts[outcome] += 1
+    parts = [f"{count} {state.value}" for state, count in counts.items() if count]
+    if queued > len(outcomes):
+        parts.append(f"{queued - len(outcomes)} not run")
+    return f"{plural(queued, 'job')}: " + ", ".join(parts)

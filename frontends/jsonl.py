@@ -1,0 +1,114 @@
+"""The `jsonl` front end: one JSON object per event on stdout, for other programs.
+
+Each line is flushed as it is written, so a reader sees an event when it
+happens.  The fields of each event are listed in `FIELDS` and documented in
+docs/frontends.md; `t` is Unix time, durations and ETAs are seconds (null while
+unknown), paths are strings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from sdjobs import hookimpl
+from sdjobs.frontend import FrontendOptions, Session
+from sdjobs.frontends.interrupt import run_with_ctrl_c
+from sdjobs.spec import JobSpec
+from sdjobs.status import JobState, RuntimeStatus, StageResult
+
+#: What every event that describes a running job carries.
+STATUS_FIELDS = (
+    "job", "name", "stage", "stage_index", "stage_count", "progress", "job_progress",
+    "step", "steps", "eta", "job_eta", "seed", "queue_position",
+)  # fmt: skip
+
+#: Every event and its fields, after `event` and `t`.
+FIELDS: dict[str, tuple[str, ...]] = {
+    "job_queued": ("job", "name", "stage_count", "seed"),
+    "job_started": STATUS_FIELDS,
+    "stage_started": STATUS_FIELDS,
+    "progress": STATUS_FIELDS,
+    "job_stalled": (*STATUS_FIELDS, "seconds"),
+    "stage_finished": (*STATUS_FIELDS, "images", "partial", "elapsed"),
+    "job_finished": (*STATUS_FIELDS, "outcome", "error"),
+    "queue_drained": ("outcomes",),
+}
+
+
+def status_fields(status: RuntimeStatus) -> dict[str, Any]:
+    return {
+        "job": status.job_id,
+        "name": status.name,
+        "stage": status.stage,
+        "stage_index": status.stage_index,
+        "stage_count": status.stage_count,
+        "progress": status.progress,
+        "job_progress": status.job_progress,
+        "step": status.step,
+        "steps": status.steps,
+        "eta": status.eta,
+        "job_eta": status.job_eta,
+        "seed": status.seed,
+        "queue_position": None if status.queue_position is None else list(status.queue_position),
+    }
+
+
+class JsonlFrontend:
+    """Writes each hook as a JSON line to ``stream`` (default: `sys.stdout` at write time)."""
+
+    name = "jsonl"
+    description = "one JSON object per event on stdout, for other programs to read"
+
+    def __init__(self, options: FrontendOptions, stream: TextIO | None = None) -> None:
+        self.options = options
+        self._stream = stream
+
+    def run(self, session: Session) -> int | None:
+        return run_with_ctrl_c(session)
+
+    def _write(self, event: str, **fields: Any) -> None:
+        stream = self._stream or sys.stdout
+        stream.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
+        stream.flush()
+
+    @hookimpl
+    def sdjobs_job_queued(self, job_id: str, spec: JobSpec) -> None:
+        self._write("job_queued", job=job_id, name=spec.name, stage_count=len(spec.stages), seed=spec.seed)
+
+    @hookimpl
+    def sdjobs_job_started(self, status: RuntimeStatus) -> None:
+        self._write("job_started", **status_fields(status))
+
+    @hookimpl
+    def sdjobs_stage_started(self, status: RuntimeStatus) -> None:
+        self._write("stage_started", **status_fields(status))
+
+    @hookimpl
+    def sdjobs_progress(self, status: RuntimeStatus) -> None:
+        self._write("progress", **status_fields(status))
+
+    @hookimpl
+    def sdjobs_job_stalled(self, status: RuntimeStatus, seconds: float) -> None:
+        self._write("job_stalled", **status_fields(status), seconds=seconds)
+
+    @hookimpl
+    def sdjobs_stage_finished(self, status: RuntimeStatus, result: StageResult) -> None:
+        self._write(
+            "stage_finished",
+            **status_fields(status),
+            images=[str(path) for path in result.images],
+            partial=result.partial,
+            elapsed=result.elapsed,
+        )
+
+    @hookimpl
+    def sdjobs_job_finished(self, status: RuntimeStatus, outcome: JobState, error: str | None) -> None:
+        self._write("job_finished", **status_fields(status), outcome=outcome.value, error=error)
+
+    @hookimpl
+    def sdjobs_queue_drained(self, outcomes: Mapping[str, JobState]) -> None:
+        self._write("queue_drained", outcomes={job: outcome.value for job, outcome in outcomes.items()})

@@ -1,0 +1,136 @@
+"""The `log` front end: standard `logging` records, for files, services and CI.
+
+One record when a job or stage starts and ends, a progress record at most every
+10 % of a stage, a warning for a stall or a cancel, an error with the server's
+message when a job fails.  Records go to the logger ``sdjobs.jobs``; while the
+session runs, one handler on the ``sdjobs`` logger writes them (and the rest of
+sdjobs' own records) to stderr or `FrontendOptions.log_file`.  Credentials never
+reach a front end: the client keeps them out of every message.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+
+from sdjobs import hookimpl
+from sdjobs.frontend import FrontendError, FrontendOptions, Session
+from sdjobs.frontends.formatting import (
+    drained_line,
+    format_duration,
+    outcome_line,
+    plural,
+    stage_finished_line,
+    status_line,
+)
+from sdjobs.frontends.interrupt import run_with_ctrl_c
+from sdjobs.frontends.ledger import JobLedger
+from sdjobs.spec import JobSpec
+from sdjobs.status import JobState, RuntimeStatus, StageResult
+
+log = logging.getLogger("sdjobs.jobs")
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+DEFAULT_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
+
+#: A stage's progress is logged when it reaches the next multiple of this many percent.
+PROGRESS_STEP = 10
+
+_OUTCOME_LEVELS = {JobState.DONE: logging.INFO, JobState.CANCELLED: logging.WARNING, JobState.FAILED: logging.ERROR}
+
+
+def _level(name: str) -> int:
+    try:
+        return logging.getLevelNamesMapping()[name.upper()]
+    except KeyError:
+        raise FrontendError(f"unknown log level {name!r}; choose one of: {', '.join(LEVELS)}") from None
+
+
+def _formatter(fmt: str | None) -> logging.Formatter:
+    try:
+        return logging.Formatter(fmt or DEFAULT_FORMAT)
+    except ValueError as exc:
+        raise FrontendError(f"bad log format {fmt!r}: {exc}") from None
+
+
+class LogFrontend:
+    """Logs each job's life; progress at most every `PROGRESS_STEP` percent of a stage."""
+
+    name = "log"
+    description = "log records on stderr or --log-file: stage starts and ends, progress every 10 %, outcomes"
+
+    def __init__(self, options: FrontendOptions) -> None:
+        self.options = options
+        self.level = _level(options.log_level)
+        self.formatter = _formatter(options.log_format)
+        self._ledger = JobLedger()
+        self._next_percent = PROGRESS_STEP
+
+    def run(self, session: Session) -> int | None:
+        handler = self._open_handler()
+        handler.setFormatter(self.formatter)
+        sdjobs_logger = logging.getLogger("sdjobs")
+        previous_level = sdjobs_logger.level
+        sdjobs_logger.addHandler(handler)
+        sdjobs_logger.setLevel(self.level)
+        try:
+            return run_with_ctrl_c(session, on_cancel=self._cancelling)
+        finally:
+            sdjobs_logger.removeHandler(handler)
+            sdjobs_logger.setLevel(previous_level)
+            handler.close()
+
+    def _open_handler(self) -> logging.Handler:
+        if self.options.log_file is None:
+            return logging.StreamHandler(sys.stderr)
+        try:
+            return logging.FileHandler(self.options.log_file, encoding="utf-8")
+        except OSError as exc:
+            raise FrontendError(f"{self.options.log_file}: cannot write the log there: {exc.strerror}") from None
+
+    @staticmethod
+    def _cancelling() -> None:
+        log.warning("Ctrl-C: cancelling the running job, keeping its partial images; Ctrl-C again quits at once")
+
+    @hookimpl
+    def sdjobs_job_queued(self, job_id: str, spec: JobSpec) -> None:
+        self._ledger.queued(job_id, spec.name)
+        log.info("queued %s: %s, seed %d, id %s", spec.name, plural(len(spec.stages), "stage"), spec.seed, job_id)
+
+    @hookimpl
+    def sdjobs_job_started(self, status: RuntimeStatus) -> None:
+        self._ledger.started(status.job_id)
+        log.info("%s: started (job %s), seed %s", status.name, self._ledger.number(status.job_id), status.seed)
+
+    @hookimpl
+    def sdjobs_stage_started(self, status: RuntimeStatus) -> None:
+        self._next_percent = PROGRESS_STEP
+        log.info("%s: Stage %s started", status.name, status.stage_label)
+
+    @hookimpl
+    def sdjobs_progress(self, status: RuntimeStatus) -> None:
+        if status.percent < self._next_percent:
+            return
+        self._next_percent = (status.percent // PROGRESS_STEP + 1) * PROGRESS_STEP
+        log.info("%s: %s", status.name, status_line(status))
+
+    @hookimpl
+    def sdjobs_job_stalled(self, status: RuntimeStatus, seconds: float) -> None:
+        log.warning("%s: no progress for %s in stage %s", status.name, format_duration(seconds), status.stage_label)
+
+    @hookimpl
+    def sdjobs_stage_finished(self, status: RuntimeStatus, result: StageResult) -> None:
+        log.info("%s: %s", status.name, stage_finished_line(status, result))
+
+    @hookimpl
+    def sdjobs_job_finished(
+        self, status: RuntimeStatus, outcome: JobState, error: str | None, results: tuple[StageResult, ...]
+    ) -> None:
+        entry = self._ledger.finished(status.job_id, outcome, results)
+        log.log(_OUTCOME_LEVELS[outcome], "%s", outcome_line(status.name, outcome, error, entry.elapsed, results))
+
+    @hookimpl
+    def sdjobs_queue_drained(self, outcomes: Mapping[str, JobState]) -> None:
+        log.info("%s", drained_line(outcomes, len(self._ledger.entries)))

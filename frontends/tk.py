@@ -1,0 +1,219 @@
+"""The `tk` front end: a window with the running job's panel, for a person at a desktop.
+
+Tk belongs to one thread.  `run` opens the window on the main thread and runs
+the session on a worker thread; the hooks, called on the worker, only put
+calls on a queue (`call_soon`) that the main thread drains every
+`DRAIN_INTERVAL_MS` with `after()`.  "Cancel" cancels the running job and the
+next one starts; "Cancel after this stage" lets the running stage finish.
+Closing the window (or Ctrl-C) cancels everything, waits for the running job to
+stop while the window stays responsive, and closes.  When every job has ended,
+the window stays open showing how, until it is closed, or closes by itself with
+`FrontendOptions.close_when_done`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import queue
+import threading
+import time
+import tkinter as tk
+from collections.abc import Callable, Mapping
+
+import attrs
+
+from sdjobs import hookimpl
+from sdjobs.frontend import CancelMode, FrontendOptions, FrontendUnavailable, Session
+from sdjobs.frontends.formatting import drained_line
+from sdjobs.frontends.interrupt import EXIT_INTERRUPTED, ctrl_c_cancels
+from sdjobs.frontends.ledger import JobLedger
+from sdjobs.frontends.tk_panel import JobPanel
+from sdjobs.spec import JobSpec
+from sdjobs.status import JobState, RuntimeStatus, StageResult
+
+log = logging.getLogger(__name__)
+
+#: How often the window takes the hooks' calls off the queue.
+DRAIN_INTERVAL_MS = 50
+
+#: How long a closed window waits for the running job to stop before leaving it behind.
+CLOSE_TIMEOUT = 10.0
+
+PanelCall = Callable[[JobPanel], object]
+
+
+def open_window() -> tk.Tk:
+    """The main window; `FrontendUnavailable` where there is no display to open it on."""
+    try:
+        root = tk.Tk(className="sdjobs")
+    except tk.TclError as exc:
+        raise FrontendUnavailable(
+            f"the tk front end cannot open a window ({exc}); "
+            "run it where there is a display, or choose another with --frontend (console, log, jsonl)"
+        ) from None
+    root.title("sdjobs")
+    return root
+
+
+class _SessionThread(threading.Thread):
+    """Runs the session off the Tk thread and keeps what it raised.  Holds nothing of Tk."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(name="sdjobs-session", daemon=True)
+        self.session = session
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.session.run()
+        except BaseException as exc:  # re-raised on the main thread once the window closed
+            self.error = exc
+
+
+@attrs.define(eq=False)
+class _Window:
+    """One run of the front end: the window, the session's thread and the queue between them."""
+
+    root: tk.Tk
+    panel: JobPanel
+    session: Session
+    calls: queue.SimpleQueue[PanelCall]
+    close_when_done: bool
+    worker: _SessionThread = attrs.field(init=False)
+    closing_since: float | None = None
+    quit_at_once: bool = False
+    _after_id: str | None = None
+
+    def run(self) -> int | None:
+        self.root.protocol("WM_DELETE_WINDOW", self.close)
+        self.worker = _SessionThread(self.session)
+        self.worker.start()
+        self._after_id = self.root.after(DRAIN_INTERVAL_MS, self._drain)
+        with ctrl_c_cancels(self.session, on_cancel=self._close_soon, on_quit=self._quit_at_once):
+            self.root.mainloop()
+        if self._after_id is not None:
+            self.root.after_cancel(self._after_id)
+        self.root.destroy()
+        if self.quit_at_once:
+            return EXIT_INTERRUPTED
+        if self.worker.is_alive():  # closed, and the job did not stop in time
+            log.warning("the running job did not stop within %ss; leaving it behind", CLOSE_TIMEOUT)
+            return EXIT_INTERRUPTED
+        if self.worker.error is not None:
+            raise self.worker.error
+        return None
+
+    def close(self) -> None:
+        """The window's close button: cancel everything, then quit once the job stopped."""
+        if self.closing_since is None:
+            self.closing_since = time.monotonic()
+            self.session.cancel(CancelMode.NOW, rest=True)
+            self.panel.show_closing()
+
+    def _close_soon(self) -> None:
+        """The first Ctrl-C: close as the close button does, once back in the event loop."""
+        self.calls.put(lambda panel: self.close())
+
+    def _quit_at_once(self) -> None:
+        """The second Ctrl-C: leave the event loop now, without waiting for the job."""
+        self.quit_at_once = True
+        self.root.quit()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                call = self.calls.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                call(self.panel)
+            except Exception:  # the window is an observer: a bad update must not end it
+                log.exception("the Tk panel failed to show an event")
+        if self._finished():
+            self._after_id = None
+            self.root.quit()
+        else:
+            self._after_id = self.root.after(DRAIN_INTERVAL_MS, self._drain)
+
+    def _finished(self) -> bool:
+        if self.worker.is_alive():
+            return self.closing_since is not None and time.monotonic() - self.closing_since > CLOSE_TIMEOUT
+        # A session that raised ends the window too, so its error is not hidden behind it.
+        return self.closing_since is not None or self.close_when_done or self.worker.error is not None
+
+
+class TkFrontend:
+    """The running-job panel in a Tk window."""
+
+    name = "tk"
+    description = "a window with the running job's progress, the queue and Cancel buttons"
+
+    def __init__(self, options: FrontendOptions) -> None:
+        self.options = options
+        self._calls: queue.SimpleQueue[PanelCall] = queue.SimpleQueue()
+        self._ledger = JobLedger()  # fed on the session's thread only
+
+    def call_soon(self, call: PanelCall) -> None:
+        """Have ``call(panel)`` run on the Tk thread; safe from any thread.
+
+        The hooks reach the window only this way, in order, so a call made after
+        a hook sees the panel as that hook left it.
+        """
+        self._calls.put(call)
+
+    def run(self, session: Session) -> int | None:
+        root = open_window()
+        panel = JobPanel(root, on_cancel=session.cancel, preview=self.options.preview)
+        panel.pack(fill="both", expand=True)
+        try:
+            return _Window(root, panel, session, self._calls, self.options.close_when_done).run()
+        finally:
+            # Tk objects must die on this thread: if a cycle kept one alive, the
+            # garbage collector could free it on another thread, and Tcl aborts.
+            del root, panel
+            gc.collect()
+
+    def _show_queue(self) -> None:
+        names = [entry.name for entry in self._ledger.waiting()]
+        self.call_soon(lambda panel: panel.show_queue(names))
+
+    @hookimpl
+    def sdjobs_job_queued(self, job_id: str, spec: JobSpec) -> None:
+        self._ledger.queued(job_id, spec.name)
+        self._show_queue()
+
+    @hookimpl
+    def sdjobs_job_started(self, status: RuntimeStatus) -> None:
+        self._ledger.started(status.job_id)
+        number = self._ledger.number(status.job_id)
+        self.call_soon(lambda panel: panel.show_job_started(status, number))
+        self._show_queue()
+
+    @hookimpl
+    def sdjobs_stage_started(self, status: RuntimeStatus) -> None:
+        self.call_soon(lambda panel: panel.show_progress(status))
+
+    @hookimpl
+    def sdjobs_progress(self, status: RuntimeStatus) -> None:
+        self.call_soon(lambda panel: panel.show_progress(status))
+
+    @hookimpl
+    def sdjobs_job_stalled(self, status: RuntimeStatus, seconds: float) -> None:
+        self.call_soon(lambda panel: panel.show_stalled(status, seconds))
+
+    @hookimpl
+    def sdjobs_stage_finished(self, status: RuntimeStatus, result: StageResult) -> None:
+        self.call_soon(lambda panel: panel.show_stage_finished(status, result))
+
+    @hookimpl
+    def sdjobs_job_finished(
+        self, status: RuntimeStatus, outcome: JobState, error: str | None, results: tuple[StageResult, ...]
+    ) -> None:
+        self._ledger.finished(status.job_id, outcome, results)
+        self.call_soon(lambda panel: panel.show_job_finished(outcome, error))
+
+    @hookimpl
+    def sdjobs_queue_drained(self, outcomes: Mapping[str, JobState]) -> None:
+        summary = drained_line(outcomes, len(self._ledger.entries))
+        self.call_soon(lambda panel: panel.show_drained(summary))

@@ -1,0 +1,90 @@
+"""The jsonl front end: one flushed JSON object per event, each with its documented fields."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+from scripted import job_spec
+
+from sdjobs.frontend import FrontendOptions
+from sdjobs.frontends.jsonl import FIELDS, JsonlFrontend
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "frontends.md"
+
+
+class FlushCountingStream(io.StringIO):
+    """Counts flushes, so a test can tell whether each line was flushed as it was written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unflushed_lines: list[int] = []
+
+    def flush(self) -> None:
+        self.unflushed_lines.append(self.getvalue().count("\n"))
+        super().flush()
+
+
+def run_jsonl(make_session, specs, **options):
+    stream = FlushCountingStream()
+    frontend = JsonlFrontend(FrontendOptions(), stream=stream)
+    session = make_session(frontend, specs, **options)
+    assert frontend.run(session) is None
+    return [json.loads(line) for line in stream.getvalue().splitlines()], stream
+
+
+def test_one_object_per_event_in_the_documented_order_for_each_job(make_session):
+    events, _ = run_jsonl(make_session, [job_spec("sea"), job_spec("sky", stages=("txt2img",))])
+    names = [event["event"] for event in events]
+    progress = ["progress"] * 3
+    stage = ["stage_started", *progress, "stage_finished"]
+    assert names == [
+        "job_queued", "job_queued",
+        "job_started", *stage, *stage, "job_finished",
+        "job_started", *stage, "job_finished",
+        "queue_drained",
+    ]  # fmt: skip
+    assert [e["job"] for e in events if e["event"] == "job_finished"] == ["job-1", "job-2"]
+    assert events[-1]["outcomes"] == {"job-1": "done", "job-2": "done"}
+
+
+def test_every_event_carries_exactly_its_documented_fields(make_session):
+    events, _ = run_jsonl(make_session, [job_spec("sea")], fail={0: "HTTP 500: out of memory"}, stall=(0, 0))
+    assert {event["event"] for event in events} == set(FIELDS)
+    for event in events:
+        assert sorted(event) == sorted(["event", "t", *FIELDS[event["event"]]]), event["event"]
+
+
+def test_each_line_is_flushed_as_it_is_written(make_session):
+    events, stream = run_jsonl(make_session, [job_spec("sea")])
+    assert stream.unflushed_lines == list(range(1, len(events) + 1))
+
+
+def test_values_as_documented(make_session):
+    events, _ = run_jsonl(make_session, [job_spec("sea")], fail={0: "HTTP 500: out of memory"})
+    by_name: dict[str, list[dict]] = {}
+    for event in events:
+        by_name.setdefault(event["event"], []).append(event)
+    first, later = by_name["progress"][0], by_name["progress"][1]
+    assert (first["eta"], first["job_eta"]) == (None, None)  # still calculating
+    assert (later["progress"], later["step"], later["steps"], later["eta"]) == (0.5, 10, 20, 5.0)
+    assert later["seed"] == 1234567890 and later["stage_index"] == 0 and later["stage_count"] == 2
+    [finished_stage] = by_name["stage_finished"]
+    assert finished_stage["images"] == [
+        str(Path(finished_stage["images"][0]).parent / name) for name in ("001.png", "002.png")
+    ]
+    assert finished_stage["partial"] is False
+    [finished] = by_name["job_finished"]
+    assert (finished["outcome"], finished["error"]) == ("failed", "HTTP 500: out of memory")
+    assert all(isinstance(event["t"], float) for event in events)
+
+
+def test_the_documentation_lists_every_field_of_every_event():
+    text = DOCS.read_text()
+    section = text[text.index("## jsonl") :]
+    section = section[: section.find("\n## ", 1)]
+    documented = set(re.findall(r"`([a-z_]+)`", section))
+    missing = {name for fields in FIELDS.values() for name in fields} | set(FIELDS) | {"event", "t"}
+    assert missing - documented == set()

@@ -1,0 +1,88 @@
+"""The log front end: standard logging records, progress at most every 10 % of a stage."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+from scripted import job_spec
+
+from sdjobs.frontend import FrontendError, FrontendOptions
+from sdjobs.frontends.log import LogFrontend
+
+
+def test_a_record_per_stage_start_and_finish_and_the_outcome(make_session, capsys):
+    frontend = LogFrontend(FrontendOptions(log_format="%(levelname)s %(name)s %(message)s"))
+    assert frontend.run(make_session(frontend, [job_spec("sea"), job_spec("sky", stages=("txt2img",))])) is None
+    lines = capsys.readouterr().err.splitlines()
+    assert all(line.startswith("INFO sdjobs.jobs ") for line in lines)
+    messages = [line.removeprefix("INFO sdjobs.jobs ") for line in lines]
+    assert messages[:3] == [
+        "queued sea: 2 stages, seed 1234567890, id job-1",
+        "queued sky: 1 stage, seed 1234567890, id job-2",
+        "sea: started (job 1/2), seed 1234567890",
+    ]
+    assert "sea: Stage 1/2 txt2img started" in messages
+    assert "sea: Stage 2/2 img2img · step 10/20 · 50% · ETA 5s · seed 1234567890" in messages
+    assert any(re.fullmatch(r"sea: Stage 1/2 txt2img finished in 1m 05s · 2 images: \S+001.png, \S+002.png", m) for m in messages)
+    assert re.fullmatch(r"sea: done in \d+s · 4 images", messages[messages.index("sky: started (job 2/2), seed 1234567890") - 1])
+    assert messages[-1] == "2 jobs: 2 done"
+
+
+def test_progress_is_logged_at_most_every_ten_percent_of_a_stage(make_session, capsys):
+    frontend = LogFrontend(FrontendOptions(log_format="%(message)s"))
+    every_percent = [percent / 100 for percent in range(1, 100)]
+    frontend.run(make_session(frontend, [job_spec("sea")], samples=every_percent))
+    logged = [
+        (stage, int(percent))
+        for stage, percent in re.findall(r"^sea: Stage (\d)/2 \w+ · step \d+/20 · (\d+)%", capsys.readouterr().err, re.M)
+    ]
+    tens = [10, 20, 30, 40, 50, 60, 70, 80, 90]
+    assert logged == [("1", p) for p in tens] + [("2", p) for p in tens]
+
+
+def test_a_failure_is_an_error_with_the_servers_message_and_a_stall_a_warning(make_session, tmp_path):
+    log_file = tmp_path / "jobs.log"
+    options = FrontendOptions(log_file=log_file, log_level="warning", log_format="%(levelname)s|%(message)s")
+    frontend = LogFrontend(options)
+    session = make_session(frontend, [job_spec("sea")], fail={0: "HTTP 500 from /sdapi/v1/img2img: CUDA out of memory"}, stall=(0, 1))
+    frontend.run(session)
+    assert log_file.read_text().splitlines() == [
+        "WARNING|sea: no progress for 1m 00s in stage 2/2 img2img",
+        "ERROR|sea: failed after 0s · 2 images: HTTP 500 from /sdapi/v1/img2img: CUDA out of memory",
+    ]
+
+
+def test_the_handler_is_there_only_while_the_session_runs(make_session, tmp_path):
+    sdjobs_logger = logging.getLogger("sdjobs")
+    before = (list(sdjobs_logger.handlers), sdjobs_logger.level)
+    during = []
+    frontend = LogFrontend(FrontendOptions(log_file=tmp_path / "jobs.log", log_level="DEBUG"))
+    session = make_session(
+        frontend, [job_spec("sea")], watch=lambda hook, status: during.append((len(sdjobs_logger.handlers), sdjobs_logger.level))
+    )
+    frontend.run(session)
+    assert set(during) == {(len(before[0]) + 1, logging.DEBUG)}
+    assert (list(sdjobs_logger.handlers), sdjobs_logger.level) == before
+    # sdjobs' own records (the runner's, a failing plugin's) go to the same place meanwhile
+    assert "queued sea" in (tmp_path / "jobs.log").read_text()
+
+
+def test_an_unknown_level_is_a_usage_error_listing_the_levels():
+    with pytest.raises(FrontendError, match=r"unknown log level 'LOUD'; choose one of: DEBUG, INFO, WARNING, ERROR, CRITICAL$"):
+        LogFrontend(FrontendOptions(log_level="LOUD"))
+
+
+def test_a_bad_format_is_a_usage_error():
+    with pytest.raises(FrontendError, match=r"bad log format '%\(message\)'"):
+        LogFrontend(FrontendOptions(log_format="%(message)"))
+
+
+def test_a_log_file_that_cannot_be_written_is_a_usage_error_and_nothing_runs(make_session, tmp_path):
+    missing = tmp_path / "no-such-folder" / "jobs.log"
+    frontend = LogFrontend(FrontendOptions(log_file=missing))
+    session = make_session(frontend, [job_spec("sea")])
+    with pytest.raises(FrontendError, match=re.escape(f"{missing}: cannot write the log there: No such file or directory")):
+        frontend.run(session)
+    assert not session.ran

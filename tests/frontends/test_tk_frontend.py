@@ -1,0 +1,269 @@
+"""The Tk front end in a real window, on a private X server (Xvfb).
+
+The session runs on the front end's worker thread; the tests look at the window
+through `TkFrontend.call_soon`, which runs a function on the Tk thread after
+every hook call made before it, so what a test reads is what that hook showed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageGrab
+from scripted import job_spec
+
+from sdjobs.frontend import CancelMode, FrontendOptions, FrontendUnavailable
+from sdjobs.frontends import tk as tk_frontend
+from sdjobs.frontends.interrupt import EXIT_INTERRUPTED
+from sdjobs.frontends.tk import TkFrontend
+from sdjobs.frontends.tk_panel import JobPanel
+
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "tk-panel.png"
+
+
+pytestmark = pytest.mark.usefixtures("x_display")
+
+
+def on_tk(frontend: TkFrontend, call: Callable[[JobPanel], Any]) -> Any:
+    """Run ``call(panel)`` on the Tk thread and wait for its result (from the session's thread)."""
+    future: Future = Future()
+
+    def run(panel: JobPanel) -> None:
+        try:
+            future.set_result(call(panel))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    frontend.call_soon(run)
+    return future.result(timeout=10)
+
+
+def texts(panel: JobPanel) -> dict[str, Any]:
+    """What the panel shows, as a reader sees it."""
+    return {
+        "name": str(panel.job_name["text"]),
+        "stage": str(panel.stage["text"]),
+        "bar": float(panel.bar["value"]),
+        "state": str(panel.state["text"]),
+        "eta": str(panel.eta["text"]),
+        "seed": str(panel.seed["text"]),
+        "step": str(panel.step["text"]),
+        "queued": list(panel.queued.get(0, "end")),
+        "cancel": panel.cancel_button.instate(["!disabled"]),
+    }
+
+
+def close_window(panel: JobPanel) -> None:
+    """What the window manager does when the user closes the window."""
+    panel.tk.call(panel.winfo_toplevel().protocol("WM_DELETE_WINDOW"))
+
+
+def session_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "sdjobs-session"]
+
+
+def test_the_panel_shows_job_stage_progress_eta_seed_step_and_the_queue(make_session, capsys):
+    frontend = TkFrontend(FrontendOptions())
+    seen: dict[str, dict[str, Any]] = {}
+
+    def watch(hook, status):
+        if hook == "job_started" and status.name == "sea":
+            seen["started"] = on_tk(frontend, texts)
+        elif hook == "progress" and status.name == "sea" and status.stage_index == 1:
+            seen.setdefault("calculating", on_tk(frontend, texts))
+            if status.eta is not None:
+                seen.setdefault("known", on_tk(frontend, texts))
+        elif hook == "job_started" and status.name == "sky":
+            seen["second"] = on_tk(frontend, texts)
+        elif hook == "queue_drained":
+            seen["drained"] = on_tk(frontend, texts)
+            frontend.call_soon(close_once_the_session_ended)
+
+    def close_once_the_session_ended(panel: JobPanel) -> None:
+        if session_threads():
+            panel.after(10, close_once_the_session_ended, panel)
+        else:
+            seen["after the session"] = texts(panel)  # the window stayed open on the final state
+            close_window(panel)
+
+    session = make_session(frontend, [job_spec("sea"), job_spec("sky", stages=("txt2img",))], watch=watch)
+    assert frontend.run(session) is None
+    assert seen["started"] | {"bar": 0.0} == {
+        "name": "sea", "stage": "Stage: 1/2 txt2img", "bar": 0.0, "state": "Starting", "eta": "ETA: calculating...",
+        "seed": "Seed: 1234567890", "step": "Step: -", "queued": ["sky"], "cancel": True,
+    }  # fmt: skip
+    assert seen["calculating"] | {"seed": "", "queued": [], "cancel": True} == {
+        "name": "sea", "stage": "Stage: 2/2 img2img", "bar": 25.0, "state": "Running (25%)", "eta": "ETA: calculating...",
+        "step": "Step: 5/20", "seed": "", "queued": [], "cancel": True,
+    }  # fmt: skip
+    assert (seen["known"]["eta"], seen["known"]["state"], seen["known"]["step"]) == ("ETA: 5s", "Running (50%)", "Step: 10/20")
+    assert (seen["second"]["name"], seen["second"]["stage"], seen["second"]["queued"]) == ("sky", "Stage: 1/1 txt2img", [])
+    assert seen["drained"] == seen["after the session"]
+    assert (seen["drained"]["name"], seen["drained"]["state"], seen["drained"]["cancel"]) == ("Finished", "2 jobs: 2 done", False)
+    assert session_threads() == []
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("button", "mode", "sea_stages"),
+    [("cancel_button", CancelMode.NOW, 1), ("cancel_after_stage_button", CancelMode.AFTER_STAGE, 1)],
+)
+def test_a_cancel_button_cancels_the_running_job_and_the_next_one_starts(make_session, button, mode, sea_stages):
+    frontend = TkFrontend(FrontendOptions(close_when_done=True))
+    finished: dict[str, str] = {}
+    after_press: list[dict[str, Any]] = []
+    results: dict[str, int] = {}
+
+    def watch(hook, status):
+        if hook == "progress" and status.name == "sea" and not after_press:
+            after_press.append(on_tk(frontend, lambda panel: (getattr(panel, button).invoke(), texts(panel))[1]))
+        elif hook == "stage_finished":
+            results[status.name] = status.stage_index + 1
+        elif hook == "job_finished":
+            finished[status.name] = on_tk(frontend, lambda panel: str(panel.state["text"]))
+
+    session = make_session(frontend, [job_spec("sea"), job_spec("sky")], watch=watch)
+    assert frontend.run(session) is None  # close_when_done: the window closed itself
+    assert session.cancels == [(mode, False)]
+    assert after_press[0]["state"].startswith("Cancelling")
+    assert finished == {"sea": "Cancelled", "sky": "Done"}
+    assert results == {"sea": sea_stages, "sky": 2}
+    assert session_threads() == []
+
+
+def test_closing_the_window_cancels_everything_waits_for_the_job_and_leaves_nothing_behind(make_session, capsys):
+    frontend = TkFrontend(FrontendOptions())
+    started: list[str] = []
+    closing: list[str] = []
+
+    def watch(hook, status):
+        if hook == "job_started":
+            started.append(status.name)
+        if hook == "progress" and not closing:
+            closing.append(on_tk(frontend, lambda panel: (close_window(panel), str(panel.state["text"]))[1]))
+
+    threads_before = set(threading.enumerate())
+    session = make_session(frontend, [job_spec("sea"), job_spec("sky")], watch=watch)
+    assert frontend.run(session) is None
+    assert session.cancels == [(CancelMode.NOW, True)]
+    assert closing == ["Closing: stopping the running job..."]
+    assert started == ["sea"]
+    assert set(threading.enumerate()) == threads_before
+    err = capsys.readouterr().err
+    assert "TclError" not in err and "Traceback" not in err
+
+
+def test_a_job_that_will_not_stop_is_left_behind_after_the_close_timeout(make_session, monkeypatch):
+    monkeypatch.setattr(tk_frontend, "CLOSE_TIMEOUT", 0.2)
+    frontend = TkFrontend(FrontendOptions())
+    release = threading.Event()
+
+    def watch(hook, status):
+        if hook == "progress" and not release.is_set():
+            on_tk(frontend, close_window)
+            release.wait(timeout=10)  # a server that does not answer the interrupt
+
+    session = make_session(frontend, [job_spec("sea")], watch=watch)
+    assert frontend.run(session) == EXIT_INTERRUPTED
+    [worker] = session_threads()
+    release.set()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+
+
+def test_a_session_that_raises_closes_the_window_and_the_error_surfaces(make_session):
+    def watch(hook, status):
+        if hook == "job_started":
+            raise RuntimeError("the runner broke")
+
+    frontend = TkFrontend(FrontendOptions())
+    with pytest.raises(RuntimeError, match="the runner broke"):
+        frontend.run(make_session(frontend, [job_spec("sea")], watch=watch))
+    assert session_threads() == []
+
+
+def test_ctrl_c_closes_the_window_like_the_close_button(make_session):
+    frontend = TkFrontend(FrontendOptions())
+    pressed: list[bool] = []
+
+    def watch(hook, status):
+        if hook == "progress" and not pressed:
+            pressed.append(True)
+            on_tk(frontend, lambda panel: signal.raise_signal(signal.SIGINT))
+
+    before = signal.getsignal(signal.SIGINT)
+    session = make_session(frontend, [job_spec("sea"), job_spec("sky")], watch=watch)
+    assert frontend.run(session) is None
+    assert set(session.cancels) == {(CancelMode.NOW, True)}
+    assert signal.getsignal(signal.SIGINT) is before
+    assert session_threads() == []
+
+
+def png_base64(size: tuple[int, int]) -> str:
+    """A colourful PNG, as base64: what a server's live preview is."""
+    red, green = Image.radial_gradient("L"), Image.linear_gradient("L")
+    image = Image.merge("RGB", (red, green, green.rotate(90))).resize(size)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+@pytest.mark.parametrize("prefix", ["", "data:image/png;base64,"])
+def test_the_live_preview_is_shown_shrunk_to_fit_when_asked_for(make_session, prefix):
+    frontend = TkFrontend(FrontendOptions(preview=True, close_when_done=True))
+    shown: list[tuple[int, int]] = []
+
+    def preview_size(panel: JobPanel) -> tuple[int, int]:
+        [name] = panel.tk.splitlist(panel.preview["image"])
+        return int(panel.tk.call("image", "width", name)), int(panel.tk.call("image", "height", name))
+
+    def watch(hook, status):
+        if hook == "progress" and not shown:
+            shown.append(on_tk(frontend, preview_size))
+
+    frontend.run(make_session(frontend, [job_spec("sea")], watch=watch, preview=prefix + png_base64((512, 384))))
+    assert shown == [(256, 192)]
+
+
+def test_the_panel_mid_job_looks_right(make_session, tmp_path):
+    """Grabs the window mid-job; with SDJOBS_UPDATE_SCREENSHOT=1 it becomes docs/tk-panel.png."""
+    frontend = TkFrontend(FrontendOptions(preview=True, close_when_done=True))
+    grabbed: list[Image.Image] = []
+
+    def grab(panel: JobPanel) -> Image.Image:
+        window = panel.winfo_toplevel()
+        window.update()  # draw everything pending before the picture is taken
+        assert window.winfo_viewable()
+        x, y = window.winfo_rootx(), window.winfo_rooty()
+        box = (x, y, x + window.winfo_width(), y + window.winfo_height())
+        return ImageGrab.grab(bbox=box, xdisplay=os.environ["DISPLAY"])
+
+    def watch(hook, status):
+        if hook == "progress" and status.name == "lighthouse" and status.stage_index == 1 and status.eta and not grabbed:
+            grabbed.append(on_tk(frontend, grab))
+
+    specs = [job_spec("lighthouse", stages=("txt2img", "img2img", "upscale")), job_spec("portrait"), job_spec("harbour")]
+    frontend.run(make_session(frontend, specs, watch=watch, preview=png_base64((512, 512))))
+    [image] = grabbed
+    assert image.width > 300 and image.height > 300
+    assert len(image.getcolors(maxcolors=100_000) or ()) > 20  # drawn, not a blank rectangle
+    target = SCREENSHOT if os.environ.get("SDJOBS_UPDATE_SCREENSHOT") == "1" else tmp_path / "tk-panel.png"
+    image.save(target)
+
+
+def test_without_a_display_it_says_so_and_runs_nothing(make_session, monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    frontend = TkFrontend(FrontendOptions())
+    session = make_session(frontend, [job_spec("sea")])
+    with pytest.raises(FrontendUnavailable, match=r"the tk front end cannot open a window \(.*display.*\).*--frontend"):
+        frontend.run(session)
+    assert not session.ran
