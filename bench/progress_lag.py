@@ -26,18 +26,35 @@ class StepClock:
         self.shown.append((time.monotonic(), status.stage_index, status.step))
 
 
+def server_jobs(sim: SimulatedWebUI) -> list[tuple[float, float, list[tuple[float, int]]]]:
+    """Each job the server ran, in order: (began, ended, [(time, sampling_step) of each step change])."""
+    jobs: list[tuple[float, float, list[tuple[float, int]]]] = []
+    running = False
+    for t, snap in sim.state_changes:
+        if snap.job_count == -1 and not running:  # begin(): job_count is -1 for a moment
+            jobs.append((t, 0.0, []))
+            running = True
+        elif snap.job_count == 0 and running:  # end()
+            jobs[-1] = (jobs[-1][0], t, jobs[-1][2])
+            running = False
+        elif running and snap.job_count > 0 and snap.sampling_step > 0:
+            jobs[-1][2].append((t, snap.sampling_step))
+    return jobs
+
+
 def lags(sim: SimulatedWebUI, shown: list[tuple[float, int, int | None]]) -> list[float]:
-    """For every sampling step the server took, the time until a hook showed that step or a later one."""
-    changes = [
-        (t, snap.job_timestamp, snap.job_no, snap.sampling_step)
-        for t, snap in sim.state_changes
-        if snap.job_count > 0 and snap.sampling_step > 0
-    ]
+    """For each step change a poll could see (a progress request reached the server after it,
+    while that job still ran): the time until a progress hook of that job's stage fired."""
+    polls = [t for t, _, path in sim.requests if path == "/sdapi/v1/progress"]
     result = []
-    for t, _, _, step in changes:
-        later = [seen for seen, _, shown_step in shown if seen >= t and shown_step is not None and shown_step >= step]
-        if later and later[0] - t < 5:
-            result.append(later[0] - t)
+    # The bench job sends one request per stage, so the server's k-th job is stage k.
+    for stage, (_, ended, steps) in enumerate(server_jobs(sim)):
+        for t, _ in steps:
+            if not any(t < poll < ended for poll in polls):
+                continue  # the request returned before anyone could look
+            after = [seen for seen, index, _ in shown if index == stage and seen > t]
+            if after:
+                result.append(after[0] - t)
     return result
 
 

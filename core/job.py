@@ -363,6 +363,7 @@ class Job:
                 progress=1.0,
                 job_progress=self._jobs.job_progress(index, 1.0),
                 eta=0.0,
+                job_eta=self._jobs.job_eta(index, 0.0),
             )
         self.hooks.stage_finished(self._status, result)
 

@@ -37,15 +37,15 @@ class ThreadPoller:
             self._thread.join(timeout=0.05)
 
     def _loop(self) -> None:
+        # The first sample is one interval in: at once, the request has barely left.
         interval = self._request.interval
-        due = time.monotonic()
-        while not self._stopped.is_set():
+        due = time.monotonic() + interval
+        while not self._stopped.wait(max(0.0, due - time.monotonic())):
             info, task = self._sample()
             if self._stopped.is_set():
                 break
             self._request.report(info, task)
             due += interval
-            self._stopped.wait(max(0.0, due - time.monotonic()))
 
     def _sample(self):
         client, task_id = self._request.client, self._request.task_id

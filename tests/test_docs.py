@@ -140,13 +140,17 @@ def test_hook_section_answers_when_thread_return_and_raising_with_an_example(hoo
 
 @pytest.mark.parametrize("hook", sorted(HOOKS))
 def test_hook_has_a_test_of_its_own(hook):
-    """Some test module other than this one names the hook (implements or asserts on it)."""
+    """A test module other than this one names the hook in full: implements it or asserts on it.
+
+    Only `test_*.py` files count: a helper that fires or records every hook is no
+    test of any of them.
+    """
     naming = [
-        path.relative_to(ROOT).as_posix()
-        for path in sorted(Path(__file__).parent.rglob("*.py"))
+        path
+        for path in Path(__file__).parent.rglob("test_*.py")
         if path.name != Path(__file__).name and re.search(rf"\b{hook}\b", path.read_text())
     ]
-    assert naming, f"no test under tests/ names {hook}"
+    assert naming, f"no test module under tests/ names {hook}"
 
 
 # -------------------------------------------------------------------------
