@@ -256,6 +256,7 @@ class JobRules(RuleBasedStateMachine):
         self.cancelled_at: float | None = None  # the fake clock when a cancel "now" came
         self.sent_at_cancel = 0
         self.raising = False
+        self.ticked_at = float("-inf")
         self.job.begin()
 
     def teardown(self) -> None:
@@ -289,7 +290,7 @@ class JobRules(RuleBasedStateMachine):
 
     @rule(seconds=st.floats(0.1, 120.0))
     def time_passes(self, seconds: float) -> None:
-        self.clock.advance(seconds)
+        self.ticked_at = self.clock.advance(seconds)
         self.job.tick()
 
     @precondition(lambda self: not self.raising)
@@ -327,8 +328,8 @@ class JobRules(RuleBasedStateMachine):
         if self.cancelled_at is None:
             return
         assert len(self.webui.sent) == self.sent_at_cancel, "a request was sent after cancel"
-        # Cancelled once the interrupted request answers, or once the grace time passed.
-        grace_over = self.clock.now >= self.cancelled_at + self.job.settings.cancel_grace
+        # Cancelled once the interrupted request answers, or at the first tick past the grace time.
+        grace_over = self.ticked_at >= self.cancelled_at + self.job.settings.cancel_grace
         if not self.job.awaiting_answer or grace_over:
             assert self.job.finished
 

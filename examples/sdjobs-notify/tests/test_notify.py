@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 
 from sdjobs.cli import main as sdjobs_main
@@ -24,7 +25,7 @@ STATUS = RuntimeStatus(
     stage_count=2,
     progress=0.4,
     seed=1234,
-    started_at=time.time() - 3,
+    started_at=1_700_000_000.0,
     state=JobState.RUNNING,
 )
 RESULTS = (
@@ -36,7 +37,8 @@ RESULTS = (
 def test_a_finished_job_is_posted_with_its_outcome_and_final_images(webhook, plugin_manager, register_plugin):
     register_plugin(Notifier(url=webhook.url, notify_send=None))
 
-    Hooks(plugin_manager).job_finished(STATUS, JobState.DONE, None, RESULTS)
+    three_seconds_in = attrs.evolve(STATUS, started_at=time.time() - 3)
+    Hooks(plugin_manager).job_finished(three_seconds_in, JobState.DONE, None, RESULTS)
 
     delivery = webhook.next()
     assert delivery.path == "/hook"
