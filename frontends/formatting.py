@@ -69,12 +69,20 @@ def images_text(count: int, *, partial: bool = False) -> str:
 
 
 def stage_finished_line(status: RuntimeStatus, result: StageResult) -> str:
-    """`"Stage 1/3 txt2img finished in 12s · 2 images: out/a.png, out/b.png"`."""
+    """`"Stage 1/3 txt2img finished in 12s · 2 images in out/01-txt2img: 001.png, 002.png"`.
+
+    Several images in one folder name it once, so the line stays readable; a
+    single image keeps its whole path, ready to copy.
+    """
     verb = "cut short after" if result.partial else "finished in"
     line = f"Stage {status.stage_label} {verb} {format_duration(result.elapsed)}"
     line += f" · {images_text(len(result.images), partial=result.partial)}"
-    if result.images:
-        line += ": " + ", ".join(str(path) for path in result.images)
+    images = result.images
+    folders = {path.parent for path in images}
+    if len(images) > 1 and len(folders) == 1:
+        return f"{line} in {folders.pop()}: " + ", ".join(path.name for path in images)
+    if images:
+        return f"{line}: " + ", ".join(str(path) for path in images)
     return line
 
 

@@ -2,8 +2,8 @@
 
 Each line is flushed as it is written, so a reader sees an event when it
 happens.  The fields of each event are listed in `FIELDS` and documented in
-docs/frontends.md; `t` is Unix time, durations and ETAs are seconds (null while
-unknown), paths are strings.
+docs/frontends.md; `t` is Unix time, durations and ETAs are seconds to the
+hundredth (null while unknown), progress has four decimals, paths are strings.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _seconds(value: float | None) -> float | None:
+    """Seconds to the hundredth: finer is noise in an ETA or a stage's time."""
+    return None if value is None else round(value, 2)
+
+
 def status_fields(status: RuntimeStatus) -> dict[str, Any]:
     return {
         "job": status.job_id,
@@ -46,12 +51,12 @@ def status_fields(status: RuntimeStatus) -> dict[str, Any]:
         "stage": status.stage,
         "stage_index": status.stage_index,
         "stage_count": status.stage_count,
-        "progress": status.progress,
-        "job_progress": status.job_progress,
+        "progress": round(status.progress, 4),
+        "job_progress": round(status.job_progress, 4),
         "step": status.step,
         "steps": status.steps,
-        "eta": status.eta,
-        "job_eta": status.job_eta,
+        "eta": _seconds(status.eta),
+        "job_eta": _seconds(status.job_eta),
         "seed": status.seed,
         "queue_position": None if status.queue_position is None else list(status.queue_position),
     }
@@ -93,7 +98,7 @@ class JsonlFrontend:
 
     @hookimpl
     def sdjobs_job_stalled(self, status: RuntimeStatus, seconds: float) -> None:
-        self._write("job_stalled", **status_fields(status), seconds=seconds)
+        self._write("job_stalled", **status_fields(status), seconds=_seconds(seconds))
 
     @hookimpl
     def sdjobs_stage_finished(self, status: RuntimeStatus, result: StageResult) -> None:
@@ -102,7 +107,7 @@ class JsonlFrontend:
             **status_fields(status),
             images=[str(path) for path in result.images],
             partial=result.partial,
-            elapsed=result.elapsed,
+            elapsed=_seconds(result.elapsed),
         )
 
     @hookimpl

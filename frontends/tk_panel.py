@@ -41,6 +41,7 @@ class JobPanel(ttk.Frame):
     def __init__(self, master: tk.Misc, *, on_cancel: Callable[[CancelMode], object], preview: bool = False) -> None:
         super().__init__(master, padding=12)
         self._on_cancel = on_cancel
+        self._shows_preview = preview
         self._preview_data: str | None = None
         self._preview_image: tk.PhotoImage | None = None
         self._cancelling: str | None = None  # what the state line adds once a Cancel was pressed
@@ -66,6 +67,7 @@ class JobPanel(ttk.Frame):
         rows += [ttk.Label(self, text="Queued:"), self.queued, buttons]
         for row, widget in enumerate(rows):
             widget.grid(row=row, column=0, sticky="we", pady=2)
+        self.preview.grid_remove()  # no blank gap in the window until a preview comes
         self.columnconfigure(0, weight=1)
         self.cancel_button.pack(side="left")
         self.cancel_after_stage_button.pack(side="left", padx=(8, 0))
@@ -131,7 +133,7 @@ class JobPanel(ttk.Frame):
         self.eta.configure(text=f"ETA: {format_eta(status.eta)}")
         self.seed.configure(text=f"Seed: {format_seed(status.seed)}")
         self.step.configure(text=f"Step: {format_step(status) or '-'}")
-        if status.preview and status.preview != self._preview_data:
+        if self._shows_preview and status.preview and status.preview != self._preview_data:
             self._show_preview(status.preview)
 
     def _show_preview(self, data: str) -> None:
@@ -147,6 +149,7 @@ class JobPanel(ttk.Frame):
             image = image.subsample(factor)
         self._preview_image = image  # Tk shows an image only while Python holds it
         self.preview.configure(image=image)
+        self.preview.grid()
 
     def _cancel(self, mode: CancelMode) -> None:
         self._on_cancel(mode)

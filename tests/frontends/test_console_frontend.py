@@ -29,7 +29,7 @@ def test_without_a_terminal_it_writes_lines_and_a_table_and_no_escape_codes(make
     assert "\x1b[" not in text
     lines = text.splitlines()
     assert lines[0] == "sea (job 1/3) · 2 stages · seed 1234567890"
-    assert re.fullmatch(r"  ✓ Stage 1/2 txt2img finished in 1m 05s · 2 images: \S+/job-1/01-txt2img/001.png, \S+/002.png", lines[1])
+    assert re.fullmatch(r"  ✓ Stage 1/2 txt2img finished in 1m 05s · 2 images in \S+/job-1/01-txt2img: 001.png, 002.png", lines[1])
     assert re.fullmatch(r"sea: done in \d+s · 4 images", lines[3])
     assert "sky: failed after 0s · 0 images: HTTP 500: out of memory" in lines
     rows = {cells[0]: cells[1:] for cells in (re.split(r"\s*│\s*", line.strip("│ ")) for line in lines if "│" in line)}

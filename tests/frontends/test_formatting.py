@@ -64,10 +64,12 @@ def test_the_status_line_says_when_the_server_holds_the_request_in_its_queue():
 def test_a_finished_stage_names_its_time_and_images():
     result = StageResult("img2img", 1, images=(Path("out/a.png"), Path("out/b.png")), elapsed=12.2)
     assert stage_finished_line(running(), result) == (
-        "Stage 2/4 img2img finished in 12s · 2 images: out/a.png, out/b.png"
+        "Stage 2/4 img2img finished in 12s · 2 images in out: a.png, b.png"
     )
     cut = StageResult("img2img", 1, images=(Path("out/a.png"),), elapsed=3, partial=True)
     assert stage_finished_line(running(), cut) == "Stage 2/4 img2img cut short after 3s · 1 partial image: out/a.png"
+    apart = StageResult("img2img", 1, images=(Path("out/a.png"), Path("more/b.png")))
+    assert stage_finished_line(running(), apart).endswith(" · 2 images: out/a.png, more/b.png")
 
 
 def test_outcome_lines():

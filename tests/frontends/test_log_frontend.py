@@ -25,7 +25,7 @@ def test_a_record_per_stage_start_and_finish_and_the_outcome(make_session, capsy
     ]
     assert "sea: Stage 1/2 txt2img started" in messages
     assert "sea: Stage 2/2 img2img · step 10/20 · 50% · ETA 5s · seed 1234567890" in messages
-    assert any(re.fullmatch(r"sea: Stage 1/2 txt2img finished in 1m 05s · 2 images: \S+001.png, \S+002.png", m) for m in messages)
+    assert any(re.fullmatch(r"sea: Stage 1/2 txt2img finished in 1m 05s · 2 images in \S+/01-txt2img: 001.png, 002.png", m) for m in messages)
     assert re.fullmatch(r"sea: done in \d+s · 4 images", messages[messages.index("sky: started (job 2/2), seed 1234567890") - 1])
     assert messages[-1] == "2 jobs: 2 done"
 

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import signal
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image, ImageGrab
+from PIL import Image
 from scripted import job_spec
+from tkwindow import close_window, on_tk, session_threads, texts
 
 from sdjobs.frontend import CancelMode, FrontendOptions, FrontendUnavailable
 from sdjobs.frontends import tk as tk_frontend
@@ -27,48 +24,7 @@ from sdjobs.frontends.interrupt import EXIT_INTERRUPTED
 from sdjobs.frontends.tk import TkFrontend
 from sdjobs.frontends.tk_panel import JobPanel
 
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "tk-panel.png"
-
-
 pytestmark = pytest.mark.usefixtures("x_display")
-
-
-def on_tk(frontend: TkFrontend, call: Callable[[JobPanel], Any]) -> Any:
-    """Run ``call(panel)`` on the Tk thread and wait for its result (from the session's thread)."""
-    future: Future = Future()
-
-    def run(panel: JobPanel) -> None:
-        try:
-            future.set_result(call(panel))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    frontend.call_soon(run)
-    return future.result(timeout=10)
-
-
-def texts(panel: JobPanel) -> dict[str, Any]:
-    """What the panel shows, as a reader sees it."""
-    return {
-        "name": str(panel.job_name["text"]),
-        "stage": str(panel.stage["text"]),
-        "bar": float(panel.bar["value"]),
-        "state": str(panel.state["text"]),
-        "eta": str(panel.eta["text"]),
-        "seed": str(panel.seed["text"]),
-        "step": str(panel.step["text"]),
-        "queued": list(panel.queued.get(0, "end")),
-        "cancel": panel.cancel_button.instate(["!disabled"]),
-    }
-
-
-def close_window(panel: JobPanel) -> None:
-    """What the window manager does when the user closes the window."""
-    panel.tk.call(panel.winfo_toplevel().protocol("WM_DELETE_WINDOW"))
-
-
-def session_threads() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name == "sdjobs-session"]
 
 
 def test_the_panel_shows_job_stage_progress_eta_seed_step_and_the_queue(make_session, capsys):
@@ -232,32 +188,6 @@ def test_the_live_preview_is_shown_shrunk_to_fit_when_asked_for(make_session, pr
 
     frontend.run(make_session(frontend, [job_spec("sea")], watch=watch, preview=prefix + png_base64((512, 384))))
     assert shown == [(256, 192)]
-
-
-def test_the_panel_mid_job_looks_right(make_session, tmp_path):
-    """Grabs the window mid-job; with SDJOBS_UPDATE_SCREENSHOT=1 it becomes docs/tk-panel.png."""
-    frontend = TkFrontend(FrontendOptions(preview=True, close_when_done=True))
-    grabbed: list[Image.Image] = []
-
-    def grab(panel: JobPanel) -> Image.Image:
-        window = panel.winfo_toplevel()
-        window.update()  # draw everything pending before the picture is taken
-        assert window.winfo_viewable()
-        x, y = window.winfo_rootx(), window.winfo_rooty()
-        box = (x, y, x + window.winfo_width(), y + window.winfo_height())
-        return ImageGrab.grab(bbox=box, xdisplay=os.environ["DISPLAY"])
-
-    def watch(hook, status):
-        if hook == "progress" and status.name == "lighthouse" and status.stage_index == 1 and status.eta and not grabbed:
-            grabbed.append(on_tk(frontend, grab))
-
-    specs = [job_spec("lighthouse", stages=("txt2img", "img2img", "upscale")), job_spec("portrait"), job_spec("harbour")]
-    frontend.run(make_session(frontend, specs, watch=watch, preview=png_base64((512, 512))))
-    [image] = grabbed
-    assert image.width > 300 and image.height > 300
-    assert len(image.getcolors(maxcolors=100_000) or ()) > 20  # drawn, not a blank rectangle
-    target = SCREENSHOT if os.environ.get("SDJOBS_UPDATE_SCREENSHOT") == "1" else tmp_path / "tk-panel.png"
-    image.save(target)
 
 
 def test_without_a_display_it_says_so_and_runs_nothing(make_session, monkeypatch):
