@@ -40,10 +40,15 @@ _TICK = 0.5
 class _Port:
     """A job's way out to the WebUI: requests on their own threads, answers as events."""
 
-    def __init__(self, client: WebUIClient, events: queue.SimpleQueue, task_tracking: bool) -> None:
+    def __init__(self, client: WebUIClient, events: queue.SimpleQueue) -> None:
         self.client = client
-        self.task_tracking = task_tracking
         self._events = events
+
+    @property
+    def task_tracking(self) -> bool:
+        """Asked at the first request, when the preflight has found the server up:
+        the client remembers the answer, so an unreachable server must not give it."""
+        return self.client.supports_task_progress()
 
     def report(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
         self._events.put(("sample", info, task))
@@ -122,7 +127,7 @@ class Runner:
             job_id=job_id,
             folder=JobFolder.create(self.out_dir, job_id),
             hooks=self.hooks,
-            port=_Port(self.client, events, self._task_tracking()),
+            port=_Port(self.client, events),
             settings=self.settings,
             clock=self.clock,
         )
@@ -150,12 +155,11 @@ class Runner:
         try:
             event, *args = events.get(timeout=timeout)
         except queue.Empty:
-            job.tick()
-            return
-        getattr(job, event)(*args)
-
-    def _task_tracking(self) -> bool:
-        return self.client.supports_task_progress()
+            pass
+        else:
+            getattr(job, event)(*args)
+        # Also after an event: samples may keep coming while nothing moves (a stall).
+        job.tick()
 
     def _preflight(self, spec: JobSpec) -> list[str]:
         try:

@@ -1,0 +1,222 @@
+"""The `sdjobs` command in a subprocess, against the simulated WebUI of the test process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from runner_helpers import GENERATION_PATHS, requests_to
+
+from sdjobs.sim import SimSettings
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+SECRET = "s3cret-pass"
+
+JOB = """\
+name = "lighthouse"
+prompt = "a lighthouse at dusk"
+seed = 1234
+
+[settings]
+steps = 8
+width = 64
+height = 64
+
+[[stages]]
+type = "txt2img"
+
+[[stages]]
+type = "img2img"
+denoising_strength = 0.5
+"""
+
+
+def environment() -> dict[str, str]:
+    """This process's environment without sdjobs' own variables, so only the arguments count."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("SDJOBS_")}
+
+
+def sdjobs(*args: str | Path, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sdjobs", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def job_file(tmp_path: Path) -> Path:
+    path = tmp_path / "lighthouse.toml"
+    path.write_text(JOB)
+    return path
+
+
+def manifest(out_dir: Path) -> dict:
+    [path] = out_dir.glob("*/manifest.json")
+    return json.loads(path.read_text())
+
+
+# -- sdjobs run ------------------------------------------------------------------------
+
+
+def test_run_writes_the_images_and_reports_in_json_lines(webui_sim, job_file, tmp_path):
+    out = tmp_path / "out"
+    done = sdjobs("run", job_file, "--webui", webui_sim.url, "--frontend", "jsonl", "--out", out)
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [event["event"] for event in events if event["event"] != "progress"] == [
+        "job_queued",
+        "job_started",
+        "stage_started",
+        "stage_finished",
+        "stage_started",
+        "stage_finished",
+        "job_finished",
+        "queue_drained",
+    ]
+    assert events[-2]["outcome"] == "done"
+    record = manifest(out)
+    assert record["outcome"] == "done"
+    assert [image for stage in record["stages"] for image in stage["images"]] == [
+        "01-txt2img/001.png",
+        "02-img2img/001.png",
+    ]
+    assert all((out / record["job_id"] / image).is_file() for image in ["01-txt2img/001.png", "02-img2img/001.png"])
+
+
+def test_a_bad_job_file_is_one_line_naming_the_file_and_the_key(webui_sim, job_file, tmp_path):
+    job_file.write_text(JOB.replace("denoising_strength", "denoise"))
+    bad = sdjobs("run", job_file, "--webui", webui_sim.url, "--frontend", "jsonl", "--out", tmp_path / "out")
+    assert bad.returncode == 2
+    assert bad.stdout == ""
+    [line] = bad.stderr.splitlines()
+    assert line.startswith(f"sdjobs: error: {job_file}: stages[2].denoise: unknown key")
+    assert webui_sim.requests == [] and not (tmp_path / "out").exists()
+
+
+def test_an_unknown_frontend_is_a_usage_error_listing_the_names(webui_sim, job_file, tmp_path):
+    bad = sdjobs("run", job_file, "--webui", webui_sim.url, "--frontend", "nope", "--out", tmp_path / "out")
+    assert bad.returncode == 2
+    assert bad.stderr == "sdjobs: error: unknown front end 'nope' (from --frontend); choose one of: console, jsonl, log, tk\n"
+    assert webui_sim.requests == []
+
+
+def test_an_unreachable_webui_fails_the_run_naming_the_url(closed_port_url, job_file, tmp_path):
+    failed = sdjobs("run", job_file, "--webui", closed_port_url, "--frontend", "log", "--out", tmp_path / "out")
+    assert failed.returncode == 1
+    assert f"cannot reach {closed_port_url}/" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert manifest(tmp_path / "out")["outcome"] == "failed"
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.001, api_auth=f"alice:{SECRET}")])
+def test_auth_reaches_the_server_and_the_password_never_shows(webui_sim, job_file, tmp_path):
+    args = ("run", job_file, "--webui", webui_sim.url, "--frontend", "log", "--log-level", "DEBUG")
+    done = sdjobs(*args, "--auth", f"alice:{SECRET}", "--out", tmp_path / "good")
+    assert done.returncode == 0, done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    refused = sdjobs(*args, "--auth", "alice:wrong-pass", "--out", tmp_path / "wrong")
+    assert refused.returncode == 1
+    assert "refused the credentials (401)" in refused.stderr
+    assert "wrong-pass" not in refused.stdout + refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_poll_interval_out_of_range_is_a_usage_error(job_file):
+    bad = sdjobs("run", job_file, "--poll-interval", "5")
+    assert bad.returncode == 2
+    assert "--poll-interval: must be between 0.25 and 2.0 seconds, got 5.0" in bad.stderr
+
+
+class Lines:
+    """A pipe's lines, read on a thread as they come; a test can wait for one."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._reader.start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: any(text in line for line in self.lines), timeout)
+
+    def text(self, timeout: float = 10.0) -> str:
+        """Everything, once the pipe has closed."""
+        self._reader.join(timeout)
+        return "".join(self.lines)
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
+def test_ctrl_c_cancels_the_running_job_with_status_130(webui_sim, job_file, tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "sdjobs", "run", str(job_file), str(job_file), "--webui", webui_sim.url]
+        + ["--frontend", "log", "--poll-interval", "0.25", "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(),
+    )
+    try:
+        logged = Lines(run.stderr)
+        webui_sim.release(2)  # 2 of 8 steps: the log shows the stage at 12 %
+        assert logged.wait_for("txt2img · step 1/8 · 12%"), logged.text()
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=15) == 130, logged.text()  # no more steps released: the interrupt ended it
+    finally:
+        run.kill()
+    assert "Traceback" not in logged.text()
+    assert manifest(out)["outcome"] == "cancelled"  # and the second job never started
+    assert len(requests_to(webui_sim, GENERATION_PATHS)) == 1
+    assert len(requests_to(webui_sim, ["/sdapi/v1/interrupt"])) == 1
+
+
+# -- the other commands --------------------------------------------------------------------
+
+
+def test_check_prints_the_plan():
+    checked = sdjobs("check", EXAMPLES / "demo.toml")
+    assert checked.returncode == 0
+    first, *stages = checked.stdout.splitlines()
+    assert first.startswith(f"{EXAMPLES / 'demo.toml'}: 'demo lighthouse', seed ")
+    assert [line.split()[:3] for line in stages] == [
+        ["1.", "txt2img", "txt2img"],
+        ["2.", "img2img", "img2img"],
+        ["3.", "adetailer", "img2img"],
+        ["4.", "upscale", "extra-single-image"],
+    ]
+
+
+def test_plugins_lists_the_progress_poller_as_json():
+    listed = sdjobs("plugins")
+    assert listed.returncode == 0
+    plugins = {plugin["name"]: plugin["hooks"] for plugin in json.loads(listed.stdout)}
+    assert plugins["sdjobs.plugins.progress_poller"] == ["sdjobs_start_polling"]
+
+
+def test_frontends_lists_the_built_in_ones():
+    listed = sdjobs("frontends")
+    assert listed.returncode == 0
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["console", "jsonl", "log", "tk"]
+
+
+def test_help():
+    helped = sdjobs("--help")
+    assert helped.returncode == 0
+    assert helped.stdout.startswith("usage: sdjobs ")
+    for command in ("demo", "run", "check", "sim", "plugins", "frontends"):
+        assert command in helped.stdout

@@ -1,0 +1,223 @@
+"""Progress polling (the seed PR-PIPE-004's executor tests): `ThreadPoller` and the runner
+against the simulated WebUI over real HTTP."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import attrs
+import pytest
+from runner_helpers import PROGRESS_PATHS, Background, assert_monotonic, job_spec, make_runner, requests_to
+
+from sdjobs import hookimpl
+from sdjobs.client import WebUIClient
+from sdjobs.plugins.progress_poller import ThreadPoller
+from sdjobs.polling import PollRequest
+from sdjobs.sim import SimSettings
+from sdjobs.status import JobState, ProgressInfo, TaskProgress
+
+TXT2IMG = {"prompt": "a lighthouse", "seed": 1234, "steps": 8, "width": 64, "height": 64}
+POLLER = "sdjobs.plugins.progress_poller"
+
+
+class Samples:
+    """A poller's `report`: keeps every sample and lets the test wait for one."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[ProgressInfo | None, TaskProgress | None]] = []
+        self._changed = threading.Condition()
+
+    def __call__(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
+        with self._changed:
+            self.received.append((info, task))
+            self._changed.notify_all()
+
+    def wait_for(self, predicate, timeout: float = 5.0) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: any(predicate(*sample) for sample in self.received), timeout)
+
+
+class SampleTap:
+    """A polling plugin that runs the built-in poller and keeps a copy of every sample.
+
+    With ``stale``, each sample is followed by the one before it again: a late answer
+    arriving after a newer one, so the core sees progress go back.
+    """
+
+    def __init__(self, *, stale: bool = False) -> None:
+        self.samples = Samples()
+        self.stale = stale
+
+    @hookimpl(tryfirst=True)
+    def sdjobs_start_polling(self, request: PollRequest) -> ThreadPoller:
+        previous: list[tuple[ProgressInfo | None, TaskProgress | None]] = []
+
+        def report(info: ProgressInfo | None, task: TaskProgress | None) -> None:
+            self.samples(info, task)
+            request.report(info, task)
+            if self.stale and previous:
+                request.report(*previous[-1])
+            previous.append((info, task))
+
+        return ThreadPoller(attrs.evolve(request, report=report)).start()
+
+
+def stepping(**kwargs) -> SimSettings:
+    return SimSettings(stepping=True, **kwargs)
+
+
+# -- the poller on its own -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("sim_settings", [stepping()])
+def test_poll_progress_loop_calls_callback(webui_sim, webui_client):
+    samples = Samples()
+    generation = Background(webui_client.txt2img, TXT2IMG)
+    poller = ThreadPoller(PollRequest(client=webui_client, interval=0.01, report=samples)).start()
+    webui_sim.release(3)
+    assert samples.wait_for(lambda info, task: info is not None and info.current_step == 2)
+    poller.stop()
+    webui_sim.release(100)
+    assert len(generation.join().images) == 1
+    seen = [info for info, _ in samples.received if info is not None]
+    assert all(info.total_steps == 8 and info.job_count == 1 for info in seen)
+    assert [task for _, task in samples.received] == [None] * len(samples.received)  # global mode
+
+
+def test_poll_progress_loop_stops_on_event(webui_sim, webui_client):
+    samples = Samples()
+    poller = ThreadPoller(PollRequest(client=webui_client, interval=0.005, report=samples)).start()
+    assert samples.wait_for(lambda info, task: True)
+    poller.stop()
+    stopped_at, reported = time.monotonic(), len(samples.received)
+    webui_client.txt2img({**TXT2IMG, "steps": 20})  # long enough for many more samples
+    assert requests_to(webui_sim, PROGRESS_PATHS, after=stopped_at) == []
+    assert len(samples.received) == reported
+
+
+class WatchedClient(WebUIClient):
+    """A real client that says when it starts asking for progress."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.asking = threading.Event()
+
+    def get_progress(self, **kwargs):
+        self.asking.set()
+        return super().get_progress(**kwargs)
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.001, progress_latency=2.0)])
+def test_stop_returns_at_once_while_a_progress_request_hangs(webui_sim):
+    samples = Samples()
+    with WatchedClient(webui_sim.url) as client:
+        poller = ThreadPoller(PollRequest(client=client, interval=0.01, report=samples)).start()
+        assert client.asking.wait(5.0)
+        stopper = threading.Thread(target=poller.stop, daemon=True)
+        stopper.start()
+        stopper.join(timeout=0.5)  # the hanging request answers only after 2 s
+        assert not stopper.is_alive(), "stop() waited for the hanging request"
+        assert samples.received == []
+
+
+# -- the poller in a job ---------------------------------------------------------------
+
+
+def test_generate_with_progress_completes(webui_client, tmp_path):
+    runner, log = make_runner(webui_client, [job_spec(steps=20)], tmp_path)
+    runner.run()
+    assert list(runner.outcomes.values()) == [JobState.DONE]
+    assert len(log.statuses()) >= 2
+    assert_monotonic(log.statuses())
+    assert log.statuses("stage_finished")[0].progress == 1.0
+
+
+def test_generate_with_progress_no_callback(webui_sim, webui_client, tmp_path):
+    runner, log = make_runner(webui_client, [job_spec()], tmp_path, disabled=[POLLER])
+    runner.run()
+    assert list(runner.outcomes.values()) == [JobState.DONE]
+    assert "progress" not in log.names()
+    assert requests_to(webui_sim, ["/sdapi/v1/progress"]) == []
+    [finished] = log.statuses("stage_finished")
+    assert finished.progress == 1.0 and finished.job_progress == 1.0
+
+
+@pytest.mark.parametrize("sim_settings", [stepping()])
+def test_progress_polling_concurrent_with_generation(webui_sim, webui_client, tmp_path):
+    runner, log = make_runner(webui_client, [job_spec()], tmp_path)
+    running = Background(runner.run)
+    assert log.wait_for("progress")  # no step has been released: the POST is blocked
+    assert webui_sim.snapshot().awaiting_release and "stage_finished" not in log.names()
+    webui_sim.release(4)
+    assert log.wait_for("progress", lambda kwargs: kwargs["status"].step == 3)
+    assert "stage_finished" not in log.names()
+    webui_sim.release(100)
+    running.join()
+    assert list(runner.outcomes.values()) == [JobState.DONE]
+    assert_monotonic(log.statuses())
+
+
+@pytest.mark.parametrize("sim_settings", [stepping()])
+def test_poll_progress_loop_ignores_regression(webui_sim, webui_client, tmp_path):
+    tap = SampleTap(stale=True)
+    runner, log = make_runner(webui_client, [job_spec()], tmp_path, plugins=[tap])
+    running = Background(runner.run)
+    for step in range(7):  # the 8th and last step is never shown: the pass ends with it
+        webui_sim.release(1)
+        assert tap.samples.wait_for(lambda info, task, step=step: info is not None and info.current_step == step)
+    webui_sim.release(1)
+    running.join()
+    assert list(runner.outcomes.values()) == [JobState.DONE]
+    steps = [status.step for status in log.statuses()]
+    assert steps == sorted(set(steps)), "a stale sample moved the step back, or fired without a change"
+    assert steps[-1] == 6
+    assert_monotonic(log.statuses())
+
+
+# -- whose job: task ids or the global endpoint ------------------------------------------
+
+
+@pytest.mark.parametrize("sim_settings", [stepping()])
+def test_task_mode_follows_our_force_task_id(webui_sim, webui_client, tmp_path):
+    tap = SampleTap()
+    runner, log = make_runner(webui_client, [job_spec()], tmp_path, plugins=[tap])
+    running = Background(runner.run)
+    assert log.wait_for("progress")
+    job_id = log.one("job_started")["status"].job_id
+    assert webui_sim.snapshot().current_task == f"sdjobs-{job_id}-1-1"
+    assert tap.samples.wait_for(lambda info, task: task is not None and task.active)
+    webui_sim.release(100)
+    running.join()
+    assert list(runner.outcomes.values()) == [JobState.DONE]
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.005, first_step_time=0.005, ui=False)])
+def test_global_mode_without_the_ui(webui_sim, webui_client, tmp_path):
+    tap = SampleTap()
+    runner, log = make_runner(webui_client, [job_spec(steps=20)], tmp_path, plugins=[tap])
+    runner.run()
+    assert list(runner.outcomes.values()) == [JobState.DONE]
+    assert {task for _, task in tap.samples.received} == {None}
+    assert any(status.step for status in log.statuses())
+    assert_monotonic(log.statuses())
+
+
+@pytest.mark.parametrize(
+    "sim_settings",
+    [
+        SimSettings(step_time=0.005, first_step_time=0.005, progress_error_rate=1.0, ui=False),
+        SimSettings(step_time=0.005, first_step_time=0.005, progress_error_rate=1.0),
+        SimSettings(step_time=0.005, first_step_time=0.005, progress_stuck=True),
+    ],
+    ids=["errors-global", "errors-task", "stuck"],
+)
+def test_progress_faults_never_break_the_job(webui_sim, webui_client, tmp_path):
+    runner, log = make_runner(webui_client, [job_spec(steps=20)], tmp_path)
+    runner.run()
+    assert list(runner.outcomes.values()) == [JobState.DONE]
+    assert requests_to(webui_sim, ["/sdapi/v1/progress"]), "the poller never asked"
+    if webui_sim.settings.progress_error_rate and not webui_sim.settings.ui:
+        assert "progress" not in log.names()
+    assert_monotonic(log.statuses())
+    assert log.statuses("stage_finished")[0].progress == 1.0
