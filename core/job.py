@@ -4,7 +4,7 @@ A `Job` never blocks and never starts a thread.  The runner feeds it events,
 one at a time and on one thread: `begin`, `sample`, `returned`, `failed`,
 `cancel` and `tick`.  What the job needs done in the world it asks of its
 `WebUIPort`: send a request (its answer comes back later as `returned` or
-`failed`), interrupt, take a baseline sample.  Tests drive the same core with a
+`failed`), interrupt, take a progress sample.  Tests drive the same core with a
 fake port and a fake clock, so every interleaving of events is a test case.
 """
 
@@ -38,8 +38,12 @@ class WebUIPort(Protocol):
     task_tracking: bool
     report: Report
 
-    def baseline(self) -> ProgressInfo | None:
-        """A progress sample taken just before a request is sent (global mode only)."""
+    def sample(self, task_id: str | None) -> tuple[ProgressInfo | None, TaskProgress | None]:
+        """One progress sample, now: of our task when ``task_id`` is given, else global.
+
+        Taken on the runner's thread just before a request is sent (global mode,
+        as the baseline) and once when a cancel must know whether our job runs.
+        """
 
     def send(self, endpoint: str, payload: dict[str, Any], task_id: str | None) -> None:
         """Start a generation request; its answer comes back as `Job.returned`/`Job.failed`."""
@@ -101,6 +105,8 @@ class Job:
     _stage: StageTracker | None = attrs.field(default=None, init=False)
     _inputs: list[bytes | None] = attrs.field(factory=list, init=False)
     _input: bytes | None = attrs.field(default=None, init=False)
+    _task_id: str | None = attrs.field(default=None, init=False)
+    _preview: str | None = attrs.field(default=None, init=False)
     _outputs: list[bytes] = attrs.field(factory=list, init=False)
     _paths: list = attrs.field(factory=list, init=False)
     _infos: list = attrs.field(factory=list, init=False)
@@ -176,7 +182,13 @@ class Job:
         if self.finished or not self._in_flight or self._cancel is CancelMode.NOW:
             return
         now = self.clock()
-        if self._stage.fold(info, task, now):
+        changed = self._stage.fold(info, task, now)
+        if self.settings.preview and self._stage.running:
+            preview = (task and task.live_preview) or (info and info.current_image)
+            preview = preview and preview.rpartition("base64,")[2]  # a data: URI from /internal
+            if preview and preview != self._preview:
+                self._preview, changed = preview, True
+        if changed:
             self._show_progress(now)
 
     def returned(self, result: GenerationResult) -> None:
@@ -213,7 +225,10 @@ class Job:
         self._end_request()
         if self._paths:
             self._finish_stage(partial=True)
-        self._end(JobState.FAILED, self._stage_error(str(error)))
+        if self._cancel is CancelMode.NOW:
+            self._end(JobState.CANCELLED)  # the interrupted request broke on its way back
+        else:
+            self._end(JobState.FAILED, self._stage_error(str(error)))
 
     def cancel(self, mode: CancelMode = CancelMode.NOW) -> None:
         """Ask the job to stop: now (interrupt, keep partial images) or after this stage."""
@@ -232,8 +247,13 @@ class Job:
             self._end(JobState.CANCELLED)
             return
         self._stop_polling()
-        if self._ours_running():
-            self.port.interrupt()
+        if not self._ours_running():
+            # Queued, or not ours: A1111 cannot cancel a queued request, and an
+            # interrupt would stop someone else's job.  Stop waiting for it.
+            self._end_request()
+            self._end(JobState.CANCELLED)
+            return
+        self.port.interrupt()
         self._cancel_deadline = self.clock() + self.settings.cancel_grace
 
     def tick(self) -> None:
@@ -278,7 +298,9 @@ class Job:
             steps=None,
             eta=None,
             queue_position=None,
+            preview=None,
         )
+        self._preview = None
         self.hooks.stage_started(self._status, self.spec.stages[index])
         self._send_next()
 
@@ -287,6 +309,7 @@ class Job:
         stage = self.spec.stages[index]
         number = self._stage.requests - len(self._inputs)
         self._input = self._inputs.pop(0)
+        self._task_id = None
         payload = build_payload(self.spec, index, self._input)
         try:
             self.hooks.amend_payload(payload, stage, self._status)
@@ -297,7 +320,8 @@ class Job:
         task_id = None
         if tracked and self.port.task_tracking:
             task_id = f"sdjobs-{self.job_id}-{index + 1}-{number + 1}"
-        baseline = None if task_id or not tracked else self.port.baseline()
+        self._task_id = task_id
+        baseline = None if task_id or not tracked else self.port.sample(None)[0]
         self._stage.request_sent(self.clock(), baseline=baseline, task_mode=task_id is not None)
         if tracked:
             request = PollRequest(
@@ -393,11 +417,16 @@ class Job:
             eta=eta,
             job_eta=self._jobs.job_eta(index, eta, stage.seconds_per_step),
             queue_position=stage.queue_position,
+            preview=self._preview,
         )
         self.hooks.progress(self._status)
 
     def _ours_running(self) -> bool:
-        return self._stage is not None and self._stage.running
+        """Whether the server is running our request, asked afresh if no sample said so yet."""
+        if not self._stage.running:
+            info, task = self.port.sample(self._task_id)
+            self._stage.fold(info, task, self.clock())
+        return self._stage.running
 
     def _stop_polling(self) -> None:
         if self._poller is not None:

@@ -53,8 +53,10 @@ class _Port:
     def report(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
         self._events.put(("sample", info, task))
 
-    def baseline(self) -> ProgressInfo | None:
-        return self.client.get_progress()
+    def sample(self, task_id: str | None) -> tuple[ProgressInfo | None, TaskProgress | None]:
+        if task_id is None:
+            return self.client.get_progress(), None
+        return None, self.client.internal_progress(task_id)
 
     def send(self, endpoint: str, payload: dict[str, Any], task_id: str | None) -> None:
         def post() -> None:

@@ -125,6 +125,7 @@ class FakeWebUI:
     """A `WebUIPort` that records what the job asks and answers when the test says."""
 
     task_tracking: bool = False
+    task_running: bool = True
     client: Any = None
     sent: list[tuple[str, dict[str, Any], str | None]] = attrs.field(factory=list)
     interrupts: int = 0
@@ -132,8 +133,11 @@ class FakeWebUI:
     def report(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
         """Samples come from the rules directly; no poller runs."""
 
-    def baseline(self) -> ProgressInfo | None:
-        return None
+    def sample(self, task_id: str | None) -> tuple[ProgressInfo | None, TaskProgress | None]:
+        """Global mode: idle.  Task mode: our task is running unless told otherwise."""
+        if task_id is None:
+            return None, None
+        return None, TaskProgress(active=self.task_running, queued=not self.task_running, completed=False)
 
     def send(self, endpoint: str, payload: dict[str, Any], task_id: str | None) -> None:
         self.sent.append((endpoint, payload, task_id))
@@ -232,11 +236,11 @@ class JobRules(RuleBasedStateMachine):
         """Extra plugins to register for each run."""
         return []
 
-    @initialize(spec=job_specs(), task_tracking=st.booleans())
-    def start_job(self, spec: JobSpec, task_tracking: bool) -> None:
+    @initialize(spec=job_specs(), task_tracking=st.booleans(), task_running=st.booleans())
+    def start_job(self, spec: JobSpec, task_tracking: bool, task_running: bool) -> None:
         self._tmp = tempfile.TemporaryDirectory()
         self.clock = FakeClock()
-        self.webui = FakeWebUI(task_tracking=task_tracking)
+        self.webui = FakeWebUI(task_tracking=task_tracking, task_running=task_running)
         self.recorder = HookRecorder()
         self.pm = make_plugin_manager(load_entry_points=False, disabled=["sdjobs.plugins.progress_poller"])
         self.pm.register(self.recorder, name="recorder")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
@@ -101,6 +102,54 @@ def test_cancel_now_mid_stage_ends_cleanly_and_keeps_the_partial_images(webui_si
     assert requests_to(webui_sim, GENERATION_PATHS, after=cancelled_at) == []
     assert requests_to(webui_sim, PROGRESS_PATHS, after=log.time_of("job_finished")) == []
     assert log.names()[-2:] == ["job_finished", "queue_drained"]
+
+
+@pytest.mark.parametrize("sim_settings", [STEPPING, SimSettings(stepping=True, ui=False)], ids=["task", "global"])
+def test_cancel_before_the_first_sample_still_interrupts_our_job(webui_sim, webui_client, tmp_path):
+    # The poller's first sample is one interval in; a Ctrl-C before it must still stop the render.
+    runner, log = make_runner(webui_client, [job_spec()], tmp_path, settings=JobSettings(poll_interval=2.0))
+    running = Background(runner.run)
+    assert webui_sim.wait_for(lambda s: s.job_count > 0 and s.awaiting_release)
+    runner.cancel(CancelMode.NOW)
+    running.join()
+    assert outcomes(runner) == [JobState.CANCELLED]
+    assert interrupts(webui_sim) == 1
+    assert log.statuses() == []  # no sample had come in
+
+
+@pytest.mark.parametrize("sim_settings", [STEPPING])
+def test_cancel_of_a_request_queued_behind_another_clients_job_does_not_interrupt_theirs(
+    webui_sim, webui_client, tmp_path
+):
+    theirs = Background(webui_client.txt2img, {"prompt": "theirs", "steps": 4, "width": 64, "height": 64})
+    assert webui_sim.wait_for(lambda s: s.job_count > 0)
+    runner, log = make_runner(webui_client, [job_spec()], tmp_path)
+    running = Background(runner.run)
+    assert webui_sim.wait_for(lambda s: len(s.pending_tasks) == 1)  # ours waits in the server's queue
+    runner.cancel(CancelMode.NOW)
+    running.join()
+    assert outcomes(runner) == [JobState.CANCELLED]
+    assert interrupts(webui_sim) == 0
+    webui_sim.release(1000)
+    assert len(theirs.join().images) == 1  # their job ran to the end
+
+
+@pytest.mark.parametrize("sim_settings", [STEPPING])
+@pytest.mark.parametrize("preview", [True, False])
+def test_the_live_preview_reaches_the_status_only_when_asked(webui_sim, webui_client, tmp_path, preview):
+    settings = JobSettings(poll_interval=0.01, preview=preview)
+    runner, log = make_runner(webui_client, [job_spec(steps=30)], tmp_path, settings=settings)
+    running = Background(runner.run)
+    webui_sim.release(12)  # A1111 makes a preview every 10 steps
+    shown = log.wait_for("progress", lambda kwargs: kwargs["status"].step == 11)
+    webui_sim.release(100)
+    running.join()
+    assert shown
+    previews = [status.preview for status in log.statuses() if status.preview]
+    if preview:
+        assert previews and base64.b64decode(previews[-1]).startswith(b"\x89PNG")
+    else:
+        assert previews == []
 
 
 @pytest.mark.parametrize("sim_settings", [STEPPING])
