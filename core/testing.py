@@ -45,7 +45,9 @@ __all__ = [
     "follows_documented_order",
     "job_specs",
     "progress_samples",
+    "progress_streams",
     "stage_chains",
+    "task_samples",
 ]
 
 LATER_STAGES = ("img2img", "adetailer", "upscale")
@@ -82,28 +84,91 @@ def job_specs(draw: st.DrawFn, chains: st.SearchStrategy[list[str]] | None = Non
     return JobSpec.from_mapping(data)
 
 
-@st.composite
-def progress_samples(draw: st.DrawFn, timestamp: str = "20260101000000") -> ProgressInfo | None:
-    """One global progress answer as a real server may give it, or None (error, idle).
+#: Job timestamps a sample may carry: ours, another job's, an old one, a fresh server's, none.
+TIMESTAMPS = ("20260101120005", "20260101120000", "20260101115900", "0", None)
+_ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True) | st.floats(-1.0, 2.0)
 
-    Covers regressions, a stale idle state, `job_count` -1 at a job's start,
-    another job's timestamp, and values out of range.
+
+def sample(
+    step: int = 0,
+    steps: int = 10,
+    *,
+    job_no: int = 0,
+    job_count: int = 1,
+    stamp: str | None = TIMESTAMPS[0],
+    eta: float = 5.0,
+    progress: float | None = None,
+) -> ProgressInfo:
+    """A global progress answer; its `progress` as A1111 computes it unless given."""
+    if progress is None:
+        share = step / steps if steps > 0 else 0.0
+        progress = 0.0 if job_count == 0 else 0.01 + (job_no + share) / max(job_count, 1)
+    return ProgressInfo(
+        progress=progress,
+        eta_relative=eta,
+        current_step=step,
+        total_steps=steps,
+        job_no=job_no,
+        job_count=job_count,
+        job_timestamp=stamp,
+    )
+
+
+def idle_sample(stamp: str | None = TIMESTAMPS[2]) -> ProgressInfo:
+    """A1111 when idle: job_count 0, and the last job's stale values."""
+    return sample(0, 8, job_no=1, job_count=0, stamp=stamp, eta=0.0)
+
+
+@st.composite
+def progress_samples(draw: st.DrawFn) -> ProgressInfo | None:
+    """One global progress answer as a real server may give it, or None (error, timeout).
+
+    Regressions, a stale idle state, `job_count` -1 at a job's start, other
+    jobs' timestamps, and junk (NaN, infinities, negative or oversized values).
     """
-    kind = draw(st.sampled_from(["running", "running", "running", "none", "idle", "starting", "other"]))
+    kind = draw(st.sampled_from(["running", "running", "running", "none", "idle", "starting", "junk"]))
+    stamp = draw(st.sampled_from(TIMESTAMPS))
     if kind == "none":
         return None
-    steps = draw(st.integers(1, 40))
-    job_count = draw(st.integers(1, 6))
-    job_no = draw(st.integers(0, job_count))
-    step = draw(st.integers(0, steps))
-    progress = draw(st.floats(-0.5, 1.5, allow_nan=False))
-    state = {
-        "idle": {"job_count": 0, "job_no": job_no, "sampling_step": 0, "sampling_steps": steps},
-        "starting": {"job_count": -1, "job_no": 0, "sampling_step": 0, "sampling_steps": steps},
-    }.get(kind, {"job_count": job_count, "job_no": job_no, "sampling_step": step, "sampling_steps": steps})
-    state["job_timestamp"] = "20250101000000" if kind == "other" else timestamp
-    body = {"progress": 0.0 if kind == "idle" else progress, "eta_relative": 1.0, "state": state}
-    return ProgressInfo.from_response(body)
+    if kind == "idle":
+        return idle_sample(stamp)
+    if kind == "starting":
+        return sample(0, draw(st.integers(1, 30)), job_count=-1, stamp=stamp)
+    junk = kind == "junk"
+    return sample(
+        draw(st.integers(-2, 45)),
+        draw(st.integers(-1, 40)),
+        job_no=draw(st.integers(-1, 7)),
+        job_count=draw(st.integers(-1, 6)) if junk else draw(st.integers(1, 6)),
+        stamp=stamp,
+        eta=draw(_ANY_FLOAT),
+        progress=draw(_ANY_FLOAT) if junk else None,
+    )
+
+
+def progress_streams(max_size: int = 40) -> st.SearchStrategy[list[ProgressInfo | None]]:
+    """Sequences of global progress answers, as a poller would hand them over."""
+    return st.lists(progress_samples(), max_size=max_size)
+
+
+QUEUED = TaskProgress(active=False, queued=True, completed=False, queue_position=(2, 3), textinfo="In queue: 2/3")
+WAITING = TaskProgress(active=False, queued=False, completed=False, textinfo="Waiting...")
+COMPLETED = TaskProgress(active=False, queued=False, completed=True)
+
+
+def active_task(progress: float | None = 0.0, eta: float | None = None) -> TaskProgress:
+    return TaskProgress(active=True, queued=False, completed=False, progress=progress, eta=eta)
+
+
+@st.composite
+def task_samples(draw: st.DrawFn) -> TaskProgress | None:
+    """One `/internal/progress` answer about our task: active, queued, waiting, completed, or None."""
+    kind = draw(st.sampled_from(["active", "active", "queued", "waiting", "completed", "none"]))
+    if kind == "none":
+        return None
+    if kind == "active":
+        return active_task(draw(st.none() | _ANY_FLOAT), draw(st.none() | _ANY_FLOAT))
+    return {"queued": QUEUED, "waiting": WAITING, "completed": COMPLETED}[kind]
 
 
 # -- the fake world ------------------------------------------------------------------
@@ -269,9 +334,10 @@ class JobRules(RuleBasedStateMachine):
 
     # -- rules --------------------------------------------------------------------
 
-    @rule(info=progress_samples(), active=st.booleans())
-    def poll(self, info: ProgressInfo | None, active: bool) -> None:
-        task = TaskProgress(active=active, queued=not active, completed=False) if self.webui.task_tracking else None
+    @rule(info=progress_samples(), task=task_samples())
+    def poll(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
+        if not self.webui.task_tracking:
+            task = None
         self.clock.advance(0.5)
         self.job.sample(info, task)
 

@@ -11,60 +11,32 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from sdjobs.progress import UNFINISHED_CAP, JobTracker, StageTracker, StallEvent, StallWatch
 from sdjobs.status import ProgressInfo, TaskProgress
+from sdjobs.testing import (
+    COMPLETED,
+    QUEUED,
+    TIMESTAMPS,
+    WAITING,
+    active_task,
+    idle_sample,
+    progress_samples,
+    sample,
+    task_samples,
+)
 
-OURS, OTHER, OLD = "20260101120005", "20260101120000", "20260101115900"
-
-
-def info(
-    step: int = 0,
-    steps: int = 10,
-    *,
-    job_no: int = 0,
-    job_count: int = 1,
-    stamp: str = OURS,
-    eta: float = 5.0,
-    progress: float | None = None,
-) -> ProgressInfo:
-    """A global sample as A1111 computes it (0.01 offset included)."""
-    if progress is None:
-        share = step / steps if steps > 0 else 0.0
-        progress = 0.0 if job_count == 0 else 0.01 + (job_no + share) / max(job_count, 1)
-    return ProgressInfo(
-        progress=progress,
-        eta_relative=eta,
-        current_step=step,
-        total_steps=steps,
-        job_no=job_no,
-        job_count=job_count,
-        job_timestamp=stamp,
-    )
-
-
-def idle(stamp: str = OLD) -> ProgressInfo:
-    """A1111 when idle: job_count 0, the last job's stale values."""
-    return info(0, 8, job_no=1, job_count=0, stamp=stamp, eta=0.0)
-
-
-def active(progress: float | None = 0.0, eta: float | None = None) -> TaskProgress:
-    return TaskProgress(active=True, queued=False, completed=False, progress=progress, eta=eta)
-
-
-QUEUED = TaskProgress(active=False, queued=True, completed=False, queue_position=(2, 3), textinfo="In queue: 2/3")
-WAITING = TaskProgress(active=False, queued=False, completed=False, textinfo="Waiting...")
-COMPLETED = TaskProgress(active=False, queued=False, completed=True)
+OURS, OTHER, OLD = TIMESTAMPS[:3]
 
 
 def sent(tracker: StageTracker | None = None, *, baseline: ProgressInfo | None = None, now: float = 0.0) -> StageTracker:
     tracker = tracker or StageTracker()
-    tracker.request_sent(now, baseline=baseline or idle(), task_mode=False)
+    tracker.request_sent(now, baseline=baseline or idle_sample(), task_mode=False)
     return tracker
 
 
-def fold_all(tracker: StageTracker, samples, start: float = 1.0, every: float = 1.0) -> list[float]:
-    """Fold samples one per `every` seconds; the progress after each."""
+def fold_all(tracker: StageTracker, answers, start: float = 1.0, every: float = 1.0) -> list[float]:
+    """Fold answers one per `every` seconds; the progress after each."""
     shown = []
-    for i, sample in enumerate(samples):
-        tracker.fold(sample, None, start + i * every)
+    for i, answer in enumerate(answers):
+        tracker.fold(answer, None, start + i * every)
         shown.append(tracker.progress)
     return shown
 
@@ -74,7 +46,7 @@ def fold_all(tracker: StageTracker, samples, start: float = 1.0, every: float = 
 
 def test_given_polls_0_2_0_1_0_5_only_0_2_and_0_5_are_applied():
     tracker = sent()
-    applied = [tracker.fold(info(step), None, now) for now, step in enumerate((2, 1, 5), start=1)]
+    applied = [tracker.fold(sample(step), None, now) for now, step in enumerate((2, 1, 5), start=1)]
     assert applied == [True, False, True]
     assert tracker.progress == 0.5
 
@@ -83,7 +55,7 @@ def test_given_a_60_second_generation_the_eta_decreases():
     tracker = sent(StageTracker(steps_per_request=20))
     etas = []
     for step in range(1, 20):
-        tracker.fold(info(step, 20), None, 3.0 * step)
+        tracker.fold(sample(step, 20), None, 3.0 * step)
         etas.append(tracker.eta(3.0 * step + 1.5))
     known = [eta for eta in etas if eta is not None]
     assert known == sorted(known, reverse=True) and len(known) == 18
@@ -95,75 +67,75 @@ def test_given_a_60_second_generation_the_eta_decreases():
 
 def test_none_sample_changes_nothing():
     tracker = sent()
-    tracker.fold(info(3), None, 1.0)
+    tracker.fold(sample(3), None, 1.0)
     assert tracker.fold(None, None, 2.0) is False
     assert (tracker.progress, tracker.step, tracker.steps) == (0.3, 3, 10)
 
 
 def test_samples_before_the_request_was_sent_are_not_ours():
     tracker = StageTracker()
-    assert tracker.fold(info(5), None, 0.0) is False
-    tracker.request_sent(1.0, baseline=idle(), task_mode=False)
+    assert tracker.fold(sample(5), None, 0.0) is False
+    tracker.request_sent(1.0, baseline=idle_sample(), task_mode=False)
     assert tracker.progress == 0.0 and tracker.step is None
 
 
 def test_stale_idle_samples_count_for_nothing_and_the_first_busy_one_starts_our_job():
     tracker = sent()
-    assert fold_all(tracker, [idle(), idle(), info(0, job_count=-1), info(4)]) == [0.0, 0.0, 0.0, 0.4]
+    assert fold_all(tracker, [idle_sample(), idle_sample(), sample(0, job_count=-1), sample(4)]) == [0.0, 0.0, 0.0, 0.4]
     assert tracker.running
 
 
 def test_job_count_minus_one_twice_is_still_our_starting_job():
     tracker = sent()
-    assert fold_all(tracker, [info(0, job_count=-1), info(0, job_count=-1), info(2)]) == [0.0, 0.0, 0.2]
+    assert fold_all(tracker, [sample(0, job_count=-1), sample(0, job_count=-1), sample(2)]) == [0.0, 0.0, 0.2]
 
 
 def test_another_jobs_samples_are_ignored_until_its_timestamp_changes():
-    tracker = sent(baseline=info(2, stamp=OTHER))
-    assert fold_all(tracker, [info(5, stamp=OTHER), info(9, stamp=OTHER)]) == [0.0, 0.0]
+    tracker = sent(baseline=sample(2, stamp=OTHER))
+    assert fold_all(tracker, [sample(5, stamp=OTHER), sample(9, stamp=OTHER)]) == [0.0, 0.0]
     assert not tracker.running
-    assert fold_all(tracker, [info(0, stamp=OURS), info(3, stamp=OURS)]) == [0.0, 0.3]
+    assert fold_all(tracker, [sample(0, stamp=OURS), sample(3, stamp=OURS)]) == [0.0, 0.3]
     assert tracker.running
 
 
 def test_a_job_begun_in_the_same_second_as_the_other_one_is_ours_when_it_starts_over():
-    tracker = sent(baseline=info(6, stamp=OTHER))
-    assert fold_all(tracker, [info(8, stamp=OTHER), info(1, stamp=OTHER), info(4, stamp=OTHER)]) == [0.0, 0.1, 0.4]
+    tracker = sent(baseline=sample(6, stamp=OTHER))
+    assert fold_all(tracker, [sample(8, stamp=OTHER), sample(1, stamp=OTHER), sample(4, stamp=OTHER)]) == [0.0, 0.1, 0.4]
 
 
 def test_after_the_other_job_went_idle_the_next_job_is_ours_even_with_its_timestamp():
-    tracker = sent(baseline=info(6, stamp=OTHER))
-    assert fold_all(tracker, [idle(OTHER), info(4, stamp=OTHER)]) == [0.0, 0.4]
+    tracker = sent(baseline=sample(6, stamp=OTHER))
+    assert fold_all(tracker, [idle_sample(OTHER), sample(4, stamp=OTHER)]) == [0.0, 0.4]
 
 
 def test_once_our_job_ended_a_back_to_back_job_is_not_ours():
     tracker = sent()
-    fold_all(tracker, [info(7, stamp=OURS)])
-    assert tracker.fold(info(9, stamp="20260101120010"), None, 5.0) is False
+    fold_all(tracker, [sample(7, stamp=OURS)])
+    assert tracker.fold(sample(9, stamp="20260101120010"), None, 5.0) is False
     assert not tracker.running
-    assert tracker.fold(info(9, stamp=OURS), None, 6.0) is False  # ended: nothing later is ours
+    assert tracker.fold(sample(9, stamp=OURS), None, 6.0) is False  # ended: nothing later is ours
     assert tracker.progress == 0.7
 
 
 def test_nan_negative_and_oversized_values_stay_within_bounds():
     tracker = sent()
     weird = [
-        info(progress=math.nan, job_count=0),
-        info(progress=-3.0, job_count=0),
-        info(progress=7.0, job_count=0),
-        info(15, 10),
-        info(-4, -2, job_no=-1),
+        sample(progress=math.nan, job_count=0),
+        sample(progress=-3.0, job_count=0),
+        sample(progress=7.0, job_count=0),
+        sample(15, 10),
+        sample(-4, -2, job_no=-1),
     ]
-    for now, sample in enumerate(weird, start=1):
-        tracker.fold(sample, None, now)
+    for now, answer in enumerate(weird, start=1):
+        tracker.fold(answer, None, now)
         assert 0.0 <= tracker.progress <= UNFINISHED_CAP
 
 
 def test_a_stage_shows_at_most_99_percent_until_it_finishes():
     tracker = sent()
-    fold_all(tracker, [info(9), info(0, job_no=1, job_count=1, eta=-0.2)])
+    fold_all(tracker, [sample(9), sample(0, job_no=1, job_count=1, eta=-0.2)])
     assert tracker.progress == 0.9
-    tracker.fold(info(progress=1.0, job_count=0, stamp=None), None, 9.0)
+    tracker.fold(sample(progress=1.0, job_count=0, stamp=None), None, 9.0)
     assert tracker.progress <= UNFINISHED_CAP
     tracker.request_returned(10.0)
     assert tracker.progress == UNFINISHED_CAP
@@ -174,10 +146,10 @@ def test_a_stage_shows_at_most_99_percent_until_it_finishes():
 def test_the_false_one_before_adetailer_is_not_completion_and_the_faces_keep_moving_forward():
     # trace 16: 8 main steps, then 1.0 (job_no == job_count == 1), then job_count 1 -> 3 (two faces)
     tracker = sent(StageTracker(steps_per_request=10, passes_per_request=2))
-    main = [info(step, 8) for step in range(8)]
-    false_one = [info(0, 8, job_no=1, job_count=1)]
-    faces = [info(0, 8, job_no=1, job_count=3), info(0, 2, job_no=1, job_count=3), info(1, 2, job_no=1, job_count=3)]
-    faces += [info(0, 2, job_no=2, job_count=3), info(1, 2, job_no=2, job_count=3)]
+    main = [sample(step, 8) for step in range(8)]
+    false_one = [sample(0, 8, job_no=1, job_count=1)]
+    faces = [sample(0, 8, job_no=1, job_count=3), sample(0, 2, job_no=1, job_count=3), sample(1, 2, job_no=1, job_count=3)]
+    faces += [sample(0, 2, job_no=2, job_count=3), sample(1, 2, job_no=2, job_count=3)]
     shown = fold_all(tracker, main + false_one + faces)
     before_faces = shown[len(main)]
     assert before_faces == shown[len(main) - 1] < 0.5  # the plan left room for a face
@@ -190,11 +162,11 @@ def test_the_false_one_before_adetailer_is_not_completion_and_the_faces_keep_mov
 def test_a_job_count_that_grows_twice_is_rescaled_each_time():
     # n_iter 2 with ADetailer finding 2 faces per image: job_count 2 -> 4 -> 6
     tracker = sent(StageTracker(passes_per_request=4))
-    samples = [info(s, 4, job_no=0, job_count=2) for s in range(4)]
-    samples += [info(0, 4, job_no=1, job_count=4)] + [info(1, 2, job_no=n, job_count=4) for n in (1, 2)]
-    samples += [info(s, 4, job_no=3, job_count=4) for s in range(1, 4)]
-    samples += [info(0, 4, job_no=4, job_count=4), info(0, 4, job_no=4, job_count=6)]
-    samples += [info(1, 2, job_no=n, job_count=6) for n in (4, 5)]
+    samples = [sample(s, 4, job_no=0, job_count=2) for s in range(4)]
+    samples += [sample(0, 4, job_no=1, job_count=4)] + [sample(1, 2, job_no=n, job_count=4) for n in (1, 2)]
+    samples += [sample(s, 4, job_no=3, job_count=4) for s in range(1, 4)]
+    samples += [sample(0, 4, job_no=4, job_count=4), sample(0, 4, job_no=4, job_count=6)]
+    samples += [sample(1, 2, job_no=n, job_count=6) for n in (4, 5)]
     shown = fold_all(tracker, samples)
     assert shown == sorted(shown)
     moved = [later > earlier for earlier, later in zip(shown, shown[1:])]
@@ -204,24 +176,24 @@ def test_a_job_count_that_grows_twice_is_rescaled_each_time():
 
 def test_each_request_of_a_stage_has_its_share():
     tracker = sent(StageTracker(requests=2))
-    tracker.fold(info(5), None, 1.0)
+    tracker.fold(sample(5), None, 1.0)
     assert tracker.progress == 0.25
     tracker.request_returned(2.0)
     assert tracker.progress == 0.5
-    tracker.request_sent(2.0, baseline=idle(OURS), task_mode=False)
-    tracker.fold(info(5, stamp="20260101120009"), None, 3.0)
+    tracker.request_sent(2.0, baseline=idle_sample(OURS), task_mode=False)
+    tracker.fold(sample(5, stamp="20260101120009"), None, 3.0)
     assert tracker.progress == 0.75
 
 
 def test_step_and_steps_follow_the_pass_and_ignore_stale_steps():
     tracker = sent()
-    tracker.fold(info(0, 2), None, 1.0)  # sampling_steps still the last job's
+    tracker.fold(sample(0, 2), None, 1.0)  # sampling_steps still the last job's
     assert (tracker.step, tracker.steps) == (0, None)
-    tracker.fold(info(0, 12), None, 1.5)  # changed: now it is this pass's
+    tracker.fold(sample(0, 12), None, 1.5)  # changed: now it is this pass's
     assert (tracker.step, tracker.steps) == (0, 12)
-    tracker.fold(info(3, 12), None, 2.0)
+    tracker.fold(sample(3, 12), None, 2.0)
     assert (tracker.step, tracker.steps) == (3, 12)
-    tracker.fold(info(0, 12, job_no=1, job_count=2), None, 3.0)  # hires pass, steps not yet switched
+    tracker.fold(sample(0, 12, job_no=1, job_count=2), None, 3.0)  # hires pass, steps not yet switched
     assert (tracker.step, tracker.steps) == (0, None)
 
 
@@ -250,29 +222,29 @@ def test_task_mode_queued_shows_the_position_and_no_progress():
 def test_task_mode_active_uses_the_global_sample_for_steps():
     tracker = sent_task()
     tracker.fold(None, QUEUED, 1.0)
-    assert tracker.fold(info(4), active(0.4), 2.0) is True
+    assert tracker.fold(sample(4), active_task(0.4), 2.0) is True
     assert (tracker.progress, tracker.step, tracker.steps, tracker.queue_position) == (0.4, 4, 10, None)
     assert tracker.running
 
 
 def test_task_mode_a_global_sample_that_disagrees_with_the_task_gives_only_the_tasks_figure():
     tracker = sent_task()
-    tracker.fold(info(8, stamp=OTHER), active(0.0), 1.0)  # taken while the job before ours ended
+    tracker.fold(sample(8, stamp=OTHER), active_task(0.0), 1.0)  # taken while the job before ours ended
     assert (tracker.progress, tracker.step) == (0.0, None)
-    tracker.fold(None, active(0.3), 2.0)
+    tracker.fold(None, active_task(0.3), 2.0)
     assert tracker.progress == 0.3
 
 
 def test_task_mode_samples_without_our_task_are_not_ours():
     tracker = sent_task()
     for now, task in enumerate((None, WAITING), start=1):
-        assert tracker.fold(info(5), task, now) is False
+        assert tracker.fold(sample(5), task, now) is False
     assert tracker.progress == 0.0
 
 
 def test_task_mode_completed_means_no_longer_running():
     tracker = sent_task()
-    tracker.fold(info(5), active(0.5), 1.0)
+    tracker.fold(sample(5), active_task(0.5), 1.0)
     tracker.fold(None, COMPLETED, 2.0)
     assert not tracker.running and tracker.progress == 0.5
 
@@ -282,11 +254,11 @@ def test_task_mode_completed_means_no_longer_running():
 
 def test_eta_is_none_until_two_steps_have_been_seen():
     tracker = sent(StageTracker(steps_per_request=10))
-    tracker.fold(info(0, 10, eta=400.0), None, 1.0)
+    tracker.fold(sample(0, 10, eta=400.0), None, 1.0)
     assert tracker.eta(2.0) is None
-    tracker.fold(info(1, 10, eta=30.0), None, 5.0)  # the first step hides the warm-up
+    tracker.fold(sample(1, 10, eta=30.0), None, 5.0)  # the first step hides the warm-up
     assert tracker.eta(5.5) is None
-    tracker.fold(info(2, 10, eta=20.0), None, 7.0)
+    tracker.fold(sample(2, 10, eta=20.0), None, 7.0)
     assert tracker.seconds_per_step == 2.0
     assert tracker.eta(7.0) == pytest.approx(7 * 2.0)  # steps 3..9 are left
     assert tracker.eta(8.5) == pytest.approx(7 * 2.0 - 1.5)
@@ -295,29 +267,29 @@ def test_eta_is_none_until_two_steps_have_been_seen():
 def test_eta_counts_the_passes_still_to_come():
     # n_iter 2: two passes of 10 steps each
     tracker = sent(StageTracker(steps_per_request=20, passes_per_request=2))
-    tracker.fold(info(1, 10, job_count=2), None, 1.0)
-    tracker.fold(info(2, 10, job_count=2), None, 2.0)
+    tracker.fold(sample(1, 10, job_count=2), None, 1.0)
+    tracker.fold(sample(2, 10, job_count=2), None, 2.0)
     assert tracker.eta(2.0) == pytest.approx(7 + 10)
 
 
 def test_eta_counts_the_hires_pass_from_the_plan():
     # 10 steps, then a hires pass of 4 (hr_second_pass_steps)
     tracker = sent(StageTracker(steps_per_request=14, passes_per_request=2))
-    tracker.fold(info(1, 10, job_count=2), None, 1.0)
-    tracker.fold(info(2, 10, job_count=2), None, 2.0)
+    tracker.fold(sample(1, 10, job_count=2), None, 1.0)
+    tracker.fold(sample(2, 10, job_count=2), None, 2.0)
     assert tracker.eta(2.0) == pytest.approx(7 + 4)
 
 
 def test_eta_counts_the_requests_still_to_send():
     tracker = sent(StageTracker(requests=3))
-    tracker.fold(info(1, 10), None, 1.0)
-    tracker.fold(info(2, 10), None, 2.0)
+    tracker.fold(sample(1, 10), None, 1.0)
+    tracker.fold(sample(2, 10), None, 2.0)
     # 7 s left in this request, which will have taken 2 + 7 = 9 s: two more like it
     assert tracker.eta(2.0) == pytest.approx(7 + 2 * 9)
     tracker.request_returned(10.0)
-    tracker.request_sent(10.0, baseline=idle(OURS), task_mode=False)
-    tracker.fold(info(1, 10, stamp="20260101120011"), None, 11.0)
-    tracker.fold(info(2, 10, stamp="20260101120011"), None, 12.0)
+    tracker.request_sent(10.0, baseline=idle_sample(OURS), task_mode=False)
+    tracker.fold(sample(1, 10, stamp="20260101120011"), None, 11.0)
+    tracker.fold(sample(2, 10, stamp="20260101120011"), None, 12.0)
     assert tracker.eta(12.0) == pytest.approx(7 + 10)  # the first one took 10 s
 
 
@@ -334,15 +306,15 @@ def test_the_servers_eta_is_used_only_when_its_samples_show_no_steps():
 
 def test_the_task_eta_is_used_when_the_global_sample_is_missing():
     tracker = sent_task()
-    tracker.fold(None, active(0.0), 1.0)
+    tracker.fold(None, active_task(0.0), 1.0)
     assert tracker.eta(1.0) is None
-    tracker.fold(None, active(0.25, eta=12.0), 2.0)
+    tracker.fold(None, active_task(0.25, eta=12.0), 2.0)
     assert tracker.eta(4.0) == pytest.approx(10.0)
 
 
 def test_eta_is_none_while_queued():
     tracker = sent_task()
-    tracker.fold(info(5, stamp=OTHER), QUEUED, 1.0)
+    tracker.fold(sample(5, stamp=OTHER), QUEUED, 1.0)
     assert tracker.eta(2.0) is None
 
 
@@ -351,27 +323,27 @@ def test_eta_is_none_while_queued():
 
 def test_stalled_for_counts_while_our_job_shows_no_change():
     tracker = sent()
-    tracker.fold(info(3), None, 1.0)
-    tracker.fold(info(3), None, 30.0)
+    tracker.fold(sample(3), None, 1.0)
+    tracker.fold(sample(3), None, 30.0)
     assert tracker.stalled_for(61.0) == 60.0
-    tracker.fold(info(4), None, 62.0)
+    tracker.fold(sample(4), None, 62.0)
     assert tracker.stalled_for(63.0) == 1.0
 
 
 def test_a_new_pass_is_movement_even_when_the_bar_does_not_move():
     tracker = sent(StageTracker(passes_per_request=2))
-    tracker.fold(info(0, 8, job_no=1, job_count=1), None, 1.0)  # the false 1.0: nothing shown
-    tracker.fold(info(0, 8, job_no=1, job_count=3), None, 50.0)  # ADetailer adds its faces
+    tracker.fold(sample(0, 8, job_no=1, job_count=1), None, 1.0)  # the false 1.0: nothing shown
+    tracker.fold(sample(0, 8, job_no=1, job_count=3), None, 50.0)  # ADetailer adds its faces
     assert tracker.stalled_for(60.0) == 10.0
 
 
 def test_no_evidence_is_no_stall():
     tracker = sent()
     assert tracker.stalled_for(100.0) is None  # our job never seen
-    tracker.fold(info(3), None, 1.0)
+    tracker.fold(sample(3), None, 1.0)
     tracker.fold(None, None, 2.0)  # the poller got no answer
     assert tracker.stalled_for(100.0) is None
-    tracker.fold(info(3), None, 101.0)
+    tracker.fold(sample(3), None, 101.0)
     assert tracker.stalled_for(101.0) == 100.0
 
 
@@ -422,43 +394,6 @@ def test_job_costs_must_be_positive(costs):
 
 # -- properties ------------------------------------------------------------------------------
 
-STAMPS = st.sampled_from([OURS, OTHER, OLD, "0", None])
-VALUES = st.floats(allow_nan=True, allow_infinity=True) | st.floats(-1.0, 2.0)
-
-
-@st.composite
-def samples(draw: st.DrawFn) -> ProgressInfo | None:
-    """Anything a server may answer: regressions, stale idle, -1, other jobs, NaN and junk."""
-    kind = draw(st.sampled_from(["running", "running", "running", "none", "idle", "starting", "junk"]))
-    if kind == "none":
-        return None
-    if kind == "idle":
-        return idle(draw(STAMPS))
-    if kind == "starting":
-        return info(0, draw(st.integers(1, 30)), job_count=-1, stamp=draw(STAMPS))
-    steps = draw(st.integers(-1, 40))
-    job_count = draw(st.integers(-1, 6)) if kind == "junk" else draw(st.integers(1, 6))
-    return info(
-        draw(st.integers(-2, 45)),
-        steps,
-        job_no=draw(st.integers(-1, 7)),
-        job_count=job_count,
-        stamp=draw(STAMPS),
-        eta=draw(VALUES),
-        progress=draw(VALUES) if kind == "junk" else None,
-    )
-
-
-@st.composite
-def tasks(draw: st.DrawFn) -> TaskProgress | None:
-    kind = draw(st.sampled_from(["active", "active", "queued", "waiting", "completed", "none"]))
-    if kind == "none":
-        return None
-    if kind == "active":
-        return active(draw(st.none() | VALUES), draw(st.none() | VALUES))
-    return {"queued": QUEUED, "waiting": WAITING, "completed": COMPLETED}[kind]
-
-
 class StageRules(RuleBasedStateMachine):
     """Any interleaving of requests, samples and time keeps the stage's promises."""
 
@@ -472,13 +407,13 @@ class StageRules(RuleBasedStateMachine):
         self.highest = 0.0
 
     @precondition(lambda self: not self.in_flight and self.sent < 3 and not self.finished)
-    @rule(baseline=samples(), task_mode=st.booleans())
+    @rule(baseline=progress_samples(), task_mode=st.booleans())
     def send(self, baseline, task_mode) -> None:
         self.tracker.request_sent(self.now, baseline=baseline, task_mode=task_mode)
         self.sent += 1
         self.in_flight = True
 
-    @rule(sample=samples(), task=tasks(), seconds=st.floats(0.0, 5.0))
+    @rule(sample=progress_samples(), task=task_samples(), seconds=st.floats(0.0, 5.0))
     def poll(self, sample, task, seconds) -> None:
         self.now += seconds
         before = (self.tracker.progress, self.tracker.step, self.tracker.steps, self.tracker.queue_position)
@@ -520,7 +455,7 @@ class StageRules(RuleBasedStateMachine):
 TestStageRules = StageRules.TestCase
 
 
-@given(st.lists(st.tuples(st.integers(0, 3), VALUES), max_size=30))
+@given(st.lists(st.tuples(st.integers(0, 3), st.floats(allow_nan=True, allow_infinity=True)), max_size=30))
 def test_job_progress_is_monotonic_and_within_bounds(calls):
     jobs = JobTracker(costs=(3.0, 1.0, 0.5, 2.0))
     highest, stage = 0.0, 0
