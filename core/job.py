@@ -1,17 +1,20 @@
 """`Job`: one job's identity and live state, and the step-able core that drives it.
 
-A `Job` never blocks and never starts a thread.  The runner feeds it events,
-one at a time and on one thread: `begin`, `sample`, `returned`, `failed`,
-`cancel` and `tick`.  What the job needs done in the world it asks of its
-`WebUIPort`: send a request (its answer comes back later as `returned` or
-`failed`), interrupt, take a progress sample.  Tests drive the same core with a
-fake port and a fake clock, so every interleaving of events is a test case.
+A `Job` never waits on the network and never starts a thread.  The runner feeds
+it events, one at a time and on one thread: `begin`, `sample`, `probed`,
+`returned`, `failed`, `cancel` and `tick`.  What the job needs done in the
+world it asks of its `WebUIPort`, and the answers come back as events: send a
+request (`returned` or `failed`), take one progress sample (`probed`),
+interrupt.  Tests drive the same core with a fake port and a fake clock, so
+every interleaving of events is a test case.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+import enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -28,7 +31,7 @@ from sdjobs.status import JobState, ProgressInfo, RuntimeStatus, StageResult, Ta
 
 if TYPE_CHECKING:
     from sdjobs.client import WebUIClient
-    from sdjobs.spec import JobSpec, StageSpec
+    from sdjobs.spec import JobSpec, StagePlan
 
 
 class WebUIPort(Protocol):
@@ -38,11 +41,12 @@ class WebUIPort(Protocol):
     task_tracking: bool
     report: Report
 
-    def sample(self, task_id: str | None) -> tuple[ProgressInfo | None, TaskProgress | None]:
-        """One progress sample, now: of our task when ``task_id`` is given, else global.
+    def probe(self, task_id: str | None) -> None:
+        """Take one progress sample, of our task when ``task_id`` is given, else global;
+        it comes back as `Job.probed`.
 
-        Taken on the runner's thread just before a request is sent (global mode,
-        as the baseline) and once when a cancel must know whether our job runs.
+        Asked before a request is sent in global mode (the baseline: what ran
+        before ours) and when a cancel must know whether our request is running.
         """
 
     def send(self, endpoint: str, payload: dict[str, Any], task_id: str | None) -> None:
@@ -61,6 +65,7 @@ class JobSettings:
         stall_after: Seconds without progress before `sdjobs_job_stalled`.
         stall_interrupt_after: Seconds without progress before one interrupt; None: never.
         cancel_grace: Seconds to wait for an interrupted request to return.
+        probe_timeout: Seconds to wait for a probe's sample before going on without it.
         preview: Ask for live previews.
     """
 
@@ -68,7 +73,16 @@ class JobSettings:
     stall_after: float = 60.0
     stall_interrupt_after: float | None = None
     cancel_grace: float = 30.0
+    probe_timeout: float = 1.0
     preview: bool = False
+
+
+class _Wait(enum.Enum):
+    """What a job in flight waits for, besides the request's answer."""
+
+    BASELINE = "a baseline sample before sending"
+    OWNER = "a sample saying whether our request runs, to cancel it"
+    ANSWER = "the interrupted request's answer"
 
 
 @attrs.define(eq=False)
@@ -84,6 +98,9 @@ class Job:
         settings: Poll interval, stall and cancel limits.
         clock: Monotonic seconds (a fake one in tests).
         wall_clock: Unix time, for `started_at` stamps.
+        outcome: How the job ended; None until it has.
+        error: Why it failed, when it did.
+        results: Every stage that ended, cut-short ones too.
     """
 
     spec: JobSpec
@@ -100,27 +117,31 @@ class Job:
     results: list[StageResult] = attrs.field(factory=list, init=False)
 
     _machine: JobMachine = attrs.field(init=False)
-    _plan: tuple = attrs.field(init=False)
+    _plan: tuple[StagePlan, ...] = attrs.field(init=False)
     _jobs: JobTracker = attrs.field(init=False)
+    _status: RuntimeStatus = attrs.field(init=False)
+    # the running stage
     _stage: StageTracker | None = attrs.field(default=None, init=False)
+    _stalls: StallWatch | None = attrs.field(default=None, init=False)
     _inputs: list[bytes | None] = attrs.field(factory=list, init=False)
-    _input: bytes | None = attrs.field(default=None, init=False)
-    _task_id: str | None = attrs.field(default=None, init=False)
-    _preview: str | None = attrs.field(default=None, init=False)
     _outputs: list[bytes] = attrs.field(factory=list, init=False)
-    _paths: list = attrs.field(factory=list, init=False)
-    _infos: list = attrs.field(factory=list, init=False)
+    _paths: list[Path] = attrs.field(factory=list, init=False)
+    _infos: list[dict[str, Any]] = attrs.field(factory=list, init=False)
     _seeds: list[int] = attrs.field(factory=list, init=False)
-    _in_flight: bool = attrs.field(default=False, init=False)
-    _poller: Poller | None = attrs.field(default=None, init=False)
-    _started_at: float = attrs.field(default=0.0, init=False)
     _stage_started: float = attrs.field(default=0.0, init=False)
     _stage_started_wall: float = attrs.field(default=0.0, init=False)
+    _preview: str | None = attrs.field(default=None, init=False)
+    # the request of the running stage
+    _input: bytes | None = attrs.field(default=None, init=False)
+    _pending: tuple[str, dict[str, Any], str | None] | None = attrs.field(default=None, init=False)
+    _task_id: str | None = attrs.field(default=None, init=False)
+    _in_flight: bool = attrs.field(default=False, init=False)
+    _poller: Poller | None = attrs.field(default=None, init=False)
+    _wait: _Wait | None = attrs.field(default=None, init=False)
+    _deadline: float | None = attrs.field(default=None, init=False)
+    # why the request is being cut short
     _cancel: CancelMode | None = attrs.field(default=None, init=False)
-    _cancel_deadline: float | None = attrs.field(default=None, init=False)
-    _stalls: StallWatch = attrs.field(init=False)
     _stall_interrupted: bool = attrs.field(default=False, init=False)
-    _status: RuntimeStatus = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._machine = JobMachine([stage.type for stage in self.spec.stages])
@@ -139,6 +160,7 @@ class Job:
 
     @property
     def machine(self) -> JobMachine:
+        """The job's state machine (read its ``state``; only the job fires it)."""
         return self._machine
 
     @property
@@ -148,6 +170,7 @@ class Job:
 
     @property
     def finished(self) -> bool:
+        """The job has ended: no event changes it any more, no hook fires for it."""
         return self._machine.terminal
 
     @property
@@ -156,25 +179,26 @@ class Job:
         return self._in_flight
 
     @property
+    def awaiting_probe(self) -> bool:
+        """The job asked its port for a sample and waits for `probed`."""
+        return self._wait in (_Wait.BASELINE, _Wait.OWNER)
+
+    @property
     def next_deadline(self) -> float | None:
-        """When `tick` next has something to do (monotonic seconds), if ever."""
-        return self._cancel_deadline
+        """When `tick` next has something to do besides stalls (monotonic seconds), if ever."""
+        return self._deadline
 
     # -- events ---------------------------------------------------------------
 
     def begin(self) -> None:
         """Leave the queue and start the first stage."""
-        self._started_at = self.wall_clock()
+        self._leave_queue()
         self._machine.fire("start")
-        self._status = attrs.evolve(self._status, started_at=self._started_at, state=JobState.RUNNING)
-        self.hooks.job_started(self._status, self.spec)
         self._start_stage(0, inputs=[None])
 
     def begin_failed(self, error: str) -> None:
         """Leave the queue and fail at once, before any request (preflight found a problem)."""
-        self._started_at = self.wall_clock()
-        self._status = attrs.evolve(self._status, started_at=self._started_at, state=JobState.RUNNING)
-        self.hooks.job_started(self._status, self.spec)
+        self._leave_queue()
         self._end(JobState.FAILED, error)
 
     def sample(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
@@ -191,6 +215,19 @@ class Job:
         if changed:
             self._show_progress(now)
 
+    def probed(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
+        """The sample the job asked for came back."""
+        if self.finished or not self.awaiting_probe:
+            return
+        if self._wait is _Wait.BASELINE:
+            self._send(baseline=info)
+        else:
+            self._stage.fold(info, task, self.clock())
+            if self._stage.running:
+                self._stop_ours()
+            else:
+                self._abandon()
+
     def returned(self, result: GenerationResult) -> None:
         """The request in flight answered (200): keep its images, go on."""
         if self.finished or not self._in_flight:
@@ -199,36 +236,39 @@ class Job:
         self._end_request()
         self._keep(result)
         self._stage.request_returned(now)
-        index = self._machine.stage_index
-        if self._cancel is CancelMode.NOW or self._stall_interrupted:
-            self._finish_stage(partial=True)
-            if self._cancel is CancelMode.NOW:
-                self._end(JobState.CANCELLED)
-            else:
-                self._end(JobState.FAILED, self._stage_error("stalled; interrupted"))
-            return
-        problem = self._check(result, index)
-        if problem:
-            self._finish_stage(partial=False)
-            self._end(JobState.FAILED, self._stage_error(problem))
+        if self._cancel is CancelMode.NOW:
+            self._cut_short(JobState.CANCELLED)
+        elif self._stall_interrupted:
+            self._cut_short(JobState.FAILED, "stalled; interrupted")
+        elif problem := self._check(result):
+            self._cut_short(JobState.FAILED, problem)
         elif self._inputs:
             self._send_next()
         else:
             self._stage.finish(now)
             self._finish_stage(partial=False)
-            self._next_stage(index)
+            self._next_stage()
 
     def failed(self, error: BaseException) -> None:
         """The request in flight failed (no answer, or an error status)."""
         if self.finished or not self._in_flight:
             return
         self._end_request()
-        if self._paths:
-            self._finish_stage(partial=True)
         if self._cancel is CancelMode.NOW:
-            self._end(JobState.CANCELLED)  # the interrupted request broke on its way back
+            self._cut_short(JobState.CANCELLED)  # the interrupted request broke on its way back
         else:
-            self._end(JobState.FAILED, self._stage_error(str(error)))
+            self._cut_short(JobState.FAILED, str(error))
+
+    def abort(self, error: BaseException) -> None:
+        """Something went wrong outside the WebUI (a disk, a bug): fail, naming it."""
+        if self.finished:
+            return
+        self._end_request()
+        message = f"{type(error).__name__}: {error}"
+        if self._machine.stage_index is None:
+            self._end(JobState.FAILED, message)
+        else:
+            self._cut_short(JobState.FAILED, message)
 
     def cancel(self, mode: CancelMode = CancelMode.NOW) -> None:
         """Ask the job to stop: now (interrupt, keep partial images) or after this stage."""
@@ -236,44 +276,47 @@ class Job:
             return
         if self._machine.state == "queued":
             self._end(JobState.CANCELLED)
-            return
-        if mode is CancelMode.AFTER_STAGE:
+        elif mode is CancelMode.AFTER_STAGE:
             self._cancel = self._cancel or mode
-            return
-        if self._cancel is CancelMode.NOW:
-            return
-        self._cancel = CancelMode.NOW
-        if not self._in_flight:
-            self._end(JobState.CANCELLED)
-            return
-        self._stop_polling()
-        if not self._ours_running():
-            # Queued, or not ours: A1111 cannot cancel a queued request, and an
-            # interrupt would stop someone else's job.  Stop waiting for it.
-            self._end_request()
-            self._end(JobState.CANCELLED)
-            return
-        self.port.interrupt()
-        self._cancel_deadline = self.clock() + self.settings.cancel_grace
+        elif self._cancel is not CancelMode.NOW:
+            self._cancel = CancelMode.NOW
+            self._stop_polling()
+            if not self._in_flight:  # nothing sent yet (waiting for a baseline, or between requests)
+                self._cut_short(JobState.CANCELLED)
+            elif self._stage.running:
+                self._stop_ours()
+            else:  # a sample must say whether it is ours before we interrupt anything
+                self._await(_Wait.OWNER, self.settings.probe_timeout)
+                self.port.probe(self._task_id)
 
     def tick(self) -> None:
-        """Time passed: report a stall, or give up on a cancelled request that never returns."""
-        if self.finished or not self._in_flight:
+        """Time passed: report a stall, or stop waiting for a probe or an answer that is late."""
+        if self.finished:
             return
         now = self.clock()
-        if self._cancel_deadline is not None:
-            if now >= self._cancel_deadline:
+        if self._deadline is not None and now >= self._deadline:
+            late, self._wait, self._deadline = self._wait, None, None
+            if late is _Wait.BASELINE:
+                self._send(baseline=None)
+            elif late is _Wait.OWNER:
+                self._abandon()
+            elif self._cancel is CancelMode.NOW:
                 self._end_request()
-                if self._paths:
-                    self._finish_stage(partial=True)
-                self._end(JobState.CANCELLED)
+                self._cut_short(JobState.CANCELLED)
+            else:
+                self._end_request()
+                self._cut_short(JobState.FAILED, "stalled; interrupted, and the server never answered")
             return
-        for event in self._stalls.check(self._stage.stalled_for(now)):
+        if not self._in_flight or self._wait is not None:
+            return
+        stalled = self._stage.stalled_for(now)
+        for event in self._stalls.check(stalled):
             if event is StallEvent.STALLED:
-                self.hooks.job_stalled(self._status, self._stage.stalled_for(now))
-            elif self._ours_running():
+                self.hooks.job_stalled(self._status, stalled)
+            else:
                 self._stall_interrupted = True
                 self.port.interrupt()
+                self._await(_Wait.ANSWER, self.settings.cancel_grace)
 
     # -- stages ---------------------------------------------------------------
 
@@ -284,11 +327,12 @@ class Job:
             steps_per_request=plan.steps or None,
             passes_per_request=plan.passes,
         )
+        self._stalls = StallWatch(self.settings.stall_after, self.settings.stall_interrupt_after)
         self._inputs = list(inputs)
         self._outputs, self._paths, self._infos, self._seeds = [], [], [], []
         self._stage_started = self.clock()
         self._stage_started_wall = self.wall_clock()
-        self._stalls = StallWatch(self.settings.stall_after, self.settings.stall_interrupt_after)
+        self._preview = None
         self._status = attrs.evolve(
             self._status,
             stage=self.spec.stages[index].type,
@@ -300,30 +344,39 @@ class Job:
             queue_position=None,
             preview=None,
         )
-        self._preview = None
         self.hooks.stage_started(self._status, self.spec.stages[index])
         self._send_next()
 
     def _send_next(self) -> None:
+        """Build the next request of the stage; send it, after a baseline sample in global mode."""
         index = self._machine.stage_index
         stage = self.spec.stages[index]
         number = self._stage.requests - len(self._inputs)
         self._input = self._inputs.pop(0)
-        self._task_id = None
         payload = build_payload(self.spec, index, self._input)
         try:
             self.hooks.amend_payload(payload, stage, self._status)
         except PluginError as exc:
-            self._end(JobState.FAILED, self._stage_error(str(exc)))
+            self._cut_short(JobState.FAILED, str(exc))
             return
-        tracked = stage.endpoint != "extra-single-image"
-        task_id = None
+        tracked = stage.endpoint != "extra-single-image"  # extras read ≈1.0 throughout
+        self._task_id = None
         if tracked and self.port.task_tracking:
-            task_id = f"sdjobs-{self.job_id}-{index + 1}-{number + 1}"
-        self._task_id = task_id
-        baseline = None if task_id or not tracked else self.port.sample(None)[0]
+            self._task_id = f"sdjobs-{self.job_id}-{index + 1}-{number + 1}"
+        self._pending = (stage.endpoint, payload, self._task_id)
+        if tracked and self._task_id is None:
+            self._await(_Wait.BASELINE, self.settings.probe_timeout)
+            self.port.probe(None)
+        else:
+            self._send(baseline=None)
+
+    def _send(self, baseline: ProgressInfo | None) -> None:
+        """Send the pending request, with a poller following it."""
+        self._wait = self._deadline = None
+        endpoint, payload, task_id = self._pending
+        self._pending = None
         self._stage.request_sent(self.clock(), baseline=baseline, task_mode=task_id is not None)
-        if tracked:
+        if endpoint != "extra-single-image":
             request = PollRequest(
                 client=self.port.client,
                 interval=self.settings.poll_interval,
@@ -334,35 +387,41 @@ class Job:
             try:
                 self._poller = self.hooks.start_polling(request)
             except PluginError as exc:
-                self._end(JobState.FAILED, self._stage_error(str(exc)))
+                self._cut_short(JobState.FAILED, str(exc))
                 return
         self._in_flight = True
-        self.port.send(stage.endpoint, payload, task_id)
+        self.port.send(endpoint, payload, task_id)
 
     def _keep(self, result: GenerationResult) -> None:
+        """Write the answer's images, each with its seed and the prompt it came from."""
         index = self._machine.stage_index
         stage = self.spec.stages[index]
         first = int(result.info.get("index_of_first_image", 0) or 0)
         fallback = read_parameters(self._input) if self._input else None
-        for png in result.images[first:]:
-            number = len(self._paths) + 1
-            path = self.folder.write_image(
-                index,
-                stage.type,
-                number,
-                png,
-                provenance={"seed": self.spec.seed},
-                parameters_fallback=fallback,
+        seeds = result.seeds
+        for i, png in enumerate(result.images[first:]):
+            seed = seeds[i] if i < len(seeds) else self.spec.seed
+            self._paths.append(
+                self.folder.write_image(
+                    index,
+                    stage.type,
+                    len(self._paths) + 1,
+                    png,
+                    provenance={"seed": seed},
+                    parameters_fallback=fallback,
+                )
             )
             self._outputs.append(png)
-            self._paths.append(path)
         if result.info:
             self._infos.append(dict(result.info))
-        self._seeds.extend(result.seeds)
+        self._seeds.extend(seeds)
 
-    def _check(self, result: GenerationResult, index: int) -> str | None:
-        stage = self.spec.stages[index]
-        if stage.type == "adetailer" and not any(adetailer_applied(t) for t in result.infotexts):
+    def _check(self, result: GenerationResult) -> str | None:
+        """What is wrong with an answer that came back 200, if anything."""
+        index = self._machine.stage_index
+        if self.spec.stages[index].type == "adetailer" and not any(
+            adetailer_applied(text) for text in result.infotexts
+        ):
             return "ADetailer did not run: its settings are not in the infotext (is the extension installed and enabled?)"
         if index == 0 and result.seeds and result.seeds[0] != self.spec.seed:
             return f"the server used seed {result.seeds[0]}, not the job's seed {self.spec.seed}"
@@ -389,9 +448,11 @@ class Job:
                 eta=0.0,
                 job_eta=self._jobs.job_eta(index, 0.0),
             )
+        self.folder.write_manifest(self.spec, self.results, outcome=JobState.RUNNING)
         self.hooks.stage_finished(self._status, result)
 
-    def _next_stage(self, index: int) -> None:
+    def _next_stage(self) -> None:
+        index = self._machine.stage_index
         last = index == len(self.spec.stages) - 1
         if self._cancel is CancelMode.AFTER_STAGE and not last:
             self._end(JobState.CANCELLED)
@@ -402,7 +463,31 @@ class Job:
         else:
             self._start_stage(index + 1, inputs=list(self._outputs) or [None])
 
+    # -- cutting short ----------------------------------------------------------
+
+    def _stop_ours(self) -> None:
+        """Interrupt our running request and wait, a while, for it to come back."""
+        self.port.interrupt()
+        self._await(_Wait.ANSWER, self.settings.cancel_grace)
+
+    def _abandon(self) -> None:
+        """Cancel without interrupting: the request waits in the server's queue, or is not ours."""
+        self._end_request()
+        self._cut_short(JobState.CANCELLED)
+
+    def _cut_short(self, outcome: JobState, error: str | None = None) -> None:
+        """End the job inside a stage: the stage ends partial, with the images it had."""
+        self._finish_stage(partial=True)
+        self._end(outcome, None if error is None else self._stage_error(error))
+
     # -- helpers --------------------------------------------------------------
+
+    def _leave_queue(self) -> None:
+        self._status = attrs.evolve(self._status, started_at=self.wall_clock(), state=JobState.RUNNING)
+        self.hooks.job_started(self._status, self.spec)
+
+    def _await(self, what: _Wait, seconds: float) -> None:
+        self._wait, self._deadline = what, self.clock() + seconds
 
     def _show_progress(self, now: float) -> None:
         stage = self._stage
@@ -421,13 +506,6 @@ class Job:
         )
         self.hooks.progress(self._status)
 
-    def _ours_running(self) -> bool:
-        """Whether the server is running our request, asked afresh if no sample said so yet."""
-        if not self._stage.running:
-            info, task = self.port.sample(self._task_id)
-            self._stage.fold(info, task, self.clock())
-        return self._stage.running
-
     def _stop_polling(self) -> None:
         if self._poller is not None:
             self._poller.stop()
@@ -436,17 +514,18 @@ class Job:
     def _end_request(self) -> None:
         self._stop_polling()
         self._in_flight = False
-        self._cancel_deadline = None
+        self._wait = self._deadline = None
 
     def _stage_error(self, message: str) -> str:
         index = self._machine.stage_index
         return f"stage {index + 1}/{len(self.spec.stages)} ({self.spec.stages[index].type}): {message}"
 
     def _end(self, outcome: JobState, error: str | None = None) -> None:
-        self._stop_polling()
-        self._in_flight = False
+        self._end_request()
+        self._pending = None
         if outcome is not JobState.DONE:  # `advance` from the last stage already reached done
             self._machine.fire({JobState.FAILED: "fail", JobState.CANCELLED: "cancel"}[outcome])
         self.outcome, self.error = outcome, error
         self._status = attrs.evolve(self._status, state=outcome)
+        self.folder.write_manifest(self.spec, self.results, outcome=outcome, error=error)
         self.hooks.job_finished(self._status, outcome, error, tuple(self.results))

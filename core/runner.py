@@ -38,11 +38,16 @@ _TICK = 0.5
 
 
 class _Port:
-    """A job's way out to the WebUI: requests on their own threads, answers as events."""
+    """One job's way out to the WebUI: calls on short-lived threads, answers as events.
 
-    def __init__(self, client: WebUIClient, events: queue.SimpleQueue) -> None:
+    Every event is put on the runner's queue tagged with the job's id, so the
+    answer of a request that a cancelled job stopped waiting for is dropped.
+    """
+
+    def __init__(self, client: WebUIClient, events: queue.SimpleQueue, job_id: str) -> None:
         self.client = client
         self._events = events
+        self._job_id = job_id
 
     @property
     def task_tracking(self) -> bool:
@@ -50,24 +55,34 @@ class _Port:
         the client remembers the answer, so an unreachable server must not give it."""
         return self.client.supports_task_progress()
 
-    def report(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
-        self._events.put(("sample", info, task))
+    def _put(self, event: str, *args: object) -> None:
+        self._events.put((self._job_id, event, *args))
 
-    def sample(self, task_id: str | None) -> tuple[ProgressInfo | None, TaskProgress | None]:
-        if task_id is None:
-            return self.client.get_progress(), None
-        return None, self.client.internal_progress(task_id)
+    def _in_background(self, name: str, call: Callable[[], None]) -> None:
+        threading.Thread(target=call, name=f"sdjobs-{name}", daemon=True).start()
+
+    def report(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
+        self._put("sample", info, task)
+
+    def probe(self, task_id: str | None) -> None:
+        def sample() -> None:
+            if task_id is None:
+                self._put("probed", self.client.get_progress(), None)
+            else:
+                self._put("probed", None, self.client.internal_progress(task_id))
+
+        self._in_background("probe", sample)
 
     def send(self, endpoint: str, payload: dict[str, Any], task_id: str | None) -> None:
         def post() -> None:
             try:
                 result = self.client.generate(endpoint, payload, force_task_id=task_id)
-            except WebUIError as exc:
-                self._events.put(("failed", exc))
+            except Exception as exc:  # whatever it was, the job must hear of it
+                self._put("failed", exc)
             else:
-                self._events.put(("returned", result))
+                self._put("returned", result)
 
-        threading.Thread(target=post, name=f"sdjobs-{endpoint}", daemon=True).start()
+        self._in_background(endpoint, post)
 
     def interrupt(self) -> None:
         try:
@@ -81,7 +96,8 @@ class Runner:
     """Runs ``specs`` in order against ``client``, writing under ``out_dir``.
 
     Implements the front ends' `Session`: `run` blocks until the queue drained,
-    `cancel` may be called from any thread.
+    `cancel` may be called from any thread, a signal handler included (it only
+    sets a flag and puts an event on a queue: no lock to deadlock on).
     """
 
     specs: Sequence[JobSpec]
@@ -92,30 +108,33 @@ class Runner:
     clock: Callable[[], float] = time.monotonic
 
     outcomes: dict[str, JobState] = attrs.field(factory=dict, init=False)
-    _ids: list[str] = attrs.field(factory=list, init=False)
-    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
-    _events: queue.SimpleQueue | None = attrs.field(default=None, init=False)
+    _events: queue.SimpleQueue = attrs.field(factory=queue.SimpleQueue, init=False)
+    _current: str | None = attrs.field(default=None, init=False)
     _stop_queue: bool = attrs.field(default=False, init=False)
+    _drained: bool = attrs.field(default=False, init=False)
     _catalog: ServerCatalog | None = attrs.field(default=None, init=False)
 
     def run(self) -> None:
         now = datetime.now(UTC)
         rng = random.Random()
-        self._ids = [new_job_id(spec.name, now, rng) for spec in self.specs]
-        for job_id, spec in zip(self._ids, self.specs):
+        queued = [(new_job_id(spec.name, now, rng), spec) for spec in self.specs]
+        for job_id, spec in queued:
             self.hooks.job_queued(job_id, spec)
-        for job_id, spec in zip(self._ids, self.specs):
-            if self._stop_queue:
+        for job_id, spec in queued:
+            self._current = job_id
+            if self._stop_queue:  # read after `_current` is set: see `cancel`
                 break
             self.outcomes[job_id] = self._run_one(job_id, spec)
+        self._current = None
+        self._drained = True
         self.hooks.queue_drained(dict(self.outcomes))
 
     def cancel(self, mode: CancelMode = CancelMode.NOW, *, rest: bool = False) -> None:
-        with self._lock:
-            if rest:
-                self._stop_queue = True
-            if self._events is not None:
-                self._events.put(("cancel", CancelMode(mode)))
+        if self._drained:
+            return  # everything has ended: nothing to cancel, and no reason to exit 130
+        if rest:
+            self._stop_queue = True  # set before `_current` is read, so no job slips through
+        self._events.put((self._current, "cancel", CancelMode(mode)))
 
     @property
     def stopped(self) -> bool:
@@ -123,45 +142,55 @@ class Runner:
         return self._stop_queue
 
     def _run_one(self, job_id: str, spec: JobSpec) -> JobState:
-        events: queue.SimpleQueue = queue.SimpleQueue()
+        try:
+            folder = JobFolder.create(self.out_dir, job_id)
+        except OSError as exc:
+            log.error("%s: cannot create the job's folder in %s: %s", spec.name, self.out_dir, exc)
+            return JobState.FAILED
         job = Job(
             spec=spec,
             job_id=job_id,
-            folder=JobFolder.create(self.out_dir, job_id),
+            folder=folder,
             hooks=self.hooks,
-            port=_Port(self.client, events),
+            port=_Port(self.client, self._events, job_id),
             settings=self.settings,
             clock=self.clock,
         )
-        with self._lock:
-            self._events = events
-        try:
-            problems = self._preflight(spec)
-            if problems:
-                job.begin_failed("; ".join(problems))
-            else:
-                job.begin()
-            while not job.finished:
-                self._dispatch(job, events)
-        finally:
-            with self._lock:
-                self._events = None
-            job.folder.write_manifest(
-                spec, job.results, outcome=job.outcome or "unfinished", error=job.error
-            )
+        self._handle(job, "begin")
+        while not job.finished:
+            self._dispatch(job)
         return job.outcome
 
-    def _dispatch(self, job: Job, events: queue.SimpleQueue) -> None:
+    def _dispatch(self, job: Job) -> None:
         deadline = job.next_deadline
         timeout = _TICK if deadline is None else max(0.0, min(_TICK, deadline - self.clock()))
         try:
-            event, *args = events.get(timeout=timeout)
+            job_id, event, *args = self._events.get(timeout=timeout)
         except queue.Empty:
             pass
         else:
-            getattr(job, event)(*args)
+            if job_id == job.job_id:  # else: for a job that has ended, or a cancel between jobs
+                self._handle(job, event, *args)
         # Also after an event: samples may keep coming while nothing moves (a stall).
-        job.tick()
+        self._handle(job, "tick")
+
+    def _handle(self, job: Job, event: str, *args: object) -> None:
+        """Hand ``event`` to the job; an error that is not the WebUI's fails the job, not the run."""
+        try:
+            if event == "begin":
+                self._begin(job)
+            else:
+                getattr(job, event)(*args)
+        except Exception as exc:
+            log.debug("job %s failed on %s", job.job_id, event, exc_info=True)
+            job.abort(exc)
+
+    def _begin(self, job: Job) -> None:
+        problems = self._preflight(job.spec)
+        if problems:
+            job.begin_failed("; ".join(problems))
+        else:
+            job.begin()
 
     def _preflight(self, spec: JobSpec) -> list[str]:
         try:

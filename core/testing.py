@@ -190,19 +190,17 @@ class FakeWebUI:
     """A `WebUIPort` that records what the job asks and answers when the test says."""
 
     task_tracking: bool = False
-    task_running: bool = True
     client: Any = None
     sent: list[tuple[str, dict[str, Any], str | None]] = attrs.field(factory=list)
+    probes: list[str | None] = attrs.field(factory=list)
     interrupts: int = 0
 
     def report(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
         """Samples come from the rules directly; no poller runs."""
 
-    def sample(self, task_id: str | None) -> tuple[ProgressInfo | None, TaskProgress | None]:
-        """Global mode: idle.  Task mode: our task is running unless told otherwise."""
-        if task_id is None:
-            return None, None
-        return None, TaskProgress(active=self.task_running, queued=not self.task_running, completed=False)
+    def probe(self, task_id: str | None) -> None:
+        """Noted; the rules answer it (`JobRules.probe_answers`) or let it time out."""
+        self.probes.append(task_id)
 
     def send(self, endpoint: str, payload: dict[str, Any], task_id: str | None) -> None:
         self.sent.append((endpoint, payload, task_id))
@@ -301,11 +299,11 @@ class JobRules(RuleBasedStateMachine):
         """Extra plugins to register for each run."""
         return []
 
-    @initialize(spec=job_specs(), task_tracking=st.booleans(), task_running=st.booleans())
-    def start_job(self, spec: JobSpec, task_tracking: bool, task_running: bool) -> None:
+    @initialize(spec=job_specs(), task_tracking=st.booleans())
+    def start_job(self, spec: JobSpec, task_tracking: bool) -> None:
         self._tmp = tempfile.TemporaryDirectory()
         self.clock = FakeClock()
-        self.webui = FakeWebUI(task_tracking=task_tracking, task_running=task_running)
+        self.webui = FakeWebUI(task_tracking=task_tracking)
         self.recorder = HookRecorder()
         self.pm = make_plugin_manager(load_entry_points=False, disabled=["sdjobs.plugins.progress_poller"])
         self.pm.register(self.recorder, name="recorder")
@@ -340,6 +338,15 @@ class JobRules(RuleBasedStateMachine):
             task = None
         self.clock.advance(0.5)
         self.job.sample(info, task)
+
+    @precondition(lambda self: self.job.awaiting_probe)
+    @rule(info=progress_samples(), task=task_samples())
+    def probe_answers(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
+        if self.webui.probes[-1] is None:  # a global sample was asked for
+            task = None
+        else:
+            info = None
+        self.job.probed(info, task)
 
     @precondition(lambda self: self.job.awaiting_answer)
     @rule()
@@ -398,8 +405,10 @@ class JobRules(RuleBasedStateMachine):
         if self.cancelled_at is None:
             return
         assert len(self.webui.sent) == self.sent_at_cancel, "a request was sent after cancel"
-        # Cancelled once the interrupted request answers, or at the first tick past the grace time.
-        grace_over = self.ticked_at >= self.cancelled_at + self.job.settings.cancel_grace
+        # Cancelled once the interrupted request answers, or at the first tick past the time
+        # to learn whether the request is ours and the grace time to answer the interrupt.
+        settings = self.job.settings
+        grace_over = self.ticked_at >= self.cancelled_at + settings.probe_timeout + settings.cancel_grace
         if not self.job.awaiting_answer or grace_over:
             assert self.job.finished
 

@@ -75,7 +75,7 @@ def test_a_cancelled_job_ends_with_its_partial_stage(webui_sim, webui_client, tm
 
 
 @pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True, drop_connection_at_step=6)])
-def test_a_failed_job_has_no_stage_finished_for_its_failed_stage_and_the_next_job_runs(
+def test_a_failed_job_ends_its_failed_stage_partial_and_the_next_job_runs(
     webui_sim, webui_client, tmp_path
 ):
     failing = JobSpec.from_mapping(  # txt2img samples 4 steps; img2img 11, and drops at the 6th
@@ -100,7 +100,7 @@ def test_a_failed_job_has_no_stage_finished_for_its_failed_stage_and_the_next_jo
         "job_queued",
         "job_started",
         "stage_started", "progress", "stage_finished",  # txt2img
-        "stage_started", "progress",  # img2img: the connection dropped, no image
+        "stage_started", "progress", "stage_finished",  # img2img: the connection dropped, partial, no image
         "job_finished",
         "job_started",
         "stage_started", "progress", "stage_finished",

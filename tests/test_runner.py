@@ -117,6 +117,19 @@ def test_cancel_before_the_first_sample_still_interrupts_our_job(webui_sim, webu
     assert log.statuses() == []  # no sample had come in
 
 
+@pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True, ui=False, progress_latency=30.0)])
+def test_a_progress_endpoint_that_hangs_never_holds_up_the_request_or_a_cancel(webui_sim, webui_client, tmp_path):
+    settings = JobSettings(poll_interval=0.25, probe_timeout=0.2)
+    runner, log = make_runner(webui_client, [job_spec()], tmp_path, settings=settings)
+    running = Background(runner.run)
+    # The baseline sample hangs; the request goes out once its short wait is over.
+    assert webui_sim.wait_for(lambda s: s.job_count > 0 and s.awaiting_release)
+    runner.cancel(CancelMode.NOW)
+    running.join(timeout=5.0)  # the progress endpoint would answer only after 30 s
+    assert outcomes(runner) == [JobState.CANCELLED]
+    assert interrupts(webui_sim) == 0  # no sample ever said the running job was ours
+
+
 @pytest.mark.parametrize("sim_settings", [STEPPING])
 def test_cancel_of_a_request_queued_behind_another_clients_job_does_not_interrupt_theirs(
     webui_sim, webui_client, tmp_path
@@ -220,8 +233,25 @@ def test_a_dropped_connection_fails_the_job_and_keeps_earlier_images(webui_sim, 
     assert error.startswith("stage 2/2 (img2img): ") and "closed the connection" in error
     record = manifest(tmp_path)
     assert record["outcome"] == "failed"
-    assert [s["stage"] for s in record["stages"]] == ["txt2img"]
+    # The cut-short stage is recorded too: partial, with the images it had (none).
+    assert [(s["stage"], s["partial"], s["images"]) for s in record["stages"]] == [
+        ("txt2img", False, ["01-txt2img/001.png"]),
+        ("img2img", True, []),
+    ]
     assert (tmp_path / record["job_id"] / "01-txt2img" / "001.png").is_file()
+
+
+def test_a_server_that_answers_nonsense_fails_each_job_without_crashing_the_run(canned_server, tmp_path):
+    # Every route answers a 200 "generation" whose image is not a PNG: the lists make no sense
+    # and the image cannot be written.  Each job fails on its own; the run goes on to the end.
+    url = canned_server(200, {"images": [base64.b64encode(b"not a png").decode()], "info": "{}"})
+    with WebUIClient(url, retries=0) as client:
+        runner, log = make_runner(client, [job_spec(name="one"), job_spec(name="two")], tmp_path)
+        runner.run()
+    assert outcomes(runner) == [JobState.FAILED, JobState.FAILED]
+    errors = [kwargs["error"] for name, kwargs in log.calls if name == "job_finished"]
+    assert all(errors) and len(errors) == 2
+    assert log.names()[-1] == "queue_drained"
 
 
 def test_an_unreachable_server_fails_the_job(closed_port_url, tmp_path):
