@@ -2,11 +2,12 @@
 
 A front end is a class registered under the entry-point group `sdjobs.frontends`
 (the built-in ones too, so a third party adds one exactly as sdjobs does).  The
-command line picks a name with `choose_frontend`, loads the class with
-`load_frontend`, makes one from `FrontendOptions`, registers the instance as a
-pluggy plugin, so its `hookimpl`s see every event, and calls `run(session)` on
-the main thread.  Front ends never import the runner: `Session` is all they see
-of it.
+built-ins are also listed in `BUILTIN_FRONTENDS`, so a checkout whose installed
+entry points are stale still has them.  The command line picks a name with
+`choose_frontend`, loads the class with `load_frontend`, makes one from
+`FrontendOptions`, registers the instance as a pluggy plugin, so its
+`hookimpl`s see every event, and calls `run(session)` on the main thread.
+Front ends never import the runner: `Session` is all they see of it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ ENTRY_POINT_GROUP = "sdjobs.frontends"
 
 #: The environment variable that names a front end when `--frontend` is absent.
 FRONTEND_ENV = "SDJOBS_FRONTEND"
+
+#: The front ends sdjobs ships; an entry point of the same name is a duplicate and skipped.
+BUILTIN_FRONTENDS = {
+    "console": "sdjobs.frontends.console:ConsoleFrontend",
+    "jsonl": "sdjobs.frontends.jsonl:JsonlFrontend",
+    "log": "sdjobs.frontends.log:LogFrontend",
+    "tk": "sdjobs.frontends.tk:TkFrontend",
+}
+
+#: The exit status of a run that was cancelled (Ctrl-C, or the Tk window closed mid-job).
+EXIT_CANCELLED = 130
 
 
 class CancelMode(enum.StrEnum):
@@ -95,11 +107,12 @@ class FrontendError(Exception):
 class UnknownFrontendError(FrontendError, ValueError):
     """No front end of that name is installed; the message lists the ones that are."""
 
-    def __init__(self, name: str, source: str, valid: list[str]) -> None:
+    def __init__(self, name: str, valid: list[str], source: str | None = None) -> None:
         self.name = name
         self.valid = valid
         choices = ", ".join(valid) or "none is installed"
-        super().__init__(f"unknown front end {name!r} (from {source}); choose one of: {choices}")
+        named = f"{name!r}" if source is None else f"{name!r} (from {source})"
+        super().__init__(f"unknown front end {named}; choose one of: {choices}")
 
 
 class FailedToLoadFrontend(FrontendError):
@@ -117,9 +130,9 @@ class FrontendUnavailable(FrontendError):
 
 def available_frontends() -> dict[str, EntryPoint]:
     """Every installed front end by name, sorted; loading them is left to `load_frontend`."""
-    found: dict[str, EntryPoint] = {}
+    found = {name: EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in BUILTIN_FRONTENDS.items()}
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(entry_point.name, entry_point)  # first on sys.path wins
+        found.setdefault(entry_point.name, entry_point)  # a built-in, then the first on sys.path, wins
     return dict(sorted(found.items()))
 
 
@@ -127,18 +140,20 @@ def choose_frontend(flag: str | None, env: Mapping[str, str], isatty: bool) -> s
     """The front end to use: ``flag``, else `SDJOBS_FRONTEND`, else console or log.
 
     The default is `console` when output goes to a terminal and `log` when it
-    does not.  A name that is not installed raises `UnknownFrontendError`; there
-    is no silent fallback.
+    does not.  A name that is not installed raises `UnknownFrontendError`, which
+    says where the name came from; there is no silent fallback.
     """
     if flag:
         name, source = flag, "--frontend"
     elif env.get(FRONTEND_ENV):
         name, source = env[FRONTEND_ENV], FRONTEND_ENV
+    elif isatty:
+        name, source = "console", "the default for a terminal"
     else:
-        return "console" if isatty else "log"
+        name, source = "log", "the default without a terminal"
     valid = list(available_frontends())
     if name not in valid:
-        raise UnknownFrontendError(name, source, valid)
+        raise UnknownFrontendError(name, valid, source)
     return name
 
 
@@ -150,7 +165,7 @@ def load_frontend(name: str) -> type[Frontend]:
     """
     installed = available_frontends()
     if name not in installed:
-        raise UnknownFrontendError(name, "load_frontend", list(installed))
+        raise UnknownFrontendError(name, list(installed))
     entry_point = installed[name]
     try:
         return entry_point.load()

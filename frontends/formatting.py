@@ -36,8 +36,12 @@ def format_seed(seed: int | None) -> str:
 
 
 def format_step(status: RuntimeStatus) -> str | None:
-    """`"12/30"`, or None while the server has not said."""
-    if status.step is None or not status.steps:
+    """`"12/30"`, or None until the pass's first step is done.
+
+    At step 0 the server still reports the previous pass's step count, so a
+    "0/30" there could be the wrong pass's 30.
+    """
+    if not status.step or not status.steps:  # None, or 0
         return None
     return f"{status.step}/{status.steps}"
 

@@ -12,10 +12,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 
-from sdjobs.frontend import CancelMode, Session
-
-#: The exit status of a run stopped with Ctrl-C.
-EXIT_INTERRUPTED = 130
+from sdjobs.frontend import EXIT_CANCELLED, CancelMode, Session
 
 
 def _quit() -> None:
@@ -63,5 +60,5 @@ def run_with_ctrl_c(session: Session, on_cancel: Callable[[], None] = lambda: No
         try:
             session.run()
         except KeyboardInterrupt:
-            return EXIT_INTERRUPTED
+            return EXIT_CANCELLED
     return None

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from operator import attrgetter
 from typing import Any, TextIO
 
 from sdjobs import hookimpl
@@ -20,11 +21,31 @@ from sdjobs.frontends.interrupt import run_with_ctrl_c
 from sdjobs.spec import JobSpec
 from sdjobs.status import JobState, RuntimeStatus, StageResult
 
-#: What every event that describes a running job carries.
-STATUS_FIELDS = (
-    "job", "name", "stage", "stage_index", "stage_count", "progress", "job_progress",
-    "step", "steps", "eta", "job_eta", "seed", "queue_position",
-)  # fmt: skip
+
+def _seconds(value: float | None) -> float | None:
+    """Seconds to the hundredth: finer is noise in an ETA or a stage's time."""
+    return None if value is None else round(value, 2)
+
+
+#: What every event that describes a running job carries, and how each field is read off the status.
+_STATUS_READERS: dict[str, Callable[[RuntimeStatus], Any]] = {
+    "job": attrgetter("job_id"),
+    "name": attrgetter("name"),
+    "stage": attrgetter("stage"),
+    "stage_index": attrgetter("stage_index"),
+    "stage_count": attrgetter("stage_count"),
+    "progress": lambda status: round(status.progress, 4),
+    "job_progress": lambda status: round(status.job_progress, 4),
+    "step": attrgetter("step"),
+    "steps": attrgetter("steps"),
+    "eta": lambda status: _seconds(status.eta),
+    "job_eta": lambda status: _seconds(status.job_eta),
+    "seed": attrgetter("seed"),
+    "queue_position": lambda status: None if status.queue_position is None else list(status.queue_position),
+}
+
+#: The fields of every event that describes a running job.
+STATUS_FIELDS = tuple(_STATUS_READERS)
 
 #: Every event and its fields, after `event` and `t`.
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -39,27 +60,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _seconds(value: float | None) -> float | None:
-    """Seconds to the hundredth: finer is noise in an ETA or a stage's time."""
-    return None if value is None else round(value, 2)
-
-
 def status_fields(status: RuntimeStatus) -> dict[str, Any]:
-    return {
-        "job": status.job_id,
-        "name": status.name,
-        "stage": status.stage,
-        "stage_index": status.stage_index,
-        "stage_count": status.stage_count,
-        "progress": round(status.progress, 4),
-        "job_progress": round(status.job_progress, 4),
-        "step": status.step,
-        "steps": status.steps,
-        "eta": _seconds(status.eta),
-        "job_eta": _seconds(status.job_eta),
-        "seed": status.seed,
-        "queue_position": None if status.queue_position is None else list(status.queue_position),
-    }
+    """`STATUS_FIELDS` of ``status``, as JSON values."""
+    return {name: read(status) for name, read in _STATUS_READERS.items()}
 
 
 class JsonlFrontend:

@@ -5,8 +5,8 @@ the session on a worker thread; the hooks, called on the worker, only put
 calls on a queue (`call_soon`) that the main thread drains every
 `DRAIN_INTERVAL_MS` with `after()`.  "Cancel" cancels the running job and the
 next one starts; "Cancel after this stage" lets the running stage finish.
-Closing the window (or Ctrl-C) cancels everything, waits for the running job to
-stop while the window stays responsive, and closes.  When every job has ended,
+Closing the window (or Ctrl-C) while a job runs cancels everything, waits for
+the running job to stop while the window stays responsive, and closes.  When every job has ended,
 the window stays open showing how, until it is closed, or closes by itself with
 `FrontendOptions.close_when_done`.
 """
@@ -24,9 +24,9 @@ from collections.abc import Callable, Mapping
 import attrs
 
 from sdjobs import hookimpl
-from sdjobs.frontend import CancelMode, FrontendOptions, FrontendUnavailable, Session
+from sdjobs.frontend import EXIT_CANCELLED, CancelMode, FrontendOptions, FrontendUnavailable, Session
 from sdjobs.frontends.formatting import drained_line
-from sdjobs.frontends.interrupt import EXIT_INTERRUPTED, ctrl_c_cancels
+from sdjobs.frontends.interrupt import ctrl_c_cancels
 from sdjobs.frontends.ledger import JobLedger
 from sdjobs.frontends.tk_panel import JobPanel
 from sdjobs.spec import JobSpec
@@ -96,18 +96,24 @@ class _Window:
             self.root.after_cancel(self._after_id)
         self.root.destroy()
         if self.quit_at_once:
-            return EXIT_INTERRUPTED
+            return EXIT_CANCELLED
         if self.worker.is_alive():  # closed, and the job did not stop in time
             log.warning("the running job did not stop within %ss; leaving it behind", CLOSE_TIMEOUT)
-            return EXIT_INTERRUPTED
+            return EXIT_CANCELLED
         if self.worker.error is not None:
             raise self.worker.error
         return None
 
     def close(self) -> None:
-        """The window's close button: cancel everything, then quit once the job stopped."""
-        if self.closing_since is None:
-            self.closing_since = time.monotonic()
+        """The window's close button: cancel everything, then quit once the job stopped.
+
+        Once the session has run every job there is nothing to cancel: the
+        window just closes, and the run keeps the exit status of its jobs.
+        """
+        if self.closing_since is not None:
+            return
+        self.closing_since = time.monotonic()
+        if self.worker.is_alive():
             self.session.cancel(CancelMode.NOW, rest=True)
             self.panel.show_closing()
 

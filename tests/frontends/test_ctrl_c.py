@@ -12,9 +12,8 @@ import pytest
 from rich.console import Console
 from scripted import job_spec
 
-from sdjobs.frontend import CancelMode, FrontendOptions
+from sdjobs.frontend import EXIT_CANCELLED, CancelMode, FrontendOptions
 from sdjobs.frontends.console import ConsoleFrontend
-from sdjobs.frontends.interrupt import EXIT_INTERRUPTED
 from sdjobs.frontends.jsonl import JsonlFrontend
 from sdjobs.frontends.log import LogFrontend
 
@@ -90,7 +89,7 @@ def test_a_second_ctrl_c_quits_at_once_with_status_130(make_frontend, make_sessi
     frontend, output = make_frontend(tmp_path)
     session = make_session(frontend, [job_spec("sea")], watch=CtrlC(times=2))
     before = signal.getsignal(signal.SIGINT)
-    assert frontend.run(session) == EXIT_INTERRUPTED
+    assert frontend.run(session) == EXIT_CANCELLED
     assert session.cancels == [(CancelMode.NOW, True)]
     assert signal.getsignal(signal.SIGINT) is before
     assert "job_finished" not in output() and "cancelled after" not in output()

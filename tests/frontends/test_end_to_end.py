@@ -24,11 +24,11 @@ from typing import Any
 import attrs
 import pytest
 from scripted import job_spec
-from tkwindow import close_window, grab, on_tk, texts
+from tkwindow import close_window, grab, on_tk, session_threads, texts
 
 from sdjobs import hookimpl
 from sdjobs.client import WebUIClient
-from sdjobs.frontend import FrontendOptions
+from sdjobs.frontend import CancelMode, FrontendOptions
 from sdjobs.frontends.jsonl import FIELDS
 from sdjobs.frontends.tk import TkFrontend
 from sdjobs.frontends.tk_panel import JobPanel
@@ -377,6 +377,43 @@ def test_closing_the_window_mid_step_cancels_everything_and_leaves_no_thread(web
     assert [thread.name for thread in left if thread.is_alive()] == []
     err = capfd.readouterr().err
     assert "TclError" not in err and "Traceback" not in err
+
+
+@attrs.define(eq=False)
+class CancelsNoted:
+    """The runner as the front end's session, noting every cancel that reaches it."""
+
+    runner: Runner
+    cancels: list[tuple[CancelMode, bool]] = attrs.field(factory=list)
+
+    def run(self) -> None:
+        self.runner.run()
+
+    def cancel(self, mode: CancelMode = CancelMode.NOW, *, rest: bool = False) -> None:
+        self.cancels.append((mode, rest))
+        self.runner.cancel(mode, rest=rest)
+
+
+@needs_display
+def test_closing_the_window_after_every_job_ended_cancels_nothing(webui_sim, webui_client, tmp_path):
+    """Closing the window is how a user leaves once the queue drained: the run stays a success."""
+    specs = [job_spec("harbour", stages=("txt2img", "upscale"))]
+    frontend, history, runner = tk_session(FrontendOptions(), specs, webui_client, tmp_path)
+    session = CancelsNoted(runner)
+    closed_on: list[dict[str, Any]] = []
+
+    def drive() -> None:
+        history.wait("job_started")
+        [worker] = session_threads()
+        worker.join(timeout=10)  # the session returned: every job has ended
+        assert not worker.is_alive()
+        closed_on.append(on_tk(frontend, lambda panel: (close_window(panel), texts(panel))[1]))
+
+    with driving(frontend, webui_sim, drive):
+        assert frontend.run(session) is None
+    assert (closed_on[0]["name"], closed_on[0]["state"]) == ("Finished", "1 job: 1 done")
+    assert session.cancels == [] and not runner.stopped
+    assert list(runner.outcomes.values()) == [JobState.DONE]
 
 
 #: Seconds each sampling step takes on the fake clock of the screenshot's run.

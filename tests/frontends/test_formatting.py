@@ -48,8 +48,9 @@ def test_the_status_line_says_stage_step_percent_eta_and_seed():
     assert status_line(status) == "Stage 2/4 img2img · step 12/30 · 40% · ETA 1m 05s · seed 1234567890"
 
 
-def test_the_status_line_leaves_out_an_unknown_step_and_calculates_the_eta():
-    assert status_line(running(stage_index=0, stage="txt2img")) == (
+@pytest.mark.parametrize(("step", "steps"), [(None, None), (0, None), (0, 30), (12, None)])
+def test_the_status_line_leaves_out_a_step_until_both_figures_are_known_and_calculates_the_eta(step, steps):
+    assert status_line(running(stage_index=0, stage="txt2img", step=step, steps=steps)) == (
         "Stage 1/4 txt2img · 0% · ETA calculating... · seed 1234567890"
     )
 

@@ -1,4 +1,4 @@
-"""Choosing a front end at launch: flag, then SDJOBS_FRONTEND, then console or log; entry points only."""
+"""Choosing a front end at launch: flag, then SDJOBS_FRONTEND, then console or log; built-ins and entry points."""
 
 from __future__ import annotations
 
@@ -45,6 +45,19 @@ def test_the_built_in_front_ends_are_entry_points_listed_by_name():
     }
 
 
+def test_the_built_in_front_ends_are_there_without_their_entry_points(monkeypatch):
+    monkeypatch.setattr(frontend, "entry_points", lambda group: [])  # a checkout never reinstalled
+    assert list(available_frontends()) == BUILT_IN
+    assert [load_frontend(name).name for name in BUILT_IN] == BUILT_IN
+
+
+def test_an_entry_point_with_a_built_in_name_is_a_duplicate_and_skipped(tmp_path, monkeypatch):
+    install_distribution(
+        tmp_path, monkeypatch, "console = sdjobs_extra_console:Console", "sdjobs_extra_console", "class Console: ...\n"
+    )
+    assert available_frontends()["console"].value == "sdjobs.frontends.console:ConsoleFrontend"
+
+
 @pytest.mark.parametrize("name", BUILT_IN)
 def test_each_built_in_front_end_loads_under_its_own_name_and_describes_itself(name):
     cls = load_frontend(name)
@@ -79,6 +92,22 @@ def test_an_unknown_name_is_an_error_that_lists_the_valid_ones(flag, env, source
     message = str(raised.value)
     assert f"'fancy' (from {source})" in message
     assert "choose one of: console, jsonl, log, tk" in message
+
+
+@pytest.mark.parametrize(
+    ("isatty", "default", "source"),
+    [(True, "console", "the default for a terminal"), (False, "log", "the default without a terminal")],
+)
+def test_a_default_that_is_not_installed_is_an_error_that_says_it_is_the_default(monkeypatch, isatty, default, source):
+    monkeypatch.setattr(frontend, "BUILTIN_FRONTENDS", {"jsonl": frontend.BUILTIN_FRONTENDS["jsonl"]})
+    monkeypatch.setattr(frontend, "entry_points", lambda group: [])
+    with pytest.raises(UnknownFrontendError, match=rf"^unknown front end '{default}' \(from {source}\); choose one of: jsonl$"):
+        choose_frontend(None, {}, isatty)
+
+
+def test_loading_a_name_that_is_not_installed_lists_the_valid_ones():
+    with pytest.raises(UnknownFrontendError, match=r"^unknown front end 'fancy'; choose one of: console, jsonl, log, tk$"):
+        load_frontend("fancy")
 
 
 def test_a_front_end_from_another_distribution_is_chosen_by_name(tmp_path, monkeypatch):

@@ -18,9 +18,8 @@ from PIL import Image
 from scripted import job_spec
 from tkwindow import close_window, on_tk, session_threads, texts
 
-from sdjobs.frontend import CancelMode, FrontendOptions, FrontendUnavailable
+from sdjobs.frontend import EXIT_CANCELLED, CancelMode, FrontendOptions, FrontendUnavailable
 from sdjobs.frontends import tk as tk_frontend
-from sdjobs.frontends.interrupt import EXIT_INTERRUPTED
 from sdjobs.frontends.tk import TkFrontend
 from sdjobs.frontends.tk_panel import JobPanel
 
@@ -65,6 +64,7 @@ def test_the_panel_shows_job_stage_progress_eta_seed_step_and_the_queue(make_ses
     assert (seen["second"]["name"], seen["second"]["stage"], seen["second"]["queued"]) == ("sky", "Stage: 1/1 txt2img", [])
     assert seen["drained"] == seen["after the session"]
     assert (seen["drained"]["name"], seen["drained"]["state"], seen["drained"]["cancel"]) == ("Finished", "2 jobs: 2 done", False)
+    assert session.cancels == []  # closed after every job ended: nothing to cancel
     assert session_threads() == []
     assert "Traceback" not in capsys.readouterr().err
 
@@ -129,7 +129,7 @@ def test_a_job_that_will_not_stop_is_left_behind_after_the_close_timeout(make_se
             release.wait(timeout=10)  # a server that does not answer the interrupt
 
     session = make_session(frontend, [job_spec("sea")], watch=watch)
-    assert frontend.run(session) == EXIT_INTERRUPTED
+    assert frontend.run(session) == EXIT_CANCELLED
     [worker] = session_threads()
     release.set()
     worker.join(timeout=10)

@@ -276,10 +276,6 @@ def test_api_auth(make_sim) -> None:
     assert compared == 27  # every /sdapi and /internal line of the trace
 
 
-def test_pages_outside_the_api() -> None:
-    pytest.skip("the simulator serves no Gradio UI, /docs, /openapi.json or /internal/sysinfo (traces 10, 11)")
-
-
 TXT2IMG_STEPS_2 = {"prompt": "a cat", "width": 64, "height": 64, "steps": 2, "seed": 1}
 
 
