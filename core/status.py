@@ -216,7 +216,8 @@ class StageResult:
         seeds: The seeds the server reports it used (`all_seeds`), per image.
         started_at: Unix time the stage started.
         elapsed: Seconds the stage took.
-        partial: True when the stage was interrupted and its images are unfinished.
+        partial: True when the stage was cut short (a cancel, a failure, a failed check):
+            its images, if any, are kept but are not all the stage was to make.
     """
 
     stage: str
