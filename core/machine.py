@@ -74,10 +74,12 @@ class JobMachine:
 
     @property
     def state(self) -> str:
+        """The current state's name: ``queued``, a stage state, or an end."""
         return self.model.state
 
     @property
     def terminal(self) -> bool:
+        """The job has ended; no trigger applies any more."""
         return self.state in TERMINAL_STATES
 
     @property

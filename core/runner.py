@@ -1,11 +1,12 @@
 """`Runner`: runs a queue of jobs, one after another, on one thread.
 
 The runner's thread is the one writer: it alone fires machine triggers and
-hooks.  Everything else reaches it as an event on a queue: the answer of the
-request in flight (sent from a short-lived thread, so the runner never blocks on
-it), progress samples from the poller's thread, and cancels from any thread.
-So a cancel is acted on at once, not at the next poll, and a hanging progress
-request can never hold up the generation request or a cancel.
+hooks.  Everything else reaches it as an event on one queue: the answer of the
+request in flight and the probes' samples (each from a short-lived thread, so
+the runner never waits on the network), progress samples from the poller's
+thread, and cancels from any thread.  So a cancel is acted on at once, not at
+the next poll, and a hanging progress request holds up neither a cancel nor,
+beyond the job's `probe_timeout`, the generation request.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from sdjobs.job import Job, JobSettings
 from sdjobs.outputs import JobFolder
 from sdjobs.pytest_plugin import FakeClock
 from sdjobs.spec import JobSpec
-from sdjobs.status import JobState, ProgressInfo, TaskProgress
+from sdjobs.status import JobState, ProgressInfo, RuntimeStatus, TaskProgress
 
 __all__ = [
     "FakeWebUI",
@@ -378,13 +378,14 @@ class JobRules(RuleBasedStateMachine):
 
     # -- invariants -----------------------------------------------------------------
 
-    def _progress_calls(self):
-        return [kw["status"] for name, kw in self.recorder.calls if "status" in kw]
+    def _statuses(self) -> list[RuntimeStatus]:
+        """Every status handed to a hook, in order."""
+        return [kwargs["status"] for _, kwargs in self.recorder.calls if "status" in kwargs]
 
     @invariant()
     def progress_is_monotonic_and_in_range(self) -> None:
         stage, progress, job = 0, 0.0, 0.0
-        for status in self._progress_calls():
+        for status in self._statuses():
             assert 0.0 <= status.progress <= 1.0 and 0.0 <= status.job_progress <= 1.0
             assert status.stage_index >= stage, "the stage index went back"
             if status.stage_index == stage:
