@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import attrs
 
 from sdjobs import frontend as frontends
 from sdjobs.client import DEFAULT_URL, WebUIClient
@@ -22,8 +25,11 @@ from sdjobs.runner import Runner
 from sdjobs.spec import JobFileError, JobSpec, load_job
 from sdjobs.status import JobState
 
-EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 1, 2, 130
+EXIT_FAILED, EXIT_USAGE = 1, 2
+EXIT_CANCELLED = frontends.EXIT_CANCELLED
 DEMO_JOB = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
+STALL_AFTER = attrs.fields(JobSettings).stall_after.default
+LOG_LEVEL = attrs.fields(frontends.FrontendOptions).log_level.default
 
 
 class UsageError(Exception):
@@ -38,6 +44,16 @@ def _poll_interval(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not low <= value <= high:
         raise argparse.ArgumentTypeError(f"must be between {low} and {high} seconds, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < math.inf:  # false for nan too
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 
@@ -61,7 +77,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "on a terminal and log otherwise)",
     )
     show.add_argument("--log-file", type=Path, metavar="PATH", help="log front end: write here, not stderr")
-    show.add_argument("--log-level", default="INFO", metavar="LEVEL", help="log front end: DEBUG, INFO, ...")
+    show.add_argument("--log-level", default=LOG_LEVEL, metavar="LEVEL", help=f"log front end: DEBUG, INFO, ... (default: {LOG_LEVEL})")
     show.add_argument("--log-format", metavar="FORMAT", help="log front end: a logging format string")
     show.add_argument("--preview", action="store_true", help="show the live preview where the front end can")
     show.add_argument("--close-when-done", action="store_true", help="tk: close the window when the queue has drained")
@@ -74,10 +90,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help=f"seconds between progress samples, {POLL_INTERVAL_RANGE[0]} to {POLL_INTERVAL_RANGE[1]} (default: {DEFAULT_POLL_INTERVAL})",
     )
-    jobs.add_argument("--stall-after", type=float, default=60.0, metavar="SECONDS", help="report a stall after this long without progress (default: 60)")
+    jobs.add_argument(
+        "--stall-after",
+        type=_positive_seconds,
+        default=STALL_AFTER,
+        metavar="SECONDS",
+        help=f"report a stall after this long without progress (default: {STALL_AFTER:g})",
+    )
     jobs.add_argument(
         "--stall-interrupt-after",
-        type=float,
+        type=_positive_seconds,
         metavar="SECONDS",
         help="interrupt a stage stalled this long, failing the job (default: never)",
     )
@@ -93,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run the demo job against the built-in simulated WebUI")
-    demo.add_argument("--step-time", type=float, default=None, metavar="S", help="simulator seconds per sampling step")
+    demo.add_argument("--step-time", type=_positive_seconds, metavar="S", help="simulator seconds per sampling step")
     _add_run_options(demo)
 
     run = commands.add_parser("run", help="run job files one after another")
@@ -140,12 +162,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_out_dir(path: Path) -> None:
+    """Make the output folder now: one that cannot be made stops the run before it starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {path}: cannot create the folder: {exc.strerror or exc}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     specs = _load_jobs(args.jobs)
-    shown = _frontend(args)
     url = args.webui or os.environ.get("SDJOBS_WEBUI") or DEFAULT_URL
     auth = _credentials(args.auth or os.environ.get("SDJOBS_WEBUI_AUTH"))
-    with WebUIClient(url, auth=auth) as client:
+    try:
+        client = WebUIClient(url, auth=auth)
+    except ValueError as exc:  # the message shows the URL without credentials
+        raise UsageError(f"--webui / SDJOBS_WEBUI: {exc}") from None
+    with client:
+        shown = _frontend(args)
+        _make_out_dir(args.out)
         return _run(specs, client, shown, args)
 
 
@@ -155,8 +190,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sdjobs.sim import SimSettings, SimulatedWebUI
 
     specs = _load_jobs([DEMO_JOB])
+    try:
+        settings = SimSettings() if args.step_time is None else SimSettings(step_time=args.step_time)
+    except ValueError as exc:
+        raise UsageError(f"--step-time: {exc}") from None
     shown = _frontend(args)
-    settings = SimSettings() if args.step_time is None else SimSettings(step_time=args.step_time)
+    _make_out_dir(args.out)
     with SimulatedWebUI(settings) as sim, WebUIClient(sim.url) as client:
         print(f"sdjobs demo: simulated WebUI at {sim.url}", file=sys.stderr)
         return _run(specs, client, shown, args)

@@ -9,9 +9,9 @@ raise: a sample that cannot be had is None, and the job goes on without it.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -174,9 +174,22 @@ class GenerationResult:
         return tuple(self.info.get("infotexts") or ())
 
 
-def _decode_image(data: str) -> bytes:
+def _decode_image(data: Any) -> bytes:
+    """The bytes of one base64 image, with or without a `data:` prefix; ValueError if it is not one."""
+    if not isinstance(data, str):
+        raise ValueError(f"expected a base64 string, got {_json_type(data)}")
     _, _, payload = data.rpartition("base64,")
-    return base64.b64decode(payload, validate=True)
+    return base64.b64decode(payload, validate=True)  # binascii.Error is a ValueError
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages about an unexpected answer."""
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "a boolean"), (str, "a string"), ((int, float), "a number")):
+        if isinstance(value, kind):
+            return name
+    return "an array" if isinstance(value, list) else "an object"
 
 
 def _parse_info(raw: Any) -> Mapping[str, Any]:
@@ -196,21 +209,36 @@ def _parse_info(raw: Any) -> Mapping[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-def _split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
-    """Take `user:pass@` out of a URL, so it never shows in a message."""
-    parts = urlsplit(url.rstrip("/"))
+def _parse_base_url(url: str) -> tuple[str, tuple[str, str] | None]:
+    """The URL without `user:pass@`, and those credentials.
+
+    Raises ValueError, naming the URL without its credentials, unless it is
+    http(s) with a host and, if any, a numeric port.
+    """
+    try:
+        parts = urlsplit(url.rstrip("/"))
+        parts.port  # raises ValueError for a port that is not a number
+    except ValueError:
+        parts = urlsplit("")  # not valid either
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        shown = re.sub(r"^([^/]*//)?[^/]*@", r"\1", url)  # no credentials
+        raise ValueError(f"{shown!r} is not a WebUI URL: expected http(s)://HOST[:PORT]")
     if parts.username is None:
         return urlunsplit(parts), None
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    netloc = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=netloc)), (parts.username, parts.password or "")
 
 
 class WebUIClient:
     """Talks to one WebUI over HTTP.
 
-    Thread-safe for the way sdjobs uses it: one generation call at a time, while
-    another thread polls progress and a third may interrupt.
+    Safe for the way sdjobs shares it between threads: one generation call at a
+    time on one thread, progress polls on another, interrupts on a third.  They
+    share one `requests.Session`, whose urllib3 connection pool hands each
+    concurrent request its own connection; nothing else in the session changes
+    after `__init__`.  Two generation calls at once are not supported.
+
+    Raises ValueError at once for a URL that is not http(s) with a host.
     """
 
     def __init__(
@@ -221,7 +249,7 @@ class WebUIClient:
         timeouts: Timeouts = Timeouts(),
         retries: int = 3,
     ) -> None:
-        self.base_url, url_auth = _split_credentials(base_url)
+        self.base_url, url_auth = _parse_base_url(base_url)
         self.timeouts = timeouts
         self._session = requests.Session()
         self._session.auth = auth or url_auth
@@ -261,28 +289,54 @@ class WebUIClient:
         json_body: Any = None,
         params: Mapping[str, str] | None = None,
         timeout: tuple[float, float | None] | None = None,
+        expect: type[dict] | type[list] | None = None,
     ) -> Any:
+        """The parsed JSON answer; WebUIError for anything else.
+
+        With ``expect``, an answer of another JSON type is a WebUIError too.
+        """
         url = self.base_url + path
         try:
             response = self._session.request(
                 method, url, json=json_body, params=params, timeout=timeout or self.timeouts.short
             )
-        except requests.Timeout as exc:
-            raise WebUIUnreachable(url, None, "timed out") from exc
-        except requests.ConnectionError as exc:
-            raise WebUIUnreachable(url, None, _connection_problem(exc)) from exc
+        except requests.RequestException as exc:
+            raise _request_error(exc, url) from exc
         if response.status_code >= 400:
             raise _error_for(response, url)
         try:
-            return response.json()
+            body = response.json()
         except ValueError as exc:
             raise WebUIError(url, response.status_code, "the answer is not JSON") from exc
+        if expect is not None and not isinstance(body, expect):
+            wanted = _json_type(expect())
+            raise WebUIError(url, response.status_code, f"expected {wanted}, got {_json_type(body)}")
+        return body
 
-    def _generate(self, route: str, payload: Mapping[str, Any], force_task_id: str | None) -> Any:
+    def _generate(self, route: str, payload: Mapping[str, Any], force_task_id: str | None) -> dict[str, Any]:
         body = dict(payload)
         if force_task_id is not None:
             body["force_task_id"] = force_task_id
-        return self._call("POST", f"/sdapi/v1/{route}", json_body=body, timeout=self.timeouts.long)
+        return self._call(
+            "POST", f"/sdapi/v1/{route}", json_body=body, timeout=self.timeouts.long, expect=dict
+        )
+
+    def _decode_images(self, route: str, encoded: Any) -> tuple[bytes, ...]:
+        """The images of a generation answer; WebUIError if one is not base64."""
+        try:
+            if not isinstance(encoded, list):
+                raise ValueError(f"expected an array, got {_json_type(encoded)}")
+            return tuple(_decode_image(image) for image in encoded)
+        except ValueError as exc:
+            url = f"{self.base_url}/sdapi/v1/{route}"
+            raise WebUIError(url, 200, f"the answer has a bad image: {exc}") from exc
+
+    def _generation_result(self, route: str, body: Mapping[str, Any]) -> GenerationResult:
+        return GenerationResult(
+            images=self._decode_images(route, body.get("images") or []),
+            info=_parse_info(body.get("info")),
+            parameters=body.get("parameters") or {},
+        )
 
     # -- generation ---------------------------------------------------------
 
@@ -293,19 +347,20 @@ class WebUIClient:
 
         An interrupted request still answers 200, with the images finished so far.
         """
-        return self._generation_result(self._generate("txt2img", payload, force_task_id))
+        return self._generation_result("txt2img", self._generate("txt2img", payload, force_task_id))
 
     def img2img(
         self, payload: Mapping[str, Any], *, force_task_id: str | None = None
     ) -> GenerationResult:
         """Run an img2img request (ADetailer stages too); block until it answers."""
-        return self._generation_result(self._generate("img2img", payload, force_task_id))
+        return self._generation_result("img2img", self._generate("img2img", payload, force_task_id))
 
     def extra_single_image(self, payload: Mapping[str, Any]) -> GenerationResult:
         """Upscale one image through extras.  Extras take no task id."""
         body = self._generate("extra-single-image", payload, None)
+        image = body.get("image")
         return GenerationResult(
-            images=(_decode_image(body["image"]),) if body.get("image") else (),
+            images=self._decode_images("extra-single-image", [image] if image else []),
             info={"html_info": body.get("html_info")},
         )
 
@@ -317,17 +372,6 @@ class WebUIClient:
             return self.extra_single_image(payload)
         call = {"txt2img": self.txt2img, "img2img": self.img2img}[endpoint]
         return call(payload, force_task_id=force_task_id)
-
-    def _generation_result(self, body: Mapping[str, Any]) -> GenerationResult:
-        try:
-            images = tuple(_decode_image(image) for image in body.get("images") or ())
-        except (binascii.Error, ValueError) as exc:
-            raise WebUIError(self.base_url, 200, f"an image is not valid base64: {exc}") from exc
-        return GenerationResult(
-            images=images,
-            info=_parse_info(body.get("info")),
-            parameters=body.get("parameters") or {},
-        )
 
     # -- control ------------------------------------------------------------
 
@@ -377,20 +421,28 @@ class WebUIClient:
 
         True on A1111 and Forge ≥ 1.8 with the UI; false with `--nowebui` (no
         route), on SD.Next (no task ids for API jobs) and on older servers (no
-        `/internal/pending-tasks`).  Asked once, then remembered.
+        `/internal/pending-tasks`).  A definite answer is remembered; after no
+        answer or a 5xx this says False and asks again next time.
         """
         if self._task_progress is None:
-            self._task_progress = self._detect_task_progress()
+            detected = self._detect_task_progress()
+            if detected is not None:
+                self._task_progress = detected
+            return bool(detected)
         return self._task_progress
 
-    def _detect_task_progress(self) -> bool:
+    def _detect_task_progress(self) -> bool | None:
+        """Whether the server follows task ids; None when it could not tell (no answer, or 5xx)."""
         probe = f"sdjobs-probe-{uuid.uuid4().hex}"
         try:
             pending = self._call("GET", "/internal/pending-tasks")
             answer = self._call(
                 "POST", "/internal/progress", json_body={"id_task": probe, "live_preview": False}
             )
-        except WebUIError:
+        except WebUIError as exc:
+            if exc.status is None or exc.status >= 500:
+                log.debug("cannot tell whether the server follows task ids yet: %s", exc)
+                return None
             return False
         return (
             isinstance(pending, Mapping)
@@ -403,33 +455,52 @@ class WebUIClient:
     # -- lists and settings -------------------------------------------------
 
     def options(self) -> Mapping[str, Any]:
-        return self._call("GET", "/sdapi/v1/options")
+        return self._call("GET", "/sdapi/v1/options", expect=dict)
 
     def set_options(self, options: Mapping[str, Any]) -> None:
         self._call("POST", "/sdapi/v1/options", json_body=dict(options), timeout=self.timeouts.long)
 
     def samplers(self) -> Sequence[Mapping[str, Any]]:
-        return self._call("GET", "/sdapi/v1/samplers")
+        return self._call("GET", "/sdapi/v1/samplers", expect=list)
 
     def upscalers(self) -> Sequence[Mapping[str, Any]]:
-        return self._call("GET", "/sdapi/v1/upscalers")
+        return self._call("GET", "/sdapi/v1/upscalers", expect=list)
 
     def sd_models(self) -> Sequence[Mapping[str, Any]]:
-        return self._call("GET", "/sdapi/v1/sd-models")
+        return self._call("GET", "/sdapi/v1/sd-models", expect=list)
 
     def adetailer_models(self) -> Sequence[str] | None:
         """ADetailer's model names; None when the extension is not installed."""
+        path = "/adetailer/v1/ad_model"
         try:
-            return self._call("GET", "/adetailer/v1/ad_model")["ad_model"]
+            models = self._call("GET", path, expect=dict).get("ad_model")
         except WebUINotFound:
             return None
+        if not isinstance(models, list):
+            raise WebUIError(self.base_url + path, 200, f"expected an array in 'ad_model', got {_json_type(models)}")
+        return models
 
     def adetailer_schema(self) -> Mapping[str, Any] | None:
         """ADetailer's JSON schema of a tab's settings; None without the extension."""
         try:
-            return self._call("GET", "/adetailer/v1/schema")
+            return self._call("GET", "/adetailer/v1/schema", expect=dict)
         except WebUINotFound:
             return None
+
+
+def _request_error(exc: requests.RequestException, url: str) -> WebUIError:
+    """The WebUIError for a request that got no usable answer."""
+    if isinstance(exc, requests.Timeout):
+        return WebUIUnreachable(url, None, "timed out")
+    if isinstance(exc, requests.ConnectionError):
+        return WebUIUnreachable(url, None, _connection_problem(exc))
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return WebUIUnreachable(url, None, "the connection closed in the middle of the answer")
+    if isinstance(exc, requests.exceptions.ContentDecodingError):
+        return WebUIError(url, None, "the answer could not be decompressed")
+    if isinstance(exc, requests.TooManyRedirects):
+        return WebUIError(url, None, "too many redirects")
+    return WebUIError(url, None, f"the request failed ({type(exc).__name__})")
 
 
 def _connection_problem(exc: requests.ConnectionError) -> str:

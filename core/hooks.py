@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Built-in plugins, registered like third-party ones (by module name).
-DEFAULT_PLUGINS = ("sdjobs.plugins.progress_poller",)
+#: Built-in plugins, registered like third-party ones under their module name,
+#: each mapped to the name pyproject gives it in the entry-point group `sdjobs`:
+#: blocking either name blocks it.
+DEFAULT_PLUGINS: Mapping[str, str] = {"sdjobs.plugins.progress_poller": "progress"}
 
 #: Comma-separated plugin names that must not be loaded.
 DISABLE_ENV = "SDJOBS_DISABLE_PLUGINS"
@@ -43,6 +45,7 @@ class PluginError(Exception):
 
 
 def disabled_plugins(environ: Mapping[str, str] = os.environ) -> frozenset[str]:
+    """The plugin names listed in ``SDJOBS_DISABLE_PLUGINS`` (comma-separated, blanks ignored)."""
     return frozenset(name.strip() for name in environ.get(DISABLE_ENV, "").split(",") if name.strip())
 
 
@@ -55,15 +58,15 @@ def make_plugin_manager(
     """A plugin manager with the built-ins, entry-point plugins and ``plugins``.
 
     ``disabled`` (default: from ``SDJOBS_DISABLE_PLUGINS``) names plugins to
-    block; built-ins are named by their module.  Tests pass
-    ``load_entry_points=False``.
+    block; a built-in is blocked by its module or its entry-point name.  Tests
+    pass ``load_entry_points=False``.
     """
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     for name in disabled_plugins() if disabled is None else disabled:
         pm.set_blocked(name)
-    for module_name in DEFAULT_PLUGINS:
-        if not pm.is_blocked(module_name):
+    for module_name, entry_point_name in DEFAULT_PLUGINS.items():
+        if not (pm.is_blocked(module_name) or pm.is_blocked(entry_point_name)):
             pm.register(importlib.import_module(module_name), name=module_name)
     if load_entry_points:
         _load_entry_points(pm)
@@ -78,9 +81,9 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=PROJECT):
-        if pm.is_blocked(ep.name) or pm.has_plugin(ep.name) or pm.has_plugin(ep.value):
-            continue
-        if ep.value in DEFAULT_PLUGINS:
+        # A built-in was registered, or blocked, above under its module name; loading
+        # its entry point would register it twice, or undo the block.
+        if ep.value in DEFAULT_PLUGINS or pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
             continue
         try:
             plugin = ep.load()
@@ -105,16 +108,30 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
 
 
 class Hooks:
-    """Calls the hooks of one plugin manager, one method per hook."""
+    """Calls the hooks of one plugin manager, one method per hook.
+
+    Every implementation is called on its own, so wrappers (``wrapper=True`` or
+    ``hookwrapper=True``) have nothing to wrap: they are skipped, with a warning
+    naming the plugin, the first time their hook is called.
+    """
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
+        self._skipped: set[tuple[str, str]] = set()
 
     def _impls(self, hook: str, kwargs: dict[str, Any]) -> Iterator[tuple[str, Callable[[], Any]]]:
-        """Each implementation of ``hook``, in pluggy's calling order, ready to call."""
+        """Each implementation of ``hook`` but wrappers, in pluggy's calling order, ready to call."""
         for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+            if impl.wrapper or impl.hookwrapper:
+                self._skip_wrapper(impl.plugin_name, hook)
+                continue
             args = [kwargs[name] for name in impl.argnames]
             yield impl.plugin_name, functools.partial(impl.function, *args)
+
+    def _skip_wrapper(self, plugin: str, hook: str) -> None:
+        if (plugin, hook) not in self._skipped:
+            self._skipped.add((plugin, hook))
+            log.warning("plugin %r: %s is a wrapper, which sdjobs does not call; it is skipped", plugin, hook)
 
     def _observe(self, hook: str, **kwargs: Any) -> None:
         for plugin, call in self._impls(hook, kwargs):

@@ -89,9 +89,10 @@ def sdjobs_progress(status: RuntimeStatus) -> None:
 def sdjobs_stage_finished(status: RuntimeStatus, result: StageResult) -> None:
     """A stage's requests returned and its images are on disk.
 
-    Also fires for a stage cut short by a cancel, with ``result.partial`` set and
-    the images it had.  The return value is ignored; raising is logged and the
-    job goes on.
+    Also fires for a stage cut short by a cancel, a failure or a failed check,
+    with ``result.partial`` set and the images it had, before
+    `sdjobs_job_finished`.  The return value is ignored; raising is logged and
+    the job goes on.
     """
 
 

@@ -52,8 +52,7 @@ class _Port:
 
     @property
     def task_tracking(self) -> bool:
-        """Asked at the first request, when the preflight has found the server up:
-        the client remembers the answer, so an unreachable server must not give it."""
+        """Asked at each request; the client remembers a definite answer."""
         return self.client.supports_task_progress()
 
     def _put(self, event: str, *args: object) -> None:

@@ -14,6 +14,7 @@ import time
 
 from sdjobs import hookimpl
 from sdjobs.polling import PollRequest
+from sdjobs.status import ProgressInfo, TaskProgress
 
 
 class ThreadPoller:
@@ -45,9 +46,15 @@ class ThreadPoller:
             if self._stopped.is_set():
                 break
             self._request.report(info, task)
-            due += interval
+            # After a slow sample, the next is due at once, not the ones missed meanwhile.
+            due = max(due + interval, time.monotonic())
 
-    def _sample(self):
+    def _sample(self) -> tuple[ProgressInfo | None, TaskProgress | None]:
+        """One sample: global progress, and our task's state when following a task id.
+
+        In task mode the global progress is asked only while our task is active
+        (before that it reads someone else's job); it is None otherwise.
+        """
         client, task_id = self._request.client, self._request.task_id
         preview = self._request.preview
         if task_id is None:

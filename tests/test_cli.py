@@ -135,6 +135,44 @@ def test_a_poll_interval_out_of_range_is_a_usage_error(job_file):
     assert "--poll-interval: must be between 0.25 and 2.0 seconds, got 5.0" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "option", "value"),
+    [("demo", "--step-time", "-1"), ("run", "--stall-after", "0"), ("run", "--stall-interrupt-after", "nan")],
+)
+def test_a_duration_that_is_not_positive_is_a_usage_error(job_file, command, option, value):
+    bad = sdjobs(command, *([job_file] if command == "run" else []), option, value)
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines()[-1] == (  # after argparse's usage lines
+        f"sdjobs {command}: error: argument {option}: must be a positive number of seconds, got {value}"
+    )
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [("notaurl", "'notaurl'"), (f"http://alice:{SECRET}@127.0.0.1:port", "'http://127.0.0.1:port'")],
+)
+def test_a_webui_that_is_not_a_url_is_one_line(job_file, tmp_path, url, shown):
+    bad = sdjobs("run", job_file, "--webui", url, "--out", tmp_path / "out")
+    assert bad.returncode == 2
+    assert bad.stderr == (
+        f"sdjobs: error: --webui / SDJOBS_WEBUI: {shown} is not a WebUI URL: expected http(s)://HOST[:PORT]\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_an_out_folder_that_cannot_be_made_is_one_line_naming_it(webui_sim, job_file, tmp_path, command):
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "out"
+    args = ["run", job_file, "--webui", webui_sim.url] if command == "run" else ["demo"]
+    bad = sdjobs(*args, "--frontend", "jsonl", "--out", out)
+    assert bad.returncode == 2
+    assert bad.stdout == ""
+    assert bad.stderr == f"sdjobs: error: --out {out}: cannot create the folder: Not a directory\n"
+    assert webui_sim.requests == []
+
+
 class Lines:
     """A pipe's lines, read on a thread as they come; a test can wait for one."""
 

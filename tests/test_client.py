@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,10 +22,11 @@ from sdjobs.client import (
     WebUIServerError,
     WebUIUnreachable,
 )
-from sdjobs.sim import SimSettings
+from sdjobs.sim import SimSettings, SimulatedWebUI
 from sdjobs.status import ProgressInfo
 
 TRACES = Path(__file__).parent / "data" / "traces"
+SECRET = "s3cret-pass"
 
 TXT2IMG = {"prompt": "a lighthouse", "seed": 1234, "steps": 8, "width": 64, "height": 64, "sampler_name": "Euler a"}
 
@@ -181,6 +184,14 @@ def test_no_task_progress_with_nowebui(webui_client):
     assert webui_client.internal_progress("task(x)") is None
 
 
+def test_task_progress_is_asked_again_after_no_answer(closed_port_url):
+    client = WebUIClient(closed_port_url, retries=0)
+    assert not client.supports_task_progress()  # nothing listens yet: no answer, nothing learnt
+    port = int(closed_port_url.rpartition(":")[2])
+    with SimulatedWebUI(SimSettings(step_time=0.001), port=port), client:
+        assert client.supports_task_progress()
+
+
 @pytest.mark.parametrize("sim_settings", [stepping()])
 def test_internal_progress_follows_our_task_queued_active_completed(webui_sim, webui_client):
     first = Background(webui_client.txt2img, TXT2IMG, force_task_id="task(one)")
@@ -260,9 +271,76 @@ def test_every_error_shape_gives_the_servers_message(canned_server, body, messag
         WebUIClient(canned_server(500, body), retries=0).options()
 
 
+@pytest.mark.parametrize(
+    ("method", "body", "message"),
+    [
+        ("txt2img", b'{"images": ["iVBORw0KGgo', "the answer is not JSON"),
+        ("txt2img", [], "expected an object, got an array"),
+        ("img2img", None, "expected an object, got null"),
+        ("txt2img", {"images": "iVBORw0KGgo="}, "bad image: expected an array, got a string"),
+        ("img2img", {"images": ["not base64!"]}, "bad image: .*base64"),
+        ("extra_single_image", {"image": "not base64!", "html_info": ""}, "bad image: .*base64"),
+        ("extra_single_image", {"image": 42}, "bad image: expected a base64 string, got a number"),
+        ("options", ["a", "list"], "expected an object, got an array"),
+        ("samplers", {"not": "a list"}, "expected an array, got an object"),
+        ("adetailer_models", {"ad_model": None}, "expected an array in 'ad_model', got null"),
+    ],
+)
+def test_a_malformed_answer_is_a_webui_error(canned_server, method, body, message):
+    client = WebUIClient(canned_server(200, body), retries=0)
+    payload = (TXT2IMG,) if method in ("txt2img", "img2img", "extra_single_image") else ()
+    with pytest.raises(WebUIError, match=message) as caught:
+        getattr(client, method)(*payload)
+    assert caught.value.status == 200
+
+
+@pytest.fixture
+def cut_short_url() -> Iterator[str]:
+    """A server whose answer promises 100 bytes and sends 12 before closing the connection."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b'{"samplers":')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_answer_cut_short_is_unreachable(cut_short_url):
+    with pytest.raises(WebUIUnreachable, match="closed in the middle of the answer") as caught:
+        WebUIClient(cut_short_url, retries=0).samplers()
+    assert caught.value.status is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "notaurl",
+        "localhost:7860",
+        f"alice:{SECRET}@localhost:7860",
+        f"ftp://alice:{SECRET}@host",
+        f"http://alice:{SECRET}@host:port",
+        "http://",
+    ],
+)
+def test_a_url_that_is_not_http_is_refused_at_once_without_credentials(url):
+    with pytest.raises(ValueError, match=r"is not a WebUI URL: expected http\(s\)://HOST\[:PORT\]") as caught:
+        WebUIClient(url)
+    assert SECRET not in str(caught.value)
+
+
 # -- auth ---------------------------------------------------------------------------
 
-SECRET = "s3cret-pass"
 ROUTES = ["options", "samplers", "upscalers", "sd_models", "interrupt", "skip"]
 
 

@@ -5,6 +5,7 @@ import textwrap
 
 import pytest
 
+import sdjobs.plugins.progress_poller
 from sdjobs import hookimpl
 from sdjobs.hooks import DEFAULT_PLUGINS, Hooks, PluginError, describe_plugins, make_plugin_manager
 from sdjobs.status import RuntimeStatus
@@ -43,6 +44,46 @@ def test_disable_env_blocks_a_builtin(monkeypatch):
     assert pm.get_plugins() == set()
     assert pm.is_blocked("other")
     assert describe_plugins(pm) == []
+
+
+@pytest.mark.parametrize("load_entry_points", [False, True])
+@pytest.mark.parametrize("name", ["progress", "sdjobs.plugins.progress_poller"])
+def test_a_builtin_is_blocked_by_its_entry_point_name_or_its_module(name, load_entry_points):
+    pm = make_plugin_manager(load_entry_points=load_entry_points, disabled=[name])
+    assert sdjobs.plugins.progress_poller not in pm.get_plugins()
+
+
+class Wrappers:
+    def __init__(self):
+        self.called = []
+
+    @hookimpl(wrapper=True)
+    def sdjobs_progress(self, status):
+        self.called.append("sdjobs_progress")
+        return (yield)
+
+    @hookimpl(hookwrapper=True)
+    def sdjobs_amend_payload(self, payload):
+        self.called.append("sdjobs_amend_payload")
+        yield
+
+
+def test_wrappers_are_skipped_with_one_warning_naming_the_plugin(caplog):
+    recorder, wrappers = Recorder(), Wrappers()
+    pm = make_plugin_manager(load_entry_points=False, disabled=())
+    pm.register(recorder, name="recorder")
+    pm.register(wrappers, name="wrappers")
+    hooks = Hooks(pm)
+    with caplog.at_level(logging.WARNING, logger="sdjobs.hooks"):
+        for _ in range(2):
+            hooks.progress(STATUS)
+            hooks.amend_payload({}, stage=None, status=STATUS)
+    assert wrappers.called == []
+    assert recorder.seen == [STATUS, STATUS]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"plugin 'wrappers': {hook} is a wrapper, which sdjobs does not call; it is skipped"
+        for hook in ("sdjobs_progress", "sdjobs_amend_payload")
+    ]
 
 
 def test_a_raising_observer_is_logged_by_name_and_the_others_still_run(caplog):

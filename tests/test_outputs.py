@@ -9,7 +9,6 @@ import re
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
-import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st

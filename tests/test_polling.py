@@ -8,7 +8,7 @@ import time
 
 import attrs
 import pytest
-from runner_helpers import PROGRESS_PATHS, Background, assert_monotonic, job_spec, make_runner, requests_to
+from runner_helpers import Background, assert_monotonic, job_spec, make_runner, requests_to
 
 from sdjobs import hookimpl
 from sdjobs.client import WebUIClient
@@ -85,27 +85,50 @@ def test_poll_progress_loop_calls_callback(webui_sim, webui_client):
     assert [task for _, task in samples.received] == [None] * len(samples.received)  # global mode
 
 
-def test_poll_progress_loop_stops_on_event(webui_sim, webui_client):
+class WatchedClient(WebUIClient):
+    """A real client that keeps when each progress request was sent, and says when the first was.
+
+    ``slow_first`` holds the first request back that many seconds before sending it.
+    """
+
+    def __init__(self, *args, slow_first: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.asking = threading.Event()
+        self.sent: list[float] = []
+        self.slow_first = slow_first
+
+    def get_progress(self, **kwargs):
+        if not self.sent and self.slow_first:
+            threading.Event().wait(self.slow_first)  # a slow sample, as the poller sees it
+        self.sent.append(time.monotonic())
+        self.asking.set()
+        return super().get_progress(**kwargs)
+
+
+def test_poll_progress_loop_stops_on_event(webui_sim):
     samples = Samples()
-    poller = ThreadPoller(PollRequest(client=webui_client, interval=0.005, report=samples)).start()
-    assert samples.wait_for(lambda info, task: True)
-    poller.stop()
-    stopped_at, reported = time.monotonic(), len(samples.received)
-    webui_client.txt2img({**TXT2IMG, "steps": 20})  # long enough for many more samples
-    assert requests_to(webui_sim, PROGRESS_PATHS, after=stopped_at) == []
+    with WatchedClient(webui_sim.url) as client:
+        poller = ThreadPoller(PollRequest(client=client, interval=0.005, report=samples)).start()
+        assert samples.wait_for(lambda info, task: True)
+        poller.stop()
+        sent, reported = len(client.sent), len(samples.received)
+        client.txt2img({**TXT2IMG, "steps": 20})  # long enough for many more samples
+    assert len(client.sent) == sent, "a progress request was sent after stop() returned"
     assert len(samples.received) == reported
 
 
-class WatchedClient(WebUIClient):
-    """A real client that says when it starts asking for progress."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.asking = threading.Event()
-
-    def get_progress(self, **kwargs):
-        self.asking.set()
-        return super().get_progress(**kwargs)
+def test_a_slow_sample_is_not_followed_by_a_burst(webui_sim):
+    interval = 0.05
+    samples = Samples()
+    with WatchedClient(webui_sim.url, slow_first=10 * interval) as client:
+        poller = ThreadPoller(PollRequest(client=client, interval=interval, report=samples)).start()
+        assert samples.wait_for(lambda *sample: len(samples.received) >= 3)
+        poller.stop()
+    slow_sent, *later = client.sent
+    assert len(later) >= 2
+    # One sample goes at once after the slow one; the next waits its interval again
+    # (the ten missed meanwhile are not made up in a burst).
+    assert len([sent for sent in later if sent < slow_sent + interval]) <= 1
 
 
 @pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.001, progress_latency=2.0)])

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sdjobs.progress import UNFINISHED_CAP, JobTracker, StageTracker, StallEvent, StallWatch
-from sdjobs.status import ProgressInfo, TaskProgress
+from sdjobs.status import ProgressInfo
 from sdjobs.testing import (
     COMPLETED,
     QUEUED,
