@@ -66,6 +66,19 @@ def job_spec(
 Where = Callable[[dict[str, Any]], bool]
 
 
+#: With `SimSettings(drop_connection_at_step=6)`: txt2img samples 4 steps, img2img 11 and its
+#: connection drops at the 6th.
+DROPPED_IN_STAGE_TWO = JobSpec.from_mapping(
+    {
+        "name": "dropped",
+        "prompt": "a lighthouse",
+        "seed": 1234,
+        "settings": {"steps": 4, "width": 64, "height": 64},
+        "stages": [{"type": "txt2img"}, {"type": "img2img", "steps": 20, "denoising_strength": 0.5}],
+    }
+)
+
+
 def any_call(kwargs: dict[str, Any]) -> bool:
     return True
 

@@ -8,7 +8,7 @@ progress call.  Consecutive progress calls are collapsed into one.
 from __future__ import annotations
 
 import pytest
-from runner_helpers import ALL_STAGES, Background, HookLog, in_stage, job_spec, make_runner
+from runner_helpers import ALL_STAGES, DROPPED_IN_STAGE_TWO, Background, HookLog, in_stage, job_spec, make_runner
 
 from sdjobs.frontend import CancelMode
 from sdjobs.sim import SimSettings, SimulatedWebUI
@@ -78,15 +78,7 @@ def test_a_cancelled_job_ends_with_its_partial_stage(webui_sim, webui_client, tm
 def test_a_failed_job_ends_its_failed_stage_partial_and_the_next_job_runs(
     webui_sim, webui_client, tmp_path
 ):
-    failing = JobSpec.from_mapping(  # txt2img samples 4 steps; img2img 11, and drops at the 6th
-        {
-            "name": "dropped",
-            "prompt": "a lighthouse",
-            "seed": 1234,
-            "settings": {"steps": 4, "width": 64, "height": 64},
-            "stages": [{"type": "txt2img"}, {"type": "img2img", "steps": 20, "denoising_strength": 0.5}],
-        }
-    )
+    failing = DROPPED_IN_STAGE_TWO
     following = job_spec(name="after", steps=4)
     runner, log = make_runner(webui_client, [failing, following], tmp_path)
     running = Background(runner.run)

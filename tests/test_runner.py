@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from runner_helpers import (
     ALL_STAGES,
+    DROPPED_IN_STAGE_TWO,
     GENERATION_PATHS,
     PROGRESS_PATHS,
     Background,
@@ -217,15 +218,7 @@ def test_a_server_error_fails_the_job_naming_the_stage_and_the_message(webui_cli
 
 @pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.001, drop_connection_at_step=6)])
 def test_a_dropped_connection_fails_the_job_and_keeps_earlier_images(webui_sim, webui_client, tmp_path):
-    spec = JobSpec.from_mapping(  # txt2img samples 4 steps; img2img 11, and drops at the 6th
-        {
-            "name": "dropped",
-            "prompt": "a lighthouse",
-            "seed": 1234,
-            "settings": {"steps": 4, "width": 64, "height": 64},
-            "stages": [{"type": "txt2img"}, {"type": "img2img", "steps": 20, "denoising_strength": 0.5}],
-        }
-    )
+    spec = DROPPED_IN_STAGE_TWO
     runner, log = make_runner(webui_client, [spec], tmp_path)
     runner.run()
     assert outcomes(runner) == [JobState.FAILED]
