@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 import attrs
 
-from sdjobs.spec import ADETAILER_FIELDS, JobSpec, StageSpec, did_you_mean
+from sdjobs.spec import JobSpec, StageSpec, did_you_mean
+from sdjobs.webui_fields import ADETAILER_FIELDS
 
 #: A1111's latent upscale modes, which `hr_upscaler` accepts besides the upscalers.
 LATENT_UPSCALE_MODES = (

@@ -11,13 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdjobs.spec import (
-    FIELDS,
-    JobFileError,
-    JobSpec,
-    StageSpec,
-    load_job,
-)
+from sdjobs.spec import JobFileError, JobSpec, StageSpec, load_job
+from sdjobs.webui_fields import FIELDS
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
