@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 import enum
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,6 +33,8 @@ from sdjobs.status import JobState, ProgressInfo, RuntimeStatus, StageResult, Ta
 if TYPE_CHECKING:
     from sdjobs.client import WebUIClient
     from sdjobs.spec import JobSpec, StagePlan
+
+log = logging.getLogger(__name__)
 
 
 class WebUIPort(Protocol):
@@ -326,6 +329,7 @@ class Job:
             requests=len(inputs),
             steps_per_request=plan.steps or None,
             passes_per_request=plan.passes,
+            images_per_request=self.spec.stages[index].settings.get("n_iter", 1),
         )
         self._stalls = StallWatch(self.settings.stall_after, self.settings.stall_interrupt_after)
         self._inputs = list(inputs)
@@ -338,6 +342,8 @@ class Job:
             stage=self.spec.stages[index].type,
             stage_index=index,
             progress=0.0,
+            image=None,
+            images=None,
             step=None,
             steps=None,
             eta=None,
@@ -448,7 +454,7 @@ class Job:
                 eta=0.0,
                 job_eta=self._jobs.job_eta(index, 0.0),
             )
-        self.folder.write_manifest(self.spec, self.results, outcome=JobState.RUNNING)
+        self._write_manifest(JobState.RUNNING)
         self.hooks.stage_finished(self._status, result)
 
     def _next_stage(self) -> None:
@@ -493,10 +499,13 @@ class Job:
         stage = self._stage
         index = self._machine.stage_index
         eta = stage.eta(now)
+        image, images = stage.image or (None, None)
         self._status = attrs.evolve(
             self._status,
             progress=stage.progress,
             job_progress=self._jobs.job_progress(index, stage.progress),
+            image=image,
+            images=images,
             step=stage.step,
             steps=stage.steps,
             eta=eta,
@@ -527,5 +536,12 @@ class Job:
             self._machine.fire({JobState.FAILED: "fail", JobState.CANCELLED: "cancel"}[outcome])
         self.outcome, self.error = outcome, error
         self._status = attrs.evolve(self._status, state=outcome)
-        self.folder.write_manifest(self.spec, self.results, outcome=outcome, error=error)
+        self._write_manifest(outcome, error)
         self.hooks.job_finished(self._status, outcome, error, tuple(self.results))
+
+    def _write_manifest(self, outcome: JobState, error: str | None = None) -> None:
+        """Record the job so far; a disk that refuses loses the record, not the job's images."""
+        try:
+            self.folder.write_manifest(self.spec, self.results, outcome=outcome, error=error)
+        except OSError as exc:
+            log.error("%s: cannot write the manifest in %s: %s", self.job_id, self.folder.path, exc)

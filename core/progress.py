@@ -263,6 +263,8 @@ class StageTracker:
             passes together; None when unknown.
         passes_per_request: Sampling passes one request is planned to run (the
             `job_count` expected: n_iter, doubled by hires, ADetailer's faces).
+        images_per_request: Images one request samples one after another (n_iter;
+            a batch sampled together counts as one), its passes split evenly among them.
         progress: 0..1, never goes back; at most `UNFINISHED_CAP` until `finish`.
         step: Sampling step of the current pass, as the server counts it.
         steps: Sampling steps of the current pass; None while not yet known.
@@ -273,6 +275,7 @@ class StageTracker:
     requests: int = attrs.field(default=1, validator=_at_least(1))
     steps_per_request: int | None = attrs.field(default=None, validator=_at_least(1))
     passes_per_request: int = attrs.field(default=1, validator=_at_least(1))
+    images_per_request: int = attrs.field(default=1, validator=_at_least(1))
 
     progress: float = attrs.field(default=0.0, init=False)
     step: int | None = attrs.field(default=None, init=False)
@@ -340,6 +343,23 @@ class StageTracker:
     def seconds_per_step(self) -> float | None:
         """Observed seconds per sampling step; None until two steps have been seen."""
         return self._rate.per_step
+
+    @property
+    def image(self) -> tuple[int, int] | None:
+        """`(k, n)`: image k (1-based) of the n the stage samples; None when n is 1.
+
+        k counts the requests returned, then the pass of the one in flight as
+        the latest sample with step detail tells (hires' second pass belongs to
+        its image); it never passes n, and a request not yet sampled is at its first image.
+        """
+        total = self.requests * self.images_per_request
+        if total == 1:
+            return None
+        within = 0
+        if self._in_flight:
+            passes_per_image = max(self.passes_per_request // self.images_per_request, 1)
+            within = min(self._request.job_no // passes_per_image, self.images_per_request - 1)
+        return min(self._returned * self.images_per_request + within + 1, total), total
 
     def eta(self, now: float) -> float | None:
         """Seconds left in this stage; None ("calculating...") while nothing sensible is known.

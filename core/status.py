@@ -165,6 +165,10 @@ class RuntimeStatus:
         stage_count: How many stages the job has.
         progress: The running stage's progress, 0..1; never goes back within a stage.
         job_progress: The whole job's progress, 0..1; never goes back.
+        image: The image being sampled, 1-based, of `images` in this stage; each
+            image's steps start again from 1.  None when the stage makes one image.
+        images: The images the stage samples one after another (a batch sampled
+            together counts as one); None when it makes one.
         step: Sampling step of the current pass, when the server says.
         steps: Sampling steps of the current pass, when the server says.
         eta: Seconds left in this stage, None while still calculating.
@@ -183,6 +187,8 @@ class RuntimeStatus:
     stage_count: int
     progress: float = attrs.field(default=0.0, validator=_unit_interval)
     job_progress: float = attrs.field(default=0.0, validator=_unit_interval)
+    image: int | None = None
+    images: int | None = None
     step: int | None = None
     steps: int | None = None
     eta: float | None = None

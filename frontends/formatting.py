@@ -46,13 +46,25 @@ def format_step(status: RuntimeStatus) -> str | None:
     return f"{status.step}/{status.steps}"
 
 
-def status_line(status: RuntimeStatus) -> str:
-    """`"Stage 2/4 img2img · step 12/30 · 40% · ETA 1m 05s · seed 1234567890"`.
+def format_image(status: RuntimeStatus) -> str | None:
+    """`"2/3"`: the image being sampled of the stage's, or None when the stage makes one.
 
-    The step is left out while unknown; a request waiting in the server's own
-    queue says so instead of a step.
+    Shown beside the step, which starts again from 1 with every image.
+    """
+    if status.image is None or status.images is None:
+        return None
+    return f"{status.image}/{status.images}"
+
+
+def status_line(status: RuntimeStatus) -> str:
+    """`"Stage 2/4 img2img · image 1/3 · step 12/30 · 40% · ETA 1m 05s · seed 1234567890"`.
+
+    The image is left out when the stage makes one, the step while unknown; a
+    request waiting in the server's own queue says so instead of a step.
     """
     parts = [f"Stage {status.stage_label}"]
+    if (image := format_image(status)) is not None:
+        parts.append(f"image {image}")
     if status.queue_position is not None:
         position, length = status.queue_position
         parts.append(f"waiting in the server's queue {position}/{length}")

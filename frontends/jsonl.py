@@ -36,6 +36,7 @@ _STATUS_READERS: dict[str, Callable[[RuntimeStatus], Any]] = {
     "stage_count": attrgetter("stage_count"),
     "progress": lambda status: round(status.progress, 4),
     "job_progress": lambda status: round(status.job_progress, 4),
+    "image": lambda status: None if status.image is None else [status.image, status.images],
     "step": attrgetter("step"),
     "steps": attrgetter("steps"),
     "eta": lambda status: _seconds(status.eta),

@@ -17,6 +17,7 @@ from sdjobs.frontends.formatting import (
     CALCULATING,
     format_duration,
     format_eta,
+    format_image,
     format_seed,
     format_step,
     images_text,
@@ -32,7 +33,7 @@ OUTCOME_TEXT = {JobState.DONE: "Done", JobState.FAILED: "Failed", JobState.CANCE
 
 
 class JobPanel(ttk.Frame):
-    """Job name, stage, progress bar and state, ETA, seed, step, preview, queue, Cancel buttons.
+    """Job name, stage, progress bar and state, ETA, seed, image, step, preview, queue, Cancel buttons.
 
     ``on_cancel`` is called with the `CancelMode` of the button pressed.  With
     ``preview``, the server's live preview is shown when a status carries one.
@@ -52,6 +53,7 @@ class JobPanel(ttk.Frame):
         self.state = ttk.Label(self, text="Waiting")
         self.eta = ttk.Label(self, text=f"ETA: {CALCULATING}")
         self.seed = ttk.Label(self, text=f"Seed: {CALCULATING}")
+        self.image = ttk.Label(self, text="Image: -")
         self.step = ttk.Label(self, text="Step: -")
         self.preview = ttk.Label(self)
         self.queued = tk.Listbox(self, height=4, activestyle="none")
@@ -61,7 +63,9 @@ class JobPanel(ttk.Frame):
             buttons, text="Cancel after this stage", command=lambda: self._cancel(CancelMode.AFTER_STAGE)
         )
 
-        rows: list[tk.Widget] = [self.job_name, self.stage, self.bar, self.state, self.eta, self.seed, self.step]
+        rows: list[tk.Widget] = [
+            self.job_name, self.stage, self.bar, self.state, self.eta, self.seed, self.image, self.step
+        ]
         if preview:
             rows.append(self.preview)
         rows += [ttk.Label(self, text="Queued:"), self.queued, buttons]
@@ -132,6 +136,7 @@ class JobPanel(ttk.Frame):
             self.state.configure(text=f"{running} · {self._cancelling}" if self._cancelling else running)
         self.eta.configure(text=f"ETA: {format_eta(status.eta)}")
         self.seed.configure(text=f"Seed: {format_seed(status.seed)}")
+        self.image.configure(text=f"Image: {format_image(status) or '-'}")
         self.step.configure(text=f"Step: {format_step(status) or '-'}")
         if self._shows_preview and status.preview and status.preview != self._preview_data:
             self._show_preview(status.preview)

@@ -197,7 +197,42 @@ def test_step_and_steps_follow_the_pass_and_ignore_stale_steps():
     assert (tracker.step, tracker.steps) == (0, None)
 
 
-@pytest.mark.parametrize("bad", [{"requests": 0}, {"passes_per_request": 0}, {"steps_per_request": 0}])
+def test_the_image_is_the_request_in_flight_then_the_next_one():
+    tracker = StageTracker(requests=3)
+    assert tracker.image == (1, 3)  # before the first request
+    seen = []
+    for number, stamp in enumerate(("20260101120001", "20260101120002", "20260101120003")):
+        tracker.request_sent(number * 10.0, baseline=idle_sample(OURS), task_mode=False)
+        tracker.fold(sample(5, stamp=stamp), None, number * 10.0 + 1)
+        seen.append(tracker.image)
+        tracker.request_returned(number * 10.0 + 2)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert tracker.image == (3, 3)  # never past the last
+    assert StageTracker().image is None  # one image: nothing to count
+
+
+def test_the_image_of_one_request_follows_its_passes_two_each_with_hires():
+    # n_iter 3 with hires fix: passes 0-1 sample image 1, 2-3 image 2, 4-5 image 3
+    tracker = sent(StageTracker(passes_per_request=6, images_per_request=3))
+    images = []
+    for job_no in range(7):  # job_no 6: the server's count is done, the request not yet answered
+        tracker.fold(sample(3, job_no=job_no, job_count=6), None, 1.0 + job_no)
+        images.append(tracker.image)
+    assert images == [(1, 3), (1, 3), (2, 3), (2, 3), (3, 3), (3, 3), (3, 3)]
+
+
+def test_the_images_of_several_requests_of_several_iterations_are_counted_across_the_stage():
+    tracker = sent(StageTracker(requests=2, passes_per_request=2, images_per_request=2))
+    tracker.request_returned(1.0)
+    tracker.request_sent(2.0, baseline=idle_sample(OURS), task_mode=False)
+    assert tracker.image == (3, 4)
+    tracker.fold(sample(3, job_no=1, job_count=2, stamp="20260101120009"), None, 3.0)
+    assert tracker.image == (4, 4)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"requests": 0}, {"passes_per_request": 0}, {"steps_per_request": 0}, {"images_per_request": 0}]
+)
 def test_a_nonsensical_plan_is_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         StageTracker(**bad)

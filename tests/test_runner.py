@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import threading
@@ -70,6 +71,40 @@ def test_a_four_stage_job_shows_monotonic_progress_in_every_stage(webui_sim, web
         ("adetailer", ["03-adetailer/001.png"], False),
         ("upscale", ["04-upscale/001.png"], False),
     ]
+
+
+THREE_IMAGES = JobSpec.from_mapping(
+    {
+        "name": "three",
+        "prompt": "a lighthouse",
+        "seed": 1234,
+        "settings": {"steps": 8, "width": 64, "height": 64},
+        "stages": [{"type": "txt2img", "n_iter": 3}, {"type": "img2img", "denoising_strength": 0.5}],
+    }
+)
+
+
+def at_step_one_of(stage: int, image: int):
+    """Progress calls showing step 1 of ``image`` in ``stage`` (both 0-based stage, 1-based image)."""
+    return lambda kwargs: (kwargs["status"].stage_index, kwargs["status"].image, kwargs["status"].step) == (
+        stage, image, 1
+    )
+
+
+@pytest.mark.parametrize("sim_settings", [STEPPING])
+def test_a_stage_of_three_images_says_which_one_its_steps_belong_to(webui_sim, webui_client, tmp_path):
+    runner, log = make_runner(webui_client, [THREE_IMAGES], tmp_path)
+    running = Background(runner.run)
+    # releases to step 1 of each image in turn: txt2img samples 8 steps an image (one request), img2img 5 (one each)
+    for (stage, image), steps in zip(itertools.product((0, 1), (1, 2, 3)), (2, 8, 8, 8, 5, 5), strict=True):
+        webui_sim.release(steps)
+        assert log.wait_for("progress", at_step_one_of(stage, image)), f"stage {stage + 1}, image {image}"
+    webui_sim.release(5 - 2)
+    running.join()
+    assert outcomes(runner) == [JobState.DONE]
+    for stage in (0, 1):
+        shown = [(status.image, status.images) for status in log.statuses() if status.stage_index == stage]
+        assert shown == sorted(shown) and {images for _, images in shown} == {3}, shown
 
 
 # -- cancels ----------------------------------------------------------------------------

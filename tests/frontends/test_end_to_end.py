@@ -141,7 +141,7 @@ def test_log_writes_a_record_per_stage_start_and_end_and_progress_every_ten_perc
         progress = [m for m in messages if m.startswith(f"Stage {stage} · ")]
         assert len(progress) <= 10  # one per 10 % of the stage, at most
         for line in progress:
-            assert re.fullmatch(rf"Stage {stage} · (step \d+/\d+ · )?\d+% · ETA (\d+s|calculating\.\.\.) · seed {job.seed}", line)
+            assert re.fullmatch(rf"Stage {stage} · (image [1-3]/3 · )?(step \d+/\d+ · )?\d+% · ETA (\d+s|calculating\.\.\.) · seed {job.seed}", line)
     assert any(m.startswith(f"Stage {STAGES[0]} · ") for m in messages)
     assert re.fullmatch(r"done in \d+s · 12 images", messages[-2])
     assert messages[-1] == "1 job: 1 done"
@@ -167,7 +167,7 @@ def test_console_on_a_terminal_draws_the_live_status_line_and_both_bars(webui_si
     assert (ran.returncode, ran.stderr) == (0, "")
     job = WrittenJob.read(tmp_path)
     screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", ran.stdout)  # the frames, without cursor moves and colours
-    assert re.search(rf"demo lighthouse  Stage 1/4 txt2img · (step \d+/40 · )?[1-9]\d?% · ETA \S+ · seed {job.seed}", screen)
+    assert re.search(rf"demo lighthouse  Stage 1/4 txt2img · (image [1-3]/3 · )?(step \d+/40 · )?[1-9]\d?% · ETA \S+ · seed {job.seed}", screen)
     assert re.search(r"stage ━+ *\d+%", screen) and re.search(r"job +━+ *\d+% · ETA ", screen)
     assert "demo lighthouse: done in" in screen and "Summary" in screen
 

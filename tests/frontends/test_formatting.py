@@ -12,6 +12,7 @@ from sdjobs.frontends.formatting import (
     drained_line,
     format_duration,
     format_eta,
+    format_image,
     outcome_line,
     stage_finished_line,
     status_line,
@@ -46,6 +47,13 @@ def test_a_longer_duration_never_reads_shorter(a, b):
 def test_the_status_line_says_stage_step_percent_eta_and_seed():
     status = running(progress=0.4, step=12, steps=30, eta=65)
     assert status_line(status) == "Stage 2/4 img2img · step 12/30 · 40% · ETA 1m 05s · seed 1234567890"
+
+
+def test_the_status_line_says_which_image_of_several_the_step_belongs_to():
+    status = running(progress=0.7, image=1, images=3, step=3, steps=25, eta=4)
+    assert status_line(status) == "Stage 2/4 img2img · image 1/3 · step 3/25 · 70% · ETA 4s · seed 1234567890"
+    assert format_image(status) == "1/3"
+    assert format_image(running(step=3, steps=25)) is None
 
 
 @pytest.mark.parametrize(("step", "steps"), [(None, None), (0, None), (0, 30), (12, None)])
