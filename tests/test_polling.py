@@ -147,9 +147,16 @@ def test_stop_returns_at_once_while_a_progress_request_hangs(webui_sim):
 # -- the poller in a job ---------------------------------------------------------------
 
 
-def test_generate_with_progress_completes(webui_client, tmp_path):
+@pytest.mark.parametrize("sim_settings", [stepping()])
+def test_generate_with_progress_completes(webui_sim, webui_client, tmp_path):
     runner, log = make_runner(webui_client, [job_spec(steps=20)], tmp_path)
-    runner.run()
+    running = Background(runner.run)
+    webui_sim.release(2)  # the server reports the 0-based step just finished: step 1
+    assert log.wait_for("progress", lambda kwargs: (kwargs["status"].step or 0) >= 1)
+    webui_sim.release(5)  # step 6
+    assert log.wait_for("progress", lambda kwargs: (kwargs["status"].step or 0) >= 6)
+    webui_sim.release(100)
+    running.join()
     assert list(runner.outcomes.values()) == [JobState.DONE]
     assert len(log.statuses()) >= 2
     assert_monotonic(log.statuses())
