@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import re
+import signal
+import subprocess
+import sys
 import statistics
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -50,6 +54,20 @@ def run_jobs(
     with runner_for(specs, client, plugins, **settings) as runner:
         runner.run()
     return runner
+
+
+@contextlib.contextmanager
+def simulator_process(step_time: float) -> Iterator[str]:
+    """`sdjobs sim` in a process of its own, as a real WebUI is; yields its URL."""
+    command = [sys.executable, "-m", "sdjobs", "sim", "--port", "0"]
+    command += ["--step-time", str(step_time), "--first-step-time", str(step_time)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as server:
+        try:
+            line = server.stdout.readline()  # "Simulated WebUI at http://127.0.0.1:PORT (...)"
+            yield re.search(r"http://\S+", line).group(0)
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=10)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

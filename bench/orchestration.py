@@ -1,6 +1,6 @@
 """Orchestration overhead: a 4-stage job through sdjobs vs the same HTTP calls made directly.
 
-Both run against the simulated WebUI, 64×64 images.  sdjobs' run includes what
+Both run against the simulated WebUI in a process of its own (as a real WebUI is), 64×64 images.  sdjobs' run includes what
 it adds on top of the requests: preflight, progress polling, hooks, writing PNGs
 and the manifest.  The direct run replays the very payloads sdjobs sent, with
 plain `requests`, one after another.
@@ -16,10 +16,9 @@ import time
 
 import requests
 
-from _common import four_stage_job, run_jobs, table
+from _common import four_stage_job, run_jobs, simulator_process, table
 from sdjobs import hookimpl
 from sdjobs.client import WebUIClient
-from sdjobs.sim import SimSettings, SimulatedWebUI
 
 ROUTES = {"txt2img": "txt2img", "img2img": "img2img", "extra-single-image": "extra-single-image"}
 
@@ -52,12 +51,11 @@ def through_sdjobs(client: WebUIClient, recorder: PayloadRecorder | None = None)
 
 
 def measure(step_time: float, repeats: int) -> tuple[float, float]:
-    settings = SimSettings(step_time=step_time, first_step_time=step_time)
-    with SimulatedWebUI(settings) as sim, WebUIClient(sim.url) as client:
+    with simulator_process(step_time) as url, WebUIClient(url) as client:
         recorder = PayloadRecorder()
         through_sdjobs(client, recorder)  # warm-up, and the payloads to replay
         ours = [through_sdjobs(client) for _ in range(repeats)]
-        theirs = [direct(sim.url, recorder.payloads) for _ in range(repeats)]
+        theirs = [direct(url, recorder.payloads) for _ in range(repeats)]
     return statistics.median(ours), statistics.median(theirs)
 
 

@@ -454,7 +454,6 @@ class Job:
                 eta=0.0,
                 job_eta=self._jobs.job_eta(index, 0.0),
             )
-        self._write_manifest(JobState.RUNNING)
         self.hooks.stage_finished(self._status, result)
 
     def _next_stage(self) -> None:
@@ -540,7 +539,7 @@ class Job:
         self.hooks.job_finished(self._status, outcome, error, tuple(self.results))
 
     def _write_manifest(self, outcome: JobState, error: str | None = None) -> None:
-        """Record the job so far; a disk that refuses loses the record, not the job's images."""
+        """Record the ended job; a disk that refuses loses the record, not the job's images."""
         try:
             self.folder.write_manifest(self.spec, self.results, outcome=outcome, error=error)
         except OSError as exc:

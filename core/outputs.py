@@ -125,8 +125,9 @@ class JobFolder:
     ) -> Path:
         """Write (or replace, atomically) `manifest.json`: the spec, each stage's results, the outcome.
 
-        Call it whenever a stage ends as well as at the end, so a crash leaves
-        the record of what was done.  Image paths are relative to the job folder.
+        Written once, when the job ends (a rename costs milliseconds on some
+        disks; the images themselves are on disk as soon as each request
+        returns).  Image paths are relative to the job folder.
         """
         manifest = {
             "job_id": self.job_id,

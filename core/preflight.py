@@ -10,6 +10,7 @@ every name the job uses that the server does not know.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import attrs
@@ -79,17 +80,25 @@ class ServerCatalog:
 
     @classmethod
     def from_client(cls, client: CatalogSource) -> ServerCatalog:
-        """Ask the server; any error the client raises propagates (the job cannot start)."""
-        samplers = client.samplers()
-        models = client.sd_models()
-        ad_models = client.adetailer_models()
-        schema = client.adetailer_schema()
+        """Ask the server; any error the client raises propagates (the job cannot start).
+
+        The five lists are asked for at once, so the check costs one round trip.
+        """
+        calls = (
+            client.samplers,
+            client.upscalers,
+            client.sd_models,
+            client.adetailer_models,
+            client.adetailer_schema,
+        )
+        with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="sdjobs-preflight") as pool:
+            samplers, upscalers, models, ad_models, schema = pool.map(lambda call: call(), calls)
         return cls(
             samplers=Choices(
                 tuple(sampler["name"] for sampler in samplers),
                 frozenset(alias for sampler in samplers for alias in sampler.get("aliases") or ()),
             ),
-            upscalers=Choices(tuple(upscaler["name"] for upscaler in client.upscalers())),
+            upscalers=Choices(tuple(upscaler["name"] for upscaler in upscalers)),
             checkpoints=Choices(
                 tuple(model["title"] for model in models),
                 frozenset(model["model_name"] for model in models),
