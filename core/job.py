@@ -329,7 +329,7 @@ class Job:
             requests=len(inputs),
             steps_per_request=plan.steps or None,
             passes_per_request=plan.passes,
-            images_per_request=self.spec.stages[index].settings.get("n_iter", 1),
+            images_per_request=plan.iterations,
         )
         self._stalls = StallWatch(self.settings.stall_after, self.settings.stall_interrupt_after)
         self._inputs = list(inputs)

@@ -524,6 +524,7 @@ class StagePlan:
         type: The stage's type.
         endpoint: The route it posts to.
         requests: HTTP requests the stage sends.
+        iterations: Iterations (`n_iter`) each request samples, one after another.
         images: Images the stage produces in all.
         steps: Sampling steps one request runs, all passes together.
         passes: Sampling passes one request runs: the `job_count` the server
@@ -536,6 +537,7 @@ class StagePlan:
     type: str
     endpoint: str
     requests: int
+    iterations: int
     images: int
     steps: int
     passes: int
@@ -550,7 +552,7 @@ class StagePlan:
         width, height = (setting["width"], setting["height"]) if previous is None else previous.size
         if stage.endpoint == "extra-single-image":
             size = (int(width * stage.scale), int(height * stage.scale))
-            return cls(stage.type, stage.endpoint, requests, requests, 0, 1, size, requests * EXTRAS_COST)
+            return cls(stage.type, stage.endpoint, requests, 1, requests, 0, 1, size, requests * EXTRAS_COST)
         if previous is not None:
             if stage.type == "upscale":
                 width, height = multiple_of_8(width * stage.scale), multiple_of_8(height * stage.scale)
@@ -571,6 +573,7 @@ class StagePlan:
             type=stage.type,
             endpoint=stage.endpoint,
             requests=requests,
+            iterations=n_iter,
             images=requests * n_iter * setting["batch_size"],
             steps=n_iter * steps,
             passes=n_iter * passes,

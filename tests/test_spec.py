@@ -377,12 +377,12 @@ def test_later_stages_run_once_per_image_of_the_stage_before():
         {"type": "img2img"},
         {"type": "upscale", "upscaler": "Lanczos"},
     )
-    assert [(stage.requests, stage.images) for stage in plan] == [(1, 6), (6, 6), (6, 6)]
+    assert [(stage.requests, stage.iterations, stage.images) for stage in plan] == [(1, 2, 6), (6, 1, 6), (6, 1, 6)]
 
 
 def test_n_iter_multiplies_steps_and_passes_and_batch_size_only_images():
     (stage,) = plan_of({"type": "txt2img", "n_iter": 3, "batch_size": 2}, steps=10)
-    assert (stage.steps, stage.passes, stage.images, stage.cost) == (30, 3, 6, 30.0)
+    assert (stage.iterations, stage.steps, stage.passes, stage.images, stage.cost) == (3, 30, 3, 6, 30.0)
 
 
 def test_hires_fix_adds_a_second_pass_and_scales_the_size():
