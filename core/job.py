@@ -515,9 +515,9 @@ class Job:
         self.hooks.progress(self._status)
 
     def _stop_polling(self) -> None:
-        if self._poller is not None:
-            self._poller.stop()
-            self._poller = None
+        poller, self._poller = self._poller, None  # forgotten first: a stop() that raises is not retried
+        if poller is not None:
+            poller.stop()
 
     def _end_request(self) -> None:
         self._stop_polling()

@@ -29,6 +29,10 @@ LATENT_UPSCALE_MODES = (
 )
 
 
+class CatalogError(ValueError):
+    """The server answered its lists, but not in the shape A1111 gives them."""
+
+
 class CatalogSource(Protocol):
     """The part of `WebUIClient` a catalog is read from: decoded JSON of each route."""
 
@@ -80,7 +84,8 @@ class ServerCatalog:
 
     @classmethod
     def from_client(cls, client: CatalogSource) -> ServerCatalog:
-        """Ask the server; any error the client raises propagates (the job cannot start).
+        """Ask the server; any error the client raises propagates (the job cannot start),
+        and lists that are not A1111's shape raise `CatalogError`.
 
         The five lists are asked for at once, so the check costs one round trip.
         """
@@ -93,19 +98,22 @@ class ServerCatalog:
         )
         with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="sdjobs-preflight") as pool:
             samplers, upscalers, models, ad_models, schema = pool.map(lambda call: call(), calls)
-        return cls(
-            samplers=Choices(
-                tuple(sampler["name"] for sampler in samplers),
-                frozenset(alias for sampler in samplers for alias in sampler.get("aliases") or ()),
-            ),
-            upscalers=Choices(tuple(upscaler["name"] for upscaler in upscalers)),
-            checkpoints=Choices(
-                tuple(model["title"] for model in models),
-                frozenset(model["model_name"] for model in models),
-            ),
-            ad_models=None if ad_models is None else tuple(ad_models),
-            ad_fields=None if schema is None else frozenset(schema.get("properties", ())),
-        )
+        try:
+            return cls(
+                samplers=Choices(
+                    tuple(sampler["name"] for sampler in samplers),
+                    frozenset(alias for sampler in samplers for alias in sampler.get("aliases") or ()),
+                ),
+                upscalers=Choices(tuple(upscaler["name"] for upscaler in upscalers)),
+                checkpoints=Choices(
+                    tuple(model["title"] for model in models),
+                    frozenset(model["model_name"] for model in models),
+                ),
+                ad_models=None if ad_models is None else tuple(ad_models),
+                ad_fields=None if schema is None else frozenset(schema.get("properties", ())),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CatalogError(f"the server's lists are not shaped as A1111's ({type(exc).__name__}: {exc})") from exc
 
 
 def preflight(job: JobSpec, catalog: ServerCatalog) -> list[str]:

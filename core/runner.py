@@ -28,7 +28,7 @@ from sdjobs.frontend import CancelMode
 from sdjobs.hooks import Hooks
 from sdjobs.job import Job, JobSettings
 from sdjobs.outputs import JobFolder, new_job_id
-from sdjobs.preflight import ServerCatalog, preflight
+from sdjobs.preflight import CatalogError, ServerCatalog, preflight
 from sdjobs.spec import JobSpec
 from sdjobs.status import JobState, ProgressInfo, TaskProgress
 
@@ -196,6 +196,6 @@ class Runner:
         try:
             if self._catalog is None:
                 self._catalog = ServerCatalog.from_client(self.client)
-        except WebUIError as exc:
+        except (WebUIError, CatalogError) as exc:
             return [str(exc)]
         return preflight(spec, self._catalog)

@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 import pytest
 
-from sdjobs.preflight import Choices, ServerCatalog, preflight
+from sdjobs.preflight import CatalogError, Choices, ServerCatalog, preflight
 from sdjobs.spec import JobSpec, load_job
 
 TRACES = Path(__file__).parent / "data" / "traces"
@@ -52,6 +52,15 @@ def catalog() -> ServerCatalog:
 
 def spec(*stages: dict, **top) -> JobSpec:
     return JobSpec.from_mapping({"name": "t", "seed": 1, **top, "stages": [{"type": "txt2img"}, *stages]})
+
+
+def test_lists_not_shaped_as_a1111s_are_a_catalog_error():
+    class Nameless(RecordedServer):
+        def samplers(self) -> list[dict[str, Any]]:
+            return [{"label": "Euler a"}]
+
+    with pytest.raises(CatalogError, match="not shaped as A1111's .KeyError: 'name'"):
+        ServerCatalog.from_client(Nameless())
 
 
 def test_the_catalog_holds_the_servers_names(catalog):

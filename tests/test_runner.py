@@ -278,8 +278,33 @@ def test_a_server_that_answers_nonsense_fails_each_job_without_crashing_the_run(
         runner.run()
     assert outcomes(runner) == [JobState.FAILED, JobState.FAILED]
     errors = [kwargs["error"] for name, kwargs in log.calls if name == "job_finished"]
-    assert all(errors) and len(errors) == 2
+    assert len(errors) == 2 and all("expected an array, got an object" in error for error in errors)
     assert log.names()[-1] == "queue_drained"
+
+
+def test_an_unexpected_error_fails_the_job_naming_it_and_the_next_job_runs(webui_client, tmp_path):
+    class BrokenPoller:
+        def stop(self):
+            raise RuntimeError("the poller's thread is gone")
+
+    class PollsBrokenlyInTheFirstJob:
+        def __init__(self):
+            self.first_job = True
+
+        @hookimpl(tryfirst=True)
+        def sdjobs_start_polling(self, request):
+            return BrokenPoller() if self.first_job else None  # None: the built-in poller takes over
+
+        @hookimpl
+        def sdjobs_job_finished(self):
+            self.first_job = False
+
+    specs = [job_spec(name="one"), job_spec(name="two")]
+    runner, log = make_runner(webui_client, specs, tmp_path, plugins=[PollsBrokenlyInTheFirstJob()])
+    runner.run()
+    assert outcomes(runner) == [JobState.FAILED, JobState.DONE]
+    first = next(kwargs for name, kwargs in log.calls if name == "job_finished")
+    assert first["error"] == "stage 1/1 (txt2img): RuntimeError: the poller's thread is gone"
 
 
 def test_an_unreachable_server_fails_the_job(closed_port_url, tmp_path):
