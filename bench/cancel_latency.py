@@ -15,7 +15,7 @@ import time
 from _common import four_stage_job, percentile, runner_for, table
 from sdjobs import hookimpl
 from sdjobs.client import WebUIClient
-from sdjobs.frontend import CancelMode
+from sdjobs.status import CancelMode
 from sdjobs.sim import SimSettings, SimulatedWebUI
 
 RUNS = 20

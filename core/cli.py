@@ -18,6 +18,7 @@ import attrs
 
 from sdjobs import frontend as frontends
 from sdjobs.client import DEFAULT_URL, WebUIClient
+from sdjobs.exits import EXIT_CANCELLED, EXIT_FAILED, EXIT_USAGE
 from sdjobs.hooks import Hooks, describe_plugins, make_plugin_manager
 from sdjobs.job import JobSettings
 from sdjobs.polling import DEFAULT_POLL_INTERVAL, POLL_INTERVAL_RANGE
@@ -25,8 +26,6 @@ from sdjobs.runner import Runner
 from sdjobs.spec import JobFileError, JobSpec, load_job
 from sdjobs.status import JobState
 
-EXIT_FAILED, EXIT_USAGE = 1, 2
-EXIT_CANCELLED = frontends.EXIT_CANCELLED
 DEMO_JOB = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 STALL_AFTER = attrs.fields(JobSettings).stall_after.default
 LOG_LEVEL = attrs.fields(frontends.FrontendOptions).log_level.default

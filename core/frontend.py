@@ -12,13 +12,14 @@ Front ends never import the runner: `Session` is all they see of it.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 import attrs
+
+from sdjobs.status import CancelMode
 
 ENTRY_POINT_GROUP = "sdjobs.frontends"
 
@@ -32,20 +33,6 @@ BUILTIN_FRONTENDS = {
     "log": "sdjobs.frontends.log:LogFrontend",
     "tk": "sdjobs.frontends.tk:TkFrontend",
 }
-
-#: The exit status of a run that was cancelled (Ctrl-C, or the Tk window closed mid-job).
-EXIT_CANCELLED = 130
-
-
-class CancelMode(enum.StrEnum):
-    """How a cancel stops the running job."""
-
-    NOW = "now"
-    """Interrupt the running stage; keep its partial images."""
-
-    AFTER_STAGE = "after-stage"
-    """Let the running stage finish, then stop; during the last stage the job ends done."""
-
 
 class Session(Protocol):
     """The queue of jobs of one `sdjobs run`, as a front end drives it."""

@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 
 from sdjobs.client import GenerationResult
-from sdjobs.frontend import CancelMode
+
 from sdjobs.hooks import Hooks, PluginError
 from sdjobs.machine import JobMachine
 from sdjobs.outputs import JobFolder, read_parameters
 from sdjobs.payloads import adetailer_applied, build_payload
 from sdjobs.polling import DEFAULT_POLL_INTERVAL, PollRequest, Poller, Report
 from sdjobs.progress import JobTracker, StageTracker, StallEvent, StallWatch
-from sdjobs.status import JobState, ProgressInfo, RuntimeStatus, StageResult, TaskProgress
+from sdjobs.status import CancelMode, JobState, ProgressInfo, RuntimeStatus, StageResult, TaskProgress
 
 if TYPE_CHECKING:
     from sdjobs.client import WebUIClient
@@ -277,6 +277,8 @@ class Job:
         """Ask the job to stop: now (interrupt, keep partial images) or after this stage."""
         if self.finished:
             return
+        if mode is CancelMode.AFTER_JOB:
+            return  # the job runs to its end; the runner starts no further one
         if self._machine.state == "queued":
             self._end(JobState.CANCELLED)
         elif mode is CancelMode.AFTER_STAGE:

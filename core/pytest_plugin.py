@@ -15,27 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import attrs
 import pluggy
 import pytest
 
 from sdjobs.client import WebUIClient
+from sdjobs.clock import FakeClock
 from sdjobs.hooks import make_plugin_manager
 from sdjobs.sim import SimSettings, SimulatedWebUI
-
-
-@attrs.define
-class FakeClock:
-    """Monotonic seconds that only `advance` moves; call it like `time.monotonic`."""
-
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
 
 
 @pytest.fixture

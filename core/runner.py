@@ -24,13 +24,13 @@ from typing import Any
 import attrs
 
 from sdjobs.client import WebUIClient, WebUIError
-from sdjobs.frontend import CancelMode
+
 from sdjobs.hooks import Hooks
 from sdjobs.job import Job, JobSettings
 from sdjobs.outputs import JobFolder, new_job_id
 from sdjobs.preflight import CatalogError, ServerCatalog, preflight
 from sdjobs.spec import JobSpec
-from sdjobs.status import JobState, ProgressInfo, TaskProgress
+from sdjobs.status import CancelMode, JobState, ProgressInfo, TaskProgress
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Runner:
     def cancel(self, mode: CancelMode = CancelMode.NOW, *, rest: bool = False) -> None:
         if self._drained:
             return  # everything has ended: nothing to cancel, and no reason to exit 130
-        if rest:
+        if rest or mode is CancelMode.AFTER_JOB:
             self._stop_queue = True  # set before `_current` is read, so no job slips through
         self._events.put((self._current, "cancel", CancelMode(mode)))
 

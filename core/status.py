@@ -139,6 +139,24 @@ class TaskProgress:
         )
 
 
+class CancelMode(enum.StrEnum):
+    """How a cancel stops the running job; a later cancel may only make it stop sooner."""
+
+    NOW = "now"
+    """Interrupt the running stage; keep its partial images."""
+
+    AFTER_STAGE = "after-stage"
+    """Let the running stage finish, then stop; during the last stage the job ends done."""
+
+    AFTER_JOB = "after-job"
+    """Let the running job finish, then run no further one."""
+
+    @property
+    def urgency(self) -> int:
+        """How soon this mode stops the job: a later cancel never lowers it."""
+        return (CancelMode.AFTER_JOB, CancelMode.AFTER_STAGE, CancelMode.NOW).index(self)
+
+
 class JobState(enum.StrEnum):
     """Where a job is in its life; the stage states are the stages' own names."""
 

@@ -30,13 +30,13 @@ from PIL import Image, PngImagePlugin
 
 from sdjobs import hookimpl
 from sdjobs.client import GenerationResult, WebUIServerError
-from sdjobs.frontend import CancelMode
+from sdjobs.clock import FakeClock
+
 from sdjobs.hooks import Hooks, make_plugin_manager
 from sdjobs.job import Job, JobSettings
 from sdjobs.outputs import JobFolder
-from sdjobs.pytest_plugin import FakeClock
 from sdjobs.spec import JobSpec
-from sdjobs.status import JobState, ProgressInfo, RuntimeStatus, TaskProgress
+from sdjobs.status import CancelMode, JobState, ProgressInfo, RuntimeStatus, TaskProgress
 
 __all__ = [
     "FakeWebUI",

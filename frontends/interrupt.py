@@ -12,7 +12,9 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 
-from sdjobs.frontend import EXIT_CANCELLED, CancelMode, Session
+from sdjobs.exits import EXIT_CANCELLED
+from sdjobs.frontend import Session
+from sdjobs.status import CancelMode
 
 
 def _quit() -> None:

@@ -24,13 +24,14 @@ from collections.abc import Callable, Mapping
 import attrs
 
 from sdjobs import hookimpl
-from sdjobs.frontend import EXIT_CANCELLED, CancelMode, FrontendOptions, FrontendUnavailable, Session
+from sdjobs.exits import EXIT_CANCELLED
+from sdjobs.frontend import FrontendOptions, FrontendUnavailable, Session
 from sdjobs.frontends.formatting import drained_line
 from sdjobs.frontends.interrupt import ctrl_c_cancels
 from sdjobs.frontends.ledger import JobLedger
 from sdjobs.frontends.tk_panel import JobPanel
 from sdjobs.spec import JobSpec
-from sdjobs.status import JobState, RuntimeStatus, StageResult
+from sdjobs.status import CancelMode, JobState, RuntimeStatus, StageResult
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import tkinter as tk
 from collections.abc import Callable
 from tkinter import ttk
 
-from sdjobs.frontend import CancelMode
+
 from sdjobs.frontends.formatting import (
     CALCULATING,
     format_duration,
@@ -22,7 +22,7 @@ from sdjobs.frontends.formatting import (
     format_step,
     images_text,
 )
-from sdjobs.status import JobState, RuntimeStatus, StageResult
+from sdjobs.status import CancelMode, JobState, RuntimeStatus, StageResult
 
 log = logging.getLogger(__name__)
 

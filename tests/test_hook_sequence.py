@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from runner_helpers import ALL_STAGES, DROPPED_IN_STAGE_TWO, Background, HookLog, in_stage, job_spec, make_runner
 
-from sdjobs.frontend import CancelMode
+from sdjobs.status import CancelMode
 from sdjobs.sim import SimSettings, SimulatedWebUI
 from sdjobs.spec import JobSpec
 from sdjobs.testing import follows_documented_order

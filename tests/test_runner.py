@@ -26,12 +26,12 @@ from runner_helpers import (
 
 from sdjobs import hookimpl
 from sdjobs.client import WebUIClient
-from sdjobs.frontend import CancelMode
+
 from sdjobs.job import JobSettings
 from sdjobs.outputs import MANIFEST, read_parameters, read_provenance
 from sdjobs.sim import SimSettings, SimulatedWebUI
 from sdjobs.spec import JobSpec
-from sdjobs.status import JobState
+from sdjobs.status import CancelMode, JobState
 from sdjobs.testing import RaisingObserver
 
 STEPPING = SimSettings(stepping=True)

@@ -18,9 +18,9 @@ from pathlib import Path
 import attrs
 import pluggy
 
-from sdjobs.frontend import CancelMode
+
 from sdjobs.spec import JobSpec
-from sdjobs.status import JobState, RuntimeStatus, StageResult
+from sdjobs.status import CancelMode, JobState, RuntimeStatus, StageResult
 
 #: Stage progress of each progress event; the first comes before an ETA is known.
 SAMPLES = (0.25, 0.5, 0.75)

@@ -12,7 +12,9 @@ import pytest
 from rich.console import Console
 from scripted import job_spec
 
-from sdjobs.frontend import EXIT_CANCELLED, CancelMode, FrontendOptions
+from sdjobs.exits import EXIT_CANCELLED
+from sdjobs.frontend import FrontendOptions
+from sdjobs.status import CancelMode
 from sdjobs.frontends.console import ConsoleFrontend
 from sdjobs.frontends.jsonl import JsonlFrontend
 from sdjobs.frontends.log import LogFrontend

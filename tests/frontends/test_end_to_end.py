@@ -28,17 +28,17 @@ from tkwindow import close_window, grab, on_tk, session_threads, texts
 
 from sdjobs import hookimpl
 from sdjobs.client import WebUIClient
-from sdjobs.frontend import CancelMode, FrontendOptions
+from sdjobs.clock import FakeClock
+from sdjobs.frontend import FrontendOptions
 from sdjobs.frontends.jsonl import FIELDS
 from sdjobs.frontends.tk import TkFrontend
 from sdjobs.frontends.tk_panel import JobPanel
 from sdjobs.hooks import Hooks, make_plugin_manager
 from sdjobs.job import JobSettings
-from sdjobs.pytest_plugin import FakeClock
 from sdjobs.runner import Runner
 from sdjobs.sim import SimSettings, SimulatedWebUI
 from sdjobs.spec import JobSpec, load_job
-from sdjobs.status import JobState, RuntimeStatus
+from sdjobs.status import CancelMode, JobState, RuntimeStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo.toml"

@@ -18,7 +18,9 @@ from PIL import Image
 from scripted import job_spec
 from tkwindow import close_window, on_tk, session_threads, texts
 
-from sdjobs.frontend import EXIT_CANCELLED, CancelMode, FrontendOptions, FrontendUnavailable
+from sdjobs.exits import EXIT_CANCELLED
+from sdjobs.frontend import FrontendOptions, FrontendUnavailable
+from sdjobs.status import CancelMode
 from sdjobs.frontends import tk as tk_frontend
 from sdjobs.frontends.tk import TkFrontend
 from sdjobs.frontends.tk_panel import JobPanel
