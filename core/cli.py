@@ -17,6 +17,7 @@ from pathlib import Path
 import attrs
 
 from sdjobs import frontend as frontends
+from sdjobs import machine
 from sdjobs.client import DEFAULT_URL, WebUIClient
 from sdjobs.exits import EXIT_CANCELLED, EXIT_FAILED, EXIT_USAGE
 from sdjobs.hooks import Hooks, describe_plugins, make_plugin_manager
@@ -131,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim_cli.add_arguments(sim)
 
+    machine = commands.add_parser("machine", help="print the job state machine: its states and transitions")
+    machine.add_argument("job", nargs="?", type=Path, metavar="JOB.toml", help="name this job's stages in the diagram")
+    machine.add_argument("--format", choices=("table", "mermaid"), default="table", help="default: table")
+
     commands.add_parser("plugins", help="list loaded plugins and their hooks, as JSON")
     commands.add_parser("frontends", help="list the front ends --frontend can choose")
     return parser
@@ -158,6 +163,15 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"  {index + 1}. {step.type:<9} {step.endpoint:<18} "
                 f"{step.requests} request(s), {step.images} image(s), {step.steps} step(s) each"
             )
+    return 0
+
+
+def cmd_machine(args: argparse.Namespace) -> int:
+    if args.format == "table":
+        print(machine.as_table())
+    else:
+        stages = tuple(stage.type for stage in load_job(args.job).stages) if args.job else ()
+        print(machine.as_mermaid(stages))
     return 0
 
 
@@ -268,6 +282,7 @@ COMMANDS = {
     "check": cmd_check,
     "demo": cmd_demo,
     "frontends": cmd_frontends,
+    "machine": cmd_machine,
     "plugins": cmd_plugins,
     "run": cmd_run,
     "sim": cmd_sim,

@@ -431,6 +431,11 @@ class WebUIClient:
             return bool(detected)
         return self._task_progress
 
+    @property
+    def follows_task_ids(self) -> bool:
+        """What `supports_task_progress` last found, without asking: False until it knows."""
+        return bool(self._task_progress)
+
     def _detect_task_progress(self) -> bool | None:
         """Whether the server follows task ids; None when it could not tell (no answer, or 5xx)."""
         probe = f"sdjobs-probe-{uuid.uuid4().hex}"

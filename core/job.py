@@ -1,62 +1,74 @@
-"""`Job`: one job's identity and live state, and the step-able core that drives it.
+"""`Job`: one job's identity, its machine's model, and the work its transitions do.
 
-A `Job` never waits on the network and never starts a thread.  The runner feeds
-it events, one at a time and on one thread: `begin`, `sample`, `probed`,
-`returned`, `failed`, `cancel` and `tick`.  What the job needs done in the
-world it asks of its `WebUIPort`, and the answers come back as events: send a
-request (`returned` or `failed`), take one progress sample (`probed`),
-interrupt.  Tests drive the same core with a fake port and a fake clock, so
-every interleaving of events is a test case.
+The machine (`sdjobs.machine`) says what happens when; this module says what
+each named condition checks and what each callback does.  A `Job` never waits
+on the network and never starts a thread: what it needs done in the world it
+asks of its `WebUIPort`, and the answers come back as triggers (`prepared`,
+`probed`, `returned`, `failed`).  Tests drive the same core with a fake port and
+a fake clock, so every interleaving of events is a test case.
+
+The triggers are methods that `transitions` adds to each job::
+
+    job.begin()
+    job.prepared(folder=folder, problems=())
+    job.sample(info=info, task=task)
+    job.probed(info=info, task=task)
+    job.returned(result=result)
+    job.failed(error=error)
+    job.cancel(mode=CancelMode.NOW)
+    job.tick()
+    job.abort(error="OSError: disk full")
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
-import enum
-import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
-
-from sdjobs.client import GenerationResult
+from transitions import EventData
 
 from sdjobs.hooks import Hooks, PluginError
-from sdjobs.machine import JobMachine
+from sdjobs.machine import AWAITING_ANSWER, END_STATES, new_machine
 from sdjobs.outputs import JobFolder, read_parameters
 from sdjobs.payloads import adetailer_applied, build_payload
-from sdjobs.polling import DEFAULT_POLL_INTERVAL, PollRequest, Poller, Report
+from sdjobs.polling import DEFAULT_POLL_INTERVAL, PollRequest, Report
 from sdjobs.progress import JobTracker, StageTracker, StallEvent, StallWatch
-from sdjobs.status import CancelMode, JobState, ProgressInfo, RuntimeStatus, StageResult, TaskProgress
+from sdjobs.stage import Request, StageRun
+from sdjobs.status import CancelMode, JobState, RuntimeStatus, StageResult
 
 if TYPE_CHECKING:
-    from sdjobs.client import WebUIClient
-    from sdjobs.spec import JobSpec, StagePlan
+    from sdjobs.client import GenerationResult, WebUIClient
+    from sdjobs.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
 
 class WebUIPort(Protocol):
-    """What a job asks of the world; the runner's port does it over HTTP."""
+    """What a job asks of the world; the runner's port does it over HTTP, off the job's thread."""
 
     client: WebUIClient
-    task_tracking: bool
     report: Report
+
+    @property
+    def task_tracking(self) -> bool:
+        """Whether the server is known to follow our task ids; never waits to find out."""
+
+    def prepare(self, spec: JobSpec, job_id: str) -> None:
+        """Make the job's folder and check the job against the server (preflight);
+        the outcome comes back as `Job.prepared`."""
 
     def probe(self, task_id: str | None) -> None:
         """Take one progress sample, of our task when ``task_id`` is given, else global;
-        it comes back as `Job.probed`.
-
-        Asked before a request is sent in global mode (the baseline: what ran
-        before ours) and when a cancel must know whether our request is running.
-        """
+        it comes back as `Job.probed`."""
 
     def send(self, endpoint: str, payload: dict[str, Any], task_id: str | None) -> None:
         """Start a generation request; its answer comes back as `Job.returned`/`Job.failed`."""
 
     def interrupt(self) -> None:
-        """Ask the server to interrupt what it is running."""
+        """Ask the server to interrupt what it runs; returns at once."""
 
 
 @attrs.frozen
@@ -69,6 +81,7 @@ class JobSettings:
         stall_interrupt_after: Seconds without progress before one interrupt; None: never.
         cancel_grace: Seconds to wait for an interrupted request to return.
         probe_timeout: Seconds to wait for a probe's sample before going on without it.
+        prepare_timeout: Seconds to wait for the server to answer the checks before the first request.
         preview: Ask for live previews.
     """
 
@@ -77,80 +90,52 @@ class JobSettings:
     stall_interrupt_after: float | None = None
     cancel_grace: float = 30.0
     probe_timeout: float = 1.0
+    prepare_timeout: float = 60.0
     preview: bool = False
 
 
-class _Wait(enum.Enum):
-    """What a job in flight waits for, besides the request's answer."""
-
-    BASELINE = "a baseline sample before sending"
-    OWNER = "a sample saying whether our request runs, to cancel it"
-    ANSWER = "the interrupted request's answer"
-
-
-@attrs.define(eq=False)
+@attrs.define(eq=False, slots=False)
 class Job:
-    """One job: its spec, its machine, its progress, its results.
+    """One job: its spec, its machine's state, its progress and its results.
+
+    `transitions` binds the triggers and ``state`` on the instance (hence no
+    slots); only the runner's thread fires them.
 
     Attributes:
         spec: The frozen job description.
-        job_id: The id, also the name of its output folder.
-        folder: Where its images and manifest go.
+        job_id: The job's id, also the name of its output folder.
         hooks: The hooks to fire.
         port: The way out to the WebUI.
         settings: Poll interval, stall and cancel limits.
         clock: Monotonic seconds (a fake one in tests).
         wall_clock: Unix time, for `started_at` stamps.
-        outcome: How the job ended; None until it has.
+        folder: Where its images and manifest go, once prepared.
         error: Why it failed, when it did.
         results: Every stage that ended, cut-short ones too.
+        status: The latest snapshot, as last handed to hooks.
+        stage: The running stage; None outside stages.
+        deadline: When the answer the job waits for is late (monotonic seconds); None when it waits for none.
     """
 
     spec: JobSpec
     job_id: str
-    folder: JobFolder
     hooks: Hooks
     port: WebUIPort
     settings: JobSettings = JobSettings()
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
 
-    outcome: JobState | None = attrs.field(default=None, init=False)
+    folder: JobFolder | None = attrs.field(default=None, init=False)
     error: str | None = attrs.field(default=None, init=False)
     results: list[StageResult] = attrs.field(factory=list, init=False)
-
-    _machine: JobMachine = attrs.field(init=False)
-    _plan: tuple[StagePlan, ...] = attrs.field(init=False)
+    status: RuntimeStatus = attrs.field(init=False)
+    stage: StageRun | None = attrs.field(default=None, init=False)
+    deadline: float | None = attrs.field(default=None, init=False)
     _jobs: JobTracker = attrs.field(init=False)
-    _status: RuntimeStatus = attrs.field(init=False)
-    # the running stage
-    _stage: StageTracker | None = attrs.field(default=None, init=False)
-    _stalls: StallWatch | None = attrs.field(default=None, init=False)
-    _inputs: list[bytes | None] = attrs.field(factory=list, init=False)
-    _outputs: list[bytes] = attrs.field(factory=list, init=False)
-    _paths: list[Path] = attrs.field(factory=list, init=False)
-    _infos: list[dict[str, Any]] = attrs.field(factory=list, init=False)
-    _seeds: list[int] = attrs.field(factory=list, init=False)
-    _stage_started: float = attrs.field(default=0.0, init=False)
-    _stage_started_wall: float = attrs.field(default=0.0, init=False)
-    _preview: str | None = attrs.field(default=None, init=False)
-    # the request of the running stage
-    _input: bytes | None = attrs.field(default=None, init=False)
-    _pending: tuple[str, dict[str, Any], str | None] | None = attrs.field(default=None, init=False)
-    _task_id: str | None = attrs.field(default=None, init=False)
-    _in_flight: bool = attrs.field(default=False, init=False)
-    _poller: Poller | None = attrs.field(default=None, init=False)
-    _wait: _Wait | None = attrs.field(default=None, init=False)
-    _deadline: float | None = attrs.field(default=None, init=False)
-    # why the request is being cut short
-    _cancel: CancelMode | None = attrs.field(default=None, init=False)
-    _stall_interrupted: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._machine = JobMachine([stage.type for stage in self.spec.stages])
-        self._plan = self.spec.plan()
-        self._jobs = JobTracker(costs=tuple(stage.cost for stage in self._plan))
-        self._status = RuntimeStatus(
+        self._jobs = JobTracker(costs=tuple(plan.cost for plan in self.spec.plan()))
+        self.status = RuntimeStatus(
             job_id=self.job_id,
             name=self.spec.name,
             stage=self.spec.stages[0].type,
@@ -158,190 +143,265 @@ class Job:
             stage_count=len(self.spec.stages),
             seed=self.spec.seed,
         )
+        new_machine(self)
 
-    # -- what the outside can read -------------------------------------------
-
-    @property
-    def machine(self) -> JobMachine:
-        """The job's state machine (read its ``state``; only the job fires it)."""
-        return self._machine
-
-    @property
-    def status(self) -> RuntimeStatus:
-        """The latest snapshot, as last handed to hooks."""
-        return self._status
+    # -- what the outside reads ----------------------------------------------------------
 
     @property
     def finished(self) -> bool:
-        """The job has ended: no event changes it any more, no hook fires for it."""
-        return self._machine.terminal
+        """The job has ended: no trigger applies any more, no hook fires for it."""
+        return self.state in END_STATES
+
+    @property
+    def outcome(self) -> JobState | None:
+        """How the job ended; None until it has."""
+        return JobState(self.state) if self.finished else None
 
     @property
     def awaiting_answer(self) -> bool:
         """A request is out and the job waits for its answer."""
-        return self._in_flight
+        return self.state in AWAITING_ANSWER
 
     @property
     def awaiting_probe(self) -> bool:
         """The job asked its port for a sample and waits for `probed`."""
-        return self._wait in (_Wait.BASELINE, _Wait.OWNER)
+        return self.state in ("baseline", "baseline_then_stop", "asking")
 
-    @property
-    def next_deadline(self) -> float | None:
-        """When `tick` next has something to do besides stalls (monotonic seconds), if ever."""
-        return self._deadline
+    # -- conditions --------------------------------------------------------------------------
 
-    # -- events ---------------------------------------------------------------
+    def has_problems(self, event: EventData) -> bool:
+        return bool(event.kwargs["problems"])
 
-    def begin(self) -> None:
-        """Leave the queue and start the first stage."""
-        self._leave_queue()
-        self._machine.fire("start")
+    def late(self, event: EventData) -> bool:
+        return self.deadline is not None and self.clock() >= self.deadline
+
+    def needs_baseline(self, event: EventData) -> bool:
+        """Global mode: whose job the server runs is told from a sample taken before ours is sent."""
+        return self.stage.request.polled and self.stage.request.task_id is None
+
+    def ours_running(self, event: EventData) -> bool:
+        """A sample said the job the server runs is ours: only then is it interrupted."""
+        return self.stage.tracker.running
+
+    def now(self, event: EventData) -> bool:
+        return event.kwargs["mode"] is CancelMode.NOW
+
+    def after_stage(self, event: EventData) -> bool:
+        return event.kwargs["mode"] is CancelMode.AFTER_STAGE
+
+    def after_job(self, event: EventData) -> bool:
+        return event.kwargs["mode"] is CancelMode.AFTER_JOB
+
+    def answer_is_wrong(self, event: EventData) -> bool:
+        return self._problem_with(event.kwargs["result"]) is not None
+
+    def more_requests(self, event: EventData) -> bool:
+        return bool(self.stage.inputs)
+
+    def last_stage(self, event: EventData) -> bool:
+        return self.stage.index == len(self.spec.stages) - 1
+
+    # -- callbacks: leaving the queue ------------------------------------------------------
+
+    def prepare(self, event: EventData) -> None:
+        self.status = attrs.evolve(self.status, started_at=self.wall_clock(), state=JobState.RUNNING)
+        self.hooks.job_started(self.status, self.spec)
+        self._await(self.settings.prepare_timeout)
+        self.port.prepare(self.spec, self.job_id)
+
+    def fail_with_problems(self, event: EventData) -> None:
+        self.folder = event.kwargs.get("folder")
+        self.error = "; ".join(event.kwargs["problems"])
+
+    def fail_unprepared(self, event: EventData) -> None:
+        self.error = f"the WebUI did not answer sdjobs' checks within {self.settings.prepare_timeout:g} s"
+
+    def start_first_stage(self, event: EventData) -> None:
+        self.folder = event.kwargs["folder"]
         self._start_stage(0, inputs=[None])
 
-    def begin_failed(self, error: str) -> None:
-        """Leave the queue and fail at once, before any request (preflight found a problem)."""
-        self._leave_queue()
-        self._end(JobState.FAILED, error)
 
-    def sample(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
-        """Fold a progress sample from the poller; fire `sdjobs_progress` on a change."""
-        if self.finished or not self._in_flight or self._cancel is CancelMode.NOW:
+    # -- callbacks: one request -------------------------------------------------------------
+
+    def request(self, event: EventData) -> None:
+        """Build the stage's next request and let plugins amend it; then send it (`ready`)."""
+        stage = self.stage
+        number = stage.request_number + 1
+        source = stage.inputs.pop(0)
+        payload = build_payload(self.spec, stage.index, source)
+        request = stage.request = Request(stage.spec.endpoint, payload, source)
+        try:
+            self.hooks.amend_payload(payload, stage.spec, self.status)
+        except PluginError as exc:
+            self.abort(error=exc)
             return
-        now = self.clock()
-        changed = self._stage.fold(info, task, now)
-        if self.settings.preview and self._stage.running:
+        if request.polled and self.port.task_tracking:
+            request.task_id = f"sdjobs-{self.job_id}-{stage.index + 1}-{number}"
+        self.ready()
+
+    def ask_baseline(self, event: EventData) -> None:
+        self._await(self.settings.probe_timeout)
+        self.port.probe(None)
+
+    def note_baseline(self, event: EventData) -> None:
+        self.stage.request.baseline = event.kwargs["info"]
+
+    def send(self, event: EventData) -> None:
+        """Send the request, with a poller following it."""
+        self.deadline = None
+        request = self.stage.request
+        self.stage.tracker.request_sent(self.clock(), baseline=request.baseline, task_mode=request.task_id is not None)
+        if request.polled:
+            poll = PollRequest(
+                client=self.port.client,
+                interval=self.settings.poll_interval,
+                report=self.port.report,
+                task_id=request.task_id,
+                preview=self.settings.preview,
+            )
+            try:
+                request.poller = self.hooks.start_polling(poll)
+            except PluginError as exc:
+                self.abort(error=exc)
+                return
+        self.port.send(request.endpoint, request.payload, request.task_id)
+
+    def fold(self, event: EventData) -> None:
+        """Fold a progress sample; fire `sdjobs_progress` when what is shown changed."""
+        info, task = event.kwargs["info"], event.kwargs["task"]
+        stage, now = self.stage, self.clock()
+        changed = stage.tracker.fold(info, task, now)
+        if self.settings.preview and stage.tracker.running:
             preview = (task and task.live_preview) or (info and info.current_image)
             preview = preview and preview.rpartition("base64,")[2]  # a data: URI from /internal
-            if preview and preview != self._preview:
-                self._preview, changed = preview, True
+            if preview and preview != stage.preview:
+                stage.preview, changed = preview, True
         if changed:
             self._show_progress(now)
 
-    def probed(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
-        """The sample the job asked for came back."""
-        if self.finished or not self.awaiting_probe:
-            return
-        if self._wait is _Wait.BASELINE:
-            self._send(baseline=info)
-        else:
-            self._stage.fold(info, task, self.clock())
-            if self._stage.running:
-                self._stop_ours()
+    def watch_stall(self, event: EventData) -> None:
+        """Report a stall once; ask for the stall interrupt (`stall`) when it is due."""
+        stalled = self.stage.tracker.stalled_for(self.clock())
+        for due in self.stage.stalls.check(stalled):
+            if due is StallEvent.STALLED:
+                self.hooks.job_stalled(self.status, stalled)
             else:
-                self._abandon()
+                self.stall()
 
-    def returned(self, result: GenerationResult) -> None:
-        """The request in flight answered (200): keep its images, go on."""
-        if self.finished or not self._in_flight:
-            return
-        now = self.clock()
-        self._end_request()
-        self._keep(result)
-        self._stage.request_returned(now)
-        if self._cancel is CancelMode.NOW:
-            self._cut_short(JobState.CANCELLED)
-        elif self._stall_interrupted:
-            self._cut_short(JobState.FAILED, "stalled; interrupted")
-        elif problem := self._check(result):
-            self._cut_short(JobState.FAILED, problem)
-        elif self._inputs:
-            self._send_next()
-        else:
-            self._stage.finish(now)
-            self._finish_stage(partial=False)
-            self._next_stage()
+    # -- callbacks: cutting a request short -------------------------------------------------
 
-    def failed(self, error: BaseException) -> None:
-        """The request in flight failed (no answer, or an error status)."""
-        if self.finished or not self._in_flight:
-            return
-        self._end_request()
-        if self._cancel is CancelMode.NOW:
-            self._cut_short(JobState.CANCELLED)  # the interrupted request broke on its way back
-        else:
-            self._cut_short(JobState.FAILED, str(error))
+    def interrupt(self, event: EventData) -> None:
+        """Interrupt our running request; its answer is awaited for the grace time."""
+        self.stage.request.stop_polling()
+        self.port.interrupt()
+        self.await_interrupted(event)
 
-    def abort(self, error: BaseException) -> None:
-        """Something went wrong outside the WebUI (a disk, a bug): fail, naming it."""
-        if self.finished:
-            return
-        self._end_request()
-        message = f"{type(error).__name__}: {error}"
-        if self._machine.stage_index is None:
-            self._end(JobState.FAILED, message)
-        else:
-            self._cut_short(JobState.FAILED, message)
+    def await_interrupted(self, event: EventData) -> None:
+        self._await(self.settings.cancel_grace)
 
-    def cancel(self, mode: CancelMode = CancelMode.NOW) -> None:
-        """Ask the job to stop: now (interrupt, keep partial images) or after this stage."""
-        if self.finished:
-            return
-        if mode is CancelMode.AFTER_JOB:
-            return  # the job runs to its end; the runner starts no further one
-        if self._machine.state == "queued":
-            self._end(JobState.CANCELLED)
-        elif mode is CancelMode.AFTER_STAGE:
-            self._cancel = self._cancel or mode
-        elif self._cancel is not CancelMode.NOW:
-            self._cancel = CancelMode.NOW
-            self._stop_polling()
-            if not self._in_flight:  # nothing sent yet (waiting for a baseline, or between requests)
-                self._cut_short(JobState.CANCELLED)
-            elif self._stage.running:
-                self._stop_ours()
-            else:  # a sample must say whether it is ours before we interrupt anything
-                self._await(_Wait.OWNER, self.settings.probe_timeout)
-                self.port.probe(self._task_id)
+    def ask_owner(self, event: EventData) -> None:
+        """Before interrupting, a sample must say whether the job the server runs is ours."""
+        self.stage.request.stop_polling()
+        self._await(self.settings.probe_timeout)
+        self.port.probe(self.stage.request.task_id)
 
-    def tick(self) -> None:
-        """Time passed: report a stall, or stop waiting for a probe or an answer that is late."""
-        if self.finished:
-            return
-        now = self.clock()
-        if self._deadline is not None and now >= self._deadline:
-            late, self._wait, self._deadline = self._wait, None, None
-            if late is _Wait.BASELINE:
-                self._send(baseline=None)
-            elif late is _Wait.OWNER:
-                self._abandon()
-            elif self._cancel is CancelMode.NOW:
-                self._end_request()
-                self._cut_short(JobState.CANCELLED)
-            else:
-                self._end_request()
-                self._cut_short(JobState.FAILED, "stalled; interrupted, and the server never answered")
-            return
-        if not self._in_flight or self._wait is not None:
-            return
-        stalled = self._stage.stalled_for(now)
-        for event in self._stalls.check(stalled):
-            if event is StallEvent.STALLED:
-                self.hooks.job_stalled(self._status, stalled)
-            else:
-                self._stall_interrupted = True
-                self.port.interrupt()
-                self._await(_Wait.ANSWER, self.settings.cancel_grace)
+    def fold_probe(self, event: EventData) -> None:
+        self.stage.tracker.fold(event.kwargs["info"], event.kwargs["task"], self.clock())
 
-    # -- stages ---------------------------------------------------------------
+    # -- callbacks: answers and ends ---------------------------------------------------------
+
+    def keep(self, event: EventData) -> None:
+        """Write the answer's images, each with its seed and the prompt it came from."""
+        stage, result = self.stage, event.kwargs["result"]
+        self.deadline = None
+        stage.request.stop_polling()
+        stage.tracker.request_returned(self.clock())
+        first = int(result.info.get("index_of_first_image", 0) or 0)
+        source = stage.request.source
+        fallback = read_parameters(source) if source else None
+        seeds = result.seeds
+        for i, png in enumerate(result.images[first:]):
+            path = self.folder.write_image(
+                stage.index,
+                stage.spec.type,
+                len(stage.paths) + 1,
+                png,
+                provenance={"seed": seeds[i] if i < len(seeds) else self.spec.seed},
+                parameters_fallback=fallback,
+            )
+            stage.paths.append(path)
+            stage.outputs.append(png)
+        if result.info:
+            stage.infos.append(dict(result.info))
+        stage.seeds.extend(seeds)
+        stage.request = None
+
+    def finish_stage(self, event: EventData) -> None:
+        """The stage's last request answered: the stage is complete."""
+        self.stage.tracker.finish(self.clock())
+        index = self.stage.index
+        self.status = attrs.evolve(
+            self.status,
+            progress=1.0,
+            job_progress=self._jobs.job_progress(index, 1.0),
+            eta=0.0,
+            job_eta=self._jobs.job_eta(index, 0.0),
+        )
+        self._end_stage(partial=False)
+
+    def next_stage(self, event: EventData) -> None:
+        """The stage is complete; the next one starts from its images."""
+        finished = self.stage
+        self.finish_stage(event)
+        self._start_stage(finished.index + 1, inputs=list(finished.outputs) or [None])
+
+    def fail_with_answer(self, event: EventData) -> None:
+        self.error = self._problem_with(event.kwargs["result"])
+
+    def fail_with_error(self, event: EventData) -> None:
+        self.error = str(event.kwargs["error"])
+
+    def fail_stalled(self, event: EventData) -> None:
+        self.error = "stalled; interrupted"
+
+    def fail_unanswered(self, event: EventData) -> None:
+        self.error = "stalled; interrupted, and the server never answered"
+
+    def end(self, event: EventData) -> None:
+        """Every end: a stage still running ends partial, the manifest is written, `job_finished` fires."""
+        self.deadline = None
+        if self.stage is not None:
+            if self.stage.request is not None:
+                self.stage.request.stop_polling()
+            if self.error is not None:
+                self.error = f"stage {self.stage.index + 1}/{len(self.spec.stages)} ({self.stage.spec.type}): {self.error}"
+            self._end_stage(partial=True)
+        self.status = attrs.evolve(self.status, state=self.outcome)
+        self._write_manifest()
+        self.hooks.job_finished(self.status, self.outcome, self.error, tuple(self.results))
+
+    # -- helpers ---------------------------------------------------------------------------
 
     def _start_stage(self, index: int, inputs: list[bytes | None]) -> None:
-        plan = self._plan[index]
-        self._stage = StageTracker(
-            requests=len(inputs),
-            steps_per_request=plan.steps or None,
-            passes_per_request=plan.passes,
-            images_per_request=plan.iterations,
+        plan = self.spec.plan()[index]
+        self.stage = StageRun(
+            index=index,
+            spec=self.spec.stages[index],
+            plan=plan,
+            inputs=inputs,
+            tracker=StageTracker(
+                requests=len(inputs),
+                steps_per_request=plan.steps or None,
+                passes_per_request=plan.passes,
+                images_per_request=plan.iterations,
+            ),
+            stalls=StallWatch(self.settings.stall_after, self.settings.stall_interrupt_after),
+            started=self.clock(),
+            started_wall=self.wall_clock(),
         )
-        self._stalls = StallWatch(self.settings.stall_after, self.settings.stall_interrupt_after)
-        self._inputs = list(inputs)
-        self._outputs, self._paths, self._infos, self._seeds = [], [], [], []
-        self._stage_started = self.clock()
-        self._stage_started_wall = self.wall_clock()
-        self._preview = None
-        self._status = attrs.evolve(
-            self._status,
-            stage=self.spec.stages[index].type,
+        self.status = attrs.evolve(
+            self.status,
+            stage=self.stage.spec.type,
             stage_index=index,
             progress=0.0,
             image=None,
@@ -352,197 +412,52 @@ class Job:
             queue_position=None,
             preview=None,
         )
-        self.hooks.stage_started(self._status, self.spec.stages[index])
-        self._send_next()
+        self.hooks.stage_started(self.status, self.stage.spec)
 
-    def _send_next(self) -> None:
-        """Build the next request of the stage; send it, after a baseline sample in global mode."""
-        index = self._machine.stage_index
-        stage = self.spec.stages[index]
-        number = self._stage.requests - len(self._inputs)
-        self._input = self._inputs.pop(0)
-        payload = build_payload(self.spec, index, self._input)
-        try:
-            self.hooks.amend_payload(payload, stage, self._status)
-        except PluginError as exc:
-            self._cut_short(JobState.FAILED, str(exc))
-            return
-        tracked = stage.endpoint != "extra-single-image"  # extras read ≈1.0 throughout
-        self._task_id = None
-        if tracked and self.port.task_tracking:
-            self._task_id = f"sdjobs-{self.job_id}-{index + 1}-{number + 1}"
-        self._pending = (stage.endpoint, payload, self._task_id)
-        if tracked and self._task_id is None:
-            self._await(_Wait.BASELINE, self.settings.probe_timeout)
-            self.port.probe(None)
-        else:
-            self._send(baseline=None)
+    def _end_stage(self, *, partial: bool) -> None:
+        """Record the stage's result and fire `sdjobs_stage_finished`; the job is between stages after."""
+        stage, self.stage = self.stage, None
+        result = stage.result(self.clock() - stage.started, partial=partial)
+        self.results.append(result)
+        self.hooks.stage_finished(self.status, result)
 
-    def _send(self, baseline: ProgressInfo | None) -> None:
-        """Send the pending request, with a poller following it."""
-        self._wait = self._deadline = None
-        endpoint, payload, task_id = self._pending
-        self._pending = None
-        self._stage.request_sent(self.clock(), baseline=baseline, task_mode=task_id is not None)
-        if endpoint != "extra-single-image":
-            request = PollRequest(
-                client=self.port.client,
-                interval=self.settings.poll_interval,
-                report=self.port.report,
-                task_id=task_id,
-                preview=self.settings.preview,
-            )
-            try:
-                self._poller = self.hooks.start_polling(request)
-            except PluginError as exc:
-                self._cut_short(JobState.FAILED, str(exc))
-                return
-        self._in_flight = True
-        self.port.send(endpoint, payload, task_id)
-
-    def _keep(self, result: GenerationResult) -> None:
-        """Write the answer's images, each with its seed and the prompt it came from."""
-        index = self._machine.stage_index
-        stage = self.spec.stages[index]
-        first = int(result.info.get("index_of_first_image", 0) or 0)
-        fallback = read_parameters(self._input) if self._input else None
-        seeds = result.seeds
-        for i, png in enumerate(result.images[first:]):
-            seed = seeds[i] if i < len(seeds) else self.spec.seed
-            self._paths.append(
-                self.folder.write_image(
-                    index,
-                    stage.type,
-                    len(self._paths) + 1,
-                    png,
-                    provenance={"seed": seed},
-                    parameters_fallback=fallback,
-                )
-            )
-            self._outputs.append(png)
-        if result.info:
-            self._infos.append(dict(result.info))
-        self._seeds.extend(seeds)
-
-    def _check(self, result: GenerationResult) -> str | None:
+    def _problem_with(self, result: GenerationResult) -> str | None:
         """What is wrong with an answer that came back 200, if anything."""
-        index = self._machine.stage_index
-        if self.spec.stages[index].type == "adetailer" and not any(
-            adetailer_applied(text) for text in result.infotexts
-        ):
+        index = self.stage.index
+        if self.stage.spec.type == "adetailer" and not any(adetailer_applied(text) for text in result.infotexts):
             return "ADetailer did not run: its settings are not in the infotext (is the extension installed and enabled?)"
         if index == 0 and result.seeds and result.seeds[0] != self.spec.seed:
             return f"the server used seed {result.seeds[0]}, not the job's seed {self.spec.seed}"
         return None
 
-    def _finish_stage(self, *, partial: bool) -> None:
-        index = self._machine.stage_index
-        result = StageResult(
-            stage=self.spec.stages[index].type,
-            stage_index=index,
-            images=tuple(self._paths),
-            infos=tuple(self._infos),
-            seeds=tuple(self._seeds),
-            started_at=self._stage_started_wall,
-            elapsed=self.clock() - self._stage_started,
-            partial=partial,
-        )
-        self.results.append(result)
-        if not partial:
-            self._status = attrs.evolve(
-                self._status,
-                progress=1.0,
-                job_progress=self._jobs.job_progress(index, 1.0),
-                eta=0.0,
-                job_eta=self._jobs.job_eta(index, 0.0),
-            )
-        self.hooks.stage_finished(self._status, result)
-
-    def _next_stage(self) -> None:
-        index = self._machine.stage_index
-        last = index == len(self.spec.stages) - 1
-        if self._cancel is CancelMode.AFTER_STAGE and not last:
-            self._end(JobState.CANCELLED)
-            return
-        self._machine.fire("advance")
-        if last:
-            self._end(JobState.DONE)
-        else:
-            self._start_stage(index + 1, inputs=list(self._outputs) or [None])
-
-    # -- cutting short ----------------------------------------------------------
-
-    def _stop_ours(self) -> None:
-        """Interrupt our running request and wait, a while, for it to come back."""
-        self.port.interrupt()
-        self._await(_Wait.ANSWER, self.settings.cancel_grace)
-
-    def _abandon(self) -> None:
-        """Cancel without interrupting: the request waits in the server's queue, or is not ours."""
-        self._end_request()
-        self._cut_short(JobState.CANCELLED)
-
-    def _cut_short(self, outcome: JobState, error: str | None = None) -> None:
-        """End the job inside a stage: the stage ends partial, with the images it had."""
-        self._finish_stage(partial=True)
-        self._end(outcome, None if error is None else self._stage_error(error))
-
-    # -- helpers --------------------------------------------------------------
-
-    def _leave_queue(self) -> None:
-        self._status = attrs.evolve(self._status, started_at=self.wall_clock(), state=JobState.RUNNING)
-        self.hooks.job_started(self._status, self.spec)
-
-    def _await(self, what: _Wait, seconds: float) -> None:
-        self._wait, self._deadline = what, self.clock() + seconds
+    def _await(self, seconds: float) -> None:
+        self.deadline = self.clock() + seconds
 
     def _show_progress(self, now: float) -> None:
-        stage = self._stage
-        index = self._machine.stage_index
-        eta = stage.eta(now)
-        image, images = stage.image or (None, None)
-        self._status = attrs.evolve(
-            self._status,
-            progress=stage.progress,
-            job_progress=self._jobs.job_progress(index, stage.progress),
+        stage, tracker = self.stage, self.stage.tracker
+        eta = tracker.eta(now)
+        image, images = tracker.image or (None, None)
+        self.status = attrs.evolve(
+            self.status,
+            progress=tracker.progress,
+            job_progress=self._jobs.job_progress(stage.index, tracker.progress),
             image=image,
             images=images,
-            step=stage.step,
-            steps=stage.steps,
+            step=tracker.step,
+            steps=tracker.steps,
             eta=eta,
-            job_eta=self._jobs.job_eta(index, eta, stage.seconds_per_step),
-            queue_position=stage.queue_position,
-            preview=self._preview,
+            job_eta=self._jobs.job_eta(stage.index, eta, tracker.seconds_per_step),
+            queue_position=tracker.queue_position,
+            preview=stage.preview,
         )
-        self.hooks.progress(self._status)
+        self.hooks.progress(self.status)
 
-    def _stop_polling(self) -> None:
-        poller, self._poller = self._poller, None  # forgotten first: a stop() that raises is not retried
-        if poller is not None:
-            poller.stop()
-
-    def _end_request(self) -> None:
-        self._stop_polling()
-        self._in_flight = False
-        self._wait = self._deadline = None
-
-    def _stage_error(self, message: str) -> str:
-        index = self._machine.stage_index
-        return f"stage {index + 1}/{len(self.spec.stages)} ({self.spec.stages[index].type}): {message}"
-
-    def _end(self, outcome: JobState, error: str | None = None) -> None:
-        self._end_request()
-        self._pending = None
-        if outcome is not JobState.DONE:  # `advance` from the last stage already reached done
-            self._machine.fire({JobState.FAILED: "fail", JobState.CANCELLED: "cancel"}[outcome])
-        self.outcome, self.error = outcome, error
-        self._status = attrs.evolve(self._status, state=outcome)
-        self._write_manifest(outcome, error)
-        self.hooks.job_finished(self._status, outcome, error, tuple(self.results))
-
-    def _write_manifest(self, outcome: JobState, error: str | None = None) -> None:
+    def _write_manifest(self) -> None:
         """Record the ended job; a disk that refuses loses the record, not the job's images."""
+        if self.folder is None:
+            return
         try:
-            self.folder.write_manifest(self.spec, self.results, outcome=outcome, error=error)
+            self.folder.write_manifest(self.spec, self.results, outcome=self.outcome, error=self.error)
         except OSError as exc:
             log.error("%s: cannot write the manifest in %s: %s", self.job_id, self.folder.path, exc)
+

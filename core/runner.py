@@ -1,10 +1,11 @@
 """`Runner`: runs a queue of jobs, one after another, on one thread.
 
 The runner's thread is the one writer: it alone fires machine triggers and
-hooks.  Everything else reaches it as an event on one queue: the answer of the
-request in flight and the probes' samples (each from a short-lived thread, so
-the runner never waits on the network), progress samples from the poller's
-thread, and cancels from any thread.  So a cancel is acted on at once, not at
+hooks.  Everything else reaches it as an event on one queue: the checks before
+a job's first request (folder, preflight), the answer of the request in flight,
+the probes' samples and the interrupt (each on a short-lived thread, so the
+runner never waits on the network), progress samples from the poller's thread,
+and cancels from any thread.  So a cancel is acted on at once, not at
 the next poll, and a hanging progress request holds up neither a cancel nor,
 beyond the job's `probe_timeout`, the generation request.
 """
@@ -24,7 +25,6 @@ from typing import Any
 import attrs
 
 from sdjobs.client import WebUIClient, WebUIError
-
 from sdjobs.hooks import Hooks
 from sdjobs.job import Job, JobSettings
 from sdjobs.outputs import JobFolder, new_job_id
@@ -38,6 +38,22 @@ log = logging.getLogger(__name__)
 _TICK = 0.5
 
 
+class _Catalog:
+    """The server's lists for preflight, asked for once per run, by whichever port needs them first."""
+
+    def __init__(self, client: WebUIClient) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._catalog: ServerCatalog | None = None
+
+    def get(self) -> ServerCatalog:
+        """Blocks on the network: called on a port's thread, never the runner's."""
+        with self._lock:
+            if self._catalog is None:
+                self._catalog = ServerCatalog.from_client(self._client)
+            return self._catalog
+
+
 class _Port:
     """One job's way out to the WebUI: calls on short-lived threads, answers as events.
 
@@ -45,31 +61,53 @@ class _Port:
     answer of a request that a cancelled job stopped waiting for is dropped.
     """
 
-    def __init__(self, client: WebUIClient, events: queue.SimpleQueue, job_id: str) -> None:
+    def __init__(self, client: WebUIClient, events: queue.SimpleQueue, job_id: str, out_dir: Path,
+                 catalog: _Catalog) -> None:  # fmt: skip
         self.client = client
         self._events = events
         self._job_id = job_id
+        self._out_dir = out_dir
+        self._catalog = catalog
 
     @property
     def task_tracking(self) -> bool:
-        """Asked at each request; the client remembers a definite answer."""
-        return self.client.supports_task_progress()
+        return self.client.follows_task_ids
 
-    def _put(self, event: str, *args: object) -> None:
-        self._events.put((self._job_id, event, *args))
+    def _put(self, trigger: str, **kwargs: object) -> None:
+        self._events.put((self._job_id, trigger, kwargs))
 
     def _in_background(self, name: str, call: Callable[[], None]) -> None:
         threading.Thread(target=call, name=f"sdjobs-{name}", daemon=True).start()
 
     def report(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
-        self._put("sample", info, task)
+        self._put("sample", info=info, task=task)
+
+    def prepare(self, spec: JobSpec, job_id: str) -> None:
+        """Make the folder and run preflight; find out meanwhile, without waiting, whether
+        the server follows task ids (a slow answer must not hold the job up)."""
+        if not self.client.follows_task_ids:
+            self._in_background("task-ids", self.client.supports_task_progress)
+
+        def check() -> None:
+            try:
+                folder = JobFolder.create(self._out_dir, job_id)
+            except OSError as exc:
+                self._put("prepared", folder=None, problems=[f"cannot create the job's folder in {self._out_dir}: {exc}"])
+                return
+            try:
+                problems = preflight(spec, self._catalog.get())
+            except (WebUIError, CatalogError) as exc:
+                problems = [str(exc)]
+            self._put("prepared", folder=folder, problems=problems)
+
+        self._in_background("prepare", check)
 
     def probe(self, task_id: str | None) -> None:
         def sample() -> None:
             if task_id is None:
-                self._put("probed", self.client.get_progress(), None)
+                self._put("probed", info=self.client.get_progress(), task=None)
             else:
-                self._put("probed", None, self.client.internal_progress(task_id))
+                self._put("probed", info=None, task=self.client.internal_progress(task_id))
 
         self._in_background("probe", sample)
 
@@ -78,17 +116,20 @@ class _Port:
             try:
                 result = self.client.generate(endpoint, payload, force_task_id=task_id)
             except Exception as exc:  # whatever it was, the job must hear of it
-                self._put("failed", exc)
+                self._put("failed", error=exc)
             else:
-                self._put("returned", result)
+                self._put("returned", result=result)
 
         self._in_background(endpoint, post)
 
     def interrupt(self) -> None:
-        try:
-            self.client.interrupt()
-        except WebUIError as exc:
-            log.warning("could not interrupt: %s", exc)
+        def post() -> None:
+            try:
+                self.client.interrupt()
+            except WebUIError as exc:
+                log.warning("could not interrupt: %s", exc)
+
+        self._in_background("interrupt", post)
 
 
 @attrs.define(eq=False)
@@ -112,7 +153,10 @@ class Runner:
     _current: str | None = attrs.field(default=None, init=False)
     _stop_queue: bool = attrs.field(default=False, init=False)
     _drained: bool = attrs.field(default=False, init=False)
-    _catalog: ServerCatalog | None = attrs.field(default=None, init=False)
+    _catalog: _Catalog = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._catalog = _Catalog(self.client)
 
     def run(self) -> None:
         now = datetime.now(UTC)
@@ -134,7 +178,7 @@ class Runner:
             return  # everything has ended: nothing to cancel, and no reason to exit 130
         if rest or mode is CancelMode.AFTER_JOB:
             self._stop_queue = True  # set before `_current` is read, so no job slips through
-        self._events.put((self._current, "cancel", CancelMode(mode)))
+        self._events.put((self._current, "cancel", {"mode": CancelMode(mode)}))
 
     @property
     def stopped(self) -> bool:
@@ -142,60 +186,38 @@ class Runner:
         return self._stop_queue
 
     def _run_one(self, job_id: str, spec: JobSpec) -> JobState:
-        try:
-            folder = JobFolder.create(self.out_dir, job_id)
-        except OSError as exc:
-            log.error("%s: cannot create the job's folder in %s: %s", spec.name, self.out_dir, exc)
-            return JobState.FAILED
         job = Job(
             spec=spec,
             job_id=job_id,
-            folder=folder,
             hooks=self.hooks,
-            port=_Port(self.client, self._events, job_id),
+            port=_Port(self.client, self._events, job_id, self.out_dir, self._catalog),
             settings=self.settings,
             clock=self.clock,
         )
-        self._handle(job, "begin")
+        self._handle(job, "begin", {})
         while not job.finished:
             self._dispatch(job)
         return job.outcome
 
     def _dispatch(self, job: Job) -> None:
-        deadline = job.next_deadline
+        deadline = job.deadline
         timeout = _TICK if deadline is None else max(0.0, min(_TICK, deadline - self.clock()))
         try:
-            job_id, event, *args = self._events.get(timeout=timeout)
+            job_id, trigger, kwargs = self._events.get(timeout=timeout)
         except queue.Empty:
             pass
         else:
-            if job_id == job.job_id:  # else: for a job that has ended, or a cancel between jobs
-                self._handle(job, event, *args)
+            if job_id == job.job_id and not job.finished:  # else: for a job that has ended, or between jobs
+                self._handle(job, trigger, kwargs)
         # Also after an event: samples may keep coming while nothing moves (a stall).
-        self._handle(job, "tick")
+        if not job.finished:
+            self._handle(job, "tick", {})
 
-    def _handle(self, job: Job, event: str, *args: object) -> None:
-        """Hand ``event`` to the job; an error that is not the WebUI's fails the job, not the run."""
+    def _handle(self, job: Job, trigger: str, kwargs: dict[str, Any]) -> None:
+        """Fire ``trigger``; an error that is not the WebUI's fails the job, not the run."""
         try:
-            if event == "begin":
-                self._begin(job)
-            else:
-                getattr(job, event)(*args)
+            job.trigger(trigger, **kwargs)
         except Exception as exc:
-            log.debug("job %s failed on %s", job.job_id, event, exc_info=True)
-            job.abort(exc)
-
-    def _begin(self, job: Job) -> None:
-        problems = self._preflight(job.spec)
-        if problems:
-            job.begin_failed("; ".join(problems))
-        else:
-            job.begin()
-
-    def _preflight(self, spec: JobSpec) -> list[str]:
-        try:
-            if self._catalog is None:
-                self._catalog = ServerCatalog.from_client(self.client)
-        except (WebUIError, CatalogError) as exc:
-            return [str(exc)]
-        return preflight(spec, self._catalog)
+            log.debug("job %s failed on %s", job.job_id, trigger, exc_info=True)
+            if not job.finished:
+                job.abort(error=f"{type(exc).__name__}: {exc}")

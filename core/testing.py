@@ -34,11 +34,13 @@ from sdjobs.clock import FakeClock
 
 from sdjobs.hooks import Hooks, make_plugin_manager
 from sdjobs.job import Job, JobSettings
+from sdjobs.machine import END_STATES, TRIGGERS, MachineError
 from sdjobs.outputs import JobFolder
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState, ProgressInfo, RuntimeStatus, TaskProgress
 
 __all__ = [
+    "FakePoller",
     "FakeWebUI",
     "HookRecorder",
     "JobRules",
@@ -186,17 +188,38 @@ def png(seed: int, size: tuple[int, int] = (64, 64), parameters: str | None = No
 
 
 @attrs.define
+class FakePoller:
+    """A poller that samples nothing: the rules hand samples to the job themselves."""
+
+    stopped: bool = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+@attrs.define
 class FakeWebUI:
-    """A `WebUIPort` that records what the job asks and answers when the test says."""
+    """A `WebUIPort` that records what the job asks and answers when the test says.
+
+    It is also a plugin: its `sdjobs_start_polling` hands out `FakePoller`s, so
+    a test can see that every poller is stopped.
+    """
 
     task_tracking: bool = False
     client: Any = None
+    folder: JobFolder | None = None
+    prepares: int = 0
     sent: list[tuple[str, dict[str, Any], str | None]] = attrs.field(factory=list)
     probes: list[str | None] = attrs.field(factory=list)
+    pollers: list[FakePoller] = attrs.field(factory=list)
     interrupts: int = 0
 
     def report(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
-        """Samples come from the rules directly; no poller runs."""
+        """Samples come from the rules directly."""
+
+    def prepare(self, spec: JobSpec, job_id: str) -> None:
+        """Noted; the rules answer it with `folder`."""
+        self.prepares += 1
 
     def probe(self, task_id: str | None) -> None:
         """Noted; the rules answer it (`JobRules.probe_answers`) or let it time out."""
@@ -207,6 +230,11 @@ class FakeWebUI:
 
     def interrupt(self) -> None:
         self.interrupts += 1
+
+    @hookimpl
+    def sdjobs_start_polling(self, request: Any) -> FakePoller:
+        self.pollers.append(FakePoller())
+        return self.pollers[-1]
 
     def answer(self, spec: JobSpec) -> GenerationResult:
         """A 200 answer to the last request: images as the spec asks, with ADetailer's marks."""
@@ -291,37 +319,52 @@ def follows_documented_order(names: Iterable[str], stages: int) -> bool:
 class JobRules(RuleBasedStateMachine):
     """sdjobs' promises about one job, checked under any order of events.
 
-    Subclass and override `plugins()` to run your own plugins inside the job;
-    add `@rule`s for what they do.  The invariants stay.
+    Each rule is one event of the world: the server's answers (or errors), a
+    progress sample, a cancel in each mode, time passing (stalls, late answers),
+    a plugin that raises.  Subclass and override `plugins()` to run your own
+    plugins inside the job; add `@rule`s for what they do.  The invariants stay.
     """
 
     def plugins(self) -> list[object]:
         """Extra plugins to register for each run."""
         return []
 
-    @initialize(spec=job_specs(), task_tracking=st.booleans())
-    def start_job(self, spec: JobSpec, task_tracking: bool) -> None:
+    @initialize(
+        spec=job_specs(),
+        task_tracking=st.booleans(),
+        calm=st.booleans(),
+        stall_interrupt_after=st.none() | st.sampled_from([90.0, 200.0]),
+    )
+    def start_job(self, spec: JobSpec, task_tracking: bool, calm: bool, stall_interrupt_after: float | None) -> None:
+        """A job of ``spec``, begun.  In a ``calm`` run nobody cancels and nothing fails
+        (so jobs end done often); the samples are as wild as ever."""
         self._tmp = tempfile.TemporaryDirectory()
         self.clock = FakeClock()
-        self.webui = FakeWebUI(task_tracking=task_tracking)
+        self.webui = FakeWebUI(task_tracking=task_tracking, folder=JobFolder.create(Path(self._tmp.name), "job-1"))
         self.recorder = HookRecorder()
         self.pm = make_plugin_manager(load_entry_points=False, disabled=["sdjobs.plugins.progress_poller"])
         self.pm.register(self.recorder, name="recorder")
+        self.pm.register(self.webui, name="fake-webui")
         for plugin in self.plugins():
             self.pm.register(plugin)
         self.spec = spec
         self.job = Job(
             spec=spec,
             job_id="job-1",
-            folder=JobFolder.create(Path(self._tmp.name), "job-1"),
             hooks=Hooks(self.pm),
             port=self.webui,
-            settings=JobSettings(stall_after=60.0, cancel_grace=30.0),
+            settings=JobSettings(
+                stall_after=60.0, stall_interrupt_after=None if calm else stall_interrupt_after, cancel_grace=30.0
+            ),
             clock=self.clock,
             wall_clock=self.clock,
         )
-        self.cancelled_at: float | None = None  # the fake clock when a cancel "now" came
+        self.calm = calm
+        self.cancels: list[tuple[CancelMode, str, int]] = []  # mode, the state then, stages started then
+        self.cancelled_at: float | None = None  # the fake clock when the first cancel "now" came
         self.sent_at_cancel = 0
+        self.progress_at_cancel = 0
+        self.stall_interrupted = False
         self.raising = False
         self.ticked_at = float("-inf")
         self.job.begin()
@@ -330,14 +373,31 @@ class JobRules(RuleBasedStateMachine):
         if hasattr(self, "_tmp"):
             self._tmp.cleanup()
 
-    # -- rules --------------------------------------------------------------------
+    # -- the server ---------------------------------------------------------------------
 
+    @precondition(lambda self: self.job.state == "preparing" and not self.calm)
+    @rule(problem=st.sampled_from([None, "unknown sampler 'Euler z'"]))
+    def prepared(self, problem: str | None) -> None:
+        self.job.prepared(folder=self.webui.folder, problems=[problem] if problem else [])
+
+    @precondition(lambda self: self.calm and not self.job.finished)
+    @rule()
+    def serve(self) -> None:
+        """The server does what the job waits for: checks, a probe's sample, a request's answer."""
+        if self.job.state == "preparing":
+            self.job.prepared(folder=self.webui.folder, problems=[])
+        elif self.job.awaiting_probe:
+            self.job.probed(info=None, task=None)
+        elif self.job.awaiting_answer:
+            self.answer()
+
+    @precondition(lambda self: not self.job.finished)
     @rule(info=progress_samples(), task=task_samples())
     def poll(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
         if not self.webui.task_tracking:
             task = None
         self.clock.advance(0.5)
-        self.job.sample(info, task)
+        self.job.sample(info=info, task=task)
 
     @precondition(lambda self: self.job.awaiting_probe)
     @rule(info=progress_samples(), task=task_samples())
@@ -346,35 +406,59 @@ class JobRules(RuleBasedStateMachine):
             task = None
         else:
             info = None
-        self.job.probed(info, task)
+        self.job.probed(info=info, task=task)
 
     @precondition(lambda self: self.job.awaiting_answer)
     @rule()
     def answer(self) -> None:
-        self.job.returned(self.webui.answer(self.spec))
+        self.job.returned(result=self.webui.answer(self.spec))
 
-    @precondition(lambda self: self.job.awaiting_answer)
+    @precondition(lambda self: self.job.awaiting_answer and not self.cancels and not self.calm)
     @rule()
     def server_error(self) -> None:
-        self.job.failed(WebUIServerError("http://webui/sdapi/v1/txt2img", 500, "boom"))
+        self.job.failed(error=WebUIServerError("http://webui/sdapi/v1/txt2img", 500, "boom"))
 
+    # -- the user -------------------------------------------------------------------------
+
+    @precondition(lambda self: not self.job.finished and len(self.cancels) < 2 and not self.calm)
     @rule(mode=st.sampled_from(CancelMode))
     def cancel(self, mode: CancelMode) -> None:
-        self.job.cancel(mode)
+        self.cancels.append((mode, self.job.state, self.recorder.names().count("stage_started")))
         if mode is CancelMode.NOW and self.cancelled_at is None:
             self.cancelled_at = self.clock.now
             self.sent_at_cancel = len(self.webui.sent)
+            self.progress_at_cancel = self.recorder.names().count("progress")
+        self.job.cancel(mode=mode)
 
+    # -- time and plugins ---------------------------------------------------------------------
+
+    @precondition(lambda self: not self.job.finished)
     @rule(seconds=st.floats(0.1, 120.0))
     def time_passes(self, seconds: float) -> None:
         self.ticked_at = self.clock.advance(seconds)
+        interrupts = self.webui.interrupts
         self.job.tick()
+        if self.webui.interrupts > interrupts and self.cancelled_at is None:
+            self.stall_interrupted = True
 
-    @precondition(lambda self: not self.raising)
+    @precondition(lambda self: not self.raising and not self.job.finished)
     @rule()
     def observer_raises(self) -> None:
         self.pm.register(RaisingObserver(), name="raising-observer")
         self.raising = True
+
+    @precondition(lambda self: self.job.finished)
+    @rule(trigger=st.sampled_from(TRIGGERS))
+    def an_ended_job_refuses_every_trigger(self, trigger: str) -> None:
+        """The ends are absorbing: whatever arrives late, the runner must drop it."""
+        state = self.job.state
+        try:
+            self.job.trigger(trigger)
+        except MachineError:
+            pass
+        else:
+            raise AssertionError(f"{trigger} was accepted in {state}")
+        assert self.job.state == state
 
     # -- invariants -----------------------------------------------------------------
 
@@ -395,6 +479,12 @@ class JobRules(RuleBasedStateMachine):
             job = status.job_progress
 
     @invariant()
+    def a_stage_shows_100_percent_only_once_finished(self) -> None:
+        for name, kwargs in self.recorder.calls:
+            if name == "progress":
+                assert kwargs["status"].progress < 1.0, "a running stage showed 100 %"
+
+    @invariant()
     def nothing_after_the_terminal_hook(self) -> None:
         names = self.recorder.names()
         if "job_finished" in names:
@@ -402,24 +492,67 @@ class JobRules(RuleBasedStateMachine):
             assert names.count("job_finished") == 1
 
     @invariant()
-    def a_cancel_ends_the_job_promptly_and_sends_nothing_more(self) -> None:
+    def hooks_follow_the_documented_order(self) -> None:
+        names = self.recorder.names()
+        if self.job.finished and names.count("stage_started"):
+            assert follows_documented_order(names, names.count("stage_started"))
+
+    @invariant()
+    def a_poller_runs_only_while_its_request_is_out(self) -> None:
+        running = [poller for poller in self.webui.pollers if not poller.stopped]
+        assert len(running) <= 1
+        if running:
+            assert self.job.state in ("generating", "generating_then_stop", "stall_interrupting")
+
+    @invariant()
+    def a_cancel_now_ends_the_job_promptly_and_sends_nothing_more(self) -> None:
         if self.cancelled_at is None:
             return
         assert len(self.webui.sent) == self.sent_at_cancel, "a request was sent after cancel"
+        assert self.recorder.names().count("progress") == self.progress_at_cancel, "progress after cancel"
+        assert not any(not poller.stopped for poller in self.webui.pollers), "a poller runs after cancel"
         # Cancelled once the interrupted request answers, or at the first tick past the time
         # to learn whether the request is ours and the grace time to answer the interrupt.
         settings = self.job.settings
         grace_over = self.ticked_at >= self.cancelled_at + settings.probe_timeout + settings.cancel_grace
         if not self.job.awaiting_answer or grace_over:
             assert self.job.finished
+        if self.job.finished and self._first(CancelMode.NOW)[1] not in ("queued", *END_STATES):
+            assert self.job.outcome is JobState.CANCELLED
+
+    @invariant()
+    def a_cancel_after_this_stage_starts_no_further_stage(self) -> None:
+        mode, state, started = self._first(CancelMode.AFTER_STAGE)
+        if mode is None or state in ("queued", "preparing", *END_STATES):
+            return
+        assert self.recorder.names().count("stage_started") == started, "a stage started after 'after this stage'"
+        if self.job.outcome is JobState.DONE:
+            assert started == len(self.spec.stages), "done before the last stage"
+
+    @invariant()
+    def a_cancel_after_this_job_stops_nothing(self) -> None:
+        if self.cancels and all(mode is CancelMode.AFTER_JOB for mode, _, _ in self.cancels):
+            assert self.job.outcome is not JobState.CANCELLED
+            assert self.job.state not in ("requesting_then_stop", "baseline_then_stop", "generating_then_stop")
+
+    @invariant()
+    def a_stall_interrupt_fails_the_job(self) -> None:
+        if self.stall_interrupted and self.job.finished and self.cancelled_at is None:
+            assert self.job.outcome is JobState.FAILED and "stalled" in self.job.error
 
     @invariant()
     def a_finished_job_says_how(self) -> None:
         if not self.job.finished:
             return
         assert self.job.outcome in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
-        assert self.job.machine.state == self.job.outcome.value
+        assert self.job.status.state is self.job.outcome
         event(f"outcome: {self.job.outcome}")
         if self.job.outcome is JobState.DONE:
-            assert follows_documented_order(self.recorder.names(), len(self.spec.stages))
+            assert self.recorder.names().count("stage_finished") == len(self.spec.stages)
             assert self.job.status.job_progress == 1.0
+        if self.job.outcome is JobState.FAILED:
+            assert self.job.error
+
+    def _first(self, wanted: CancelMode) -> tuple[CancelMode | None, str | None, int]:
+        """The first cancel of mode ``wanted``: the mode, the job's state then, stages started then."""
+        return next(((mode, state, n) for mode, state, n in self.cancels if mode is wanted), (None, None, 0))

@@ -1,88 +1,189 @@
-"""The job state machine: its states, triggers and absorbing ends."""
+"""The job state machine: its table binds to `Job`, walks the documented paths, documents itself."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from sdjobs.machine import TERMINAL_STATES, TRIGGERS, JobMachine, MachineError
+from sdjobs import cli, machine
+from sdjobs.hooks import Hooks
+from sdjobs.job import Job, JobSettings
+from sdjobs.machine import END_STATES, STATES, TRANSITIONS, TRIGGERS, MachineError
+from sdjobs.outputs import JobFolder
+from sdjobs.spec import JobSpec, load_job
+from sdjobs.status import CancelMode, JobState
+from sdjobs.testing import FakeWebUI, HookRecorder
 
-CHAIN = ["txt2img", "img2img", "adetailer", "upscale"]
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "examples" / "demo.toml"
+CALLBACK_KEYS = ("prepare", "conditions", "unless", "before", "after")
 
 
-def test_every_trigger_is_bound_on_the_model():
-    # transitions silently skips names the model already has: check they are there.
-    machine = JobMachine(CHAIN)
-    for trigger in TRIGGERS:
-        assert callable(getattr(machine.model, trigger)), trigger
-
-
-def test_states_are_queued_one_per_stage_and_the_ends():
-    machine = JobMachine(CHAIN)
-    assert machine.stages == (
-        "stage1_txt2img",
-        "stage2_img2img",
-        "stage3_adetailer",
-        "stage4_upscale",
+def two_stages() -> JobSpec:
+    return JobSpec.from_mapping(
+        {
+            "name": "two",
+            "prompt": "a test",
+            "seed": 7,
+            "settings": {"steps": 4, "width": 64, "height": 64},
+            "stages": [{"type": "txt2img"}, {"type": "img2img", "denoising_strength": 0.5}],
+        }
     )
-    assert set(machine._machine.states) == {"queued", *machine.stages, *TERMINAL_STATES}
 
 
-def test_a_job_walks_its_stages_in_order_to_done():
-    machine = JobMachine(CHAIN)
-    seen = [machine.state]
-    machine.fire("start")
-    seen.append(machine.state)
-    for _ in CHAIN:
-        machine.fire("advance")
-        seen.append(machine.state)
-    assert seen == ["queued", *machine.stages, "done"]
-    assert machine.terminal and machine.stage_index is None
+class World:
+    """A job over a `FakeWebUI`, with the hooks it fired."""
+
+    def __init__(self, spec: JobSpec, plugin_manager, tmp_path: Path, *, task_tracking: bool = False) -> None:
+        self.spec = spec
+        self.webui = FakeWebUI(task_tracking=task_tracking, folder=JobFolder.create(tmp_path, "job-1"))
+        self.recorder = HookRecorder()
+        plugin_manager.register(self.recorder, name="recorder")
+        plugin_manager.register(self.webui, name="fake-webui")
+        self.job = Job(spec=spec, job_id="job-1", hooks=Hooks(plugin_manager), port=self.webui, settings=JobSettings())
+        self.states = [self.job.state]
+
+    def do(self, trigger: str, **kwargs) -> str:
+        self.job.trigger(trigger, **kwargs)
+        self.states.append(self.job.state)
+        return self.job.state
+
+    def answer(self) -> str:
+        return self.do("returned", result=self.webui.answer(self.spec))
 
 
-def test_no_automatic_to_state_triggers():
-    machine = JobMachine(CHAIN)
-    assert not hasattr(machine.model, "to_done")
+@pytest.fixture
+def world(plugin_manager, tmp_path) -> World:
+    return World(two_stages(), plugin_manager, tmp_path)
 
 
-@pytest.mark.parametrize("end", ["fail", "cancel"])
-def test_a_running_job_can_fail_or_be_cancelled(end):
-    machine = JobMachine(CHAIN)
-    machine.fire("start")
-    machine.fire("advance")
-    machine.fire(end)
-    assert machine.state == {"fail": "failed", "cancel": "cancelled"}[end]
+def test_every_trigger_is_bound_on_the_job():
+    # transitions silently skips names the model already has: check that none was skipped.
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Job(spec=two_stages(), job_id="j", hooks=None, port=FakeWebUI(folder=JobFolder.create(Path(tmp), "j")))
+    for trigger in TRIGGERS:
+        assert not hasattr(Job, trigger), f"Job defines {trigger}, so the machine cannot bind it"
+        assert callable(getattr(job, trigger)), trigger
 
 
-def test_advance_while_queued_raises():
-    with pytest.raises(MachineError):
-        JobMachine(CHAIN).fire("advance")
+def test_every_named_condition_and_callback_is_a_job_method():
+    named = {"end"}
+    for transition in TRANSITIONS:
+        for key in CALLBACK_KEYS:
+            value = transition.get(key, [])
+            named.update([value] if isinstance(value, str) else value)
+    missing = sorted(name for name in named if not callable(getattr(Job, name, None)))
+    assert missing == []
 
 
-def test_an_unknown_trigger_raises():
-    with pytest.raises(MachineError):
-        JobMachine(CHAIN).fire("to_done")
+def test_every_state_is_reachable_and_every_end_is_absorbing():
+    sources = {source for transition in TRANSITIONS for source in machine._sources(transition)}
+    destinations = {transition["dest"] for transition in TRANSITIONS} - {None}
+    assert set(STATES) - destinations == {"queued"}
+    assert sources.isdisjoint(END_STATES)
 
 
-def test_a_job_needs_a_stage():
-    with pytest.raises(ValueError):
-        JobMachine([])
+def test_no_automatic_to_state_triggers(world):
+    assert not hasattr(world.job, "to_done")
 
 
-@given(
-    chain=st.lists(st.sampled_from(CHAIN), min_size=1, max_size=5),
-    triggers=st.lists(st.sampled_from(TRIGGERS), max_size=12),
+def test_a_job_walks_request_by_request_to_done(world):
+    world.do("begin")
+    world.do("prepared", folder=world.webui.folder, problems=[])
+    world.do("probed", info=None, task=None)  # the baseline, in global mode
+    world.answer()
+    world.do("probed", info=None, task=None)
+    assert world.answer() == "done"
+    assert world.states == [
+        "queued", "preparing", "baseline", "generating", "baseline", "generating", "done",
+    ]  # fmt: skip
+    assert world.recorder.names() == [
+        "job_started", "stage_started", "stage_finished", "stage_started", "stage_finished", "job_finished",
+    ]  # fmt: skip
+
+
+def test_with_task_ids_no_baseline_is_taken(plugin_manager, tmp_path):
+    world = World(two_stages(), plugin_manager, tmp_path, task_tracking=True)
+    world.do("begin")
+    assert world.do("prepared", folder=world.webui.folder, problems=[]) == "generating"
+    assert world.webui.probes == [] and world.webui.sent[0][2] == "sdjobs-job-1-1-1"
+
+
+def test_a_failed_check_ends_the_job_before_any_stage(world):
+    world.do("begin")
+    assert world.do("prepared", folder=None, problems=["unknown sampler 'x'"]) == "failed"
+    assert world.job.error == "unknown sampler 'x'"
+    assert world.recorder.names() == ["job_started", "job_finished"]
+    assert world.webui.sent == []
+
+
+@pytest.mark.parametrize(
+    ("answers_before_cancel", "outcome", "stages_finished"),
+    [(0, JobState.CANCELLED, 1), (1, JobState.DONE, 2)],
+    ids=["in the first stage", "in the last stage"],
 )
-def test_terminal_states_are_absorbing_and_invalid_triggers_raise(chain, triggers):
-    machine = JobMachine(chain)
-    for trigger in triggers:
-        before = machine.state
-        try:
-            machine.fire(trigger)
-        except MachineError:
-            assert machine.state == before  # a refused trigger changes nothing
-            continue
-        assert before not in TERMINAL_STATES, f"{trigger} left terminal state {before}"
-    if machine.terminal:
-        for trigger in TRIGGERS:
-            with pytest.raises(MachineError):
-                machine.fire(trigger)
+def test_cancel_after_this_stage_lets_the_stage_finish(world, answers_before_cancel, outcome, stages_finished):
+    world.do("begin")
+    world.do("prepared", folder=world.webui.folder, problems=[])
+    for _ in range(answers_before_cancel):
+        world.do("probed", info=None, task=None)
+        world.answer()
+    world.do("probed", info=None, task=None)
+    assert world.do("cancel", mode=CancelMode.AFTER_STAGE) == "generating_then_stop"
+    assert world.do("cancel", mode=CancelMode.AFTER_JOB) == "generating_then_stop"  # never downgraded
+    world.answer()
+    assert world.job.outcome is outcome
+    assert world.recorder.names().count("stage_finished") == stages_finished
+    assert all(not result.partial for result in world.job.results)
+
+
+def test_a_cancel_now_after_after_stage_stops_at_once(world):
+    world.do("begin")
+    world.do("prepared", folder=world.webui.folder, problems=[])
+    world.do("cancel", mode=CancelMode.AFTER_STAGE)
+    assert world.job.state == "baseline_then_stop"
+    assert world.do("cancel", mode=CancelMode.NOW) == "cancelled"
+    assert world.webui.sent == [] and world.webui.interrupts == 0
+
+
+def test_a_cancel_after_this_job_changes_nothing(world):
+    world.do("begin")
+    world.do("prepared", folder=world.webui.folder, problems=[])
+    assert world.do("cancel", mode=CancelMode.AFTER_JOB) == "baseline"
+
+
+def test_an_invalid_trigger_raises_and_changes_nothing(world):
+    with pytest.raises(MachineError):
+        world.do("returned", result=None)
+    assert world.job.state == "queued"
+
+
+def test_the_table_names_every_transition():
+    table = machine.as_table()
+    for source, trigger, _, dest, _ in machine.rows():
+        assert re.search(rf"^{source}\s+{trigger}\s.*\s{re.escape(dest)}(\s|$)", table, re.M), (source, trigger, dest)
+
+
+def test_the_docs_show_the_machine_as_it_is():
+    doc = (ROOT / "docs" / "machine.md").read_text(encoding="utf-8")
+    stages = tuple(stage.type for stage in load_job(DEMO).stages)
+    assert f"```mermaid\n{machine.as_mermaid(stages)}\n```" in doc, "regenerate: sdjobs machine --format mermaid"
+    assert f"```text\n{machine.as_table()}\n```" in doc, "regenerate: sdjobs machine"
+
+
+def test_sdjobs_machine_prints_the_table_and_the_diagram(capsys):
+    assert cli.main(["machine"]) == 0
+    assert capsys.readouterr().out == machine.as_table() + "\n"
+    assert cli.main(["machine", str(DEMO), "--format", "mermaid"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("stateDiagram-v2") and "1 txt2img → 2 img2img → 3 adetailer → 4 upscale" in out
+
+
+def test_sdjobs_machine_names_a_bad_job_file(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\nprompt = "y"\n[[stages]]\ntype = "txt3img"\n')
+    assert cli.main(["machine", str(bad), "--format", "mermaid"]) == 2
+    assert str(bad) in capsys.readouterr().err

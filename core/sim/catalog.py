@@ -47,10 +47,13 @@ class Catalog:
     def upscaler_exists(self, name: str) -> bool:
         return any(upscaler["name"] == name for upscaler in self.data["upscalers"])
 
+    def is_latent_upscaler(self, name: str | None) -> bool:
+        """A hires upscaler that works on latents (None: A1111's default, "Latent")."""
+        return name is None or any(mode["name"] == name for mode in self.data["latent_upscale_modes"])
+
     def hires_upscaler_exists(self, name: str) -> bool:
         """Hires fix takes latent modes as well as the image upscalers."""
-        latent = (mode["name"] for mode in self.data["latent_upscale_modes"])
-        return name in latent or self.upscaler_exists(name)
+        return self.is_latent_upscaler(name) or self.upscaler_exists(name)
 
     def checkpoint_exists(self, name: str) -> bool:
         """A1111's `checkpoint_aliases`: title, name, file name or hash."""

@@ -1,14 +1,20 @@
 """Running a generation the way `process_images` moves A1111's state.
 
-The state changes, in order, are what a polling client sees: `begin()` (job_count
-−1), the job count, each pass setting `sampling_steps` and stepping `sampling_step`
-(the last step's callback comes right before the pass ends, so progress never shows
-a finished pass), `nextjob()` after every iteration and before a hires pass, and
-ADetailer raising `job_count` after the main pass so progress drops back.
+The state changes, in order, are what a polling client sees (`reference/traces/`):
+`begin()` (job_count −1 for a moment), the job count, then per pass a moment of
+conditioning that still shows the last pass's `sampling_steps`, the steps (the callback
+reports the 0-based step just finished, so `sampling_step` stays 0 through two steps),
+and after the last step a decode while it still shows `steps − 1` (a latent hires
+upscale decodes nothing).  `nextjob()` comes after every iteration and before a hires
+pass; ADetailer then raises `job_count` so progress drops back.  An interrupt or skip
+lets the running step finish and show; what exists is decoded, then the answer.
 """
 
 from __future__ import annotations
 
+import os
+import random
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -22,13 +28,15 @@ from .errors import ApiError
 from .fifo import FifoLock
 from .infotext import GenerationInfo, extras_html_info
 from .settings import SimSettings
-from .state import SharedState, SimulatorClosed
+from .state import SharedState
 
 T = TypeVar("T")
 
-# Pauses where A1111 does work that is not sampling, as a share of a step (timed mode).
-_DETECTION_STEPS = 0.5  # ADetailer's detector: the moment progress reads 1.0
-_UPSCALE_STEPS = 1.0  # one extras upscale
+CRASH_STATUS = 70  # the exit status of a `stop_after_steps` crash (EX_SOFTWARE)
+
+# Pauses where A1111 does work that is not sampling, in moments (the profile's conditioning).
+_SETUP_MOMENTS = 0.25  # between begin() and the job count: job_count reads -1
+_DETECTION_MOMENTS = 2.0  # ADetailer's detector: progress reads 1.0
 
 
 class ConnectionDropped(Exception):
@@ -71,6 +79,10 @@ class Generation:
     @property
     def hires_steps(self) -> int:
         return self.params["hr_second_pass_steps"] or self.params["steps"]
+
+    @property
+    def batch_size(self) -> int:
+        return self.params["batch_size"]
 
     @property
     def size(self) -> tuple[int, int]:
@@ -132,6 +144,8 @@ class Engine:
         self._state = state
         self._catalog = catalog
         self._queue = queue
+        self._faces = random.Random(settings.fault_seed)
+        self._steps_run = 0
 
     # -- the queue -------------------------------------------------------------
 
@@ -164,7 +178,17 @@ class Engine:
 
     def generate(self, generation: Generation) -> Generated:
         """`process_images` (called between `begin()` and `end()`)."""
-        return _Run(self._settings, self._state, self._catalog, generation).process()
+        return _Run(self._settings, self._state, self._catalog, self, generation).process()
+
+    def step_done(self) -> None:
+        """Count a sampling step; crash when `stop_after_steps` says so."""
+        self._steps_run += 1
+        if self._steps_run == self._settings.stop_after_steps:
+            _crash()
+
+    def faces_found(self) -> int:
+        """How many faces one ADetailer detection finds (generations run one at a time)."""
+        return self._faces.randint(*self._settings.faces)
 
     # -- extras ----------------------------------------------------------------
 
@@ -174,12 +198,14 @@ class Engine:
             self._state.begin("extras")
             self._state.update(job_count=1)
             self._state.nextjob()
+            timing = self._settings.timing
+            self._state.hold(timing.moment)
             self._state.update(job="Upscale")
             upscaler = params["upscaler_1"]
             if not self._catalog.upscaler_exists(upscaler):
                 raise ApiError.from_exception(AssertionError(f"could not find upscaler named {upscaler}"))
-            _pause(self._settings, self._state, _UPSCALE_STEPS)
             result = _upscaled(picture, params)
+            self._state.hold(timing.decode(result.picture.size, 1))
             self._state.end()
             return result
 
@@ -198,27 +224,30 @@ def _upscaled(picture: Image.Image, params: Mapping[str, Any]) -> Upscaled:
     return Upscaled(upscaled, f"<p>{html}</p>")
 
 
-def _pause(settings: SimSettings, state: SharedState, steps: float) -> None:
-    """Time spent on work that is not sampling; none in stepping mode."""
-    if not settings.stepping and state.wait_closing(steps * settings.step_time):
-        raise SimulatorClosed
+def _crash() -> None:
+    """What `stop_after_steps` does: end the process at once, as a crashed WebUI."""
+    print("sdjobs sim: crashing as --stop-after-steps asked", file=sys.stderr, flush=True)
+    os._exit(CRASH_STATUS)
 
 
 class _Run:
     """One `process_images` call: the passes, the pictures, the step count."""
 
     def __init__(
-        self, settings: SimSettings, state: SharedState, catalog: Catalog, generation: Generation
+        self, settings: SimSettings, state: SharedState, catalog: Catalog, engine: Engine, generation: Generation
     ) -> None:
         self.settings = settings
+        self.timing = settings.timing
         self.state = state
         self.catalog = catalog
+        self.engine = engine
         self.generation = generation
         self.steps_run = 0
 
     def process(self) -> Generated:
         g, p = self.generation, self.generation.params
         self._check()
+        self.state.hold(_SETUP_MOMENTS * self.timing.moment)
         self.state.update(job_count=p["n_iter"] * (2 if g.hires else 1))
         pictures: list[Image.Image] = []
         for iteration in range(p["n_iter"]):
@@ -227,10 +256,9 @@ class _Run:
                 self.state.update(skipped=False)
             if state.interrupted:
                 break
-            if p["n_iter"] > 1:
-                self.state.update(job=f"Batch {iteration + 1} out of {p['n_iter']}")
-            first_index = iteration * p["batch_size"]
-            batch = self._sample_batch(first_index)
+            job = f"Batch {iteration + 1} out of {p['n_iter']}" if p["n_iter"] > 1 else None
+            first_index = iteration * g.batch_size
+            batch = self._sample_batch(first_index, job)
             self.state.nextjob()
             if g.adetailer is not None:
                 batch = [
@@ -263,24 +291,29 @@ class _Run:
                 "Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: [0]"
             )
 
-    def _sample_batch(self, first_index: int) -> list[Image.Image]:
+    def _sample_batch(self, first_index: int, job: str | None) -> list[Image.Image]:
+        """One iteration: its passes, then the decode of what they made."""
         g, p = self.generation, self.generation.params
-        seeds = [g.seed + first_index + i for i in range(p["batch_size"])]
+        seeds = [g.seed + first_index + i for i in range(g.batch_size)]
         if g.kind == "img2img":
             inits = [g.init_images[(first_index + i) % len(g.init_images)] for i in range(len(seeds))]
             if g.adetailer is not None and g.adetailer.skip_img2img:
                 return [init.convert("RGB").resize(g.size) for init in inits]
-            self._sample(g.main_steps)
+            self._sample(g.main_steps, g.size, g.batch_size, job)
+            self.state.hold(self.timing.decode(g.size, g.batch_size))
             return [
                 images.blend(init, images.render(seed, p["prompt"], *g.size), p["denoising_strength"])
                 for init, seed in zip(inits, seeds, strict=True)
             ]
-        self._sample(g.main_steps)
+        self._sample(g.main_steps, g.size, g.batch_size, job)
         size = g.size
         if g.hires and not self.state.snapshot().interrupted:
+            if not self.catalog.is_latent_upscaler(p["hr_upscaler"]):
+                self.state.hold(self.timing.decode(size, g.batch_size))  # decoded to upscale
             self.state.nextjob()
-            self._sample(g.hires_steps)
             size = g.hires_size
+            self._sample(g.hires_steps, size, g.batch_size)
+        self.state.hold(self.timing.decode(size, g.batch_size))
         return [images.render(seed, p["prompt"], *size) for seed in seeds]
 
     def _adetail(self, picture: Image.Image, seed: int) -> Image.Image:
@@ -289,31 +322,35 @@ class _Run:
         for tab in self.generation.adetailer.tabs:
             if self.state.stopped():
                 continue
-            _pause(self.settings, self.state, _DETECTION_STEPS)
-            faces = self.settings.faces
+            self.state.hold(_DETECTION_MOMENTS * self.timing.moment)
+            faces = self.engine.faces_found()
             if tab.args["ad_mask_k"]:
                 faces = min(faces, tab.args["ad_mask_k"])
             if not faces:
                 continue
             self.state.add_jobs(faces)
             for _ in range(faces):
-                self._sample(tab.inpaint_steps(self.generation.params["steps"]))
+                self._sample(tab.inpaint_steps(self.generation.params["steps"]), picture.size, 1)
+                self.state.hold(self.timing.decode(picture.size, 1))
                 self.state.nextjob()
                 if self.state.stopped():
                     break
             picture = images.repaint_faces(picture, faces, seed)
         return picture
 
-    def _sample(self, steps: int) -> None:
-        """One sampler run (`launch_sampling`); interrupt and skip end it at a step boundary."""
-        self.state.update(sampling_steps=steps, sampling_step=0)
+    def _sample(self, steps: int, size: tuple[int, int], batch: int, job: str | None = None) -> None:
+        """One sampler run: conditioning (stale `sampling_steps`), then `launch_sampling`.
+
+        Interrupt and skip end it before the next step: A1111's denoiser raises there.
+        """
+        self.state.hold(self.timing.moment)
+        self.state.update(sampling_steps=steps, sampling_step=0, **({"job": job} if job else {}))
         for step in range(steps):
             if self.state.stopped():
                 return
-            duration = self.settings.warmup_time if self.steps_run == 0 else self.settings.step_time
-            if not self.state.run_step(duration):
-                return
+            self.state.run_step(self.timing.step(size, batch, first=self.steps_run == 0))
             self.steps_run += 1
             self.state.update(sampling_step=step)
+            self.engine.step_done()
             if self.steps_run == self.settings.drop_connection_at_step:
                 raise ConnectionDropped

@@ -32,8 +32,9 @@ class _HttpServer(ThreadingHTTPServer):
     record: Callable[[str, str], None]
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self._request_threads: list[threading.Thread] = []  # before binding: a failed bind closes
+        self.hang = HangSwitch()
         super().__init__(address, handler)
-        self._request_threads: list[threading.Thread] = []
 
     def process_request(self, request: Any, client_address: Any) -> None:
         thread = threading.Thread(
@@ -50,6 +51,32 @@ class _HttpServer(ThreadingHTTPServer):
         super().server_close()
         for thread in self._request_threads:
             thread.join()
+
+
+class HangSwitch:
+    """While on, no request is answered (a hung WebUI); `close()` lets every waiter go."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._on = False
+        self._closing = False
+
+    def set(self, on: bool) -> None:
+        with self._cond:
+            self._on = on
+            self._cond.notify_all()
+
+    def wait_off(self) -> None:
+        """Return once the switch is off; `SimulatorClosed` if the server stops first."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._on or self._closing)
+            if self._closing:
+                raise SimulatorClosed
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -84,7 +111,9 @@ class _Handler(BaseHTTPRequestHandler):
             body=self.rfile.read(length) if length else b"",
         )
         try:
+            self.server.hang.wait_off()
             response = self.server.api.handle(request)
+            self.server.hang.wait_off()  # a request in flight when the server hung stays unanswered
         except (ConnectionDropped, SimulatorClosed):
             return  # the connection is closed with no answer at all
         payload = json.dumps(response.body, ensure_ascii=False, separators=(",", ":")).encode()
@@ -136,6 +165,7 @@ class SimulatedWebUI:
     def start(self) -> SimulatedWebUI:
         """Bind and serve on a thread; `port=0` picks a free port."""
         server = _HttpServer(self._address, _Handler)
+        server.hang.set(self.settings.hang)
         catalog = Catalog.load()
         engine = Engine(self.settings, self._state, catalog, self._queue)
         server.api = Api(self.settings, catalog, self._state, engine, server.server_address[1])
@@ -151,6 +181,7 @@ class SimulatedWebUI:
         """Stop serving: blocked requests are let go unanswered, every thread is joined."""
         if self._server is None:
             return
+        self._server.hang.close()
         self._state.close()
         self._queue.close()
         self._server.shutdown()
@@ -182,12 +213,18 @@ class SimulatedWebUI:
     def release(self, n: int = 1) -> None:
         """Stepping mode: let `n` more sampling steps happen.
 
-        As in A1111, a step's callback reports the 0-based index of the step just done,
-        and the last one comes right before the pass ends: from the start of a pass,
-        `release(k)` shows `sampling_step == k - 1`, and an N-step pass takes N releases.
-        Interrupt and skip end a waiting step at once.
+        As in A1111, a step's callback reports the 0-based index of the step just done:
+        from the start of a pass, `release(k)` shows `sampling_step == k - 1`, and an
+        N-step pass takes N releases (its decode takes no time in stepping mode).
+        Interrupt and skip finish a waiting step at once; it shows, then the pass ends.
         """
         self._state.release(n)
+
+    def hang(self, on: bool = True) -> None:
+        """Hang (or recover): while hung, connections are accepted and nothing is answered."""
+        if self._server is None:
+            raise RuntimeError("the simulated WebUI is not running")
+        self._server.hang.set(on)
 
     def wait_for(self, predicate: Callable[[StateSnapshot], bool], timeout: float = 5.0) -> bool:
         """Wait until `predicate(snapshot)` holds; False if `timeout` seconds pass first."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import attrs
 
+from .profiles import PROFILES, Timing
+
 
 def _non_negative(instance: object, attribute: attrs.Attribute, value: float | None) -> None:
     if value is not None and value < 0:
@@ -24,17 +26,42 @@ def _credentials(instance: object, attribute: attrs.Attribute, value: str | None
             raise ValueError(f"{attribute.name} must be USER:PASS[,USER:PASS...]")
 
 
+def _faces(value: int | str | tuple[int, int]) -> tuple[int, int]:
+    """`N`, `"A-B"` or `(A, B)` as the inclusive range of faces found per image."""
+    if isinstance(value, str):
+        low, sep, high = value.partition("-")
+        try:
+            value = (int(low), int(high if sep else low))
+        except ValueError:
+            raise ValueError(f"faces must be N or A-B, got {value!r}") from None
+    elif isinstance(value, int):
+        value = (value, value)
+    low, high = value
+    if not 0 <= low <= high:
+        raise ValueError(f"faces must be N or A-B with 0 <= A <= B, got {low}-{high}")
+    return low, high
+
+
+def _profile(instance: object, attribute: attrs.Attribute, value: str) -> None:
+    if value not in PROFILES:
+        raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {value!r}")
+
+
 @attrs.frozen
 class SimSettings:
     """Settings of one simulated WebUI.
 
     Attributes:
-        step_time: Seconds per sampling step.
+        step_time: Seconds per sampling step of a 512×512 image (the profile's other
+            costs scale with it).
         first_step_time: Seconds for the first step of a job (the model warming up);
             `None` means three steps' worth, as on the recorded server.
+        profile: Whose costs steps, decodes and pauses follow (`profiles.PROFILES`):
+            "flat" (every step `step_time`), "cpu", "h200-sd15" or "h200-sdxl".
         stepping: When true, time does not pass by itself: each sampling step waits
             for `SimulatedWebUI.release()`, so a test decides when every step happens.
-        faces: Faces ADetailer "detects" on every image (0: nothing detected).
+        faces: Faces ADetailer "detects" per detection, as `(least, most)`: a count is
+            drawn for each (seeded by `fault_seed`); an int N or "A-B" is accepted.
         api_auth: `USER:PASS` (comma-separated for several) protecting `/sdapi/v1/*`,
             like `--api-auth`; never shown in a repr.
         ui: False plays `--nowebui`: no `/internal/*` routes.
@@ -45,13 +72,18 @@ class SimSettings:
         drop_connection_at_step: Once a job has run this many sampling steps, its
             POST's connection is closed without an answer.
         generation_error: Generation POSTs fail with 500 and this message.
-        fault_seed: Seed of the random choices behind `progress_error_rate`.
+        hang: Start hung: connections are accepted and no route answers until
+            `SimulatedWebUI.hang(False)` or `stop()`.
+        stop_after_steps: After this many sampling steps overall the process exits at
+            once, as a crashed WebUI does: only for a simulator in a process of its own.
+        fault_seed: Seed of the random choices: `progress_error_rate`, `faces`.
     """
 
     step_time: float = attrs.field(default=0.15, validator=_non_negative)
     first_step_time: float | None = attrs.field(default=None, validator=_non_negative)
     stepping: bool = False
-    faces: int = attrs.field(default=1, validator=attrs.validators.ge(0))
+    profile: str = attrs.field(default="flat", validator=_profile)
+    faces: tuple[int, int] = attrs.field(default=(1, 1), converter=_faces)
     api_auth: str | None = attrs.field(default=None, repr=False, validator=_credentials)
     ui: bool = True
     progress_error_rate: float = attrs.field(default=0.0, validator=_rate)
@@ -61,12 +93,16 @@ class SimSettings:
         default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
     )
     generation_error: str | None = None
+    hang: bool = False
+    stop_after_steps: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
     fault_seed: int = 0
 
     @property
-    def warmup_time(self) -> float:
-        """Seconds the first sampling step of a job takes."""
-        return 3 * self.step_time if self.first_step_time is None else self.first_step_time
+    def timing(self) -> Timing:
+        """What steps, decodes and pauses cost in seconds."""
+        return Timing(PROFILES[self.profile], self.step_time, self.first_step_time)
 
     @property
     def credentials(self) -> frozenset[tuple[str, str]]:

@@ -236,18 +236,18 @@ class SharedState:
 
     # -- time ------------------------------------------------------------------
 
-    def run_step(self, duration: float) -> bool:
-        """Let one sampling step's time pass; False if interrupt or skip cut it short.
+    def run_step(self, duration: float) -> None:
+        """Let one sampling step's time pass; the step always finishes.
 
-        In timed mode the step lasts `duration` and a flag set meanwhile is seen at the
-        next step boundary, as in A1111.  In stepping mode it waits for a `release()`
-        credit, or for interrupt or skip, which end it at once.
+        In timed mode it lasts `duration`: an interrupt or skip sent meanwhile ends the
+        pass only after it, as in A1111.  In stepping mode it waits for a `release()`
+        credit, or for interrupt or skip, which finish it at once (using no credit).
         """
         with self._cond:
             if not self._stepping:
                 if self._cond.wait_for(lambda: self._closing, duration):
                     raise SimulatorClosed
-                return True
+                return
             self._set(awaiting_release=True)
             self._cond.wait_for(
                 lambda: self._closing
@@ -258,10 +258,13 @@ class SharedState:
             self._set(awaiting_release=False)
             if self._closing:
                 raise SimulatorClosed
-            if self._state.interrupted or self._state.skipped:
-                return False
-            self._credits -= 1
-            return True
+            if not (self._state.interrupted or self._state.skipped):
+                self._credits -= 1
+
+    def hold(self, duration: float) -> None:
+        """Time spent on work that is not sampling (a decode, a pause); none in stepping mode."""
+        if not self._stepping and self.wait_closing(duration):
+            raise SimulatorClosed
 
     def release(self, steps: int) -> None:
         with self._cond:

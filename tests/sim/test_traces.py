@@ -1,15 +1,19 @@
 """Replays of the recorded A1111 traces against the simulator, compared as a client sees them.
 
-Each blocking request of a trace is sent to a fresh stepping-mode simulator whose
-steps are all released in advance, so every state it passes through is recorded in
-`state_changes`.  A trace polled every 0.1 s and saw only some of those states, so
-its distinct states must be a subsequence of the simulator's.
+Answers and images: each blocking request of a trace goes to a fresh stepping-mode
+simulator whose steps are all released in advance.  States: the request goes to a timed
+simulator with the recorded CPU server's costs (scaled down), after a job that leaves the
+stale `sampling_steps` the trace began with; interrupts are sent at the recorded state.
+Every state the simulator held for at least `FINE_POLL` is one a client polling that often
+sees.  The trace, polled every 0.1 s, must show a subsequence of those, with A1111's progress
+at each; and every state the simulator held as long as two steps (which a 0.1-s poll of a
+1.7-s step cannot miss) must be in the trace.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ import requests
 from sdjobs.sim import SimSettings, SimulatedWebUI, StateSnapshot
 from sdjobs.sim.state import sdapi_progress
 
-from .conftest import JOIN_TIMEOUT, decode_png, png_base64
+from .conftest import JOIN_TIMEOUT, BackgroundCall, decode_png, png_base64
 
 TRACE_DIR = Path(__file__).parent.parent / "data" / "traces"
 UNLIMITED_STEPS = 1_000_000
@@ -29,7 +33,14 @@ FACES = {"16_": 2, "21_": 0}
 # Values that are random or wall-clock on every run.
 UNREPEATABLE_INFO = {"subseed", "all_subseeds", "job_timestamp"}
 
-StateKey = tuple[int, int, int | None, int]
+# The recorded server's costs, ~80x faster: a 64x64 step takes ~20 ms, its decode ~3 ms.
+TIMED = {"profile": "cpu", "step_time": 0.2}
+# With interrupts: steps long enough that one sent at a state lands in the step after it.
+TIMED_WITH_CONTROLS = {"profile": "cpu", "step_time": 1.0}
+FINE_POLL = 0.0005  # seconds: every state the simulator holds on purpose lasts longer
+CONTROLS = ("POST /sdapi/v1/interrupt", "POST /sdapi/v1/skip")
+
+StateKey = tuple[Any, ...]
 
 
 def _lines(trace: Path) -> list[dict[str, Any]]:
@@ -37,25 +48,24 @@ def _lines(trace: Path) -> list[dict[str, Any]]:
 
 
 def _blocking(trace: Path) -> list[dict[str, Any]]:
-    return [line for line in _lines(trace) if "elapsed" in line and "auth" not in line]
+    return [line for line in _lines(trace) if "elapsed" in line and "auth" not in line and line["endpoint"] not in CONTROLS]
 
 
 GENERATION_TRACES = sorted((t for t in TRACE_DIR.glob("*.jsonl") if _blocking(t)), key=lambda t: t.name)
 
 
-def _settings(trace: Path) -> SimSettings:
+def _settings(trace: Path, **timing: Any) -> SimSettings:
     faces = next((n for prefix, n in FACES.items() if trace.name.startswith(prefix)), 1)
-    return SimSettings(stepping=True, faces=faces, ui="nowebui" not in trace.name)
+    return SimSettings(stepping=not timing, faces=faces, ui="nowebui" not in trace.name, **timing)
 
 
 def _key(state: dict[str, Any] | StateSnapshot) -> StateKey:
-    """What a state shows a client; `sampling_steps` only counts once a step was made."""
+    """What `/sdapi/v1/progress` shows of a state, but for the job's timestamp."""
     s = state if isinstance(state, dict) else state.as_dict()
-    steps = s["sampling_steps"] if s["sampling_step"] else None
-    return (s["job_count"], s["job_no"], steps, s["sampling_step"])
+    return tuple(value for name, value in sorted(s.items()) if name != "job_timestamp")
 
 
-def _collapse(keys: list[StateKey]) -> list[StateKey]:
+def _collapse(keys: Sequence[StateKey]) -> list[StateKey]:
     return [key for i, key in enumerate(keys) if i == 0 or keys[i - 1] != key]
 
 
@@ -143,34 +153,82 @@ def test_status_and_body(trace: Path) -> None:
             assert body["html_info"] == recorded["html_info"]
 
 
+@attrs.frozen
+class Held:
+    """A state the simulator showed, and for how long (None: still showing)."""
+
+    state: StateSnapshot
+    seconds: float | None
+
+
+def _held(changes: Sequence[tuple[float, StateSnapshot]]) -> list[Held]:
+    """`state_changes` as client-visible states (runs of one key) and their durations."""
+    runs: list[tuple[float, StateSnapshot]] = []
+    for at, state in changes:
+        if not runs or _key(runs[-1][1]) != _key(state):
+            runs.append((at, state))
+    ends = [at for at, _ in runs[1:]]
+    return [Held(state, ends[i] - at if i < len(ends) else None) for i, (at, state) in enumerate(runs)]
+
+
+def _replay_timed(trace: Path, line: dict[str, Any], trace_lines: list[dict[str, Any]]) -> tuple[requests.Response, list[Held]]:
+    """One recorded request on a timed simulator; the states it went through."""
+    polls_before = [p for p in _polls(trace_lines) if p["t"] < line["t"]]
+    controls = [c for c in trace_lines if c.get("endpoint") in CONTROLS and line["t"] < c["t"] < line["t_end"]]
+    settings = _settings(trace, **(TIMED_WITH_CONTROLS if controls else TIMED))
+    method, path = line["endpoint"].split()[:2]
+    with SimulatedWebUI(settings) as sim:
+        stale_steps = polls_before[-1]["body"]["state"]["sampling_steps"] if polls_before else 0
+        if stale_steps:
+            prime = {"prompt": "before", "width": 64, "height": 64, "steps": stale_steps}
+            assert requests.post(sim.url + "/sdapi/v1/txt2img", json=prime, timeout=JOIN_TIMEOUT).ok
+        start = len(sim.state_changes)
+        call = BackgroundCall(
+            lambda: requests.request(
+                method, sim.url + path, data=_request_body(trace_lines, line), headers={"Content-Type": "application/json"}, timeout=JOIN_TIMEOUT
+            )
+        )
+        for control in controls:
+            at = _key(next(p for p in reversed(_polls(trace_lines)) if p["t"] < control["t"])["body"]["state"])
+            assert sim.wait_for(lambda s, at=at: _key(s) == at, timeout=JOIN_TIMEOUT)
+            requests.post(sim.url + control["endpoint"].split()[1], timeout=JOIN_TIMEOUT)
+        response = call.result()
+        return response, _held(sim.state_changes[start:])
+
+
+def _polls(trace_lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [line for line in trace_lines if line.get("endpoint", "").startswith("GET /sdapi/v1/progress") and line.get("t") is not None]
+
+
 @pytest.mark.parametrize("trace", GENERATION_TRACES, ids=_trace_id)
 def test_states_and_progress(trace: Path) -> None:
     trace_lines = _lines(trace)
-    for replayed in _replay(trace):
-        polls = replayed.recorded_polls(trace_lines)
+    for line in _blocking(trace):
+        polls = Replayed(line, None, []).recorded_polls(trace_lines)  # type: ignore[arg-type]
         if not polls:
-            pytest.skip("the trace has no /sdapi/v1/progress polls for this request")
-        recorded_began = polls[-1]["body"]["state"]["job_timestamp"] != _timestamp_before(trace_lines, replayed)
-        if not any(state.job_count == -1 for state in replayed.states):
+            continue
+        response, held = _replay_timed(trace, line, trace_lines)
+        assert response.status_code == line["status"]
+        recorded_began = polls[-1]["body"]["state"]["job_timestamp"] != _timestamp_before(trace_lines, line)
+        if not any(h.state.job_count == -1 for h in held):
             assert not recorded_began, "A1111 began a job for this request"
-            assert replayed.states == []
+            assert [h.state for h in held] == []
             continue
         recorded = _collapse([_key(p["body"]["state"]) for p in polls])
-        simulated = _collapse([_key(state) for state in replayed.states])
-        assert _is_subsequence(recorded, simulated), (recorded, simulated)
-        by_key = {_key(state): state for state in replayed.states}
+        seen = _collapse([_key(h.state) for h in held if h.seconds is None or h.seconds >= FINE_POLL])
+        assert _is_subsequence(recorded, seen), (recorded, seen)
+        two_steps = 2 * _settings(trace, **TIMED).timing.step((64, 64), 1)
+        long = [_key(h.state) for h in held if h.seconds is not None and h.seconds >= two_steps]
+        assert set(long) <= set(recorded), set(long) - set(recorded)
+        by_key = {_key(h.state): h.state for h in held}
         for poll in polls:
             state = by_key[_key(poll["body"]["state"])]
             progress, _ = sdapi_progress(state, now=state.time_start or 0.0)
             assert progress == pytest.approx(poll["body"]["progress"], abs=1e-3)
 
 
-def _timestamp_before(trace_lines: list[dict[str, Any]], replayed: Replayed) -> str | None:
-    before = [
-        line["body"]["state"]["job_timestamp"]
-        for line in trace_lines
-        if line.get("endpoint", "").startswith("GET /sdapi/v1/progress") and (line.get("t") or 0) < replayed.recorded["t"]
-    ]
+def _timestamp_before(trace_lines: list[dict[str, Any]], line: dict[str, Any]) -> str | None:
+    before = [poll["body"]["state"]["job_timestamp"] for poll in _polls(trace_lines) if poll["t"] < line["t"]]
     return before[-1] if before else None
 
 
@@ -192,8 +250,10 @@ def test_images(trace: Path) -> None:
         label = replayed.recorded["endpoint"].partition("[")[2].rstrip("]")
         if label in decoded:
             assert [list(p.size) for p in pictures] == decoded[label]
-        elif "info" in recorded:  # no decoded sizes recorded: they are the request's, on the 8-px grid
-            size = [recorded["info"]["width"] // 8 * 8, recorded["info"]["height"] // 8 * 8]
+        elif "info" in recorded:  # no decoded sizes recorded: the request's (hires-scaled), on the 8-px grid
+            request = replayed.recorded["request"]
+            scale = request["hr_scale"] if request.get("enable_hr") else 1
+            size = [int(recorded["info"][side] * scale) // 8 * 8 for side in ("width", "height")]
             assert all(list(p.size) == size for p in pictures)
 
 
