@@ -1,20 +1,30 @@
-"""A job's files on disk: `<out>/<job id>/NN-<stage>/NNN.png` and `manifest.json`.
+"""A job's files on disk: `<out>/<folder>/NN-<stage>/NNN.png` and `manifest.json`.
 
-A job folder is made fresh for every run (its id carries the time and a random
-suffix, and it is created exclusively), so a rerun never overwrites anything.
+A job's id is random (`random_job_id`), so two jobs never share one; its folder
+is named `<UTC yyyymmdd-HHMMSS>-<slug of name>-<short id>` (`folder_name`),
+readable and sorted by time, and is created exclusively, so a rerun never
+overwrites anything.  A resumed job reopens its folder (`JobFolder.open`).
+
+Every file is written whole or not at all: into a scratch folder `.tmp/` beside
+the stage folders, flushed to disk, then renamed into place; `.tmp/` exists only
+while a write is under way (or after a crash, until the folder is reopened).
 Every PNG keeps the text chunks the server wrote (A1111's `parameters`
 infotext) and gains an `sdjobs` chunk: JSON with the job id, stage and seed.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import random
 import re
+import shutil
 import struct
+import tempfile
 import unicodedata
+import uuid
 import zlib
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -29,11 +39,18 @@ from sdjobs.status import StageResult
 
 MANIFEST = "manifest.json"
 
+#: The scratch folder in a job folder where files are written before they are renamed into place.
+SCRATCH = ".tmp"
+
 #: The PNG text key sdjobs writes its provenance under.
 PROVENANCE_KEY = "sdjobs"
 
+#: How much of a job's id its folder name shows.
+SHORT_ID_LENGTH = 8
+
 _SLUG_LENGTH = 40
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_STAGE_FOLDER = re.compile(r"(\d{2})-[a-z0-9]+")
 
 
 def slugify(name: str) -> str:
@@ -46,10 +63,26 @@ def slugify(name: str) -> str:
     return slug[:_SLUG_LENGTH].rstrip("-") or "job"
 
 
-def new_job_id(name: str, now: datetime, rng: random.Random) -> str:
-    """`<UTC yyyymmdd-HHMMSS>-<slug of name>-<4 hex>`: sortable by time, unique enough, safe.
+def random_job_id() -> str:
+    """A new job's id: 32 random hex digits (a uuid4), unique by construction, never from the clock."""
+    return uuid.uuid4().hex
 
-    A naive `now` is taken to be UTC already.
+
+def folder_name(job_id: str, name: str, created: datetime) -> str:
+    """`<UTC yyyymmdd-HHMMSS>-<slug of name>-<short id>`: a job's folder, readable and sorted by time.
+
+    The short id is the start of the random `job_id`.  A naive `created` is
+    taken to be UTC already.
+    """
+    utc = created.astimezone(UTC) if created.tzinfo is not None else created
+    return f"{utc:%Y%m%d-%H%M%S}-{slugify(name)}-{job_id[:SHORT_ID_LENGTH]}"
+
+
+def new_job_id(name: str, now: datetime, rng: random.Random) -> str:
+    """`<UTC yyyymmdd-HHMMSS>-<slug of name>-<4 hex>`: the in-memory runner's id, also its folder's name.
+
+    Only for `Runner` until it takes its jobs from the store, whose jobs have a
+    `random_job_id` and a `folder_name`.  A naive `now` is taken to be UTC already.
     """
     utc = now.astimezone(UTC) if now.tzinfo is not None else now
     return f"{utc:%Y%m%d-%H%M%S}-{slugify(name)}-{rng.getrandbits(16):04x}"
@@ -57,27 +90,52 @@ def new_job_id(name: str, now: datetime, rng: random.Random) -> str:
 
 @attrs.frozen
 class JobFolder:
-    """One job's output folder, made by `create`.
+    """One job's output folder, made by `create` or reopened by `open`.
 
     Attributes:
-        path: The folder, `<out>/<job id>`.
+        path: The folder, `<out>/<folder name>`.
+        job_id: The job's id, recorded in its images and manifest; by default
+            the folder's name.
     """
 
     path: Path
+    job_id: str = attrs.field()
 
-    @property
-    def job_id(self) -> str:
+    @job_id.default
+    def _folder_name(self) -> str:
         return self.path.name
 
     @classmethod
-    def create(cls, out_dir: Path, job_id: str) -> JobFolder:
-        """Make `<out_dir>/<job_id>`, which must not exist yet (`FileExistsError` if it does)."""
-        if job_id in ("", ".", "..") or Path(job_id).name != job_id or "\\" in job_id:
-            raise ValueError(f"a job id is one folder name, got {job_id!r}")
+    def create(cls, out_dir: Path, job_id: str, *, folder: str | None = None) -> JobFolder:
+        """Make `<out_dir>/<folder>` (by default named `job_id`), which must not exist yet.
+
+        Raises `FileExistsError` if it does, so two jobs never share a folder.
+        """
+        folder = job_id if folder is None else folder
+        if folder in ("", ".", "..") or Path(folder).name != folder or "\\" in folder:
+            raise ValueError(f"a job's folder is one folder name, got {folder!r}")
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / job_id
+        path = out_dir / folder
         path.mkdir()
-        return cls(path)
+        return cls(path, job_id)
+
+    @classmethod
+    def open(cls, path: Path, job_id: str, *, finished_stages: int) -> JobFolder:
+        """Reopen a resumed job's folder, ready to run its stage `finished_stages` (0-based) again.
+
+        What an interrupted attempt left is removed: scratch files, and the
+        folders of stages from `finished_stages` on (their images are made
+        anew, numbered from 001).  The finished stages' folders are kept as
+        they are.  Raises `FileNotFoundError` when the folder is gone.
+        """
+        if not path.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "the job's folder is gone", str(path))
+        shutil.rmtree(path / SCRATCH, ignore_errors=True)
+        for child in path.iterdir():
+            match = _STAGE_FOLDER.fullmatch(child.name)
+            if match and child.is_dir() and int(match[1]) > finished_stages:
+                shutil.rmtree(child)
+        return cls(path, job_id)
 
     def stage_dir(self, stage_index: int, stage_type: str) -> Path:
         """The folder of stage `stage_index` (0-based), `01-txt2img`; made when first asked for."""
@@ -95,13 +153,13 @@ class JobFolder:
         provenance: Mapping[str, Any],
         parameters_fallback: str | None = None,
     ) -> Path:
-        """Write image `number` (1-based: `001.png`) of a stage, with sdjobs' provenance added.
+        """Write image `number` (1-based: `001.png`) of a stage, whole, with sdjobs' provenance added.
 
         `provenance` (the seed, at least) goes into the `sdjobs` text chunk with
         the job id and stage.  `parameters_fallback` is the source image's
         infotext, written as `parameters` when the server's PNG has none (an
         extras upscale), so every image keeps its prompt and seed.  Never
-        overwrites a file.
+        overwrites a file (`FileExistsError`).
         """
         if number < 1:
             raise ValueError(f"image numbers start at 1, got {number}")
@@ -111,8 +169,7 @@ class JobFolder:
         record = {"job_id": self.job_id, "stage": stage_type, "stage_index": stage_index, **provenance}
         texts[PROVENANCE_KEY] = json.dumps(record, sort_keys=True)
         path = self.stage_dir(stage_index, stage_type) / f"{number:03d}.png"
-        with path.open("xb") as file:
-            file.write(with_text_chunks(png, texts))
+        self._write_whole(path, with_text_chunks(png, texts), replace=False)
         return path
 
     def write_manifest(
@@ -125,9 +182,9 @@ class JobFolder:
     ) -> Path:
         """Write (or replace, atomically) `manifest.json`: the spec, each stage's results, the outcome.
 
-        Written once, when the job ends (a rename costs milliseconds on some
-        disks; the images themselves are on disk as soon as each request
-        returns).  Image paths are relative to the job folder.
+        Fit to be rewritten after every stage (`outcome` then says where the job
+        is): a reader sees the old manifest or the new one, never half of one.
+        Image paths are relative to the job folder.
         """
         manifest = {
             "job_id": self.job_id,
@@ -138,24 +195,45 @@ class JobFolder:
             "spec": spec.to_dict(),
             "stages": [self._stage_record(result) for result in results],
         }
-        path = self.path / MANIFEST
-        scratch = path.with_name(f".{MANIFEST}.tmp")
         # `default=str`: a TOML date passed through to the WebUI is still recorded.
-        scratch.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(scratch, path)
+        text = json.dumps(manifest, indent=2, default=str) + "\n"
+        path = self.path / MANIFEST
+        self._write_whole(path, text.encode("utf-8"), replace=True)
         return path
 
+    def _write_whole(self, path: Path, data: bytes, *, replace: bool) -> None:
+        """Put `data` at `path` whole or not at all: scratch file, fsync, rename, fsync the folder."""
+        scratch_dir = self.path / SCRATCH
+        scratch_dir.mkdir(exist_ok=True)
+        descriptor, scratch = tempfile.mkstemp(dir=scratch_dir, suffix=path.suffix)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            if not replace and path.exists():
+                raise FileExistsError(errno.EEXIST, "will not overwrite", str(path))
+            os.replace(scratch, path)
+        finally:
+            Path(scratch).unlink(missing_ok=True)
+            scratch_dir.rmdir()
+        _fsync_folder(path.parent)
+
     def _stage_record(self, result: StageResult) -> dict[str, Any]:
-        return {
-            "stage": result.stage,
-            "stage_index": result.stage_index,
-            "images": [_relative(image, self.path) for image in result.images],
-            "infos": list(result.infos),
-            "seeds": list(result.seeds),
-            "started_at": result.started_at,
-            "elapsed": result.elapsed,
-            "partial": result.partial,
-        }
+        record = result.to_dict()
+        record["images"] = [_relative(image, self.path) for image in result.images]
+        return record
+
+
+def _fsync_folder(path: Path) -> None:
+    """Make a rename in `path` durable (POSIX; elsewhere a folder cannot be opened to sync)."""
+    if os.name != "posix":
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _relative(path: Path, folder: Path) -> str:

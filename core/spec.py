@@ -168,8 +168,13 @@ class StageSpec:
         return "img2img"
 
     def to_dict(self) -> dict[str, Any]:
-        """The stage as plain JSON-ready data (for the manifest)."""
+        """The stage as plain JSON-ready data (for the manifest and the store)."""
         return thaw(attrs.asdict(self, recurse=False))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StageSpec:
+        """The stage `to_dict` made, rebuilt equal (for a job read back from the store)."""
+        return cls(**data)
 
 
 def _valid_stages(instance: JobSpec, attribute: attrs.Attribute, stages: tuple[StageSpec, ...]) -> None:
@@ -227,11 +232,26 @@ class JobSpec:
         return tuple(plans)
 
     def to_dict(self) -> dict[str, Any]:
-        """The spec as plain JSON-ready data (for the manifest)."""
+        """The spec as plain JSON-ready data (for the manifest and the store)."""
         data = thaw(attrs.asdict(self, recurse=False))
         data["stages"] = [stage.to_dict() for stage in self.stages]
         data["source"] = None if self.source is None else str(self.source)
         return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        """The spec `to_dict` made, rebuilt equal: seed and merged stage settings as they were.
+
+        Not a job file's reader: nothing is merged or drawn again, so a queued
+        job runs exactly as it was submitted.  Raises `TypeError` or `ValueError`
+        for data `to_dict` did not make.
+        """
+        source = data.get("source")
+        return cls(
+            **{key: value for key, value in data.items() if key not in ("stages", "source")},
+            stages=tuple(StageSpec.from_dict(stage) for stage in data["stages"]),
+            source=None if source is None else Path(source),
+        )
 
 
 def load_job(path: Path | str, *, rng: random.Random | None = None) -> JobSpec:

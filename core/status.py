@@ -252,3 +252,30 @@ class StageResult:
     started_at: float = 0.0
     elapsed: float = 0.0
     partial: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as plain JSON-ready data (for the manifest and the store)."""
+        return {
+            "stage": self.stage,
+            "stage_index": self.stage_index,
+            "images": [str(image) for image in self.images],
+            "infos": [dict(info) for info in self.infos],
+            "seeds": list(self.seeds),
+            "started_at": self.started_at,
+            "elapsed": self.elapsed,
+            "partial": self.partial,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StageResult:
+        """The result `to_dict` made, rebuilt equal (for a stage read back from the store)."""
+        return cls(
+            stage=data["stage"],
+            stage_index=data["stage_index"],
+            images=tuple(Path(image) for image in data["images"]),
+            infos=tuple(dict(info) for info in data["infos"]),
+            seeds=tuple(data["seeds"]),
+            started_at=data["started_at"],
+            elapsed=data["elapsed"],
+            partial=data["partial"],
+        )

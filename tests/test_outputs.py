@@ -15,8 +15,12 @@ from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
 from sdjobs.outputs import (
+    MANIFEST,
+    SCRATCH,
     JobFolder,
+    folder_name,
     new_job_id,
+    random_job_id,
     read_parameters,
     read_provenance,
     read_text_chunks,
@@ -78,6 +82,27 @@ def test_job_ids_for_the_same_name_and_second_differ():
     assert len({new_job_id("same", NOW, rng) for _ in range(20)}) == 20
 
 
+def test_a_random_job_id_is_32_hex_digits_and_never_repeats():
+    ids = {random_job_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(re.fullmatch(r"[0-9a-f]{32}", job_id) for job_id in ids)
+
+
+def test_a_folder_name_is_utc_time_slug_and_the_start_of_the_random_id():
+    job_id = random_job_id()
+    local = NOW.astimezone(timezone(timedelta(hours=9)))
+    assert folder_name(job_id, "A cat, at dusk!", local) == f"20240226-130509-a-cat-at-dusk-{job_id[:8]}"
+
+
+def test_a_job_folder_named_apart_from_its_id_records_the_id(tmp_path):
+    job_id = random_job_id()
+    folder = JobFolder.create(tmp_path, job_id, folder=folder_name(job_id, "cat", NOW))
+    assert folder.path == tmp_path / f"20240226-130509-cat-{job_id[:8]}" and folder.job_id == job_id
+    image = folder.write_image(0, "txt2img", 1, png(), provenance={"seed": 1})
+    assert read_provenance(image.read_bytes())["job_id"] == job_id
+    with pytest.raises(FileExistsError):
+        JobFolder.create(tmp_path, random_job_id(), folder=folder.path.name)
+
+
 def test_a_name_of_only_dots_or_slashes_still_gets_a_slug():
     assert slugify("../..") == slugify("///") == slugify("") == "job"
 
@@ -93,11 +118,33 @@ def test_a_job_folder_is_never_reused(tmp_path, folder):
 def test_a_job_id_cannot_leave_the_output_folder(tmp_path, job_id):
     with pytest.raises(ValueError, match="one folder name"):
         JobFolder.create(tmp_path, job_id)
+    with pytest.raises(ValueError, match="one folder name"):
+        JobFolder.create(tmp_path, "abc", folder=job_id)
 
 
 def test_stage_folders_are_numbered_from_one(folder):
     assert folder.stage_dir(0, "txt2img") == folder.path / "01-txt2img"
     assert folder.stage_dir(3, "upscale").is_dir()
+
+
+def test_a_reopened_folder_keeps_the_finished_stages_and_clears_what_an_interrupted_attempt_left(folder):
+    kept = folder.write_image(0, "txt2img", 1, png(INFOTEXT), provenance={"seed": 1})
+    folder.write_image(1, "img2img", 1, png(), provenance={"seed": 1})
+    folder.write_image(2, "upscale", 1, png(), provenance={"seed": 1})
+    (folder.path / SCRATCH).mkdir()
+    (folder.path / SCRATCH / "tmpx.png").write_bytes(b"half an image")
+    (folder.path / "notes").mkdir()
+    reopened = JobFolder.open(folder.path, "the-id", finished_stages=1)
+    assert reopened == JobFolder(folder.path, "the-id")
+    assert sorted(path.name for path in folder.path.iterdir()) == ["01-txt2img", "notes"]
+    assert kept.read_bytes() and read_parameters(kept.read_bytes()) == INFOTEXT
+    again = reopened.write_image(1, "img2img", 1, png(), provenance={"seed": 1})
+    assert read_provenance(again.read_bytes())["job_id"] == "the-id"
+
+
+def test_a_job_folder_that_is_gone_cannot_be_reopened(tmp_path):
+    with pytest.raises(FileNotFoundError, match="folder is gone"):
+        JobFolder.open(tmp_path / "nowhere", "x", finished_stages=0)
 
 
 # --------------------------------------------------------------------------
@@ -133,10 +180,21 @@ def test_text_beyond_latin1_survives(folder):
     assert read_provenance(path.read_bytes())["prompt"] == prompt
 
 
-def test_an_image_is_never_overwritten(folder):
-    folder.write_image(0, "txt2img", 1, png(), provenance={})
+def test_an_image_is_never_overwritten_and_a_refused_write_leaves_no_scratch(folder):
+    first = folder.write_image(0, "txt2img", 1, png("first"), provenance={})
     with pytest.raises(FileExistsError):
-        folder.write_image(0, "txt2img", 1, png(), provenance={})
+        folder.write_image(0, "txt2img", 1, png("second"), provenance={})
+    assert read_parameters(first.read_bytes()) == "first"
+    assert sorted(path.name for path in folder.path.iterdir()) == ["01-txt2img"]
+
+
+def test_writes_leave_only_the_files_written(folder):
+    spec = JobSpec.from_mapping({"name": "cat", "seed": 1, "stages": [{"type": "txt2img"}]})
+    folder.write_image(0, "txt2img", 1, png(), provenance={})
+    folder.write_manifest(spec, [], outcome="running")
+    assert sorted(str(path.relative_to(folder.path)) for path in folder.path.rglob("*")) == [
+        "01-txt2img", "01-txt2img/001.png", MANIFEST
+    ]  # fmt: skip
 
 
 def test_image_numbers_start_at_one(folder):

@@ -1,0 +1,279 @@
+"""The SQLite store's own promises: where it lives, its schema, a file it must refuse, other processes.
+
+Everything here uses a real file and, where another process is the point, a
+real process (`subprocess`), synchronised by lines on its pipes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import platformdirs
+import pytest
+
+from sdjobs.spec import JobSpec
+from sdjobs.sqlite_store import (
+    APPLICATION_ID,
+    MIGRATIONS,
+    QUEUE_ENV,
+    SCHEMA_VERSION,
+    SQLiteStore,
+    default_path,
+    migrate,
+    queue_path,
+)
+from sdjobs.status import JobState, StageResult
+from sdjobs.store import StoreLocked, StoreTooNew, StoreUnreadable
+
+SPEC = JobSpec.from_mapping({"name": "cat", "seed": 7, "stages": [{"type": "txt2img"}, {"type": "img2img"}]})
+
+# Child processes: each prints "ready" once set up, then waits for a line on stdin.
+PRELUDE = """
+import sys
+from sdjobs.sqlite_store import SQLiteStore
+from sdjobs.status import JobState, StageResult
+"""
+
+
+def child(code: str, *args: object) -> subprocess.Popen[str]:
+    """A Python process running `code` after `PRELUDE`, started and already "ready"."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(code), *map(str, args)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = process.stdout.readline()
+    if line != "ready\n":
+        process.kill()
+        process.wait(timeout=30)
+        pytest.fail(f"the child process did not get ready: {line!r}")
+    return process
+
+
+@pytest.fixture
+def path(tmp_path) -> Path:
+    return tmp_path / "data" / "queue.db"
+
+
+# --------------------------------------------------------------------------
+# Where the queue lives
+# --------------------------------------------------------------------------
+
+
+def test_the_queue_is_the_option_else_the_environment_else_the_data_folder(tmp_path):
+    assert queue_path(tmp_path / "a.db", {QUEUE_ENV: "/env.db"}) == tmp_path / "a.db"
+    assert queue_path(None, {QUEUE_ENV: str(tmp_path / "env.db")}) == tmp_path / "env.db"
+    assert queue_path(None, {QUEUE_ENV: ""}) == default_path() == platformdirs.user_data_path("sdjobs", appauthor=False) / "queue.db"
+
+
+def test_a_new_queue_is_made_with_its_folder_marked_and_versioned(path):
+    SQLiteStore(path).close()
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA application_id").fetchone() == (APPLICATION_ID,)
+        assert connection.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_jobs_and_stages_outlive_the_store_that_wrote_them(path):
+    with SQLiteStore(path) as store:
+        worker = store.register_worker()
+        [queued] = store.add([SPEC])
+        job = store.claim(worker.id)
+        first = StageResult("txt2img", 0, (path.parent / "01-txt2img" / "001.png",), ({"seed": 7},), (7,), 1.0, 2.0)
+        store.record_stage(job.id, worker.id, first)
+    with SQLiteStore(path) as store:
+        job = store.get(queued.id)
+        assert (job.spec, job.stages, job.state) == (SPEC, (first,), JobState.RUNNING)
+
+
+# --------------------------------------------------------------------------
+# The schema: forward only
+# --------------------------------------------------------------------------
+
+
+def test_an_older_schema_is_migrated_forward_keeping_its_jobs_and_a_newer_one_is_refused(path):
+    with SQLiteStore(path) as store:
+        [job] = store.add([SPEC])
+    step = ("ALTER TABLE jobs ADD COLUMN note TEXT", "UPDATE jobs SET note = 'migrated'")
+    with sqlite3.connect(path, isolation_level=None) as connection:
+        assert migrate(connection, str(path), (*MIGRATIONS, step)) == SCHEMA_VERSION
+        assert connection.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)
+        assert connection.execute("SELECT id, note FROM jobs").fetchall() == [(job.id, "migrated")]
+        assert migrate(connection, str(path), (*MIGRATIONS, step)) == SCHEMA_VERSION + 1  # nothing left to do
+    before = path.read_bytes()
+    with pytest.raises(StoreTooNew) as refused:
+        SQLiteStore(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: made by a newer sdjobs") and f"schema {SCHEMA_VERSION + 1}" in message
+    assert "\n" not in message
+    assert path.read_bytes() == before
+
+
+def test_a_failing_migration_leaves_the_file_as_it_was(path):
+    SQLiteStore(path).close()
+    steps = (*MIGRATIONS, ("CREATE TABLE notes (x)",), ("SELECT no_such_function()",))
+    with sqlite3.connect(path, isolation_level=None) as connection:
+        with pytest.raises(sqlite3.OperationalError, match="no_such_function"):
+            migrate(connection, str(path), steps)
+        assert connection.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert connection.execute("SELECT name FROM sqlite_master WHERE name = 'notes'").fetchall() == []
+
+
+# --------------------------------------------------------------------------
+# Files that are refused, untouched
+# --------------------------------------------------------------------------
+
+
+def refused(path: Path) -> str:
+    """The one-line message opening `path` fails with; the file must be byte for byte as it was."""
+    before = path.read_bytes()
+    with pytest.raises(StoreUnreadable) as error:
+        SQLiteStore(path)
+    assert path.read_bytes() == before
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    return message
+
+
+def test_a_file_that_is_not_a_database_is_refused_untouched(path):
+    path.parent.mkdir(parents=True)
+    path.write_text("name = 'cat'\n" * 200)
+    assert "not a readable sdjobs queue" in refused(path)
+
+
+def test_another_programs_database_is_refused_untouched(path):
+    path.parent.mkdir(parents=True)
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE photos (name TEXT)")
+    connection.close()
+    assert "not an sdjobs queue" in refused(path)
+
+
+def test_a_damaged_queue_is_refused_untouched(path):
+    with SQLiteStore(path) as store:
+        store.add([SPEC] * 50)
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 3 * page
+    data[2 * page + 8 : 3 * page] = b"\xa5" * (page - 8)  # a table page's cells turned to noise
+    path.write_bytes(bytes(data))
+    assert "left as it is" in refused(path)
+
+
+def test_a_folder_in_the_queues_place_is_refused(path):
+    path.mkdir(parents=True)
+    with pytest.raises(StoreUnreadable, match="is a folder"):
+        SQLiteStore(path)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions that bind (not root)")
+def test_a_queue_that_cannot_be_read_is_refused(path):
+    SQLiteStore(path).close()
+    path.chmod(0)
+    try:
+        with pytest.raises(StoreUnreadable, match="permission denied"):
+            SQLiteStore(path)
+    finally:
+        path.chmod(0o600)
+
+
+# --------------------------------------------------------------------------
+# Other processes
+# --------------------------------------------------------------------------
+
+
+HOLD_THE_LOCK = """
+import sqlite3
+store = SQLiteStore(sys.argv[1])
+worker = store.register_worker() if sys.argv[2] == "worker" else None
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN IMMEDIATE")
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("holder", ["plain", "worker"])
+def test_a_lock_held_by_another_process_is_waited_for_then_named(path, holder):
+    SQLiteStore(path).close()
+    store = SQLiteStore(path, timeout=0.3)
+    process = child(HOLD_THE_LOCK, path, holder)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreLocked) as locked:
+            store.add([SPEC])
+        assert time.monotonic() - started >= 0.3
+        message = str(locked.value)
+        assert message.startswith(f"{path}: the queue stayed locked by another process for 0.3 s")
+        if sys.platform == "linux":
+            assert f"pid {process.pid} " in message
+        if holder == "worker":
+            [worker] = store.workers()
+            assert worker.pid == process.pid and f"sdjobs worker {worker.id[:8]} (pid {process.pid} on" in message
+        assert store.list() == [], "reading never waits for a writer"
+    finally:
+        process.stdin.close()
+        process.wait(timeout=30)
+    assert len(store.add([SPEC])) == 1, "the lock is free again once the holder is gone"
+    store.close()
+
+
+CLAIM_ALL = """
+store = SQLiteStore(sys.argv[1], timeout=60)
+worker = store.register_worker()
+print("ready", flush=True)
+sys.stdin.readline()
+while (job := store.claim(worker.id)) is not None:
+    store.finish(job.id, worker.id, JobState.DONE)
+    print(job.id, flush=True)
+"""
+
+
+def test_workers_in_several_processes_never_claim_the_same_job(path):
+    with SQLiteStore(path) as store:
+        added = {job.id for job in store.add([SPEC] * 60)}
+    processes = [child(CLAIM_ALL, path) for _ in range(3)]
+    for process in processes:
+        process.stdin.write("go\n")
+        process.stdin.flush()
+    claimed = []
+    for process in processes:
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 0
+        claimed += out.split()
+    assert sorted(claimed) == sorted(added), "every job claimed exactly once"
+    with SQLiteStore(path) as store:
+        assert {(job.state, job.attempts) for job in store.history()} == {(JobState.DONE, 1)}
+
+
+HOLD_A_JOB = """
+store = SQLiteStore(sys.argv[1])
+worker = store.register_worker()
+job = store.claim(worker.id, server="http://studio:7860")
+store.record_stage(job.id, worker.id, StageResult("txt2img", 0, (), (), (7,), 1.0, 2.0))
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_job_held_by_a_killed_worker_is_claimed_again_at_its_unfinished_stage(path):
+    store = SQLiteStore(path, lease=3600)  # the dead pid tells, not the heartbeat
+    [queued] = store.add([SPEC])
+    rescuer = store.register_worker()
+    process = child(HOLD_A_JOB, path)
+    assert store.claim(rescuer.id) is None, "a living worker keeps its job"
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    job = store.claim(rescuer.id, server="http://attic:7860")
+    assert (job.id, job.attempts, job.next_stage) == (queued.id, 2, 1)
+    assert (job.server, job.lost_server) == ("http://attic:7860", "http://studio:7860")
+    assert [worker.id for worker in store.workers()] == [rescuer.id]
+    store.close()
