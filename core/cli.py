@@ -11,7 +11,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -34,6 +34,31 @@ LOG_LEVEL = attrs.fields(frontends.FrontendOptions).log_level.default
 
 class UsageError(Exception):
     """Bad usage or bad input: reported in one line, exit status 2, nothing run."""
+
+
+@attrs.frozen
+class Plugins:
+    """The plugins and front ends of one command, loaded once (see `load_plugins`).
+
+    Attributes:
+        hooks: The hooks of every plugin loaded.
+        frontends: Each front end the plugins registered, by name.
+    """
+
+    hooks: Hooks
+    frontends: Mapping[str, frontends.RegisteredFrontend]
+
+
+def load_plugins() -> Plugins:
+    """Load every plugin and gather the front ends; each plugin skipped is reported once, on stderr.
+
+    A broken plugin stops no command: it is left out, and the rest runs.
+    """
+    hooks = Hooks(make_plugin_manager())
+    found = frontends.collect_frontends(hooks)
+    for problem in [*map(str, hooks.pm.failures), *hooks.pm.warnings]:
+        print(f"sdjobs: warning: {problem}", file=sys.stderr)
+    return Plugins(hooks, found)
 
 
 def _poll_interval(text: str) -> float:
@@ -67,8 +92,8 @@ def _credentials(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    names = ", ".join(frontends.available_frontends()) or "none installed"
+def _add_run_options(parser: argparse.ArgumentParser, frontend_names: Collection[str]) -> None:
+    names = ", ".join(frontend_names) or "none installed"
     show = parser.add_argument_group("display")
     show.add_argument(
         "--frontend",
@@ -105,7 +130,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
+    """The command line; ``frontend_names`` are listed in the help of ``--frontend``."""
     parser = argparse.ArgumentParser(
         prog="sdjobs",
         description="Run multi-stage Stable Diffusion jobs (txt2img → img2img → ADetailer → upscale) "
@@ -116,13 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the demo job against the built-in simulated WebUI")
     demo.add_argument("--step-time", type=_positive_seconds, metavar="S", help="simulator seconds per sampling step")
-    _add_run_options(demo)
+    _add_run_options(demo, frontend_names)
 
     run = commands.add_parser("run", help="run job files one after another")
     run.add_argument("jobs", nargs="+", type=Path, metavar="JOB.toml")
     run.add_argument("--webui", metavar="URL", help=f"the WebUI (default: $SDJOBS_WEBUI, else {DEFAULT_URL})")
     run.add_argument("--auth", metavar="USER:PASS", help="HTTP Basic credentials (--api-auth); default $SDJOBS_WEBUI_AUTH")
-    _add_run_options(run)
+    _add_run_options(run, frontend_names)
 
     check = commands.add_parser("check", help="validate job files and print their plans")
     check.add_argument("jobs", nargs="+", type=Path, metavar="JOB.toml")
@@ -142,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    plugins = load_plugins()
+    parser = build_parser(plugins.frontends)
+    parser.set_defaults(plugins=plugins)  # every command finds them as args.plugins
+    args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (UsageError, JobFileError, frontends.FrontendError) as exc:
@@ -215,9 +244,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _frontend(args: argparse.Namespace) -> frontends.Frontend:
-    """The chosen front end, made before anything starts (a bad name runs nothing)."""
-    name = frontends.choose_frontend(args.frontend, os.environ, sys.stdout.isatty())
-    return frontends.load_frontend(name)(
+    """The chosen front end, made and registered as a plugin before anything starts (a bad name runs nothing)."""
+    plugins: Plugins = args.plugins
+    name = frontends.choose_frontend(args.frontend, os.environ, sys.stdout.isatty(), plugins.frontends)
+    chosen = plugins.frontends[name]
+    shown = chosen.cls(
         frontends.FrontendOptions(
             log_file=args.log_file,
             log_level=args.log_level,
@@ -226,16 +257,17 @@ def _frontend(args: argparse.Namespace) -> frontends.Frontend:
             close_when_done=args.close_when_done,
         )
     )
+    plugins.hooks.pm.register(shown, name=chosen.plugin_name)
+    return shown
 
 
 def _run(
     specs: list[JobSpec], client: WebUIClient, shown: frontends.Frontend, args: argparse.Namespace
 ) -> int:
-    pm = make_plugin_manager(plugins=[shown])
     runner = Runner(
         specs=specs,
         client=client,
-        hooks=Hooks(pm),
+        hooks=args.plugins.hooks,
         out_dir=args.out,
         settings=JobSettings(
             poll_interval=args.poll_interval,
@@ -268,13 +300,15 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    print(json.dumps(describe_plugins(make_plugin_manager()), indent=2))
+    plugins: Plugins = args.plugins
+    owners = {name: frontend.plugin for name, frontend in plugins.frontends.items()}
+    print(json.dumps(describe_plugins(plugins.hooks.pm, owners), indent=2))
     return 0
 
 
 def cmd_frontends(args: argparse.Namespace) -> int:
-    for name, description in frontends.describe_frontends().items():
-        print(f"{name:<10} {description}")
+    for name, frontend in args.plugins.frontends.items():
+        print(f"{name:<10} {frontend.cls.description}")
     return 0
 
 

@@ -1,38 +1,28 @@
 """What a front end is, and how the one the user asked for is found.
 
-A front end is a class registered under the entry-point group `sdjobs.frontends`
-(the built-in ones too, so a third party adds one exactly as sdjobs does).  The
-built-ins are also listed in `BUILTIN_FRONTENDS`, so a checkout whose installed
-entry points are stale still has them.  The command line picks a name with
-`choose_frontend`, loads the class with `load_frontend`, makes one from
-`FrontendOptions`, registers the instance as a pluggy plugin, so its
-`hookimpl`s see every event, and calls `run(session)` on the main thread.
-Front ends never import the runner: `Session` is all they see of it.
+A front end is a class that a plugin offers through the hook
+`sdjobs_register_frontends` (the built-in ones too, so a third party adds one
+exactly as sdjobs does).  `collect_frontends` gathers them by name; the command
+line picks a name with `choose_frontend`, makes one from `FrontendOptions`,
+registers the instance as a pluggy plugin, so its `hookimpl`s see every event,
+and calls `run(session)` on the main thread.  Front ends never import the
+runner: `Session` is all they see of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from importlib.metadata import EntryPoint, entry_points
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 import attrs
 
+from sdjobs.hooks import Hooks, PluginManager
 from sdjobs.status import CancelMode
-
-ENTRY_POINT_GROUP = "sdjobs.frontends"
 
 #: The environment variable that names a front end when `--frontend` is absent.
 FRONTEND_ENV = "SDJOBS_FRONTEND"
 
-#: The front ends sdjobs ships; an entry point of the same name is a duplicate and skipped.
-BUILTIN_FRONTENDS = {
-    "console": "sdjobs.frontends.console:ConsoleFrontend",
-    "jsonl": "sdjobs.frontends.jsonl:JsonlFrontend",
-    "log": "sdjobs.frontends.log:LogFrontend",
-    "tk": "sdjobs.frontends.tk:TkFrontend",
-}
 
 class Session(Protocol):
     """The queue of jobs of one `sdjobs run`, as a front end drives it."""
@@ -71,7 +61,7 @@ class FrontendOptions:
 
 
 class Frontend(Protocol):
-    """A front end class, as found through the entry-point group."""
+    """A front end class, as a plugin registers it."""
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -87,47 +77,84 @@ class Frontend(Protocol):
         """
 
 
+@attrs.frozen
+class RegisteredFrontend:
+    """A front end, and the plugin that registered it.
+
+    Attributes:
+        cls: The class; ``cls(options)`` makes one.
+        plugin: The registering plugin's name.
+    """
+
+    cls: type[Frontend]
+    plugin: str
+
+    @property
+    def plugin_name(self) -> str:
+        """The name its instance is registered under while it runs."""
+        return f"frontend:{self.cls.name}"
+
+
 class FrontendError(Exception):
     """The front end asked for cannot be used: a usage error (exit 2), nothing ran."""
 
 
 class UnknownFrontendError(FrontendError, ValueError):
-    """No front end of that name is installed; the message lists the ones that are."""
+    """No front end of that name is registered; the message lists the ones that are."""
 
-    def __init__(self, name: str, valid: list[str], source: str | None = None) -> None:
+    def __init__(self, name: str, valid: Collection[str], source: str) -> None:
         self.name = name
-        self.valid = valid
-        choices = ", ".join(valid) or "none is installed"
-        named = f"{name!r}" if source is None else f"{name!r} (from {source})"
-        super().__init__(f"unknown front end {named}; choose one of: {choices}")
-
-
-class FailedToLoadFrontend(FrontendError):
-    """A front end's entry point is there, but importing it raised."""
-
-    def __init__(self, name: str, value: str, error: BaseException) -> None:
-        self.name = name
-        self.error = error
-        super().__init__(f"front end {name!r} ({value}) failed to load: {type(error).__name__}: {error}")
+        self.valid = sorted(valid)
+        choices = ", ".join(self.valid) or "none is installed"
+        super().__init__(f"unknown front end {name!r} (from {source}); choose one of: {choices}")
 
 
 class FrontendUnavailable(FrontendError):
     """A front end cannot run here (the Tk window without a display)."""
 
 
-def available_frontends() -> dict[str, EntryPoint]:
-    """Every installed front end by name, sorted; loading them is left to `load_frontend`."""
-    found = {name: EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in BUILTIN_FRONTENDS.items()}
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(entry_point.name, entry_point)  # a built-in, then the first on sys.path, wins
+def collect_frontends(hooks: Hooks) -> dict[str, RegisteredFrontend]:
+    """Every front end the plugins register, by name, sorted.
+
+    A plugin that registers anything but a front-end class (a class with a str
+    ``name`` and ``description``), a class whose hooks pluggy refuses or sdjobs
+    does not have, or a name an earlier plugin took, is skipped with all it
+    registered (see `PluginManager.skip`).
+    """
+    found: dict[str, RegisteredFrontend] = {}
+    for plugin, offered in hooks.register_frontends().items():
+        mine: dict[str, RegisteredFrontend] = {}
+        for cls in offered:
+            frontend = RegisteredFrontend(cls, plugin)
+            reason = _refusal(hooks.pm, frontend, taken=found | mine)
+            if reason is not None:
+                hooks.pm.skip(plugin, reason)
+                break
+            mine[cls.name] = frontend
+        else:
+            found |= mine
     return dict(sorted(found.items()))
 
 
-def choose_frontend(flag: str | None, env: Mapping[str, str], isatty: bool) -> str:
+def _refusal(pm: PluginManager, frontend: RegisteredFrontend, taken: Mapping[str, RegisteredFrontend]) -> str | None:
+    """Why ``frontend`` cannot be one, or None.  Its hooks are checked as any plugin's are."""
+    cls = frontend.cls
+    if not (isinstance(cls, type) and all(isinstance(getattr(cls, key, None), str) for key in ("name", "description"))):
+        return f"it registered {cls!r}, which is not a front-end class (a class with a str name and description)"
+    if cls.name in taken:
+        return f"front end {cls.name!r} is taken already, by plugin {taken[cls.name].plugin!r}"
+    reason = pm.try_register(cls, frontend.plugin_name)
+    if reason is not None:
+        return f"front end {cls.name!r}: {reason}"
+    pm.unregister(cls)
+    return None
+
+
+def choose_frontend(flag: str | None, env: Mapping[str, str], isatty: bool, available: Collection[str]) -> str:
     """The front end to use: ``flag``, else `SDJOBS_FRONTEND`, else console or log.
 
     The default is `console` when output goes to a terminal and `log` when it
-    does not.  A name that is not installed raises `UnknownFrontendError`, which
+    does not.  A name not in ``available`` raises `UnknownFrontendError`, which
     says where the name came from; there is no silent fallback.
     """
     if flag:
@@ -138,37 +165,6 @@ def choose_frontend(flag: str | None, env: Mapping[str, str], isatty: bool) -> s
         name, source = "console", "the default for a terminal"
     else:
         name, source = "log", "the default without a terminal"
-    valid = list(available_frontends())
-    if name not in valid:
-        raise UnknownFrontendError(name, valid, source)
+    if name not in available:
+        raise UnknownFrontendError(name, available, source)
     return name
-
-
-def load_frontend(name: str) -> type[Frontend]:
-    """The front end class installed as ``name``.
-
-    Raises `UnknownFrontendError` when there is none, and `FailedToLoadFrontend`,
-    naming it, when importing it fails.
-    """
-    installed = available_frontends()
-    if name not in installed:
-        raise UnknownFrontendError(name, list(installed))
-    entry_point = installed[name]
-    try:
-        return entry_point.load()
-    except Exception as exc:  # a broken plugin is reported by name, not as a traceback
-        raise FailedToLoadFrontend(name, entry_point.value, exc) from exc
-
-
-def describe_frontends() -> dict[str, str]:
-    """Each installed front end's one-line description, as `sdjobs frontends` lists them.
-
-    One that fails to load is listed with the reason instead of hiding the others.
-    """
-    described = {}
-    for name in available_frontends():
-        try:
-            described[name] = load_frontend(name).description
-        except FrontendError as exc:
-            described[name] = f"(unusable) {exc}"
-    return described

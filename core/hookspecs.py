@@ -7,19 +7,22 @@ Two kinds of hook:
 * **Control hooks** change what happens.  An error raised by one propagates: the
   job fails, naming the plugin.
 
-Every hook is called on the runner's thread, one job at a time, in the order of
-a job's life.  An implementation may take any subset of a hook's arguments, so
-arguments added later break nobody.
+The job hooks are called on the runner's thread, one job at a time, in the
+order of a job's life.  A registration hook (`sdjobs_register_frontends`) is
+called once, before any job, to learn what a plugin offers.  An implementation
+may take any subset of a hook's arguments, so arguments added later break
+nobody.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:
+    from sdjobs.frontend import Frontend
     from sdjobs.polling import PollRequest, Poller
     from sdjobs.spec import JobSpec, StageSpec
     from sdjobs.status import JobState, RuntimeStatus, StageResult
@@ -28,6 +31,24 @@ PROJECT = "sdjobs"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -------------------------------------------------------------------------
+# What a plugin offers (registration hooks)
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def sdjobs_register_frontends(register: Callable[[type[Frontend]], None]) -> None:
+    """Offer front ends: call ``register(cls)`` once for each front-end class.
+
+    Called once, on the main thread, before any job and before a front end is
+    chosen; ``cls.name`` is the name ``--frontend`` chooses it by.  A plugin
+    that raises here, registers something that is not a front-end class, or
+    takes a name a plugin registered earlier already has (the built-ins come
+    first) is reported by name and skipped, with all it offers.  The return
+    value is ignored.
+    """
 
 
 # -------------------------------------------------------------------------

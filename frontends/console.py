@@ -10,7 +10,7 @@ draws nothing live and writes no escape codes: only the lines and the table.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -171,3 +171,9 @@ class ConsoleFrontend:
                     format_duration(entry.elapsed),
                 )
         return table
+
+
+@hookimpl
+def sdjobs_register_frontends(register: Callable[[type[ConsoleFrontend]], None]) -> None:
+    """Offers `--frontend console`."""
+    register(ConsoleFrontend)

@@ -121,3 +121,9 @@ class JsonlFrontend:
     @hookimpl
     def sdjobs_queue_drained(self, outcomes: Mapping[str, JobState]) -> None:
         self._write("queue_drained", outcomes={job: outcome.value for job, outcome in outcomes.items()})
+
+
+@hookimpl
+def sdjobs_register_frontends(register: Callable[[type[JsonlFrontend]], None]) -> None:
+    """Offers `--frontend jsonl`."""
+    register(JsonlFrontend)

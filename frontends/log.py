@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from sdjobs import hookimpl
 from sdjobs.frontend import FrontendError, FrontendOptions, Session
@@ -134,3 +134,9 @@ class LogFrontend:
     @hookimpl
     def sdjobs_queue_drained(self, outcomes: Mapping[str, JobState]) -> None:
         log.info("%s", drained_line(outcomes, len(self._ledger.entries)))
+
+
+@hookimpl
+def sdjobs_register_frontends(register: Callable[[type[LogFrontend]], None]) -> None:
+    """Offers `--frontend log`."""
+    register(LogFrontend)

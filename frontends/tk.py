@@ -224,3 +224,9 @@ class TkFrontend:
     def sdjobs_queue_drained(self, outcomes: Mapping[str, JobState]) -> None:
         summary = drained_line(outcomes, len(self._ledger.entries))
         self.call_soon(lambda panel: panel.show_drained(summary))
+
+
+@hookimpl
+def sdjobs_register_frontends(register: Callable[[type[TkFrontend]], None]) -> None:
+    """Offers `--frontend tk`."""
+    register(TkFrontend)

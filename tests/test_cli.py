@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from plugin_helpers import install_distribution
 from runner_helpers import GENERATION_PATHS, requests_to
 
 from sdjobs.sim import SimSettings
@@ -42,12 +44,15 @@ def environment() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not key.startswith("SDJOBS_")}
 
 
-def sdjobs(*args: str | Path, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def sdjobs(
+    *args: str | Path, timeout: float = 30.0, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the command; ``env`` adds to the environment (see `environment`)."""
     return subprocess.run(
         [sys.executable, "-m", "sdjobs", *map(str, args)],
         capture_output=True,
         text=True,
-        env=environment(),
+        env=environment() | dict(env or {}),
         timeout=timeout,
     )
 
@@ -239,17 +244,76 @@ def test_check_prints_the_plan():
     ]
 
 
-def test_plugins_lists_the_progress_poller_as_json():
+BUILT_IN_FRONTENDS = ["console", "jsonl", "log", "tk"]
+
+#: The stderr of any command, with a misspelled hook and a module that is not there installed.
+BROKEN_PLUGIN_WARNINGS = [
+    (
+        "sdjobs: warning: plugin 'typo' skipped: it implements sdjobs_job_finishd, which is not an sdjobs hook "
+        "(did you mean 'sdjobs_job_finished'?)"
+    ),
+    "sdjobs: warning: plugin 'gone' skipped: cannot be imported: ModuleNotFoundError: No module named 'not_installed_anywhere'",
+]
+
+
+@pytest.fixture
+def broken_plugins(tmp_path: Path) -> dict[str, str]:
+    """The environment of a command with a real distribution of two broken plugins installed."""
+    site = install_distribution(
+        tmp_path / "site",
+        "sdjobs-broken",
+        {"typo": "typo_plugin", "gone": "gone_plugin"},
+        {
+            "typo_plugin": "from sdjobs import hookimpl\n\n@hookimpl\ndef sdjobs_job_finishd(status):\n    pass\n",
+            "gone_plugin": "import not_installed_anywhere\n",
+        },
+    )
+    return {"PYTHONPATH": str(site)}
+
+
+def test_plugins_lists_each_plugin_with_its_hooks_and_front_ends_as_json():
     listed = sdjobs("plugins")
     assert listed.returncode == 0
-    plugins = {plugin["name"]: plugin["hooks"] for plugin in json.loads(listed.stdout)}
-    assert plugins["sdjobs.plugins.progress_poller"] == ["sdjobs_start_polling"]
+    assert listed.stderr == ""
+    shown = json.loads(listed.stdout)
+    plugins = {plugin["name"]: (plugin["hooks"], plugin["frontends"]) for plugin in shown["loaded"]}
+    assert plugins["sdjobs.plugins.progress_poller"] == (["sdjobs_start_polling"], [])
+    for name in BUILT_IN_FRONTENDS:
+        assert plugins[f"sdjobs.frontends.{name}"] == (["sdjobs_register_frontends"], [name])
+    assert shown["failed"] == []
+
+
+def test_plugins_lists_the_ones_that_could_not_be_loaded_with_why_and_warns_once(broken_plugins):
+    listed = sdjobs("plugins", env=broken_plugins)
+    assert listed.returncode == 0
+    assert listed.stderr.splitlines() == BROKEN_PLUGIN_WARNINGS
+    shown = json.loads(listed.stdout)
+    assert [f"sdjobs: warning: plugin {f['name']!r} skipped: {f['reason']}" for f in shown["failed"]] == BROKEN_PLUGIN_WARNINGS
+    assert {"typo", "gone"}.isdisjoint(plugin["name"] for plugin in shown["loaded"])
+
+
+def test_a_run_goes_on_without_the_plugins_that_could_not_be_loaded(webui_sim, job_file, tmp_path, broken_plugins):
+    out = tmp_path / "out"
+    done = sdjobs("run", job_file, "--webui", webui_sim.url, "--frontend", "jsonl", "--out", out, env=broken_plugins)
+    assert done.returncode == 0
+    assert done.stderr.splitlines() == BROKEN_PLUGIN_WARNINGS
+    assert manifest(out)["outcome"] == "done"
 
 
 def test_frontends_lists_the_built_in_ones():
     listed = sdjobs("frontends")
     assert listed.returncode == 0
-    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["console", "jsonl", "log", "tk"]
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == BUILT_IN_FRONTENDS
+
+
+def test_a_disabled_front_end_is_gone_and_a_name_that_is_no_plugin_is_warned_about():
+    listed = sdjobs("frontends", env={"SDJOBS_DISABLE_PLUGINS": "sdjobs.frontends.tk,sdjobs.frontend.log"})
+    assert listed.returncode == 0
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["console", "jsonl", "log"]
+    assert listed.stderr == (
+        "sdjobs: warning: SDJOBS_DISABLE_PLUGINS: no plugin is named 'sdjobs.frontend.log' "
+        "(did you mean 'sdjobs.frontends.log'?)\n"
+    )
 
 
 def test_help():
@@ -258,3 +322,5 @@ def test_help():
     assert helped.stdout.startswith("usage: sdjobs ")
     for command in ("demo", "run", "check", "sim", "plugins", "frontends"):
         assert command in helped.stdout
+    run_help = " ".join(sdjobs("run", "--help").stdout.split())
+    assert "how to show progress: console, jsonl, log, tk (default:" in run_help

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
-from sdjobs import frontend, hookspecs
-from sdjobs.hooks import describe_plugins
+from sdjobs import hookimpl, hookspecs
+from sdjobs.frontend import FrontendOptions, collect_frontends
+from sdjobs.hooks import Hooks, describe_plugins
 
 pytest_plugins = ["pytester"]
 
@@ -216,20 +217,36 @@ def test_the_guide_registers_its_module_under_the_entry_point_group_sdjobs():
 
 def test_sdjobs_plugins_prints_what_the_guide_shows(plugin_manager):
     plugin_manager.register(guide_module("sdjobs_lora"), name="lora")
+    owners = {name: found.plugin for name, found in collect_frontends(Hooks(plugin_manager)).items()}
     [shown] = [json.loads(b) for b in code_blocks(GUIDE.read_text(), "json")]
-    assert describe_plugins(plugin_manager) == shown
+    assert describe_plugins(plugin_manager, owners) == shown
 
 
-def test_the_guides_front_end_is_a_front_end(plugin_manager):
-    text = GUIDE.read_text()
-    [toml] = [block for block in code_blocks(text, "toml") if "frontends" in block]
-    entry_points = tomllib.loads(toml)["project"]["entry-points"]
-    assert entry_points == {frontend.ENTRY_POINT_GROUP: {"dots": "sdjobs_dots:DotsFrontend"}}
-    dots = guide_module("sdjobs_dots").DotsFrontend(frontend.FrontendOptions())
-    plugin_manager.register(dots, name="dots")  # pluggy checks each hookimpl against its spec
-    assert (dots.name, dots.description) == ("dots", "a dot per progress update")
-    listed = {plugin["name"]: plugin["hooks"] for plugin in describe_plugins(plugin_manager)}
-    assert listed["dots"] == ["sdjobs_job_finished", "sdjobs_progress"]
+#: A warning about a misspelled hook, as a page shows it.
+MISSPELLED = re.compile(r"^sdjobs: warning: (plugin '(\w+)' skipped: it implements (\w+), which .*)$", re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    ("page", "shown", "plugin", "hook"),
+    [(page.name, *found.groups()) for page in PAGES for found in MISSPELLED.finditer(page.read_text())],
+)
+def test_a_misspelled_hook_is_reported_as_the_pages_show(plugin_manager, page, shown, plugin, hook):
+    module = types.ModuleType(plugin)
+    setattr(module, hook, hookimpl(lambda status: None))
+    plugin_manager.load(plugin, lambda: module)
+    assert [str(failure) for failure in plugin_manager.failures] == [shown]
+
+
+def test_the_guides_front_end_is_offered_by_its_plugin(plugin_manager):
+    [toml] = [block for block in code_blocks(GUIDE.read_text(), "toml") if "dots" in block]
+    assert tomllib.loads(toml)["project"]["entry-points"] == {hookspecs.PROJECT: {"dots": "sdjobs_dots"}}
+    plugin_manager.register(guide_module("sdjobs_dots"), name="dots")
+    found = collect_frontends(Hooks(plugin_manager))["dots"]
+    assert plugin_manager.failures == []
+    assert (found.plugin, found.cls.description) == ("dots", "a dot per progress update")
+    plugin_manager.register(found.cls(FrontendOptions()), name=found.plugin_name)
+    listed = {plugin["name"]: plugin["hooks"] for plugin in describe_plugins(plugin_manager)["loaded"]}
+    assert listed["frontend:dots"] == ["sdjobs_job_finished", "sdjobs_progress"]
 
 
 def test_the_guides_plugin_passes_the_guides_tests(pytester):

@@ -1,16 +1,24 @@
-"""The plugin manager and the `Hooks` facade: loading, blocking, isolation."""
+"""The plugin manager and the `Hooks` facade: loading, the failure rule, blocking, tracing, isolation."""
 
+import importlib
 import logging
-import textwrap
 
 import pytest
+from plugin_helpers import install_distribution
 
-import sdjobs.plugins.progress_poller
 from sdjobs import hookimpl
-from sdjobs.hooks import DEFAULT_PLUGINS, Hooks, PluginError, describe_plugins, make_plugin_manager
+from sdjobs.hooks import Hooks, PluginError, PluginFailure, describe_plugins, make_plugin_manager
 from sdjobs.status import RuntimeStatus
 
 STATUS = RuntimeStatus(job_id="j", name="n", stage="txt2img", stage_index=0, stage_count=1)
+
+BUILT_INS = [
+    "sdjobs.plugins.progress_poller",
+    "sdjobs.frontends.console",
+    "sdjobs.frontends.jsonl",
+    "sdjobs.frontends.log",
+    "sdjobs.frontends.tk",
+]
 
 
 class Recorder:
@@ -32,25 +40,158 @@ class Broken:
         raise RuntimeError("bad amend")
 
 
-def test_builtins_are_registered_like_any_plugin():
+def test_the_built_ins_are_registered_by_their_module_names():
     pm = make_plugin_manager(load_entry_points=False, disabled=())
-    assert [name for name, _ in pm.list_name_plugin()] == list(DEFAULT_PLUGINS)
-    assert all(pm.get_plugin(name) is not None for name in DEFAULT_PLUGINS)
+    assert [name for name, _ in pm.list_name_plugin()] == BUILT_INS
+    assert [pm.get_plugin(name) for name in BUILT_INS] == [importlib.import_module(name) for name in BUILT_INS]
+    assert pm.failures == [] and pm.warnings == []
 
 
-def test_disable_env_blocks_a_builtin(monkeypatch):
-    monkeypatch.setenv("SDJOBS_DISABLE_PLUGINS", "sdjobs.plugins.progress_poller, other")
+def test_disable_env_blocks_a_builtin_and_warns_about_a_name_that_is_no_plugin(monkeypatch):
+    monkeypatch.setenv("SDJOBS_DISABLE_PLUGINS", "sdjobs.plugins.progress_poller, sdjobs.frontends.tkk")
     pm = make_plugin_manager(load_entry_points=False)
-    assert pm.get_plugins() == set()
-    assert pm.is_blocked("other")
-    assert describe_plugins(pm) == []
+    assert not pm.has_plugin("sdjobs.plugins.progress_poller")
+    assert [plugin["name"] for plugin in describe_plugins(pm)["loaded"]] == sorted(BUILT_INS[1:])
+    assert pm.warnings == [
+        "SDJOBS_DISABLE_PLUGINS: no plugin is named 'sdjobs.frontends.tkk' (did you mean 'sdjobs.frontends.tk'?)"
+    ]
 
 
-@pytest.mark.parametrize("load_entry_points", [False, True])
-@pytest.mark.parametrize("name", ["progress", "sdjobs.plugins.progress_poller"])
-def test_a_builtin_is_blocked_by_its_entry_point_name_or_its_module(name, load_entry_points):
-    pm = make_plugin_manager(load_entry_points=load_entry_points, disabled=[name])
-    assert sdjobs.plugins.progress_poller not in pm.get_plugins()
+def test_the_installed_entry_points_load_without_a_failure_or_a_duplicate():
+    """sdjobs declares its built-ins as entry points too: the loader skips them."""
+    pm = make_plugin_manager(load_entry_points=True, disabled=())
+    assert [name for name, _ in pm.list_name_plugin()][: len(BUILT_INS)] == BUILT_INS
+    assert pm.failures == []
+
+
+SHOUT = """
+from sdjobs import hookimpl
+
+@hookimpl
+def sdjobs_amend_payload(payload):
+    payload["prompt"] = payload["prompt"].upper()
+"""
+
+
+def test_entry_point_plugins_load_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(install_distribution(tmp_path, "shout", {"shout": "shout_plugin"}, {"shout_plugin": SHOUT}))
+    assert not make_plugin_manager(load_entry_points=False, disabled=()).has_plugin("shout")
+    pm = make_plugin_manager(load_entry_points=True, disabled=())
+    payload = {"prompt": "quiet"}
+    Hooks(pm).amend_payload(payload, stage=None, status=STATUS)
+    assert payload["prompt"] == "QUIET"
+
+
+def test_a_disabled_entry_point_is_not_even_imported(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(
+        install_distribution(tmp_path, "bomb", {"bomb": "bomb_plugin"}, {"bomb_plugin": "raise SystemExit('imported')"})
+    )
+    pm = make_plugin_manager(load_entry_points=True, disabled=["bomb"])
+    assert not pm.has_plugin("bomb")
+    assert pm.failures == [] and pm.warnings == []  # a disabled entry point is a plugin's name
+
+
+BROKEN_PLUGINS = {
+    "typo": (
+        """
+        from sdjobs import hookimpl
+
+        @hookimpl
+        def sdjobs_stage_started(status):
+            raise AssertionError("a plugin that was skipped is never called")
+
+        @hookimpl
+        def sdjobs_job_finishd(status):
+            pass
+        """,
+        "it implements sdjobs_job_finishd, which is not an sdjobs hook (did you mean 'sdjobs_job_finished'?)",
+    ),
+    "wrong_arguments": (
+        """
+        from sdjobs import hookimpl
+
+        @hookimpl
+        def sdjobs_progress(status, colour):
+            pass
+        """,
+        (
+            "Plugin 'wrong_arguments' for hook 'sdjobs_progress'; hookimpl definition: sdjobs_progress(status, colour); "
+            "Argument(s) {'colour'} are declared in the hookimpl but can not be found in the hookspec"
+        ),
+    ),
+    "unimportable": (
+        "import not_installed_anywhere\n",
+        "cannot be imported: ModuleNotFoundError: No module named 'not_installed_anywhere'",
+    ),
+}
+
+
+def test_each_broken_plugin_is_skipped_with_its_reason_and_the_others_load(tmp_path, monkeypatch):
+    modules = {f"broken_{name}": source for name, (source, _) in BROKEN_PLUGINS.items()}
+    modules["working_plugin"] = SHOUT
+    declared = {name: f"broken_{name}" for name in BROKEN_PLUGINS} | {"working": "working_plugin"}
+    monkeypatch.syspath_prepend(install_distribution(tmp_path, "mixed", declared, modules))
+
+    pm = make_plugin_manager(load_entry_points=True, disabled=())
+
+    assert sorted(pm.failures, key=str) == sorted(
+        (PluginFailure(name, reason) for name, (_, reason) in BROKEN_PLUGINS.items()), key=str
+    )
+    assert not any(pm.has_plugin(name) for name in BROKEN_PLUGINS)
+    assert pm.has_plugin("working")
+    Hooks(pm).stage_started(STATUS, stage=None)  # the skipped typo plugin's hook would raise
+    assert describe_plugins(pm)["failed"] == [{"name": f.name, "reason": f.reason} for f in pm.failures]
+    assert str(pm.failures[0]).startswith(f"plugin {pm.failures[0].name!r} skipped: ")
+
+
+def test_a_second_plugin_under_a_taken_name_is_skipped(tmp_path, monkeypatch):
+    for dist in ("first", "second"):
+        install_distribution(tmp_path / dist, dist, {"shout": f"shout_{dist}"}, {f"shout_{dist}": SHOUT})
+        monkeypatch.syspath_prepend(tmp_path / dist)
+    pm = make_plugin_manager(load_entry_points=True, disabled=())
+    assert pm.get_plugin("shout").__name__ == "shout_second"  # first on sys.path
+    assert pm.failures == [PluginFailure("shout", "another plugin is registered as 'shout'")]
+
+
+def test_a_plugin_whose_registration_hook_raises_is_skipped_with_all_it_offers():
+    class Offering:
+        @hookimpl
+        def sdjobs_register_frontends(self, register):
+            raise LookupError("no display config")
+
+        @hookimpl
+        def sdjobs_progress(self, status):
+            raise AssertionError("a plugin that was skipped is never called")
+
+    pm = make_plugin_manager(load_entry_points=False, disabled=())
+    pm.register(Offering(), name="offering")
+    hooks = Hooks(pm)
+    assert "offering" not in hooks.register_frontends()
+    assert pm.failures == [PluginFailure("offering", "sdjobs_register_frontends raised LookupError: no display config")]
+    hooks.progress(STATUS)
+
+
+@pytest.mark.parametrize("trace", ["1", "", "0"])
+def test_the_trace_env_writes_every_hook_call_and_its_outcome(monkeypatch, capsys, trace):
+    monkeypatch.setenv("SDJOBS_TRACE_PLUGINS", trace)
+    recorder = Recorder()
+    pm = make_plugin_manager(load_entry_points=False, disabled=())
+    pm.register(recorder, name="recorder")
+    pm.register(Broken(), name="broken")
+    hooks = Hooks(pm)
+    hooks.progress(STATUS)
+    with pytest.raises(PluginError):
+        hooks.amend_payload({}, stage=None, status=STATUS)
+    expected = [
+        f"sdjobs: trace: sdjobs_progress(status={STATUS!r}) -> 'broken'",
+        "sdjobs: trace: sdjobs_progress <- 'broken' raised RuntimeError: boom",
+        f"sdjobs: trace: sdjobs_progress(status={STATUS!r}) -> 'recorder'",
+        "sdjobs: trace: sdjobs_progress <- 'recorder' returned None",
+        f"sdjobs: trace: sdjobs_amend_payload(payload={{}}, stage=None, status={STATUS!r}) -> 'broken'",
+        "sdjobs: trace: sdjobs_amend_payload <- 'broken' raised RuntimeError: bad amend",
+    ]
+    assert capsys.readouterr().err.splitlines() == (expected if trace == "1" else [])
+    assert recorder.seen == [STATUS]  # traced or not, the hooks ran
 
 
 class Wrappers:
@@ -129,46 +270,12 @@ def test_start_polling_takes_the_first_poller():
     assert Hooks(pm).start_polling(request=None) == "mine"
 
 
-def test_describe_plugins_lists_each_plugin_and_its_hooks():
+def test_describe_plugins_lists_each_plugin_with_its_hooks_and_front_ends():
     pm = make_plugin_manager(load_entry_points=False, disabled=())
     pm.register(Recorder(), name="recorder")
-    assert describe_plugins(pm) == [
-        {"name": "recorder", "hooks": ["sdjobs_progress"]},
-        {"name": "sdjobs.plugins.progress_poller", "hooks": ["sdjobs_start_polling"]},
+    loaded = describe_plugins(pm, {"console": "sdjobs.frontends.console"})["loaded"]
+    assert loaded[:2] == [
+        {"name": "recorder", "hooks": ["sdjobs_progress"], "frontends": []},
+        {"name": "sdjobs.frontends.console", "hooks": ["sdjobs_register_frontends"], "frontends": ["console"]},
     ]
-
-
-@pytest.fixture
-def installed_plugin(tmp_path, monkeypatch):
-    """A real distribution on sys.path declaring a plugin in the entry-point group `sdjobs`."""
-    (tmp_path / "shout_plugin.py").write_text(
-        textwrap.dedent(
-            """
-            from sdjobs import hookimpl
-
-            @hookimpl
-            def sdjobs_amend_payload(payload):
-                payload["prompt"] = payload["prompt"].upper()
-            """
-        )
-    )
-    info = tmp_path / "shout_plugin-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: shout-plugin\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[sdjobs]\nshout = shout_plugin\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "shout"
-
-
-def test_entry_point_plugins_load_only_when_asked(installed_plugin):
-    assert not make_plugin_manager(load_entry_points=False, disabled=()).has_plugin(installed_plugin)
-    pm = make_plugin_manager(load_entry_points=True, disabled=())
-    assert pm.has_plugin(installed_plugin)
-    payload = {"prompt": "quiet"}
-    Hooks(pm).amend_payload(payload, stage=None, status=STATUS)
-    assert payload["prompt"] == "QUIET"
-
-
-def test_entry_point_plugins_can_be_disabled(installed_plugin):
-    pm = make_plugin_manager(load_entry_points=True, disabled=[installed_plugin])
-    assert not pm.has_plugin(installed_plugin)
+    assert [plugin["name"] for plugin in loaded] == sorted(["recorder", *BUILT_INS])

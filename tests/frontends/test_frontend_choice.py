@@ -1,70 +1,121 @@
-"""Choosing a front end at launch: flag, then SDJOBS_FRONTEND, then console or log; built-ins and entry points."""
+"""Front ends: registered by plugins through `sdjobs_register_frontends`, chosen by flag, then SDJOBS_FRONTEND, then console or log."""
 
 from __future__ import annotations
 
-import importlib.metadata
-import textwrap
-from pathlib import Path
+import types
 
 import pytest
+from plugin_helpers import install_distribution
 
-from sdjobs import frontend
 from sdjobs.frontend import (
-    FailedToLoadFrontend,
     FrontendOptions,
+    RegisteredFrontend,
     UnknownFrontendError,
-    available_frontends,
     choose_frontend,
-    describe_frontends,
-    load_frontend,
+    collect_frontends,
 )
+from sdjobs.frontends.console import ConsoleFrontend
+from sdjobs.hooks import Hooks, PluginFailure, make_plugin_manager
 
 BUILT_IN = ["console", "jsonl", "log", "tk"]
 
-
-def install_distribution(site: Path, monkeypatch: pytest.MonkeyPatch, entry_points: str, module: str, source: str) -> None:
-    """A real installed distribution, `sdjobs-extra`, on ``sys.path`` for this test."""
-    info = site / "sdjobs_extra-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sdjobs-extra\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[sdjobs.frontends]\n{entry_points}\n")
-    (site / f"{module}.py").write_text(textwrap.dedent(source))
-    monkeypatch.syspath_prepend(str(site))
-    assert importlib.metadata.version("sdjobs-extra") == "1.0"
+FANCY = '''
+from sdjobs import hookimpl
 
 
-def test_the_built_in_front_ends_are_entry_points_listed_by_name():
-    found = available_frontends()
-    assert list(found) == sorted(found)
-    assert set(BUILT_IN) <= set(found)
-    assert {name: found[name].value for name in BUILT_IN} == {
-        "console": "sdjobs.frontends.console:ConsoleFrontend",
-        "jsonl": "sdjobs.frontends.jsonl:JsonlFrontend",
-        "log": "sdjobs.frontends.log:LogFrontend",
-        "tk": "sdjobs.frontends.tk:TkFrontend",
+class FancyFrontend:
+    name = "fancy"
+    description = "a third party's front end"
+
+    def __init__(self, options):
+        self.options = options
+
+    def run(self, session):
+        session.run()
+
+    @hookimpl
+    def sdjobs_progress(self, status):
+        pass
+
+
+@hookimpl
+def sdjobs_register_frontends(register):
+    register(FancyFrontend)
+'''
+
+
+def frontends_of(pm):
+    return collect_frontends(Hooks(pm))
+
+
+def test_each_built_in_front_end_is_registered_by_its_own_plugin():
+    pm = make_plugin_manager(load_entry_points=False, disabled=())
+    found = frontends_of(pm)
+    assert list(found) == BUILT_IN
+    assert {name: (frontend.plugin, frontend.cls.name) for name, frontend in found.items()} == {
+        name: (f"sdjobs.frontends.{name}", name) for name in BUILT_IN
     }
-
-
-def test_the_built_in_front_ends_are_there_without_their_entry_points(monkeypatch):
-    monkeypatch.setattr(frontend, "entry_points", lambda group: [])  # a checkout never reinstalled
-    assert list(available_frontends()) == BUILT_IN
-    assert [load_frontend(name).name for name in BUILT_IN] == BUILT_IN
-
-
-def test_an_entry_point_with_a_built_in_name_is_a_duplicate_and_skipped(tmp_path, monkeypatch):
-    install_distribution(
-        tmp_path, monkeypatch, "console = sdjobs_extra_console:Console", "sdjobs_extra_console", "class Console: ...\n"
-    )
-    assert available_frontends()["console"].value == "sdjobs.frontends.console:ConsoleFrontend"
+    assert pm.failures == []
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
-def test_each_built_in_front_end_loads_under_its_own_name_and_describes_itself(name):
-    cls = load_frontend(name)
-    assert cls.name == name
+def test_each_built_in_front_end_describes_itself_in_a_line_and_makes_one_without_opening_anything(name):
+    cls = frontends_of(make_plugin_manager(load_entry_points=False, disabled=()))[name].cls
     assert cls.description and "\n" not in cls.description
-    assert describe_frontends()[name] == cls.description
-    cls(FrontendOptions())  # making one opens nothing
+    cls(FrontendOptions())
+
+
+def test_a_disabled_front_end_plugin_offers_nothing():
+    pm = make_plugin_manager(load_entry_points=False, disabled=["sdjobs.frontends.tk"])
+    assert list(frontends_of(pm)) == ["console", "jsonl", "log"]
+
+
+def test_a_front_end_from_another_distribution_is_chosen_by_name(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(install_distribution(tmp_path, "sdjobs-fancy", {"fancy": "sdjobs_fancy"}, {"sdjobs_fancy": FANCY}))
+    pm = make_plugin_manager(load_entry_points=True, disabled=())
+    found = frontends_of(pm)
+    assert choose_frontend("fancy", {}, True, found) == "fancy"
+    assert found["fancy"].plugin == "fancy"
+    assert (found["fancy"].cls.__module__, found["fancy"].plugin_name) == ("sdjobs_fancy", "frontend:fancy")
+    assert pm.failures == []
+
+
+def register_module(pm, name, source):
+    """Register ``source`` as the plugin module ``name``, as the loader would."""
+    module = types.ModuleType(name)
+    exec(compile(source, name, "exec"), module.__dict__)
+    pm.register(module, name=name)
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        (
+            FANCY.replace('name = "fancy"', 'name = "console"'),
+            "front end 'console' is taken already, by plugin 'sdjobs.frontends.console'",
+        ),
+        (
+            FANCY.replace("def sdjobs_progress", "def sdjobs_progres"),
+            (
+                "front end 'fancy': it implements sdjobs_progres, which is not an sdjobs hook "
+                "(did you mean 'sdjobs_progress'?)"
+            ),
+        ),
+        (
+            FANCY.replace("register(FancyFrontend)", 'register("fancy")'),
+            "it registered 'fancy', which is not a front-end class (a class with a str name and description)",
+        ),
+    ],
+    ids=["taken name", "misspelled hook", "not a class"],
+)
+def test_a_plugin_offering_a_bad_front_end_is_skipped_and_the_others_stay(source, reason):
+    pm = make_plugin_manager(load_entry_points=False, disabled=())
+    register_module(pm, "fancy", source)
+    found = frontends_of(pm)
+    assert pm.failures == [PluginFailure("fancy", reason)]
+    assert not pm.has_plugin("fancy")
+    assert list(found) == BUILT_IN
+    assert found["console"] == RegisteredFrontend(ConsoleFrontend, "sdjobs.frontends.console")
 
 
 @pytest.mark.parametrize(
@@ -78,7 +129,7 @@ def test_each_built_in_front_end_loads_under_its_own_name_and_describes_itself(n
     ],
 )
 def test_the_flag_beats_the_environment_which_beats_the_terminal_default(flag, env, isatty, chosen):
-    assert choose_frontend(flag, env, isatty) == chosen
+    assert choose_frontend(flag, env, isatty, BUILT_IN) == chosen
 
 
 @pytest.mark.parametrize(
@@ -86,71 +137,15 @@ def test_the_flag_beats_the_environment_which_beats_the_terminal_default(flag, e
     [("fancy", {}, "--frontend"), (None, {"SDJOBS_FRONTEND": "fancy"}, "SDJOBS_FRONTEND")],
 )
 def test_an_unknown_name_is_an_error_that_lists_the_valid_ones(flag, env, source):
-    with pytest.raises(UnknownFrontendError) as raised:
-        choose_frontend(flag, env, isatty=True)
-    assert isinstance(raised.value, ValueError)
-    message = str(raised.value)
-    assert f"'fancy' (from {source})" in message
-    assert "choose one of: console, jsonl, log, tk" in message
+    with pytest.raises(UnknownFrontendError, match=rf"^unknown front end 'fancy' \(from {source}\); choose one of: console, jsonl, log, tk$"):
+        choose_frontend(flag, env, True, BUILT_IN)
 
 
 @pytest.mark.parametrize(
     ("isatty", "default", "source"),
     [(True, "console", "the default for a terminal"), (False, "log", "the default without a terminal")],
 )
-def test_a_default_that_is_not_installed_is_an_error_that_says_it_is_the_default(monkeypatch, isatty, default, source):
-    monkeypatch.setattr(frontend, "BUILTIN_FRONTENDS", {"jsonl": frontend.BUILTIN_FRONTENDS["jsonl"]})
-    monkeypatch.setattr(frontend, "entry_points", lambda group: [])
-    with pytest.raises(UnknownFrontendError, match=rf"^unknown front end '{default}' \(from {source}\); choose one of: jsonl$"):
-        choose_frontend(None, {}, isatty)
-
-
-def test_loading_a_name_that_is_not_installed_lists_the_valid_ones():
-    with pytest.raises(UnknownFrontendError, match=r"^unknown front end 'fancy'; choose one of: console, jsonl, log, tk$"):
-        load_frontend("fancy")
-
-
-def test_a_front_end_from_another_distribution_is_chosen_by_name(tmp_path, monkeypatch):
-    install_distribution(
-        tmp_path,
-        monkeypatch,
-        "fancy = sdjobs_extra_fancy:FancyFrontend",
-        "sdjobs_extra_fancy",
-        '''
-        class FancyFrontend:
-            name = "fancy"
-            description = "a third party's front end"
-
-            def __init__(self, options):
-                self.options = options
-
-            def run(self, session):
-                session.run()
-        ''',
-    )
-    assert "fancy" in available_frontends()
-    assert choose_frontend("fancy", {}, isatty=True) == "fancy"
-    cls = load_frontend("fancy")
-    assert (cls.__module__, cls.name) == ("sdjobs_extra_fancy", "fancy")
-    assert describe_frontends()["fancy"] == "a third party's front end"
-
-
-def test_a_front_end_that_fails_to_load_is_reported_by_name(tmp_path, monkeypatch):
-    install_distribution(
-        tmp_path, monkeypatch, "broken = sdjobs_extra_broken:Broken", "sdjobs_extra_broken", "import not_installed_anywhere\n"
-    )
-    assert choose_frontend("broken", {}, isatty=True) == "broken"  # listed: it is installed
-    with pytest.raises(FailedToLoadFrontend) as raised:
-        load_frontend("broken")
-    assert str(raised.value) == (
-        "front end 'broken' (sdjobs_extra_broken:Broken) failed to load: "
-        "ModuleNotFoundError: No module named 'not_installed_anywhere'"
-    )
-    described = describe_frontends()
-    assert described["broken"].startswith("(unusable) front end 'broken'")
-    assert described["console"] == load_frontend("console").description
-
-
-def test_front_end_errors_are_usage_errors_the_command_line_reports():
-    for error in (UnknownFrontendError, FailedToLoadFrontend, frontend.FrontendUnavailable):
-        assert issubclass(error, frontend.FrontendError)
+def test_a_default_that_is_not_there_is_an_error_that_says_it_is_the_default(isatty, default, source):
+    pm = make_plugin_manager(load_entry_points=False, disabled=[f"sdjobs.frontends.{default}"])
+    with pytest.raises(UnknownFrontendError, match=rf"^unknown front end '{default}' \(from {source}\); choose one of: "):
+        choose_frontend(None, {}, isatty, frontends_of(pm))

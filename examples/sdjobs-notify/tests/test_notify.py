@@ -194,12 +194,12 @@ def test_queue_drained_is_urgent_only_when_a_job_did_not_finish():
 def test_the_installed_plugin_is_listed_by_sdjobs_plugins_and_can_be_disabled(capsys, monkeypatch):
     monkeypatch.delenv("SDJOBS_DISABLE_PLUGINS", raising=False)
     assert sdjobs_main(["plugins"]) == 0
-    listed = {plugin["name"]: plugin["hooks"] for plugin in json.loads(capsys.readouterr().out)}
+    listed = {plugin["name"]: plugin["hooks"] for plugin in json.loads(capsys.readouterr().out)["loaded"]}
     assert listed["notify"] == ["sdjobs_job_finished", "sdjobs_job_stalled", "sdjobs_queue_drained"]
 
     monkeypatch.setenv("SDJOBS_DISABLE_PLUGINS", "notify")
     assert sdjobs_main(["plugins"]) == 0
-    assert "notify" not in {plugin["name"] for plugin in json.loads(capsys.readouterr().out)}
+    assert "notify" not in {plugin["name"] for plugin in json.loads(capsys.readouterr().out)["loaded"]}
 
 
 def test_a_real_job_notifies_when_it_ends_and_when_the_queue_drains(
