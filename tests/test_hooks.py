@@ -2,6 +2,8 @@
 
 import importlib
 import logging
+import subprocess
+import sys
 
 import pytest
 from plugin_helpers import install_distribution
@@ -279,3 +281,13 @@ def test_describe_plugins_lists_each_plugin_with_its_hooks_and_front_ends():
         {"name": "sdjobs.frontends.console", "hooks": ["sdjobs_register_frontends"], "frontends": ["console"]},
     ]
     assert [plugin["name"] for plugin in loaded] == sorted(["recorder", *BUILT_INS])
+
+
+def test_the_job_core_imports_no_front_end_and_no_pytest():
+    """Dependencies point one way: front ends are plugins the core only ever loads by name."""
+    code = (
+        "import sys, sdjobs.hooks, sdjobs.runner, sdjobs.testing; "
+        "print(sorted(m for m in sys.modules if m.startswith(('sdjobs.frontend', 'pytest', '_pytest'))))"
+    )
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert imported.stdout == "[]\n"
