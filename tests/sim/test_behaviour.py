@@ -313,3 +313,72 @@ def test_stop_lets_blocked_requests_go_and_leaves_no_thread(background) -> None:
         with pytest.raises(requests.ConnectionError):
             call.result()
     assert set(threading.enumerate()) == before
+
+
+# -- timing: the decode tail, profiles ---------------------------------------------
+
+
+def test_a_client_polling_every_few_ms_sees_the_last_step_while_the_image_decodes(make_sim, background) -> None:
+    sim = make_sim(step_time=0.05, first_step_time=0.05)  # the 64x64 decode: 46 ms
+    call = background(post, sim, "/sdapi/v1/txt2img", TXT2IMG)
+    seen = set()
+    while not call.done.is_set():
+        state = get(sim, "/sdapi/v1/progress").json()["state"]
+        if state["job_count"]:
+            seen.add(state["sampling_step"])
+    assert call.result().status_code == 200
+    assert TXT2IMG["steps"] - 1 in seen
+
+
+def test_profiles_follow_the_measured_costs_scaled_to_the_512_step() -> None:
+    sd15 = SimSettings(profile="h200-sd15", step_time=0.025).timing  # its 512x512 step: 25 ms
+    assert sd15.step((1024, 1024), 1) == pytest.approx(0.040)
+    assert sd15.step((2048, 2048), 1) == pytest.approx(0.309)
+    assert sd15.step((512, 512), 4) == pytest.approx(0.030)
+    assert sd15.step((1280, 1280), 1) == pytest.approx(0.040 + (0.122 - 0.040) * (1280**2 - 1024**2) / (1536**2 - 1024**2))
+    assert sd15.decode((512, 512), 4) == pytest.approx(0.086)  # a batch decodes as its pixels
+    assert sd15.step((512, 512), 1, first=True) == pytest.approx(0.075)
+    halved = SimSettings(profile="h200-sd15", step_time=0.0125).timing
+    assert halved.decode((1536, 1536), 1) == pytest.approx(sd15.decode((1536, 1536), 1) / 2)
+    sdxl = SimSettings(profile="h200-sdxl", step_time=0.061).timing  # below 832x1216 it stays at 61 ms
+    assert (sdxl.step((1024, 1024), 2), sdxl.step((3072, 3072), 1)) == pytest.approx((0.078, 0.582))
+    flat = SimSettings(step_time=0.1).timing
+    assert flat.step((2048, 2048), 8) == flat.step((64, 64), 1) == 0.1
+    assert flat.decode((64, 64), 1) < flat.decode((1024, 1024), 1) < flat.decode((1024, 1024), 2)
+
+
+# -- ADetailer's faces, hang ------------------------------------------------------
+
+
+def _faces_per_detection(sim: SimulatedWebUI) -> list[int]:
+    counts = [s.job_count for _, s in sim.state_changes]
+    return [b - a for a, b in zip(counts, counts[1:]) if a > 0 and b > a]
+
+
+def test_faces_a_b_draws_a_count_per_image_from_the_fault_seed(make_sim) -> None:
+    tab = {"ad_model": "face_yolov8n.pt"}
+    request = {**TXT2IMG, "steps": 2, "n_iter": 8, "alwayson_scripts": {"ADetailer": {"args": [True, False, tab]}}}
+    drawn = []
+    for _ in range(2):
+        sim = make_sim(step_time=0.0, first_step_time=0.0, faces="0-3", fault_seed=7)
+        assert post(sim, "/sdapi/v1/txt2img", request).status_code == 200
+        drawn.append(_faces_per_detection(sim))
+    assert drawn[0] == drawn[1]
+    assert len(set(drawn[0])) > 1 and set(drawn[0]) <= {1, 2, 3}  # 0 faces adds no job
+
+
+def test_hang_answers_nothing_until_released_and_stop_returns(make_sim, background) -> None:
+    sim = make_sim(hang=True)
+    with pytest.raises(requests.ReadTimeout):
+        requests.get(sim.url + "/sdapi/v1/progress", timeout=0.3)
+    waiting = background(get, sim, "/internal/ping")
+    sim.hang(False)
+    assert waiting.result().json() == {}
+    sim.hang(True)
+    with pytest.raises(requests.ReadTimeout):
+        requests.get(sim.url + "/internal/ping", timeout=0.3)
+    hung = background(get, sim, "/internal/ping")
+    stopping = background(sim.stop)
+    stopping.result()  # within the join timeout
+    with pytest.raises(requests.ConnectionError):
+        hung.result()
