@@ -284,11 +284,8 @@ class SQLiteStore(Store):
     def _check(self, connection: sqlite3.Connection) -> None:
         """Refuse a file that is not an sdjobs queue, or is damaged, before anything is written to it."""
         (application,) = connection.execute("PRAGMA application_id").fetchone()
-        if application == 0:
-            (tables,) = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            if tables:
-                raise StoreUnreadable(f"{self.location}: an SQLite file of another program, not an sdjobs queue")
-        elif application != APPLICATION_ID:
+        (tables,) = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        if application != APPLICATION_ID and (application != 0 or tables):  # unmarked and empty: a new queue
             raise StoreUnreadable(f"{self.location}: an SQLite file of another program, not an sdjobs queue")
         [(problem,)] = connection.execute("PRAGMA quick_check(1)").fetchall()
         if problem != "ok":

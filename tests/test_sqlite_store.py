@@ -157,6 +157,21 @@ def test_another_programs_database_is_refused_untouched(path):
     assert "not an sdjobs queue" in refused(path)
 
 
+def test_a_file_marked_by_another_program_is_refused_untouched(path):
+    path.parent.mkdir(parents=True)
+    with sqlite3.connect(path) as connection:
+        connection.execute("PRAGMA application_id = 1")
+    connection.close()
+    assert "not an sdjobs queue" in refused(path)
+
+
+def test_an_empty_file_becomes_a_queue(path):
+    path.parent.mkdir(parents=True)
+    path.touch()
+    with SQLiteStore(path) as store:
+        assert store.list() == []
+
+
 def test_a_damaged_queue_is_refused_untouched(path):
     with SQLiteStore(path) as store:
         store.add([SPEC] * 50)

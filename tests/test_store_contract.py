@@ -11,6 +11,7 @@ import itertools
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,26 @@ def test_a_job_owned_by_a_living_worker_is_left_to_it_until_that_worker_leaves(s
 def test_the_owner_claims_its_own_job_without_naming_it(store, worker):
     [owned] = store.add([spec()], owner=worker.id)
     assert store.claim(worker.id).id == owned.id
+
+
+def test_threads_sharing_one_store_never_claim_the_same_job(store):
+    added = ids(store.add([spec()] * 40))
+    workers = [store.register_worker() for _ in range(4)]
+    start = threading.Barrier(len(workers))
+    claimed: list[list[str]] = [[] for _ in workers]
+
+    def drain(number: int) -> None:
+        start.wait(timeout=30)
+        while (job := store.claim(workers[number].id)) is not None:
+            claimed[number].append(job.id)
+
+    threads = [threading.Thread(target=drain, args=(number,)) for number in range(len(workers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    assert sorted(sum(claimed, [])) == sorted(added)
 
 
 def test_an_unregistered_worker_claims_nothing(store, worker):
