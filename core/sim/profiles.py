@@ -64,7 +64,7 @@ PROFILES = {
     for profile in (
         Profile(
             "flat",
-            "every step takes --step-time whatever the size; decode as h200-sd15's (the default)",
+            "every step takes --step-time whatever the size; decode as h200-sd15's",
             step=((_REFERENCE_PIXELS, 25.0),),
             batch=((1, 1.0),),
             decode=_SD_VAE,
