@@ -11,6 +11,8 @@ The simulator scales every cost so that the profile's 512×512 single-image step
 
 from __future__ import annotations
 
+import itertools
+
 import attrs
 
 Curve = tuple[tuple[float, float], ...]  # (x, milliseconds), x ascending
@@ -27,7 +29,7 @@ def read(curve: Curve, x: float) -> float:
     """The cost at `x`: held below the first point, linear between and beyond the last two."""
     if x <= curve[0][0] or len(curve) == 1:
         return curve[0][1]
-    segments = list(zip(curve, curve[1:]))
+    segments = list(itertools.pairwise(curve))
     (xa, ya), (xb, yb) = next((s for s in segments if x <= s[1][0]), segments[-1])
     return ya + (yb - ya) * (x - xa) / (xb - xa)
 

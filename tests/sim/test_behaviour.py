@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from collections.abc import Callable
@@ -352,7 +353,7 @@ def test_profiles_follow_the_measured_costs_scaled_to_the_512_step() -> None:
 
 def _faces_per_detection(sim: SimulatedWebUI) -> list[int]:
     counts = [s.job_count for _, s in sim.state_changes]
-    return [b - a for a, b in zip(counts, counts[1:]) if a > 0 and b > a]
+    return [b - a for a, b in itertools.pairwise(counts) if a > 0 and b > a]
 
 
 def test_faces_a_b_draws_a_count_per_image_from_the_fault_seed(make_sim) -> None:
