@@ -104,10 +104,10 @@ class PluginManager(pluggy.PluginManager):
         self.failures: list[PluginFailure] = []
         self.warnings: list[str] = []
 
-    def load(self, name: str, load: Callable[[], object]) -> None:
-        """Import a plugin with ``load()`` and register it as ``name``; one that fails is skipped."""
+    def load(self, name: str, import_plugin: Callable[[], object]) -> None:
+        """Import a plugin with ``import_plugin()`` and register it as ``name``; one that fails is skipped."""
         try:
-            plugin = load()
+            plugin = import_plugin()
         except Exception as exc:  # a broken plugin is reported, not raised
             self.failures.append(PluginFailure(name, f"cannot be imported: {type(exc).__name__}: {exc}"))
             return
