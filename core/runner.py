@@ -38,20 +38,33 @@ log = logging.getLogger(__name__)
 _TICK = 0.5
 
 
-class _Catalog:
-    """The server's lists for preflight, asked for once per run, by whichever port needs them first."""
+class _ServerChecks:
+    """What a run asks the server once, for every job: its lists for preflight, and whether
+    it follows task ids.  Called on the ports' threads, never the runner's."""
 
     def __init__(self, client: WebUIClient) -> None:
         self._client = client
         self._lock = threading.Lock()
         self._catalog: ServerCatalog | None = None
+        self._detection: threading.Thread | None = None
 
-    def get(self) -> ServerCatalog:
-        """Blocks on the network: called on a port's thread, never the runner's."""
+    def catalog(self) -> ServerCatalog:
+        """The server's lists, asked for the first time they are needed."""
         with self._lock:
             if self._catalog is None:
                 self._catalog = ServerCatalog.from_client(self._client)
             return self._catalog
+
+    def detect_task_ids(self) -> threading.Thread | None:
+        """Start finding out whether the server follows task ids, unless known or under way."""
+        with self._lock:
+            if self._client.follows_task_ids or (self._detection and self._detection.is_alive()):
+                return self._detection
+            self._detection = threading.Thread(
+                target=self._client.supports_task_progress, name="sdjobs-task-ids", daemon=True
+            )
+            self._detection.start()
+            return self._detection
 
 
 class _Port:
@@ -61,13 +74,14 @@ class _Port:
     answer of a request that a cancelled job stopped waiting for is dropped.
     """
 
-    def __init__(self, client: WebUIClient, events: queue.SimpleQueue, job_id: str, out_dir: Path,
-                 catalog: _Catalog) -> None:  # fmt: skip
+    def __init__(self, client: WebUIClient, events: queue.SimpleQueue, job_id: str, *, out_dir: Path,
+                 checks: _ServerChecks, patience: float) -> None:  # fmt: skip
         self.client = client
         self._events = events
         self._job_id = job_id
         self._out_dir = out_dir
-        self._catalog = catalog
+        self._checks = checks
+        self._patience = patience
 
     @property
     def task_tracking(self) -> bool:
@@ -83,21 +97,23 @@ class _Port:
         self._put("sample", info=info, task=task)
 
     def prepare(self, spec: JobSpec, job_id: str) -> None:
-        """Make the folder and run preflight; find out meanwhile, without waiting, whether
-        the server follows task ids (a slow answer must not hold the job up)."""
-        if not self.client.follows_task_ids:
-            self._in_background("task-ids", self.client.supports_task_progress)
+        """Make the folder and run preflight, while finding out whether the server follows
+        task ids; that answer is awaited at most `patience` seconds more (a server slow to
+        give it runs the job without task ids)."""
 
         def check() -> None:
+            detection = self._checks.detect_task_ids()
             try:
                 folder = JobFolder.create(self._out_dir, job_id)
             except OSError as exc:
                 self._put("prepared", folder=None, problems=[f"cannot create the job's folder in {self._out_dir}: {exc}"])
                 return
             try:
-                problems = preflight(spec, self._catalog.get())
+                problems = preflight(spec, self._checks.catalog())
             except (WebUIError, CatalogError) as exc:
                 problems = [str(exc)]
+            if detection is not None:
+                detection.join(self._patience)
             self._put("prepared", folder=folder, problems=problems)
 
         self._in_background("prepare", check)
@@ -153,10 +169,10 @@ class Runner:
     _current: str | None = attrs.field(default=None, init=False)
     _stop_queue: bool = attrs.field(default=False, init=False)
     _drained: bool = attrs.field(default=False, init=False)
-    _catalog: _Catalog = attrs.field(init=False)
+    _checks: _ServerChecks = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._catalog = _Catalog(self.client)
+        self._checks = _ServerChecks(self.client)
 
     def run(self) -> None:
         now = datetime.now(UTC)
@@ -190,7 +206,14 @@ class Runner:
             spec=spec,
             job_id=job_id,
             hooks=self.hooks,
-            port=_Port(self.client, self._events, job_id, self.out_dir, self._catalog),
+            port=_Port(
+                self.client,
+                self._events,
+                job_id,
+                out_dir=self.out_dir,
+                checks=self._checks,
+                patience=self.settings.probe_timeout,
+            ),
             settings=self.settings,
             clock=self.clock,
         )

@@ -34,7 +34,7 @@ from sdjobs.clock import FakeClock
 
 from sdjobs.hooks import Hooks, make_plugin_manager
 from sdjobs.job import Job, JobSettings
-from sdjobs.machine import END_STATES, TRIGGERS, MachineError
+from sdjobs.machine import END_STATES, IN_STAGE, TRIGGERS, MachineError
 from sdjobs.outputs import JobFolder
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState, ProgressInfo, RuntimeStatus, TaskProgress
@@ -315,6 +315,9 @@ def follows_documented_order(names: Iterable[str], stages: int) -> bool:
 
 # -- the state machine -----------------------------------------------------------------
 
+#: Where the rules cancel: inside a stage (a cancel before the first request is a unit test's).
+STAGE_STATES = IN_STAGE
+
 
 class JobRules(RuleBasedStateMachine):
     """sdjobs' promises about one job, checked under any order of events.
@@ -334,10 +337,21 @@ class JobRules(RuleBasedStateMachine):
         task_tracking=st.booleans(),
         calm=st.booleans(),
         stall_interrupt_after=st.none() | st.sampled_from([90.0, 200.0]),
+        problems=st.sampled_from([(), (), (), ("unknown sampler 'Euler z'",)]),
     )
-    def start_job(self, spec: JobSpec, task_tracking: bool, calm: bool, stall_interrupt_after: float | None) -> None:
-        """A job of ``spec``, begun.  In a ``calm`` run nobody cancels and nothing fails
-        (so jobs end done often); the samples are as wild as ever."""
+    def start_job(
+        self,
+        spec: JobSpec,
+        task_tracking: bool,
+        calm: bool,
+        stall_interrupt_after: float | None,
+        problems: tuple[str, ...],
+    ) -> None:
+        """A job of ``spec``, begun and checked (``problems``: what preflight found).
+
+        In a ``calm`` run nobody cancels and nothing fails (so jobs end done
+        often); the samples are as wild as ever.
+        """
         self._tmp = tempfile.TemporaryDirectory()
         self.clock = FakeClock()
         self.webui = FakeWebUI(task_tracking=task_tracking, folder=JobFolder.create(Path(self._tmp.name), "job-1"))
@@ -368,6 +382,7 @@ class JobRules(RuleBasedStateMachine):
         self.raising = False
         self.ticked_at = float("-inf")
         self.job.begin()
+        self.job.prepared(folder=self.webui.folder, problems=[] if calm else list(problems))
 
     def teardown(self) -> None:
         if hasattr(self, "_tmp"):
@@ -375,21 +390,14 @@ class JobRules(RuleBasedStateMachine):
 
     # -- the server ---------------------------------------------------------------------
 
-    @precondition(lambda self: self.job.state == "preparing" and not self.calm)
-    @rule(problem=st.sampled_from([None, "unknown sampler 'Euler z'"]))
-    def prepared(self, problem: str | None) -> None:
-        self.job.prepared(folder=self.webui.folder, problems=[problem] if problem else [])
-
-    @precondition(lambda self: self.calm and not self.job.finished)
+    @precondition(lambda self: not self.job.finished)
     @rule()
     def serve(self) -> None:
-        """The server does what the job waits for: checks, a probe's sample, a request's answer."""
-        if self.job.state == "preparing":
-            self.job.prepared(folder=self.webui.folder, problems=[])
-        elif self.job.awaiting_probe:
+        """The server does what the job waits for: a probe's sample, a request's answer."""
+        if self.job.awaiting_probe:
             self.job.probed(info=None, task=None)
         elif self.job.awaiting_answer:
-            self.answer()
+            self.job.returned(result=self.webui.answer(self.spec))
 
     @precondition(lambda self: not self.job.finished)
     @rule(info=progress_samples(), task=task_samples())
@@ -398,6 +406,13 @@ class JobRules(RuleBasedStateMachine):
             task = None
         self.clock.advance(0.5)
         self.job.sample(info=info, task=task)
+
+    @precondition(lambda self: self.job.state in ("generating", "generating_then_stop"))
+    @rule()
+    def our_job_runs(self) -> None:
+        """A sample that says the server runs our job (which a cancel then interrupts)."""
+        self.clock.advance(0.5)
+        self.job.sample(info=sample(1, 10), task=active_task(0.1) if self.webui.task_tracking else None)
 
     @precondition(lambda self: self.job.awaiting_probe)
     @rule(info=progress_samples(), task=task_samples())
@@ -408,10 +423,6 @@ class JobRules(RuleBasedStateMachine):
             info = None
         self.job.probed(info=info, task=task)
 
-    @precondition(lambda self: self.job.awaiting_answer)
-    @rule()
-    def answer(self) -> None:
-        self.job.returned(result=self.webui.answer(self.spec))
 
     @precondition(lambda self: self.job.awaiting_answer and not self.cancels and not self.calm)
     @rule()
@@ -420,9 +431,20 @@ class JobRules(RuleBasedStateMachine):
 
     # -- the user -------------------------------------------------------------------------
 
-    @precondition(lambda self: not self.job.finished and len(self.cancels) < 2 and not self.calm)
+    @precondition(lambda self: self.job.state in STAGE_STATES and len(self.cancels) < 2 and not self.calm)
     @rule(mode=st.sampled_from(CancelMode))
     def cancel(self, mode: CancelMode) -> None:
+        self._cancel(mode)
+
+    @precondition(lambda self: self.job.state in STAGE_STATES and not self.cancels and not self.calm)
+    @rule(first=st.sampled_from(CancelMode), second=st.sampled_from(CancelMode))
+    def cancel_twice(self, first: CancelMode, second: CancelMode) -> None:
+        """Two cancels in a row, as from a Tk button and then Ctrl-C."""
+        self._cancel(first)
+        if not self.job.finished:
+            self._cancel(second)
+
+    def _cancel(self, mode: CancelMode) -> None:
         self.cancels.append((mode, self.job.state, self.recorder.names().count("stage_started")))
         if mode is CancelMode.NOW and self.cancelled_at is None:
             self.cancelled_at = self.clock.now
