@@ -21,6 +21,7 @@ import importlib
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
@@ -248,12 +249,16 @@ class Hooks:
 
     Every implementation is called on its own, so wrappers (``wrapper=True`` or
     ``hookwrapper=True``) have nothing to wrap: they are skipped, with a warning
-    naming the plugin, the first time their hook is called.
+    naming the plugin, the first time their hook is called.  An observer that
+    raises is logged with its traceback the first time in a job; its later
+    failures in that hook are counted and summed up in one line when the job ends,
+    so a plugin failing on every progress tick does not flood the display.
     """
 
     def __init__(self, pm: PluginManager) -> None:
         self.pm = pm
         self._skipped: set[tuple[str, str]] = set()
+        self._failures: Counter[tuple[str, str]] = Counter()
 
     def _impls(self, hook: str) -> Iterator[pluggy.HookImpl]:
         """Each implementation of ``hook`` but wrappers, in pluggy's calling order."""
@@ -281,7 +286,17 @@ class Hooks:
             try:
                 self._call(hook, impl, kwargs)
             except Exception:
-                log.exception("plugin %r failed in %s; the job goes on", impl.plugin_name, hook)
+                failure = (impl.plugin_name, hook)
+                self._failures[failure] += 1
+                if self._failures[failure] == 1:
+                    log.exception("plugin %r failed in %s; the job goes on", *failure)
+
+    def _sum_up_failures(self, job_id: str) -> None:
+        """One line per plugin and hook that failed again after its first, logged, failure."""
+        for (plugin, hook), count in sorted(self._failures.items()):
+            if count > 1:
+                log.warning("plugin %r failed %d more times in %s during job %s", plugin, count - 1, hook, job_id)
+        self._failures.clear()
 
     def _control(self, hook: str, *, first: bool = False, **kwargs: Any) -> Any:
         for impl in self._impls(hook):
@@ -348,6 +363,7 @@ class Hooks:
         self._observe(
             "sdjobs_job_finished", status=status, outcome=outcome, error=error, results=results
         )
+        self._sum_up_failures(status.job_id)
 
     # control hooks ---------------------------------------------------------
 

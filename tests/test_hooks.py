@@ -5,12 +5,13 @@ import logging
 import subprocess
 import sys
 
+import attrs
 import pytest
 from plugin_helpers import install_distribution
 
 from sdjobs import hookimpl
 from sdjobs.hooks import Hooks, PluginError, PluginFailure, describe_plugins, make_plugin_manager
-from sdjobs.status import RuntimeStatus
+from sdjobs.status import JobState, RuntimeStatus
 
 STATUS = RuntimeStatus(job_id="j", name="n", stage="txt2img", stage_index=0, stage_count=1)
 
@@ -238,6 +239,25 @@ def test_a_raising_observer_is_logged_by_name_and_the_others_still_run(caplog):
         Hooks(pm).progress(STATUS)
     assert recorder.seen == [STATUS]
     assert "'broken' failed in sdjobs_progress" in caplog.text
+
+
+def test_an_observer_raising_on_every_tick_logs_one_traceback_and_one_sum_per_job(caplog):
+    pm = make_plugin_manager(load_entry_points=False, disabled=())
+    pm.register(Broken(), name="broken")
+    hooks = Hooks(pm)
+    with caplog.at_level(logging.WARNING, logger="sdjobs.hooks"):
+        for job in ("j1", "j2"):
+            status = attrs.evolve(STATUS, job_id=job)
+            for _ in range(5):
+                hooks.progress(status)
+            hooks.job_finished(status, JobState.DONE, None, ())
+    messages = [(record.levelname, record.getMessage(), bool(record.exc_info)) for record in caplog.records]
+    assert messages == [
+        ("ERROR", "plugin 'broken' failed in sdjobs_progress; the job goes on", True),
+        ("WARNING", "plugin 'broken' failed 4 more times in sdjobs_progress during job j1", False),
+        ("ERROR", "plugin 'broken' failed in sdjobs_progress; the job goes on", True),
+        ("WARNING", "plugin 'broken' failed 4 more times in sdjobs_progress during job j2", False),
+    ]
 
 
 def test_a_raising_control_hook_propagates_naming_the_plugin():
