@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -115,6 +115,10 @@ class Job:
         status: The latest snapshot, as last handed to hooks.
         stage: The running stage; None outside stages.
         deadline: When the answer the job waits for is late (monotonic seconds); None when it waits for none.
+        finished_before: The stages an earlier attempt finished (read back from the store): the job
+            resumes after them, from the last one's images, and never runs them again.
+        record: Called with each finished stage once its images and the manifest are on disk, before
+            the next stage starts (the runner records it in the store); raising fails the job.
     """
 
     spec: JobSpec
@@ -124,6 +128,8 @@ class Job:
     settings: JobSettings = JobSettings()
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
+    finished_before: Sequence[StageResult] = ()
+    record: Callable[[StageResult], None] | None = attrs.field(default=None, repr=False)
 
     folder: JobFolder | None = attrs.field(default=None, init=False)
     error: str | None = attrs.field(default=None, init=False)
@@ -134,6 +140,7 @@ class Job:
     _jobs: JobTracker = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self.results = list(self.finished_before)
         self._jobs = JobTracker(costs=tuple(plan.cost for plan in self.spec.plan()))
         self.status = RuntimeStatus(
             job_id=self.job_id,
@@ -198,6 +205,14 @@ class Job:
     def more_requests(self, event: EventData) -> bool:
         return bool(self.stage.inputs)
 
+    def resumed(self, event: EventData) -> bool:
+        """An earlier attempt finished some stages: the job goes on after them."""
+        return bool(self.finished_before)
+
+    def all_stages_finished(self, event: EventData) -> bool:
+        """An earlier attempt finished every stage but did not live to end the job."""
+        return len(self.finished_before) == len(self.spec.stages)
+
     def last_stage(self, event: EventData) -> bool:
         return self.stage.index == len(self.spec.stages) - 1
 
@@ -216,9 +231,23 @@ class Job:
     def fail_unprepared(self, event: EventData) -> None:
         self.error = f"the WebUI did not answer sdjobs' checks within {self.settings.prepare_timeout:g} s"
 
-    def start_first_stage(self, event: EventData) -> None:
+    def take_folder(self, event: EventData) -> None:
         self.folder = event.kwargs["folder"]
+
+    def skip_finished_job(self, event: EventData) -> None:
+        """Every stage finished in an earlier attempt: the job is complete as it stands."""
+        self.take_folder(event)
+        self.status = attrs.evolve(self.status, progress=1.0, job_progress=1.0, eta=0.0, job_eta=0.0)
+
+    def start_first_stage(self, event: EventData) -> None:
+        self.take_folder(event)
         self._start_stage(0, inputs=[None])
+
+    def resume_stage(self, event: EventData) -> None:
+        """Start the first unfinished stage from the images the last finished one wrote."""
+        self.take_folder(event)
+        last = self.finished_before[-1]
+        self._start_stage(last.stage_index + 1, inputs=[path.read_bytes() for path in last.images] or [None])
 
 
     # -- callbacks: one request -------------------------------------------------------------
@@ -419,6 +448,10 @@ class Job:
         stage, self.stage = self.stage, None
         result = stage.result(self.clock() - stage.started, partial=partial)
         self.results.append(result)
+        if not partial:
+            self._write_manifest()
+            if self.record is not None:
+                self.record(result)
         self.hooks.stage_finished(self.status, result)
 
     def _problem_with(self, result: GenerationResult) -> str | None:
@@ -453,11 +486,13 @@ class Job:
         self.hooks.progress(self.status)
 
     def _write_manifest(self) -> None:
-        """Record the ended job; a disk that refuses loses the record, not the job's images."""
+        """Record where the job is (after each stage) or how it ended; a disk that refuses loses
+        the record, not the job's images."""
         if self.folder is None:
             return
+        outcome = self.outcome or JobState.RUNNING
         try:
-            self.folder.write_manifest(self.spec, self.results, outcome=self.outcome, error=self.error)
+            self.folder.write_manifest(self.spec, self.results, outcome=outcome, error=self.error)
         except OSError as exc:
             log.error("%s: cannot write the manifest in %s: %s", self.job_id, self.folder.path, exc)
 

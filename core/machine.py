@@ -10,7 +10,8 @@ written as methods of the model, `sdjobs.job.Job`.
 The states::
 
     queued             waiting to start
-    preparing          the server is checked (preflight lists, task ids), the folder made
+    preparing          the server is checked (preflight lists, task ids), the folder made (or
+                       reopened: a resumed job goes on at its first unfinished stage)
     requesting         the stage's next request is built (its payload amended by plugins)
     baseline           a sample of what the server runs before ours is taken (no task ids)
     generating         our request is out and its progress followed
@@ -90,6 +91,10 @@ TRANSITIONS: list[dict[str, Any]] = [
     {"trigger": "begin", "source": "queued", "dest": "preparing", "after": "prepare"},
     {"trigger": "prepared", "source": "preparing", "dest": "failed", "conditions": "has_problems",
      "before": "fail_with_problems"},
+    {"trigger": "prepared", "source": "preparing", "dest": "done", "conditions": "all_stages_finished",
+     "before": "skip_finished_job"},
+    {"trigger": "prepared", "source": "preparing", "dest": "requesting", "conditions": "resumed",
+     "before": "resume_stage", "after": "request"},
     {"trigger": "prepared", "source": "preparing", "dest": "requesting",
      "before": "start_first_stage", "after": "request"},
     {"trigger": "tick", "source": "preparing", "dest": "failed", "conditions": "late", "before": "fail_unprepared"},

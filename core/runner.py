@@ -12,6 +12,7 @@ beyond the job's `probe_timeout`, the generation request.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import random
@@ -27,10 +28,11 @@ import attrs
 from sdjobs.client import WebUIClient, WebUIError
 from sdjobs.hooks import Hooks
 from sdjobs.job import Job, JobSettings
-from sdjobs.outputs import JobFolder, new_job_id
+from sdjobs.outputs import JobFolder, folder_name, new_job_id
 from sdjobs.preflight import CatalogError, ServerCatalog, preflight
 from sdjobs.spec import JobSpec
-from sdjobs.status import CancelMode, JobState, ProgressInfo, TaskProgress
+from sdjobs.status import CancelMode, JobState, ProgressInfo, StageResult, TaskProgress
+from sdjobs.store import JobRecord, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +76,14 @@ class _Port:
     answer of a request that a cancelled job stopped waiting for is dropped.
     """
 
-    def __init__(self, client: WebUIClient, events: queue.SimpleQueue, job_id: str, *, out_dir: Path,
-                 checks: _ServerChecks, patience: float) -> None:  # fmt: skip
+    def __init__(self, client: WebUIClient, events: queue.SimpleQueue, job_id: str, *,
+                 out_dir: Path, folder: Callable[[], JobFolder], checks: _ServerChecks,
+                 patience: float) -> None:  # fmt: skip
         self.client = client
         self._events = events
         self._job_id = job_id
         self._out_dir = out_dir
+        self._folder = folder
         self._checks = checks
         self._patience = patience
 
@@ -97,15 +101,15 @@ class _Port:
         self._put("sample", info=info, task=task)
 
     def prepare(self, spec: JobSpec, job_id: str) -> None:
-        """Make the folder and run preflight, while finding out whether the server follows
+        """Make (or reopen) the folder and run preflight, while finding out whether the server follows
         task ids; that answer is awaited at most `patience` seconds more (a server slow to
         give it runs the job without task ids)."""
 
         def check() -> None:
             detection = self._checks.detect_task_ids()
             try:
-                folder = JobFolder.create(self._out_dir, job_id)
-            except OSError as exc:
+                folder = self._folder()
+            except (OSError, StoreError) as exc:
                 self._put("prepared", folder=None, problems=[f"cannot create the job's folder in {self._out_dir}: {exc}"])
                 return
             try:
@@ -148,6 +152,28 @@ class _Port:
         self._in_background("interrupt", post)
 
 
+@attrs.frozen
+class _Held:
+    """A job a worker holds from the store: its folder is made or reopened there, its stages recorded."""
+
+    store: Store
+    worker_id: str
+    record: JobRecord
+    out_dir: Path
+
+    def folder(self) -> JobFolder:
+        """Reopen the folder of an earlier attempt, or make one and record it (on a port's thread)."""
+        record = self.record
+        if record.folder is not None:
+            return JobFolder.open(record.folder, record.id, finished_stages=record.next_stage)
+        made = JobFolder.create(self.out_dir, record.id, folder=folder_name(record.id, record.spec.name, datetime.now(UTC)))
+        self.store.set_folder(record.id, self.worker_id, made.path)
+        return made
+
+    def stage_finished(self, result: StageResult) -> None:
+        self.store.record_stage(self.record.id, self.worker_id, result)
+
+
 @attrs.define(eq=False)
 class Runner:
     """Runs ``specs`` in order against ``client``, writing under ``out_dir``.
@@ -184,7 +210,7 @@ class Runner:
             self._current = job_id
             if self._stop_queue:  # read after `_current` is set: see `cancel`
                 break
-            self.outcomes[job_id] = self._run_one(job_id, spec)
+            self.outcomes[job_id] = self._run_one(job_id, spec, functools.partial(JobFolder.create, self.out_dir, job_id))
         self._current = None
         self._drained = True
         self.hooks.queue_drained(dict(self.outcomes))
@@ -201,22 +227,38 @@ class Runner:
         """A cancel asked to run no further job."""
         return self._stop_queue
 
-    def _run_one(self, job_id: str, spec: JobSpec) -> JobState:
-        job = Job(
-            spec=spec,
-            job_id=job_id,
-            hooks=self.hooks,
-            port=_Port(
-                self.client,
-                self._events,
-                job_id,
-                out_dir=self.out_dir,
-                checks=self._checks,
-                patience=self.settings.probe_timeout,
-            ),
-            settings=self.settings,
-            clock=self.clock,
-        )
+    def run_held(self, store: Store, worker_id: str, record: JobRecord) -> JobState:
+        """Run a job that ``worker_id`` claimed from ``store``, from its first unfinished stage.
+
+        Each finished stage is recorded in the store before the next starts; the
+        job's end is recorded too.  Blocks until the job ends.
+        """
+        held = _Held(store, worker_id, record, self.out_dir.absolute())  # paths in the store outlive the cwd
+        self._current = record.id
+        job = self._new_job(record.id, record.spec, held.folder, record.stages[: record.next_stage], held.stage_finished)
+        outcome = self.outcomes[record.id] = self._drive(job)
+        self._current = None
+        store.finish(record.id, worker_id, outcome, job.error)
+        return outcome
+
+    def _run_one(self, job_id: str, spec: JobSpec, folder: Callable[[], JobFolder]) -> JobState:
+        return self._drive(self._new_job(job_id, spec, folder))
+
+    def _new_job(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        folder: Callable[[], JobFolder],
+        finished_before: Sequence[StageResult] = (),
+        record: Callable[[StageResult], None] | None = None,
+    ) -> Job:
+        port = _Port(self.client, self._events, job_id, out_dir=self.out_dir, folder=folder, checks=self._checks,
+                     patience=self.settings.probe_timeout)  # fmt: skip
+        return Job(spec=spec, job_id=job_id, hooks=self.hooks, port=port, settings=self.settings, clock=self.clock,
+                   finished_before=finished_before, record=record)  # fmt: skip
+
+    def _drive(self, job: Job) -> JobState:
+        """Begin the job and feed it events until it ends."""
         self._handle(job, "begin", {})
         while not job.finished:
             self._dispatch(job)
