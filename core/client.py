@@ -11,15 +11,16 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import re
+import reprlib
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from sdjobs.status import ProgressInfo, TaskProgress
@@ -36,8 +37,13 @@ class Timeouts:
     Attributes:
         connect: Time to open a connection, for every call.
         read: Time to wait for an answer to a short call (progress, interrupt, lists).
-        generation: Time to wait for a generation's answer; None waits as long as
-            the render takes (a 10-minute render is normal).
+        generation: Time to wait for a generation's answer (and for setting
+            options, which may load a model); None, the default, waits as long
+            as the render takes (a 10-minute render is normal).  Set it to bound
+            a server that takes the request and then never answers.
+
+    A call that runs out of time raises `WebUITimeout`, which says which wait
+    ran out and after how many seconds.
     """
 
     connect: float = 3.0
@@ -84,6 +90,21 @@ class WebUIUnreachable(WebUIError):
         return f"cannot reach {self.url}: {self.detail}"
 
 
+class WebUITimeout(WebUIUnreachable):
+    """No answer within the time allowed: the connection could not be opened, or the server went silent.
+
+    Attributes:
+        seconds: The time allowed, in seconds.
+    """
+
+    def __init__(self, url: str, seconds: float, detail: str) -> None:
+        self.seconds = seconds
+        super().__init__(url, None, detail)
+
+    def _describe(self) -> str:
+        return f"{self.url}: {self.detail} after {self.seconds:g} s"
+
+
 class WebUIAuthError(WebUIError):
     """401: credentials missing or wrong (`--api-auth`)."""
 
@@ -105,34 +126,58 @@ class WebUIServerError(WebUIError):
         return f"{self.url} failed ({self.status}): {self.detail}"
 
 
+#: What an HTML page in place of a JSON answer most likely means.
+HTML_PAGE = "the answer is an HTML page, not JSON: is this a WebUI started with --api?"
+
+#: Shows a server's value briefly; limits depth, so a deeply nested one cannot recurse.
+_EXCERPT = reprlib.Repr()
+_EXCERPT.maxlevel, _EXCERPT.maxstring, _EXCERPT.maxother, _EXCERPT.maxlong = 3, 300, 300, 40
+
+
+def _excerpt(value: Any) -> str:
+    """A server's value, at most about 300 characters, whatever its size or depth."""
+    return value[:300] if isinstance(value, str) else _EXCERPT.repr(value)
+
+
+def _is_html(response: requests.Response) -> bool:
+    kind = response.headers.get("Content-Type", "")
+    return "html" in kind or response.text.lstrip()[:15].lower().startswith(("<!doctype html", "<html"))
+
+
 def _server_message(response: requests.Response) -> str:
     """The server's explanation, from whichever error shape it sent.
 
     A1111 puts it in `errors`, Forge in `message`, FastAPI in `detail` (a string,
-    or a list of validation errors), SD.Next in `errors` or `detail`.
+    or a list of validation errors), SD.Next in `errors` or `detail`.  An HTML
+    page (a proxy's, or a server without `--api`) is named, not pasted.
     """
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
+        if _is_html(response):
+            return HTML_PAGE
         return response.text.strip()[:300] or response.reason or "no message"
     if not isinstance(body, Mapping):
-        return str(body)[:300]
+        return _excerpt(body)
     for key in ("errors", "message"):
         if isinstance(body.get(key), str) and body[key]:
             return body[key]
     detail = body.get("detail")
     if isinstance(detail, list):
-        return "; ".join(_validation_message(item) for item in detail)
+        return "; ".join(_validation_message(item) for item in detail[:10])
     if detail:
-        return str(detail)
-    return str(body.get("error") or body)[:300]
+        return _excerpt(detail)
+    return _excerpt(body.get("error") or body)
 
 
 def _validation_message(item: Any) -> str:
     if not isinstance(item, Mapping):
-        return str(item)
-    where = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
-    return f"{where}: {item.get('msg', '')}" if where else str(item.get("msg", ""))
+        return _excerpt(item)
+    loc = item.get("loc")
+    parts = loc if isinstance(loc, list) else ()
+    where = ".".join(_excerpt(part) for part in parts if part != "body")
+    message = _excerpt(item.get("msg", ""))
+    return f"{where}: {message}" if where else message
 
 
 _ERRORS_BY_STATUS: dict[int, type[WebUIError]] = {401: WebUIAuthError, 404: WebUINotFound}
@@ -197,11 +242,12 @@ def _parse_info(raw: Any) -> Mapping[str, Any]:
         return raw
     if not raw:
         return {}
+    text = raw if isinstance(raw, str) else _excerpt(raw)
     try:
         info = json.loads(raw)
-    except (TypeError, ValueError):
-        return {"text": str(raw)}
-    return info if isinstance(info, Mapping) else {"text": str(raw)}
+    except (TypeError, ValueError, RecursionError):
+        return {"text": text}
+    return info if isinstance(info, Mapping) else {"text": text}
 
 
 # ---------------------------------------------------------------------------
@@ -210,23 +256,26 @@ def _parse_info(raw: Any) -> Mapping[str, Any]:
 
 
 def _parse_base_url(url: str) -> tuple[str, tuple[str, str] | None]:
-    """The URL without `user:pass@`, and those credentials.
+    """The URL without `user:pass@`, and those credentials (percent-decoded).
 
-    Raises ValueError, naming the URL without its credentials, unless it is
-    http(s) with a host and, if any, a numeric port.
+    The credentials end at the URL's last `@`, so a password may hold `/`, `?`,
+    `#` or `@` unencoded.  Raises ValueError, naming the URL without its
+    credentials, unless it is http(s) with a host and, if any, a numeric port.
     """
+    scheme, sep, rest = url.partition("://") if "://" in url else ("", "", url)
+    userinfo, at, hostpart = rest.rpartition("@")
+    shown = f"{scheme}{sep}{hostpart}"
     try:
-        parts = urlsplit(url.rstrip("/"))
+        parts = urlsplit(shown.rstrip("/"))
         parts.port  # raises ValueError for a port that is not a number
     except ValueError:
         parts = urlsplit("")  # not valid either
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        shown = re.sub(r"^([^/]*//)?[^/]*@", r"\1", url)  # no credentials
         raise ValueError(f"{shown!r} is not a WebUI URL: expected http(s)://HOST[:PORT]")
-    if parts.username is None:
+    if not at:
         return urlunsplit(parts), None
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=netloc)), (parts.username, parts.password or "")
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts), (unquote(user), unquote(password))
 
 
 class WebUIClient:
@@ -296,18 +345,20 @@ class WebUIClient:
         With ``expect``, an answer of another JSON type is a WebUIError too.
         """
         url = self.base_url + path
+        timeout = timeout or self.timeouts.short
         try:
-            response = self._session.request(
-                method, url, json=json_body, params=params, timeout=timeout or self.timeouts.short
-            )
+            response = self._session.request(method, url, json=json_body, params=params, timeout=timeout)
         except requests.RequestException as exc:
-            raise _request_error(exc, url) from exc
+            raise _request_error(exc, url, timeout) from exc
         if response.status_code >= 400:
             raise _error_for(response, url)
         try:
             body = response.json()
         except ValueError as exc:
-            raise WebUIError(url, response.status_code, "the answer is not JSON") from exc
+            detail = HTML_PAGE if _is_html(response) else "the answer is not JSON"
+            raise WebUIError(url, response.status_code, detail) from exc
+        except RecursionError as exc:
+            raise WebUIError(url, response.status_code, "the answer is nested too deeply to read") from exc
         if expect is not None and not isinstance(body, expect):
             wanted = _json_type(expect())
             raise WebUIError(url, response.status_code, f"expected {wanted}, got {_json_type(body)}")
@@ -388,7 +439,9 @@ class WebUIClient:
     def get_progress(self, *, skip_current_image: bool = True) -> ProgressInfo | None:
         """The server's global progress; None when idle, and on any failure.
 
-        Never raises: a failed, timed-out or malformed sample is simply missing.
+        Never raises, whatever the server answers (or fails to): a failed,
+        timed-out or unusable sample is simply missing, so a poller or probe
+        calling this cannot die of it.
         """
         try:
             body = self._call(
@@ -397,7 +450,7 @@ class WebUIClient:
                 params={"skip_current_image": str(skip_current_image).lower()},
             )
             info = ProgressInfo.from_response(body)
-        except (WebUIError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        except Exception as exc:  # the promise above: nothing a server sends escapes
             log.debug("progress sample failed: %s", exc)
             return None
         return None if info.idle else info
@@ -407,12 +460,13 @@ class WebUIClient:
     ) -> TaskProgress | None:
         """Progress of the task we sent as `force_task_id`; None on any failure.
 
-        Always sends the id: without one the server answers "active" for nothing.
+        Never raises, as `get_progress`.  Always sends the id: without one the
+        server answers "active" for nothing.
         """
         body = {"id_task": task_id, "id_live_preview": id_live_preview, "live_preview": preview}
         try:
             return TaskProgress.from_response(self._call("POST", "/internal/progress", json_body=body))
-        except (WebUIError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        except Exception as exc:  # never raises, as get_progress
             log.debug("task progress sample failed: %s", exc)
             return None
 
@@ -493,10 +547,15 @@ class WebUIClient:
             return None
 
 
-def _request_error(exc: requests.RequestException, url: str) -> WebUIError:
-    """The WebUIError for a request that got no usable answer."""
-    if isinstance(exc, requests.Timeout):
-        return WebUIUnreachable(url, None, "timed out")
+def _request_error(
+    exc: requests.RequestException, url: str, timeout: tuple[float, float | None]
+) -> WebUIError:
+    """The WebUIError for a request that got no usable answer; ``timeout`` is what it was allowed."""
+    connect, read = timeout
+    if isinstance(exc, requests.ConnectTimeout):
+        return WebUITimeout(url, connect, "could not connect: timed out")
+    if isinstance(exc, requests.ReadTimeout) or _read_timed_out(exc):
+        return WebUITimeout(url, cast(float, read), "no answer: timed out")  # None never times out
     if isinstance(exc, requests.ConnectionError):
         return WebUIUnreachable(url, None, _connection_problem(exc))
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
@@ -506,6 +565,19 @@ def _request_error(exc: requests.RequestException, url: str) -> WebUIError:
     if isinstance(exc, requests.TooManyRedirects):
         return WebUIError(url, None, "too many redirects")
     return WebUIError(url, None, f"the request failed ({type(exc).__name__})")
+
+
+def _read_timed_out(exc: requests.RequestException) -> bool:
+    """Whether a ConnectionError is a read timeout in disguise.
+
+    requests wraps urllib3's ReadTimeoutError in a ConnectionError when the
+    server goes silent in the middle of the body, or when a retried GET used up
+    its retries on timeouts.
+    """
+    cause = exc.args[0] if exc.args else None
+    if isinstance(cause, MaxRetryError):
+        cause = cause.reason
+    return isinstance(cause, ReadTimeoutError)
 
 
 def _connection_problem(exc: requests.ConnectionError) -> str:

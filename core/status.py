@@ -8,6 +8,7 @@ change underneath it.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,42 @@ def _unit_interval(instance: object, attribute: attrs.Attribute, value: float) -
         raise ValueError(f"{attribute.name} must be within [0, 1], got {value!r}")
 
 
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
+#: The largest count (step, pass, queue place, preview id) taken from a server;
+#: a larger one is nonsense, and arithmetic on it could overflow a float.
+MAX_COUNT = 2**31 - 1
+
+
+def _count(value: Any, *, least: int = 0) -> int | None:
+    """``value`` when it is a JSON whole number within [least, MAX_COUNT]; None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not least <= value <= MAX_COUNT or value != int(value):  # NaN fails the bounds
+        return None
+    return int(value)
+
+
+def _real(value: Any, *, least: float = -math.inf) -> float | None:
+    """``value`` as a finite float not below ``least``; None for anything else (10**400 too)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and number >= least else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _scalars(state: Mapping[Any, Any]) -> dict[str, Any]:
+    """The entries of ``state`` that hold one usable JSON value; nested ones are dropped."""
+    return {
+        key: value
+        for key, value in state.items()
+        if isinstance(key, str) and (value is None or isinstance(value, str | bool) or _real(value) is not None)
+    }
 
 
 @attrs.frozen
@@ -65,27 +100,33 @@ class ProgressInfo:
         return bool(self.state.get("interrupted"))
 
     @classmethod
-    def from_response(cls, data: Mapping[str, Any]) -> ProgressInfo:
-        """Parse a decoded `/sdapi/v1/progress` body; raise on a malformed one.
+    def from_response(cls, data: Any) -> ProgressInfo:
+        """Parse a decoded `/sdapi/v1/progress` body, whatever the server sent.
 
-        Raises `TypeError`, `ValueError` or `KeyError` when the body is not the
-        shape A1111, Forge and SD.Next send.
+        A field that is unusable (wrong type, not finite, out of bounds, a
+        negative count) counts as missing.  Raises ValueError only when the
+        body cannot be a sample at all: not an object, no usable `progress`
+        (finite, not negative), or a `state` that is not an object.
         """
+        if not isinstance(data, Mapping):
+            raise ValueError("the answer is not an object")
+        progress = _real(data.get("progress"), least=0.0)
+        if progress is None:
+            raise ValueError("the answer has no usable 'progress'")
         state = data.get("state") or {}
         if not isinstance(state, Mapping):
-            raise TypeError(f"'state' is not an object: {state!r}")
-        timestamp = state.get("job_timestamp")
+            raise ValueError("'state' is not an object")
         return cls(
-            progress=float(data["progress"]),
-            eta_relative=float(data.get("eta_relative") or 0.0),
-            current_step=_int_or_none(state.get("sampling_step")),
-            total_steps=_int_or_none(state.get("sampling_steps")),
-            job_no=int(state.get("job_no") or 0),
-            job_count=int(state.get("job_count") or 0),
-            job_timestamp=None if timestamp is None else str(timestamp),
-            current_image=data.get("current_image"),
-            textinfo=data.get("textinfo"),
-            state=dict(state),
+            progress=progress,
+            eta_relative=_real(data.get("eta_relative")) or 0.0,
+            current_step=_count(state.get("sampling_step")),
+            total_steps=_count(state.get("sampling_steps")),
+            job_no=_count(state.get("job_no")) or 0,
+            job_count=_count(state.get("job_count"), least=-1) or 0,
+            job_timestamp=_text(state.get("job_timestamp")),
+            current_image=_text(data.get("current_image")),
+            textinfo=_text(data.get("textinfo")),
+            state=_scalars(state),
         )
 
 
@@ -116,27 +157,41 @@ class TaskProgress:
     textinfo: str | None = None
 
     @classmethod
-    def from_response(cls, data: Mapping[str, Any]) -> TaskProgress:
-        """Parse a decoded `/internal/progress` body; raise on a malformed one."""
-        textinfo = data.get("textinfo")
-        position = None
-        if isinstance(textinfo, str) and textinfo.startswith("In queue:"):
-            i, _, n = textinfo.removeprefix("In queue:").strip().partition("/")
-            position = (int(i), int(n))
-        progress = data.get("progress")
-        eta = data.get("eta")
-        preview_id = data.get("id_live_preview")
+    def from_response(cls, data: Any) -> TaskProgress:
+        """Parse a decoded `/internal/progress` body, whatever the server sent.
+
+        An unusable optional field counts as missing (see `ProgressInfo.from_response`).
+        Raises ValueError only when the body is not an object or one of
+        `active`, `queued`, `completed` is not a boolean.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError("the answer is not an object")
+        flags = [data.get(name) for name in ("active", "queued", "completed")]
+        if not all(isinstance(flag, bool) for flag in flags):
+            raise ValueError("'active', 'queued' and 'completed' are not all booleans")
+        textinfo = _text(data.get("textinfo"))
+        preview_id = _count(data.get("id_live_preview"), least=-1)
         return cls(
-            active=bool(data["active"]),
-            queued=bool(data["queued"]),
-            completed=bool(data["completed"]),
-            progress=None if progress is None else float(progress),
-            eta=None if eta is None else float(eta),
-            queue_position=position,
-            live_preview=data.get("live_preview"),
-            id_live_preview=-1 if preview_id is None else int(preview_id),
+            *flags,
+            progress=_real(data.get("progress"), least=0.0),
+            eta=_real(data.get("eta")),
+            queue_position=_queue_position(textinfo),
+            live_preview=_text(data.get("live_preview")),
+            id_live_preview=-1 if preview_id is None else preview_id,
             textinfo=textinfo,
         )
+
+
+def _queue_position(textinfo: str | None) -> tuple[int, int] | None:
+    """`(i, n)` from A1111's "In queue: i/n"; None for any other text."""
+    if textinfo is None or not textinfo.startswith("In queue:"):
+        return None
+    i, _, n = textinfo.removeprefix("In queue:").strip().partition("/")
+    try:
+        position, length = _count(int(i)), _count(int(n))
+    except ValueError:  # not numbers, or too many digits to read
+        return None
+    return None if position is None or length is None else (position, length)
 
 
 class CancelMode(enum.StrEnum):

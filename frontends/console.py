@@ -6,6 +6,8 @@ leaves a line with its time and images; the end leaves a summary table.  The
 first Ctrl-C cancels the running job (its stage's partial images are kept) and
 runs no further job; a second one leaves at once.  Without a terminal, rich
 draws nothing live and writes no escape codes: only the lines and the table.
+Names and messages are shown `printable`; a reader that goes away (`| head -1`)
+stops the session quietly (`PipeGuard`).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from sdjobs.frontends.formatting import (
     format_eta,
     outcome_line,
     plural,
+    printable,
     stage_finished_line,
     status_line,
 )
 from sdjobs.frontends.interrupt import run_with_ctrl_c
 from sdjobs.frontends.ledger import JobLedger
+from sdjobs.frontends.pipe import PipeGuard
 from sdjobs.spec import JobSpec
 from sdjobs.status import JobState, RuntimeStatus, StageResult
 
@@ -41,23 +45,37 @@ OUTCOME_STYLES = {JobState.DONE: "green", JobState.FAILED: "red", JobState.CANCE
 CANCELLING = "Ctrl-C: cancelling the running job, keeping its partial images; no further job runs. Ctrl-C again quits at once."
 
 
+class GuardedConsole(Console):
+    """A rich `Console` that, when its reader goes away, goes quiet and tells the guard (rich would exit)."""
+
+    def __init__(self, guard: PipeGuard) -> None:
+        super().__init__()
+        self._guard = guard
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        self._guard.closed(self.file)
+
+
 class ConsoleFrontend:
-    """Shows jobs on ``console`` (default: a rich `Console` on stdout)."""
+    """Shows jobs on ``console`` (default: a `GuardedConsole` on stdout)."""
 
     name = "console"
     description = "a live display per running job, a line per finished stage, a summary table"
 
     def __init__(self, options: FrontendOptions, console: Console | None = None) -> None:
         self.options = options
-        self.console = console or Console()
+        self._guard = PipeGuard()
+        self.console = console or GuardedConsole(self._guard)
         self._ledger = JobLedger()
         self._status: RuntimeStatus | None = None
         self._live: Live | None = None
         self._cancelling = False
 
     def run(self, session: Session) -> int | None:
+        self._guard.watch(session)
         try:
-            return run_with_ctrl_c(session, on_cancel=self._cancel_requested)
+            return self._guard.exit_status(run_with_ctrl_c(session, on_cancel=self._cancel_requested))
         finally:
             self._stop_live()
 
@@ -78,7 +96,7 @@ class ConsoleFrontend:
             ProgressBar(total=1.0, completed=status.job_progress, width=BAR_WIDTH),
             f"{int(status.job_progress * 100)}% · ETA {format_eta(status.job_eta)}",
         )
-        lines: list[RenderableType] = [Text.assemble((status.name, "bold"), "  ", status_line(status)), bars]
+        lines: list[RenderableType] = [Text.assemble((printable(status.name), "bold"), "  ", status_line(status)), bars]
         if self._cancelling:
             lines.append(Text(CANCELLING, style="yellow"))
         return Group(*lines)
@@ -111,7 +129,7 @@ class ConsoleFrontend:
         self._status = status
         self._say(
             Text.assemble(
-                (status.name, "bold"),
+                (printable(status.name), "bold"),
                 f" (job {self._ledger.number(status.job_id)}) · {plural(status.stage_count, 'stage')} · seed {status.seed}",
             )
         )
@@ -128,7 +146,7 @@ class ConsoleFrontend:
     @hookimpl
     def sdjobs_job_stalled(self, status: RuntimeStatus, seconds: float) -> None:
         self._say(
-            Text(f"  no progress for {format_duration(seconds)} in stage {status.stage_label}", style="yellow")
+            Text(printable(f"  no progress for {format_duration(seconds)} in stage {status.stage_label}"), style="yellow")
         )
 
     @hookimpl
@@ -162,10 +180,10 @@ class ConsoleFrontend:
         table.add_column("time", justify="right")
         for entry in self._ledger.entries.values():
             if entry.outcome is None:
-                table.add_row(Text(entry.name), Text("not run", style="dim"), "", "")
+                table.add_row(Text(printable(entry.name)), Text("not run", style="dim"), "", "")
             else:
                 table.add_row(
-                    Text(entry.name),
+                    Text(printable(entry.name)),
                     Text(entry.outcome.value, style=OUTCOME_STYLES[entry.outcome]),
                     str(entry.images),
                     format_duration(entry.elapsed),

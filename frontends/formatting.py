@@ -1,7 +1,8 @@
 """The words every front end shows: durations, ETAs, the one-line status, outcomes.
 
 Written once, so the console, the log, and the Tk window say the same thing the
-same way.
+same way.  Every line built here is `printable`; a front end showing a bare
+name or message passes it through `printable` itself.
 """
 
 from __future__ import annotations
@@ -12,6 +13,20 @@ from sdjobs.status import JobState, RuntimeStatus, StageResult
 
 #: What an ETA reads until the server's figures allow a guess.
 CALCULATING = "calculating..."
+
+#: C0, DEL, C1, and the line and paragraph separators, each to its Python escape (`\n`, `\x1b`, `\u2028`).
+_ESCAPES = str.maketrans(
+    {code: ascii(chr(code))[1:-1] for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)}
+)
+
+
+def printable(text: str) -> str:
+    r"""``text`` with control characters written as escapes: `a\nb\x1b[31m` for a newline and an ESC.
+
+    Job names, stage names and a server's messages come from elsewhere; shown
+    raw, a newline would forge a log line and an ESC would restyle a terminal.
+    """
+    return text.translate(_ESCAPES)
 
 
 def format_duration(seconds: float) -> str:
@@ -71,7 +86,7 @@ def status_line(status: RuntimeStatus) -> str:
     elif (step := format_step(status)) is not None:
         parts.append(f"step {step}")
     parts += [f"{status.percent}%", f"ETA {format_eta(status.eta)}", f"seed {format_seed(status.seed)}"]
-    return " · ".join(parts)
+    return printable(" · ".join(parts))
 
 
 def plural(count: int, noun: str) -> str:
@@ -96,10 +111,10 @@ def stage_finished_line(status: RuntimeStatus, result: StageResult) -> str:
     images = result.images
     folders = {path.parent for path in images}
     if len(images) > 1 and len(folders) == 1:
-        return f"{line} in {folders.pop()}: " + ", ".join(path.name for path in images)
-    if images:
-        return f"{line}: " + ", ".join(str(path) for path in images)
-    return line
+        line += f" in {folders.pop()}: " + ", ".join(path.name for path in images)
+    elif images:
+        line += ": " + ", ".join(str(path) for path in images)
+    return printable(line)
 
 
 def outcome_line(
@@ -114,7 +129,7 @@ def outcome_line(
         line += " (the stage's partial images are kept)"
     if error:
         line += f": {error}"
-    return line
+    return printable(line)
 
 
 def drained_line(outcomes: Mapping[str, JobState], queued: int) -> str:

@@ -4,6 +4,7 @@ Each line is flushed as it is written, so a reader sees an event when it
 happens.  The fields of each event are listed in `FIELDS` and documented in
 docs/frontends.md; `t` is Unix time, durations and ETAs are seconds to the
 hundredth (null while unknown), progress has four decimals, paths are strings.
+A reader that goes away (`| head -1`) stops the session quietly (`PipeGuard`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, TextIO
 from sdjobs import hookimpl
 from sdjobs.frontend import FrontendOptions, Session
 from sdjobs.frontends.interrupt import run_with_ctrl_c
+from sdjobs.frontends.pipe import PipeGuard
 from sdjobs.spec import JobSpec
 from sdjobs.status import JobState, RuntimeStatus, StageResult
 
@@ -75,14 +77,19 @@ class JsonlFrontend:
     def __init__(self, options: FrontendOptions, stream: TextIO | None = None) -> None:
         self.options = options
         self._stream = stream
+        self._guard = PipeGuard()
 
     def run(self, session: Session) -> int | None:
-        return run_with_ctrl_c(session)
+        self._guard.watch(session)
+        return self._guard.exit_status(run_with_ctrl_c(session))
 
     def _write(self, event: str, **fields: Any) -> None:
         stream = self._stream or sys.stdout
-        stream.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
-        stream.flush()
+        try:
+            stream.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
+            stream.flush()
+        except BrokenPipeError:
+            self._guard.closed(stream)
 
     @hookimpl
     def sdjobs_job_queued(self, job_id: str, spec: JobSpec) -> None:

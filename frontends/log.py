@@ -5,7 +5,9 @@ One record when a job or stage starts and ends, a progress record at most every
 message when a job fails.  Records go to the logger ``sdjobs.jobs``; while the
 session runs, one handler on the ``sdjobs`` logger writes them (and the rest of
 sdjobs' own records) to stderr or `FrontendOptions.log_file`.  Credentials never
-reach a front end: the client keeps them out of every message.
+reach a front end: the client keeps them out of every message.  Control
+characters in a message are escaped (`printable`), so a job name cannot forge a
+line; an output whose reader went away stops the session quietly (`PipeGuard`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Mapping
+from typing import IO
 
 from sdjobs import hookimpl
 from sdjobs.frontend import FrontendError, FrontendOptions, Session
@@ -21,11 +24,13 @@ from sdjobs.frontends.formatting import (
     format_duration,
     outcome_line,
     plural,
+    printable,
     stage_finished_line,
     status_line,
 )
 from sdjobs.frontends.interrupt import run_with_ctrl_c
 from sdjobs.frontends.ledger import JobLedger
+from sdjobs.frontends.pipe import PipeGuard
 from sdjobs.spec import JobSpec
 from sdjobs.status import JobState, RuntimeStatus, StageResult
 
@@ -48,11 +53,32 @@ def _level(name: str) -> int:
         raise FrontendError(f"unknown log level {name!r}; choose one of: {', '.join(LEVELS)}") from None
 
 
+class PrintableFormatter(logging.Formatter):
+    """Formats the record's line `printable`; a traceback after it keeps its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
 def _formatter(fmt: str | None) -> logging.Formatter:
     try:
-        return logging.Formatter(fmt or DEFAULT_FORMAT)
+        return PrintableFormatter(fmt or DEFAULT_FORMAT)
     except ValueError as exc:
         raise FrontendError(f"bad log format {fmt!r}: {exc}") from None
+
+
+class _GuardedHandler(logging.StreamHandler):
+    """Writes to ``stream``; a closed pipe goes to the guard instead of logging's error report."""
+
+    def __init__(self, stream: IO[str], guard: PipeGuard) -> None:
+        super().__init__(stream)
+        self._guard = guard
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exception(), BrokenPipeError):
+            self._guard.closed(self.stream)
+        else:
+            super().handleError(record)
 
 
 class LogFrontend:
@@ -67,26 +93,31 @@ class LogFrontend:
         self.formatter = _formatter(options.log_format)
         self._ledger = JobLedger()
         self._next_percent = PROGRESS_STEP
+        self._guard = PipeGuard()
 
     def run(self, session: Session) -> int | None:
-        handler = self._open_handler()
+        stream = self._open_stream()
+        handler = _GuardedHandler(stream, self._guard)
         handler.setFormatter(self.formatter)
+        self._guard.watch(session)
         sdjobs_logger = logging.getLogger("sdjobs")
         previous_level = sdjobs_logger.level
         sdjobs_logger.addHandler(handler)
         sdjobs_logger.setLevel(self.level)
         try:
-            return run_with_ctrl_c(session, on_cancel=self._cancelling)
+            return self._guard.exit_status(run_with_ctrl_c(session, on_cancel=self._cancelling))
         finally:
             sdjobs_logger.removeHandler(handler)
             sdjobs_logger.setLevel(previous_level)
             handler.close()
+            if stream is not sys.stderr:
+                stream.close()
 
-    def _open_handler(self) -> logging.Handler:
+    def _open_stream(self) -> IO[str]:
         if self.options.log_file is None:
-            return logging.StreamHandler(sys.stderr)
+            return sys.stderr
         try:
-            return logging.FileHandler(self.options.log_file, encoding="utf-8")
+            return open(self.options.log_file, "a", encoding="utf-8")  # run closes it
         except OSError as exc:
             raise FrontendError(f"{self.options.log_file}: cannot write the log there: {exc.strerror}") from None
 

@@ -21,6 +21,7 @@ from sdjobs.frontends.formatting import (
     format_seed,
     format_step,
     images_text,
+    printable,
 )
 from sdjobs.status import CancelMode, JobState, RuntimeStatus, StageResult
 
@@ -82,11 +83,11 @@ class JobPanel(ttk.Frame):
     def show_queue(self, names: list[str]) -> None:
         """The jobs still waiting, in order."""
         self.queued.delete(0, "end")
-        self.queued.insert("end", *names)
+        self.queued.insert("end", *map(printable, names))
 
     def show_job_started(self, status: RuntimeStatus, number: str) -> None:
-        self.winfo_toplevel().title(f"sdjobs: {status.name} ({number})")
-        self.job_name.configure(text=status.name)
+        self.winfo_toplevel().title(f"sdjobs: {printable(status.name)} ({number})")
+        self.job_name.configure(text=printable(status.name))
         self._cancelling = None
         self._show_status(status)
         self.state.configure(text="Starting")
@@ -102,11 +103,11 @@ class JobPanel(ttk.Frame):
         self._show_status(status)
         verb = "cut short" if result.partial else "finished"
         images = images_text(len(result.images), partial=result.partial)
-        self.state.configure(text=f"Stage {status.stage_label} {verb}: {images}")
+        self.state.configure(text=printable(f"Stage {status.stage_label} {verb}: {images}"))
 
     def show_job_finished(self, outcome: JobState, error: str | None) -> None:
         self._enable_cancel(False)
-        self.state.configure(text=f"{OUTCOME_TEXT[outcome]}: {error}" if error else OUTCOME_TEXT[outcome])
+        self.state.configure(text=printable(f"{OUTCOME_TEXT[outcome]}: {error}") if error else OUTCOME_TEXT[outcome])
         if outcome is JobState.DONE:
             self.bar.configure(value=100)
             self.eta.configure(text=f"ETA: {format_duration(0)}")
@@ -126,7 +127,7 @@ class JobPanel(ttk.Frame):
     # -- inside --------------------------------------------------------------------------
 
     def _show_status(self, status: RuntimeStatus) -> None:
-        self.stage.configure(text=f"Stage: {status.stage_label}")
+        self.stage.configure(text=printable(f"Stage: {status.stage_label}"))
         self.bar.configure(value=status.percent)
         if status.queue_position is not None:
             position, length = status.queue_position

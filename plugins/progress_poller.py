@@ -4,17 +4,22 @@ When the server follows task ids it asks `/internal/progress` about our task
 (queued, with its position, or active), and `/sdapi/v1/progress` for step x/y
 only while our task is the active one; otherwise it samples the global
 `/sdapi/v1/progress` and the core decides whose job that is.  A failed sample is
-reported as None; nothing here ever raises into the job.
+reported as None; nothing here ever raises into the job, and the thread outlives
+any exception a sample or a report raises (the first is logged, the rest only
+at debug level).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 from sdjobs import hookimpl
 from sdjobs.polling import PollRequest
 from sdjobs.status import ProgressInfo, TaskProgress
+
+log = logging.getLogger(__name__)
 
 
 class ThreadPoller:
@@ -24,6 +29,7 @@ class ThreadPoller:
         self._request = request
         self._stopped = threading.Event()
         self._preview_id = -1
+        self._failed = False
         self._thread = threading.Thread(target=self._loop, name="sdjobs-poller", daemon=True)
 
     def start(self) -> ThreadPoller:
@@ -42,12 +48,25 @@ class ThreadPoller:
         interval = self._request.interval
         due = time.monotonic() + interval
         while not self._stopped.wait(max(0.0, due - time.monotonic())):
-            info, task = self._sample()
-            if self._stopped.is_set():
-                break
-            self._request.report(info, task)
+            try:
+                self._sample_and_report()
+            except Exception:
+                self._log_failure()
             # After a slow sample, the next is due at once, not the ones missed meanwhile.
             due = max(due + interval, time.monotonic())
+
+    def _sample_and_report(self) -> None:
+        info, task = self._sample()
+        if not self._stopped.is_set():
+            self._request.report(info, task)
+
+    def _log_failure(self) -> None:
+        """Log the exception being handled: with its traceback the first time, at debug level after."""
+        if self._failed:
+            log.debug("progress sample failed again", exc_info=True)
+            return
+        self._failed = True
+        log.warning("progress sample failed; sampling goes on", exc_info=True)
 
     def _sample(self) -> tuple[ProgressInfo | None, TaskProgress | None]:
         """One sample: global progress, and our task's state when following a task id.
