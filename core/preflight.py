@@ -4,17 +4,23 @@ A misspelt upscaler costs a 500 at stage 4, after three stages of work; a
 misspelt ADetailer key costs nothing visible at all (ADetailer skips its
 arguments and the request answers 200).  So before a job starts, the runner
 asks the server what it has (`ServerCatalog.from_client`) and `preflight` lists
-every name the job uses that the server does not know.
+every name the job uses that the server does not know.  For a file of many jobs,
+`check_against_server` reports each bad name once, before anything is queued.
+
+A1111 1.9 split samplers from schedulers ("DPM++ 2M Karras" became sampler
+"DPM++ 2M" with scheduler "Karras") and still accepts the old names;
+`split_sampler_names` rewrites them for such a server, with a note.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import attrs
-
+from sdjobs.client import WebUINotFound
 from sdjobs.spec import JobSpec, StageSpec, did_you_mean
 from sdjobs.webui_fields import ADETAILER_FIELDS
 
@@ -33,8 +39,23 @@ class CatalogError(ValueError):
     """The server answered its lists, but not in the shape A1111 gives them."""
 
 
+#: Names that mean "no change" where a VAE, scheduler or checkpoint is chosen.
+_KEEP_VAE = ("Automatic", "None")
+_KEEP_SCHEDULER = ("Use same scheduler",)
+_KEEP_CHECKPOINT = ("Use same checkpoint",)
+_LORA = re.compile(r"<lora:([^:>]+)[^>]*>")
+
+#: The sampler and scheduler pairs a stage may set: (sampler key, scheduler key, where).
+_SAMPLER_PAIRS = (("sampler_name", "scheduler", "settings"), ("hr_sampler_name", "hr_scheduler", "settings"),
+                  ("ad_sampler", "ad_scheduler", "adetailer"))  # fmt: skip
+
+
 class CatalogSource(Protocol):
-    """The part of `WebUIClient` a catalog is read from: decoded JSON of each route."""
+    """The part of `WebUIClient` a catalog is read from: decoded JSON of each route.
+
+    `schedulers`, `sd_vae` and `loras` (None for a route the server lacks) are
+    optional: a client without them is asked through its generic `_call`.
+    """
 
     def samplers(self) -> list[dict[str, Any]]: ...
     def upscalers(self) -> list[dict[str, Any]]: ...
@@ -74,6 +95,10 @@ class ServerCatalog:
         ad_models: ADetailer's detection models; None when the server has no ADetailer.
         ad_fields: The keys ADetailer's schema allows; None when the server does
             not publish it (then `ADETAILER_FIELDS`, the known list, stands in).
+        schedulers: Scheduler names with their labels and aliases; None for a
+            server before 1.9, whose samplers carry their schedule in the name.
+        vaes: VAE names; None when the server does not list them.
+        loras: LoRA names with their aliases; None when the server does not list them.
     """
 
     samplers: Choices
@@ -81,13 +106,16 @@ class ServerCatalog:
     checkpoints: Choices
     ad_models: tuple[str, ...] | None = None
     ad_fields: frozenset[str] | None = None
+    schedulers: Choices | None = None
+    vaes: Choices | None = None
+    loras: Choices | None = None
 
     @classmethod
     def from_client(cls, client: CatalogSource) -> ServerCatalog:
         """Ask the server; any error the client raises propagates (the job cannot start),
         and lists that are not A1111's shape raise `CatalogError`.
 
-        The five lists are asked for at once, so the check costs one round trip.
+        The lists are asked for at once, so the check costs one round trip.
         """
         calls = (
             client.samplers,
@@ -95,9 +123,12 @@ class ServerCatalog:
             client.sd_models,
             client.adetailer_models,
             client.adetailer_schema,
+            lambda: _optional_list(client, "schedulers", "/sdapi/v1/schedulers"),
+            lambda: _optional_list(client, "sd_vae", "/sdapi/v1/sd-vae"),
+            lambda: _optional_list(client, "loras", "/sdapi/v1/loras"),
         )
         with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="sdjobs-preflight") as pool:
-            samplers, upscalers, models, ad_models, schema = pool.map(lambda call: call(), calls)
+            samplers, upscalers, models, ad_models, schema, schedulers, vaes, loras = pool.map(lambda call: call(), calls)
         try:
             return cls(
                 samplers=Choices(
@@ -111,9 +142,81 @@ class ServerCatalog:
                 ),
                 ad_models=None if ad_models is None else tuple(ad_models),
                 ad_fields=None if schema is None else frozenset(schema.get("properties", ())),
-            )
+                schedulers=None if schedulers is None else Choices(
+                    tuple(scheduler["label"] for scheduler in schedulers),
+                    frozenset(name for scheduler in schedulers
+                              for name in (scheduler["name"], *(scheduler.get("aliases") or ()))),
+                ),
+                vaes=None if vaes is None else Choices(tuple(vae["model_name"] for vae in vaes)),
+                loras=None if loras is None else Choices(
+                    tuple(lora["name"] for lora in loras), frozenset(lora.get("alias") or "" for lora in loras) - {""}
+                ),
+            )  # fmt: skip
         except (KeyError, TypeError, AttributeError) as exc:
             raise CatalogError(f"the server's lists are not shaped as A1111's ({type(exc).__name__}: {exc})") from exc
+
+
+def _optional_list(client: Any, method: str, path: str) -> Any:
+    """The list the client's `method` gives, or the generic call's answer at `path`; None for a 404."""
+    call = getattr(client, method, None)
+    try:
+        return call() if call is not None else client._call("GET", path, expect=list)
+    except WebUINotFound:
+        return None
+
+
+def split_sampler(name: str, catalog: ServerCatalog) -> tuple[str, str] | None:
+    """The (sampler, scheduler) an old combined name stands for on a server that splits them, else None."""
+    if catalog.schedulers is None or name in catalog.samplers:
+        return None
+    for label in catalog.schedulers.names:
+        sampler = name.removesuffix(f" {label}")
+        if sampler != name and sampler in catalog.samplers:
+            return sampler, label
+    return None
+
+
+def split_sampler_names(specs: Iterable[JobSpec], catalog: ServerCatalog) -> tuple[list[JobSpec], list[str]]:
+    """The jobs with old combined sampler names split for a server with schedulers, and a note for each name.
+
+    A stage that sets its scheduler itself keeps both as written.
+    """
+    notes: dict[str, None] = {}
+
+    def split(values: Mapping[str, Any]) -> dict[str, Any]:
+        values = dict(values)
+        for sampler_key, scheduler_key, _ in _SAMPLER_PAIRS:
+            pair = split_sampler(values.get(sampler_key) or "", catalog)
+            if pair is not None and scheduler_key not in values:
+                notes[f"{sampler_key} {values[sampler_key]!r} is sampler {pair[0]!r} with scheduler {pair[1]!r} on this server; sent so"] = None
+                values[sampler_key], values[scheduler_key] = pair
+        return values
+
+    jobs = [
+        attrs.evolve(job, stages=tuple(
+            attrs.evolve(stage, settings=split(stage.settings), adetailer=split(stage.adetailer)) for stage in job.stages
+        ))
+        for job in specs
+    ]  # fmt: skip
+    return jobs, list(notes)
+
+
+def check_against_server(specs: Sequence[JobSpec], catalog: ServerCatalog) -> list[str]:
+    """Every bad name in a file's jobs, each once, naming the jobs it is in when not all; [] when all is well.
+
+    Meant for before a file's jobs are queued, so one typo in a matrix is found
+    before the first of its jobs runs rather than when it fails.
+    """
+    found: dict[str, list[str]] = {}
+    for job in specs:
+        for problem in preflight(job, catalog):
+            found.setdefault(problem, []).append(job.name)
+    return [problem if len(names) == len(specs) else f"{problem} (in {_some(names)})" for problem, names in found.items()]
+
+
+def _some(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(name) for name in names[:3])
+    return shown if len(names) <= 3 else f"{shown} and {len(names) - 3} more"
 
 
 def preflight(job: JobSpec, catalog: ServerCatalog) -> list[str]:
@@ -121,6 +224,9 @@ def preflight(job: JobSpec, catalog: ServerCatalog) -> list[str]:
     problems = []
     if job.checkpoint is not None and job.checkpoint not in catalog.checkpoints:
         problems.append(_not_on_server("checkpoint", job.checkpoint, catalog.checkpoints))
+    if catalog.loras is not None:
+        for key, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+            problems.extend(_lora_problems(key, text, catalog.loras))
     for index, stage in enumerate(job.stages):
         where = f"stage {index + 1} ({stage.type})"
         problems.extend(f"{where}: {problem}" for problem in _stage_problems(stage, catalog))
@@ -129,19 +235,56 @@ def preflight(job: JobSpec, catalog: ServerCatalog) -> list[str]:
 
 def _stage_problems(stage: StageSpec, catalog: ServerCatalog) -> Iterator[str]:
     hires_upscalers = Choices(catalog.upscalers.names + LATENT_UPSCALE_MODES)
-    named: Iterable[tuple[str, Any, Choices]] = (
+    samplers = catalog.samplers
+    if catalog.schedulers is not None:  # the old combined names, which such a server splits
+        combined = {f"{sampler} {label}" for sampler in samplers.names for label in catalog.schedulers.names}
+        samplers = attrs.evolve(samplers, aliases=samplers.aliases | combined)
+    checkpoints = attrs.evolve(catalog.checkpoints, aliases=catalog.checkpoints.aliases | set(_KEEP_CHECKPOINT))
+    settings = stage.settings
+    named: list[tuple[str, Any, Choices | None]] = [
         ("checkpoint", stage.checkpoint, catalog.checkpoints),
         ("upscaler", stage.upscaler, catalog.upscalers),
-        ("upscaler_2", stage.settings.get("upscaler_2"), catalog.upscalers),
-        ("sampler_name", stage.settings.get("sampler_name"), catalog.samplers),
-        ("hr_sampler_name", stage.settings.get("hr_sampler_name"), catalog.samplers),
-        ("hr_upscaler", stage.settings.get("hr_upscaler"), hires_upscalers),
-    )
+        ("upscaler_2", settings.get("upscaler_2"), catalog.upscalers),
+        ("sampler_name", settings.get("sampler_name"), samplers),
+        ("hr_sampler_name", settings.get("hr_sampler_name"), samplers),
+        ("scheduler", settings.get("scheduler"), catalog.schedulers),
+        ("hr_scheduler", settings.get("hr_scheduler"), catalog.schedulers),
+        ("hr_upscaler", settings.get("hr_upscaler"), hires_upscalers),
+        ("hr_checkpoint_name", settings.get("hr_checkpoint_name"), checkpoints),
+        ("refiner_checkpoint", settings.get("refiner_checkpoint"), catalog.checkpoints),
+        ("override_settings.sd_vae", (settings.get("override_settings") or {}).get("sd_vae"), _vaes(catalog)),
+    ]
+    if catalog.loras is not None:
+        for key in ("hr_prompt", "hr_negative_prompt"):
+            yield from _lora_problems(key, settings.get(key) or "", catalog.loras)
+    if stage.type == "adetailer":
+        ad = stage.adetailer
+        schedulers = catalog.schedulers and attrs.evolve(catalog.schedulers, aliases=catalog.schedulers.aliases | set(_KEEP_SCHEDULER))
+        named += [
+            ("ad_checkpoint", ad.get("ad_checkpoint"), checkpoints),
+            ("ad_sampler", ad.get("ad_sampler"), samplers),
+            ("ad_scheduler", ad.get("ad_scheduler"), schedulers),
+            ("ad_vae", ad.get("ad_vae"), _vaes(catalog)),
+        ]
+        if catalog.loras is not None:
+            for key in ("ad_prompt", "ad_negative_prompt"):
+                yield from _lora_problems(key, ad.get(key) or "", catalog.loras)
     for key, value, choices in named:
-        if value is not None and value not in choices:
+        if value is not None and choices is not None and value not in choices:
             yield _not_on_server(key, value, choices)
     if stage.type == "adetailer":
         yield from _adetailer_problems(stage.adetailer, catalog)
+
+
+def _vaes(catalog: ServerCatalog) -> Choices | None:
+    return None if catalog.vaes is None else Choices(_KEEP_VAE + catalog.vaes.names)
+
+
+def _lora_problems(key: str, text: str, loras: Choices) -> Iterator[str]:
+    for name in _LORA.findall(text):
+        if name not in loras:
+            choices = str(loras) or "(the server has none)"
+            yield f"{key}: LoRA {name!r} is not on the server; choose one of: {choices}{did_you_mean(name, loras.names)}"
 
 
 def _adetailer_problems(settings: Mapping[str, Any], catalog: ServerCatalog) -> Iterator[str]:
@@ -158,4 +301,4 @@ def _adetailer_problems(settings: Mapping[str, Any], catalog: ServerCatalog) -> 
 
 
 def _not_on_server(key: str, value: Any, choices: Choices) -> str:
-    return f"{key} {value!r} is not on the server; choose one of: {choices}"
+    return f"{key} {value!r} is not on the server; choose one of: {choices}{did_you_mean(str(value), choices.names)}"

@@ -39,7 +39,6 @@ from types import MappingProxyType
 from typing import Any
 
 import attrs
-
 from sdjobs.webui_fields import ADETAILER_FIELDS, FIELDS, MANAGED_FIELDS
 
 STAGE_TYPES = ("txt2img", "img2img", "adetailer", "upscale")
@@ -81,6 +80,10 @@ _RANGES: Mapping[str, tuple[Callable[[Any], bool], str]] = {
 }  # fmt: skip
 
 _TOP_LEVEL_KEYS = ("name", "prompt", "negative_prompt", "seed", "checkpoint", "settings", "stages")
+#: Top-level keys that make one file many jobs (`sdjobs.expand`).
+EXPANSION_KEYS = (
+    "prompts", "prompts_file", "wildcards", "matrix", "count", "seed_policy",
+)  # fmt: skip
 _SIZE_KEYS = ("width", "height")
 
 
@@ -254,19 +257,27 @@ class JobSpec:
         )
 
 
-def load_job(path: Path | str, *, rng: random.Random | None = None) -> JobSpec:
-    """Read and check a TOML job file; raise `JobFileError` on any mistake."""
-    path = Path(path)
+def read_toml(path: Path) -> dict[str, Any]:
+    """A job file decoded; `JobFileError` when it is missing, unreadable or not TOML."""
     try:
         with path.open("rb") as file:
-            data = tomllib.load(file)
+            return tomllib.load(file)
     except FileNotFoundError:
         raise JobFileError(path, None, "no such file") from None
     except (OSError, UnicodeDecodeError) as error:
         raise JobFileError(path, None, f"cannot read: {getattr(error, 'strerror', None) or error}") from None
     except tomllib.TOMLDecodeError as error:
         raise JobFileError(path, None, f"not valid TOML: {error}") from None
-    return JobSpec.from_mapping(data, source=path, rng=rng)
+
+
+def load_job(path: Path | str, *, rng: random.Random | None = None) -> JobSpec:
+    """Read and check a TOML job file of one job; raise `JobFileError` on any mistake.
+
+    A file that expands to many jobs (`prompts`, `[matrix]`, ...) is read with
+    `sdjobs.expand.load_jobs`.
+    """
+    path = Path(path)
+    return JobSpec.from_mapping(read_toml(path), source=path, rng=rng)
 
 
 # --------------------------------------------------------------------------
@@ -307,7 +318,7 @@ class _JobReader:
             raise self.fail(None, "a job is a table of keys")
         for key in data:
             if key not in _TOP_LEVEL_KEYS:
-                raise self.fail(_key(key), self.unknown_top_level(str(key)))
+                raise self.fail(toml_key(key), self.unknown_top_level(str(key)))
         settings = self.table(data, "settings", "settings")
         for key, value in settings.items():
             self.check_setting("settings", key, value, FIELDS["txt2img"] | FIELDS["img2img"])
@@ -331,7 +342,9 @@ class _JobReader:
     def unknown_top_level(self, key: str) -> str:
         if any(key in fields for fields in FIELDS.values()):
             return "unknown key here; WebUI settings go in [settings] or in a stage"
-        return "unknown key" + did_you_mean(key, _TOP_LEVEL_KEYS)
+        if key in EXPANSION_KEYS:
+            return "makes a file of many jobs, which this reader does not expand (sdjobs.expand.load_jobs does)"
+        return "unknown key" + did_you_mean(key, _TOP_LEVEL_KEYS + EXPANSION_KEYS)
 
     def name(self, data: Mapping[str, Any]) -> str:
         default = None if self.source is None else self.source.stem
@@ -399,7 +412,7 @@ class _JobReader:
             if key in sdjobs_keys:
                 continue
             if stage_type == "adetailer" and key.startswith("ad_"):
-                adetailer[key] = self.checked(f"{where}.{_key(key)}", value, ADETAILER_FIELDS.get(key))
+                adetailer[key] = self.checked(f"{where}.{toml_key(key)}", value, ADETAILER_FIELDS.get(key))
             else:
                 settings[key] = self.check_setting(where, key, value, FIELDS[endpoint], sdjobs_keys)
         return settings, adetailer
@@ -427,7 +440,7 @@ class _JobReader:
         fields: Mapping[str, type],
         sdjobs_keys: tuple[str, ...] = (),
     ) -> Any:
-        path = f"{where}.{_key(key)}"
+        path = f"{where}.{toml_key(key)}"
         if key in MANAGED_FIELDS:
             raise self.fail(path, f"not allowed here: {MANAGED_FIELDS[key]}")
         if key not in fields:
@@ -468,7 +481,7 @@ class _JobReader:
         return table
 
 
-def _key(key: object) -> str:
+def toml_key(key: object) -> str:
     """A key as TOML writes it: bare when it can be, else quoted (so a message stays one line)."""
     if isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_-]+", key):
         return key

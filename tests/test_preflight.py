@@ -9,9 +9,17 @@ from typing import Any
 
 import attrs
 import pytest
-
-from sdjobs.preflight import CatalogError, Choices, ServerCatalog, preflight
-from sdjobs.spec import JobSpec, load_job
+from sdjobs.expand import load_jobs
+from sdjobs.preflight import (
+    CatalogError,
+    Choices,
+    ServerCatalog,
+    check_against_server,
+    preflight,
+    split_sampler_names,
+)
+from sdjobs.sim import SimSettings
+from sdjobs.spec import JobSpec
 
 TRACES = Path(__file__).parent / "data" / "traces"
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -44,6 +52,15 @@ class RecordedServer:
     def adetailer_schema(self) -> dict[str, Any] | None:
         return recorded("adetailer_schema") if self.adetailer and self.schema else None
 
+    def schedulers(self) -> None:
+        return None  # 404 before 1.9
+
+    def sd_vae(self) -> list[dict[str, Any]]:
+        return recorded("sd_vae")
+
+    def loras(self) -> list[dict[str, Any]]:
+        return recorded("loras")
+
 
 @pytest.fixture
 def catalog() -> ServerCatalog:
@@ -73,14 +90,14 @@ def test_the_catalog_holds_the_servers_names(catalog):
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.toml")), ids=lambda path: path.name)
 def test_the_examples_pass_on_the_recorded_server(path, catalog):
-    assert preflight(load_job(path, rng=random.Random(1)), catalog) == []
+    assert check_against_server(load_jobs(path, rng=random.Random(1)), catalog) == []
 
 
 def test_a_bad_upscaler_names_the_stage_the_value_and_the_choices(catalog):
     job = spec({"type": "img2img"}, {"type": "img2img"}, {"type": "upscale", "upscaler": "R-ESRGAN 5x"})
     (problem,) = preflight(job, catalog)
     assert problem.startswith("stage 4 (upscale): upscaler 'R-ESRGAN 5x' is not on the server; choose one of: ")
-    assert problem.endswith(", ".join(server["name"] for server in recorded("upscalers")))
+    assert problem.endswith(", ".join(server["name"] for server in recorded("upscalers")) + " (did you mean 'R-ESRGAN 4x+'?)")
 
 
 def test_every_bad_name_is_reported(catalog):
@@ -90,17 +107,23 @@ def test_every_bad_name_is_reported(catalog):
         checkpoint="v15",
         settings={"sampler_name": "Euler b", "hr_sampler_name": "DDIM2", "hr_upscaler": "Latent (fancy)"},
     )
-    problems = [problem.partition("; choose")[0] for problem in preflight(job, catalog)]
+    problems = [_without_choices(problem) for problem in preflight(job, catalog)]
     assert problems == [
         "checkpoint 'v15' is not on the server",
-        "stage 1 (txt2img): sampler_name 'Euler b' is not on the server",
-        "stage 1 (txt2img): hr_sampler_name 'DDIM2' is not on the server",
-        "stage 1 (txt2img): hr_upscaler 'Latent (fancy)' is not on the server",
+        "stage 1 (txt2img): sampler_name 'Euler b' is not on the server (did you mean 'Euler a'?)",
+        "stage 1 (txt2img): hr_sampler_name 'DDIM2' is not on the server (did you mean 'DDIM'?)",
+        "stage 1 (txt2img): hr_upscaler 'Latent (fancy)' is not on the server (did you mean 'Latent (bicubic)'?)",
         "stage 2 (adetailer): checkpoint 'sdxl' is not on the server",
-        "stage 2 (adetailer): sampler_name 'Euler b' is not on the server",
+        "stage 2 (adetailer): sampler_name 'Euler b' is not on the server (did you mean 'Euler a'?)",
         "stage 2 (adetailer): ad_model 'hand.pt' is not on the server",
         "stage 3 (upscale): upscaler_2 'Bicubic' is not on the server",
     ]
+
+
+def _without_choices(problem: str) -> str:
+    """A problem without its list of choices, keeping its hint."""
+    head, _, tail = problem.partition("; choose one of: ")
+    return head + tail[tail.find(" (did you mean") :] if "(did you mean" in tail else head
 
 
 def test_aliases_model_names_and_latent_modes_are_accepted(catalog):
@@ -147,3 +170,86 @@ def test_a_job_without_adetailer_does_not_need_it():
 
 def test_choices_read_as_the_names_in_order():
     assert str(Choices(("b", "a"), frozenset({"c"}))) == "b, a"
+
+
+# -------------------------------------------------------------------------
+# A file's jobs against a real (simulated) server over HTTP
+# -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sim_settings(request) -> SimSettings:
+    """The simulator of `webui_client`: A1111 1.10 unless a test asks for another version."""
+    return SimSettings(step_time=0.0, first_step_time=0.0, version=getattr(request, "param", "1.10"))
+
+
+def prompt_pack(folder: Path, samplers: list[str], stage: str = "") -> list[JobSpec]:
+    path = folder / "pack.toml"
+    path.write_text(
+        'name = "pack"\nprompts = ["a", "b"]\nseed = 1\ncount = 3\n'
+        f'[[stages]]\ntype = "txt2img"\n{stage}\n'
+        f"[matrix]\nsampler_name = {json.dumps(samplers)}\n"
+    )
+    return load_jobs(path)
+
+
+def test_a_misspelt_sampler_in_a_matrix_is_reported_once_naming_its_jobs(tmp_path, webui_client):
+    specs = prompt_pack(tmp_path, ["Euler a", "Eulr a"])
+    (problem,) = check_against_server(specs, ServerCatalog.from_client(webui_client))
+    assert problem.startswith("stage 1 (txt2img): sampler_name 'Eulr a' is not on the server; choose one of: Euler a, Euler, ")
+    assert problem.endswith("(did you mean 'Euler a'?) (in 'pack #1 sampler_name=Eulr a r1', 'pack #1 sampler_name=Eulr a r2', 'pack #1 sampler_name=Eulr a r3' and 3 more)")
+
+
+def test_a_name_bad_in_every_job_is_reported_once_without_the_jobs(tmp_path, webui_client):
+    specs = prompt_pack(tmp_path, ["Euler"], stage='scheduler = "Karas"')
+    catalog = ServerCatalog.from_client(webui_client)
+    assert check_against_server(specs, catalog) == [
+        "stage 1 (txt2img): scheduler 'Karas' is not on the server; choose one of: "
+        + ", ".join(scheduler["label"] for scheduler in webui_client._call("GET", "/sdapi/v1/schedulers"))
+        + " (did you mean 'Karras'?)"
+    ]
+
+
+def test_old_combined_names_are_split_on_a_server_that_splits_them(tmp_path, webui_client):
+    specs = prompt_pack(tmp_path, ["DPM++ 2M Karras", "Euler a"])
+    catalog = ServerCatalog.from_client(webui_client)
+    assert check_against_server(specs, catalog) == []
+    split, notes = split_sampler_names(specs, catalog)
+    assert notes == ["sampler_name 'DPM++ 2M Karras' is sampler 'DPM++ 2M' with scheduler 'Karras' on this server; sent so"]
+    assert {(job.stages[0].settings["sampler_name"], job.stages[0].settings.get("scheduler")) for job in split} == {
+        ("DPM++ 2M", "Karras"), ("Euler a", None),
+    }  # fmt: skip
+    result = webui_client.txt2img({"prompt": "p", "steps": 2, "width": 64, "height": 64, **split[0].stages[0].settings})
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in result.infotexts[0]
+
+
+def test_a_stage_that_sets_its_scheduler_keeps_the_combined_name(tmp_path, webui_client):
+    specs = prompt_pack(tmp_path, ["DPM++ 2M Karras"], stage='scheduler = "Exponential"')
+    assert split_sampler_names(specs, ServerCatalog.from_client(webui_client)) == (specs, [])
+
+
+@pytest.mark.parametrize("sim_settings", ["1.7"], indirect=True)
+def test_the_recorded_server_has_no_schedulers_and_knows_the_combined_names(tmp_path, webui_client):
+    catalog = ServerCatalog.from_client(webui_client)
+    assert catalog.schedulers is None and catalog.vaes == Choices(()) and catalog.loras == Choices(())
+    specs = prompt_pack(tmp_path, ["DPM++ 2M Karras", "DPM++ 2M Kras"])
+    assert split_sampler_names(specs, catalog) == (specs, [])
+    (problem,) = check_against_server(specs, catalog)
+    assert problem.startswith("stage 1 (txt2img): sampler_name 'DPM++ 2M Kras' is not on the server; choose one of: ")
+    assert "UniPC, LCM (did you mean 'DPM++ 2M Karras'?) (in 'pack #1 sampler_name=DPM++ 2M Kras r1'" in problem
+
+
+def test_loras_vaes_and_adetailers_names_are_checked(catalog):
+    catalog = attrs.evolve(catalog, loras=Choices(("detail",), frozenset({"det"})), vaes=Choices(("kl-f8.pt",)))
+    job = spec(
+        {"type": "adetailer", "ad_model": "face_yolov8n.pt", "ad_prompt": "<lora:detial:0.5>",
+         "ad_sampler": "Euler b", "ad_vae": "kl.pt", "ad_checkpoint": "Use same checkpoint"},
+        prompt="a <lora:detail:0.8> cat <lora:det:1> <lora:missing:1>",
+        settings={"override_settings": {"sd_vae": "Automatic"}},
+    )  # fmt: skip
+    assert [_without_choices(problem) for problem in preflight(job, catalog)] == [
+        "prompt: LoRA 'missing' is not on the server",
+        "stage 2 (adetailer): ad_prompt: LoRA 'detial' is not on the server (did you mean 'detail'?)",
+        "stage 2 (adetailer): ad_sampler 'Euler b' is not on the server (did you mean 'Euler a'?)",
+        "stage 2 (adetailer): ad_vae 'kl.pt' is not on the server (did you mean 'kl-f8.pt'?)",
+    ]

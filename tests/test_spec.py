@@ -10,7 +10,7 @@ import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
+from sdjobs.expand import load_jobs
 from sdjobs.spec import JobFileError, JobSpec, StageSpec, load_job
 from sdjobs.webui_fields import FIELDS
 
@@ -35,9 +35,16 @@ def error_of(data: object, source: str | None = "jobs/x.toml") -> str:
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.toml")), ids=lambda path: path.name)
 def test_every_example_loads(path):
-    spec = load_job(path, rng=random.Random(1))
-    assert spec.source == path
-    assert spec.stages[0].type == "txt2img"
+    for spec in load_jobs(path, rng=random.Random(1)):
+        assert spec.source == path
+        assert spec.stages[0].type == "txt2img"
+
+
+def test_the_prompt_pack_is_24_jobs_named_by_variation():
+    jobs = load_jobs(EXAMPLES / "prompt-pack.toml")
+    assert len({job.name for job in jobs}) == 24
+    assert "prompt pack #2 cfg_scale=7 r3" in {job.name for job in jobs}
+    assert not any("__" in job.prompt for job in jobs)
 
 
 def test_demo_runs_the_four_stage_types_in_order():

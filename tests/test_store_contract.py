@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from sdjobs.clock import FakeClock
-from sdjobs.spec import JobSpec, load_job
+from sdjobs.expand import load_jobs
+from sdjobs.spec import JobSpec
 from sdjobs.sqlite_store import SQLiteStore
 from sdjobs.status import CancelMode, JobState, StageResult
 from sdjobs.store import InvalidState, JobRecord, NotHeld, Store, UnknownJob, WorkerInfo
@@ -134,8 +135,8 @@ def test_a_spec_read_back_from_json_equals_the_one_submitted(spec, extra, checkp
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.toml")), ids=lambda path: path.name)
 def test_every_example_job_survives_storage(path):
-    spec = load_job(path)
-    assert JobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    for spec in load_jobs(path):
+        assert JobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 
 def test_a_stage_result_read_back_from_json_equals_the_one_recorded():

@@ -1,7 +1,9 @@
 """What the recorded server had installed: samplers, upscalers, models, scripts, options.
 
 The lists were taken from the recorded A1111 (`tests/data/traces/meta_*.json`) and are
-shipped in `data/catalog.json`, so the simulator works without the test data.
+shipped in `data/catalog.json`, so the simulator works without the test data.  A1111
+1.10's differences (samplers split from schedulers, `/sdapi/v1/schedulers`, the
+`scheduler` request fields) are laid over them from `data/a1111_1_10.json`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 import attrs
 
 VERSION = "1.7.0"  # what the recorded dev checkout (c8a5322d) reported
+#: The A1111 versions the simulator plays: the recorded one, and 1.10.
+VERSIONS = ("1.7", "1.10")
 ADETAILER_SCRIPT = "adetailer"
 _SELECTABLE_TXT2IMG = ("prompt matrix", "prompts from file or textbox", "x/y/z plot")
 
@@ -28,11 +32,24 @@ class Catalog:
 
     data: dict[str, Any] = attrs.field(repr=False)
     request_fields: dict[str, dict[str, dict[str, Any]]] = attrs.field(repr=False)
+    version: str = VERSION
 
     @classmethod
     @functools.cache
-    def load(cls) -> Catalog:
-        return cls(_load("catalog.json"), _load("request_fields.json"))
+    def load(cls, version: str = VERSIONS[0]) -> Catalog:
+        """The lists of the A1111 `version` plays (one of `VERSIONS`)."""
+        data, fields = _load("catalog.json"), _load("request_fields.json")
+        if version == VERSIONS[0]:
+            return cls(data, fields)
+        overlay = _load("a1111_1_10.json")
+        data = {**data, "samplers": overlay["samplers"], "schedulers": overlay["schedulers"]}
+        fields = {kind: {**spec, **overlay["request_fields"].get(kind, {})} for kind, spec in fields.items()}
+        return cls(data, fields, overlay["version"])
+
+    @property
+    def splits_samplers(self) -> bool:
+        """Whether samplers and schedulers are apart (1.9+), with `/sdapi/v1/schedulers`."""
+        return "schedulers" in self.data
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -43,6 +60,25 @@ class Catalog:
 
     def sampler_exists(self, name: str) -> bool:
         return any(sampler["name"] == name for sampler in self.data["samplers"])
+
+    def sampler_and_scheduler(self, name: str, scheduler: str | None) -> tuple[str, str | None] | None:
+        """`get_sampler_and_scheduler` (1.9+): the sampler and scheduler label a request
+        means, an old combined name split ("DPM++ 2M Karras"); None for an unknown sampler.
+
+        An unknown scheduler silently becomes "Automatic", as in A1111.  Before 1.9 a
+        name is a sampler or nothing, and the scheduler is None.
+        """
+        if not self.splits_samplers:
+            return (name, None) if self.sampler_exists(name) else None
+        labels = {key: entry["label"] for entry in self.data["schedulers"]
+                  for key in (entry["name"], entry["label"], *(entry["aliases"] or ()))}  # fmt: skip
+        if self.sampler_exists(name):
+            return name, labels.get(scheduler or "", "Automatic")
+        for label in dict.fromkeys(labels.values()):
+            sampler = name.removesuffix(f" {label}")
+            if sampler != name and self.sampler_exists(sampler):
+                return sampler, label
+        return None
 
     def upscaler_exists(self, name: str) -> bool:
         return any(upscaler["name"] == name for upscaler in self.data["upscalers"])

@@ -6,6 +6,7 @@ import argparse
 import errno
 import threading
 
+from .catalog import VERSIONS
 from .profiles import PROFILES
 from .server import SimulatedWebUI
 from .settings import SimSettings
@@ -22,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=list(PROFILES), default="flat", help=f"cost of steps and of the decode after a pass's last step, by width x height x batch (default: %(default)s). {_PROFILES_HELP}")
     parser.add_argument("--faces", default="1", metavar="N|A-B", help="faces ADetailer finds per image: N, or a count drawn from A-B seeded by --fault-seed (default: %(default)s)")
     parser.add_argument("--api-auth", metavar="USER:PASS", help="protect /sdapi/v1/* with HTTP Basic, like A1111's --api-auth")
+    parser.add_argument("--a1111", choices=VERSIONS, default=VERSIONS[0], metavar="VERSION", help="which A1111 to play: 1.7 (the recorded server) or 1.10 (samplers split from schedulers, /sdapi/v1/schedulers, 400 for an unknown sampler) (default: %(default)s)")
     parser.add_argument("--nowebui", action="store_true", help="API only, like A1111's --nowebui: no /internal/* routes")
     faults = parser.add_argument_group("faults")
     faults.add_argument("--progress-error-rate", type=float, default=0.0, metavar="RATE", help="share of /sdapi/v1/progress calls that fail with 500")
@@ -51,6 +53,7 @@ def settings_from(args: argparse.Namespace) -> SimSettings:
         stop_after_steps=args.stop_after_steps,
         fault_seed=args.fault_seed,
         profile=args.profile,
+        version=args.a1111,
     )
 
 

@@ -51,6 +51,7 @@ class Generation:
         kind: "txt2img" or "img2img".
         params: The request with every field filled in.
         sampler: `sampler_name or sampler_index`, known to exist.
+        scheduler: The scheduler's label on a server that splits them (1.9+), else None.
         seed, subseed: Resolved (never -1).
         init_images: Decoded init images (img2img).
         adetailer: What ADetailer will do, if anything.
@@ -63,6 +64,7 @@ class Generation:
     subseed: int
     init_images: Sequence[Image.Image] = ()
     adetailer: AdetailerRun | None = None
+    scheduler: str | None = None
 
     @property
     def hires(self) -> bool:
@@ -268,6 +270,7 @@ class _Run:
         info = GenerationInfo(
             params=p,
             sampler=g.sampler,
+            scheduler=g.scheduler,
             seed=g.seed,
             subseed=g.subseed,
             extra=g.extra_generation_params(),

@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from .catalog import VERSION, Catalog
+from .catalog import Catalog
 
 
 def _quote(value: Any) -> Any:
@@ -26,6 +26,7 @@ class GenerationInfo:
     Attributes:
         params: The validated request.
         sampler: The sampler used (`sampler_name or sampler_index`).
+        scheduler: The scheduler's label (1.9+; "Automatic" is not written), or None.
         seed, subseed: The resolved seeds of the first image.
         extra: `extra_generation_params` (hires, denoising, ADetailer).
         job_timestamp: The job's `state.job_timestamp`.
@@ -38,6 +39,7 @@ class GenerationInfo:
     extra: Mapping[str, Any]
     job_timestamp: str
     catalog: Catalog = attrs.field(repr=False)
+    scheduler: str | None = None
 
     @property
     def image_count(self) -> int:
@@ -53,6 +55,7 @@ class GenerationInfo:
         fields: dict[str, Any] = {
             "Steps": p["steps"],
             "Sampler": self.sampler,
+            "Schedule type": None if self.scheduler == "Automatic" else self.scheduler,
             "CFG scale": p["cfg_scale"],
             "Image CFG scale": p.get("image_cfg_scale"),
             "Seed": self.seed_of(index),
@@ -64,7 +67,7 @@ class GenerationInfo:
             "Variation seed strength": p["subseed_strength"] or None,
             "Tiling": True if p["tiling"] else None,
             **self.extra,
-            "Version": VERSION,
+            "Version": self.catalog.version,
         }
         text = ", ".join(
             key if key == value else f"{key}: {_quote(value)}"
@@ -114,7 +117,7 @@ class GenerationInfo:
                 "job_timestamp": self.job_timestamp,
                 "clip_skip": 1,
                 "is_using_inpainting_conditioning": False,
-                "version": VERSION,
+                "version": self.catalog.version,
             }
         )
 

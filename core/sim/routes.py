@@ -185,6 +185,9 @@ class Api:
             "extensions": "extensions",
         }.items():
             add("GET", f"{sdapi}/{path}", listing(key))
+        add("GET", f"{sdapi}/loras", lambda request, body: [])  # the recorded server had none
+        if self._catalog.splits_samplers:
+            add("GET", f"{sdapi}/schedulers", listing("schedulers"))
         add("GET", "/adetailer/v1/version", listing("adetailer_version"))
         add("GET", "/adetailer/v1/schema", listing("adetailer_schema"))
         add("GET", "/adetailer/v1/ad_model", listing("adetailer_models"))
@@ -217,9 +220,12 @@ class Api:
         script = params["script_name"]
         if script and not self._catalog.is_selectable_script(kind, script):
             raise ApiError.http(422, f"Script '{script}' not found")
-        sampler = params["sampler_name"] or params["sampler_index"]
-        if not self._catalog.sampler_exists(sampler):
-            raise ApiError.http(404, "Sampler not found")
+        resolved = self._catalog.sampler_and_scheduler(
+            params["sampler_name"] or params["sampler_index"], params.get("scheduler")
+        )
+        if resolved is None:  # 400 since 1.10 (#16140)
+            raise ApiError.http(400 if self._catalog.splits_samplers else 404, "Sampler not found")
+        sampler, scheduler = resolved
         for name in params["alwayson_scripts"] or {}:
             if self._catalog.is_selectable_script(kind, name):
                 raise ApiError.http(422, "Cannot have a selectable script in the always on scripts params")
@@ -229,6 +235,7 @@ class Api:
             kind=kind,
             params=params,
             sampler=sampler,
+            scheduler=scheduler,
             seed=params["seed"] if params["seed"] != -1 else random.randrange(_SEED_RANGE),
             subseed=params["subseed"] if params["subseed"] != -1 else random.randrange(_SEED_RANGE),
             init_images=[images.decode_image(encoded) for encoded in init_images],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import attrs
 
+from .catalog import VERSIONS
 from .profiles import PROFILES, Timing
 
 
@@ -77,6 +78,9 @@ class SimSettings:
         stop_after_steps: After this many sampling steps overall the process exits at
             once, as a crashed WebUI does: only for a simulator in a process of its own.
         fault_seed: Seed of the random choices: `progress_error_rate`, `faces`.
+        version: Which A1111 to play (`catalog.VERSIONS`): "1.7", the recorded
+            server, or "1.10": samplers split from schedulers, `/sdapi/v1/schedulers`,
+            400 for an unknown sampler.
     """
 
     step_time: float = attrs.field(default=0.15, validator=_non_negative)
@@ -98,6 +102,7 @@ class SimSettings:
         default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
     )
     fault_seed: int = 0
+    version: str = attrs.field(default=VERSIONS[0], validator=attrs.validators.in_(VERSIONS))
 
     @property
     def timing(self) -> Timing:
