@@ -528,6 +528,24 @@ class WebUIClient:
     def sd_models(self) -> Sequence[Mapping[str, Any]]:
         return self._call("GET", "/sdapi/v1/sd-models", expect=list)
 
+    def schedulers(self) -> Sequence[Mapping[str, Any]] | None:
+        """The schedulers of A1111 1.9 and later; None for an older server (404), whose sampler names carry them."""
+        return self._optional_list("/sdapi/v1/schedulers")
+
+    def sd_vae(self) -> Sequence[Mapping[str, Any]] | None:
+        """The VAEs the server can load; None when it does not list them (404)."""
+        return self._optional_list("/sdapi/v1/sd-vae")
+
+    def loras(self) -> Sequence[Mapping[str, Any]] | None:
+        """The LoRAs the server has; None when it does not list them (404)."""
+        return self._optional_list("/sdapi/v1/loras")
+
+    def _optional_list(self, path: str) -> Sequence[Mapping[str, Any]] | None:
+        try:
+            return self._call("GET", path, expect=list)
+        except WebUINotFound:
+            return None
+
     def adetailer_models(self) -> Sequence[str] | None:
         """ADetailer's model names; None when the extension is not installed."""
         path = "/adetailer/v1/ad_model"

@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import attrs
-from sdjobs.client import WebUINotFound
 from sdjobs.spec import JobSpec, StageSpec, did_you_mean
 from sdjobs.webui_fields import ADETAILER_FIELDS
 
@@ -51,17 +50,17 @@ _SAMPLER_PAIRS = (("sampler_name", "scheduler", "settings"), ("hr_sampler_name",
 
 
 class CatalogSource(Protocol):
-    """The part of `WebUIClient` a catalog is read from: decoded JSON of each route.
-
-    `schedulers`, `sd_vae` and `loras` (None for a route the server lacks) are
-    optional: a client without them is asked through its generic `_call`.
-    """
+    """The part of `WebUIClient` a catalog is read from: decoded JSON of each route
+    (None for an optional route the server lacks)."""
 
     def samplers(self) -> list[dict[str, Any]]: ...
     def upscalers(self) -> list[dict[str, Any]]: ...
     def sd_models(self) -> list[dict[str, Any]]: ...
     def adetailer_models(self) -> list[str] | None: ...
     def adetailer_schema(self) -> dict[str, Any] | None: ...
+    def schedulers(self) -> list[dict[str, Any]] | None: ...
+    def sd_vae(self) -> list[dict[str, Any]] | None: ...
+    def loras(self) -> list[dict[str, Any]] | None: ...
 
 
 @attrs.frozen
@@ -123,9 +122,9 @@ class ServerCatalog:
             client.sd_models,
             client.adetailer_models,
             client.adetailer_schema,
-            lambda: _optional_list(client, "schedulers", "/sdapi/v1/schedulers"),
-            lambda: _optional_list(client, "sd_vae", "/sdapi/v1/sd-vae"),
-            lambda: _optional_list(client, "loras", "/sdapi/v1/loras"),
+            client.schedulers,
+            client.sd_vae,
+            client.loras,
         )
         with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="sdjobs-preflight") as pool:
             samplers, upscalers, models, ad_models, schema, schedulers, vaes, loras = pool.map(lambda call: call(), calls)
@@ -154,15 +153,6 @@ class ServerCatalog:
             )  # fmt: skip
         except (KeyError, TypeError, AttributeError) as exc:
             raise CatalogError(f"the server's lists are not shaped as A1111's ({type(exc).__name__}: {exc})") from exc
-
-
-def _optional_list(client: Any, method: str, path: str) -> Any:
-    """The list the client's `method` gives, or the generic call's answer at `path`; None for a 404."""
-    call = getattr(client, method, None)
-    try:
-        return call() if call is not None else client._call("GET", path, expect=list)
-    except WebUINotFound:
-        return None
 
 
 def split_sampler(name: str, catalog: ServerCatalog) -> tuple[str, str] | None:

@@ -205,7 +205,7 @@ def test_a_name_bad_in_every_job_is_reported_once_without_the_jobs(tmp_path, web
     catalog = ServerCatalog.from_client(webui_client)
     assert check_against_server(specs, catalog) == [
         "stage 1 (txt2img): scheduler 'Karas' is not on the server; choose one of: "
-        + ", ".join(scheduler["label"] for scheduler in webui_client._call("GET", "/sdapi/v1/schedulers"))
+        + ", ".join(scheduler["label"] for scheduler in webui_client.schedulers())
         + " (did you mean 'Karras'?)"
     ]
 
