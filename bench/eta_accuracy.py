@@ -6,7 +6,9 @@ at 25 %, 50 % and 75 % of the run with the truth (when the blocking request
 returned).  Runs of a server that follows task ids are replayed twice: as
 sdjobs follows them (task mode) and as it would without task ids (global mode).
 
-Run: python bench/eta_accuracy.py
+Run: python bench/eta_accuracy.py [--traces-only]
+
+With the simulated runs of `eta_sim.py` too (each cost profile, about a minute).
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-
-from sdjobs.progress import StageTracker
-from sdjobs.spec import ASSUMED_FACES, StagePlan, StageSpec, img2img_steps
+from sdjobs.progress import RequestShape, StageTracker
+from sdjobs.spec import StagePlan, StageSpec
 from sdjobs.status import ProgressInfo, TaskProgress
 
 TRACES = Path(__file__).resolve().parents[1] / "tests" / "data" / "traces"
@@ -66,19 +67,28 @@ class Run:
     samples: tuple[Sample, ...]
 
     def tracker(self) -> StageTracker:
-        """A tracker planned as sdjobs plans this request (ADetailer: one face assumed)."""
+        """A tracker planned as sdjobs plans this request: its passes, their sizes, one face assumed."""
         settings = {key: value for key, value in self.request.items() if key != "alwayson_scripts"}
-        plan = StagePlan.of(StageSpec(type=self.endpoint, settings=settings), None)
-        steps, passes = plan.steps, plan.passes
-        ad_args = self.request.get("alwayson_scripts", {}).get("ADetailer", {}).get("args", [])
+        scripts = {name.lower(): script for name, script in self.request.get("alwayson_scripts", {}).items()}
+        ad_args = scripts.get("adetailer", {}).get("args", [])
         tab = next((arg for arg in ad_args if isinstance(arg, dict)), None)
-        if tab is not None:
-            n_iter = settings.get("n_iter", 1)
-            ad_steps = tab["ad_steps"] if tab.get("ad_use_steps") else settings.get("steps", 50)
-            face = img2img_steps(ad_steps, tab.get("ad_denoising_strength", 0.4))
-            steps += n_iter * ASSUMED_FACES * face
-            passes += n_iter * ASSUMED_FACES
-        return StageTracker(requests=1, steps_per_request=steps, passes_per_request=passes)
+        kind = self.endpoint
+        if tab is not None and len(ad_args) > 1 and ad_args[1] is True and kind == "img2img":
+            kind = "adetailer"  # skip_img2img: only the faces are sampled
+        shape = RequestShape.of(kind, settings, tab)
+        plan = StagePlan.of(StageSpec(type=self.endpoint, settings=settings), None)
+        steps = sum(p.steps or 0 for p in shape.passes) * shape.iterations
+        passes = len(shape.passes) * shape.iterations
+        if shape.face is not None:
+            steps += shape.iterations * shape.faces * (shape.face.steps or 0)
+            passes += shape.iterations * shape.faces
+        return StageTracker(
+            requests=1,
+            steps_per_request=max(steps, 1),
+            passes_per_request=passes,
+            images_per_request=plan.iterations,
+            shape=shape,
+        )
 
     def at(self, share: float) -> float:
         """The time `share` of the way through the run."""
@@ -190,46 +200,85 @@ def etas_at(run: Run, shares: tuple[float, ...] = POINTS) -> list[tuple[float | 
 
 
 def _cell(estimate: float | None, truth: float) -> str:
-    return "—" if estimate is None else f"{estimate - truth:+.1f}"
+    return "—" if estimate is None else f"{100 * (estimate - truth) / truth:+.0f}%"
 
 
-def _mean(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.2f}" if values else "—"
+#: Runs left out of the accuracy figures: the truth is not a finished run (an interrupt).
+INTERRUPTED = ("05_txt2img_20steps_interrupt_at_40pct.jsonl",)
 
 
-def main() -> None:
-    # errors[who][point]: absolute errors in seconds; "a1111 where ours" only where sdjobs has an estimate too
+def errors_of(runs: list[Run]) -> tuple[list[str], dict[str, list[list[float]]], int]:
+    """Table rows and absolute % errors per point: `ours`, `a1111` (all its points), `paired`
+    (A1111 where sdjobs has an estimate too); and how many points had two timed steps but no estimate."""
     errors: dict[str, list[list[float]]] = {who: [[] for _ in POINTS] for who in ("ours", "a1111", "paired")}
-    print("| run | mode | length s | " + " | ".join(f"{p:.0%}: ours / A1111" for p in POINTS) + " |")
-    print("| --- | --- | ---: |" + " ---: |" * len(POINTS))
-    for run in all_runs():
+    rows, missing = [], 0
+    for run in runs:
         cells = []
         for i, (ours, theirs) in enumerate(etas_at(run)):
             truth = run.returned - run.at(POINTS[i])
             if ours is not None:
-                errors["ours"][i].append(abs(ours - truth))
+                errors["ours"][i].append(100 * abs(ours - truth) / truth)
+            elif _timed_steps(run, run.at(POINTS[i])) >= 2:
+                missing += 1
             if theirs is not None:
-                errors["a1111"][i].append(abs(theirs - truth))
+                errors["a1111"][i].append(100 * abs(theirs - truth) / truth)
                 if ours is not None:
-                    errors["paired"][i].append(abs(theirs - truth))
+                    errors["paired"][i].append(100 * abs(theirs - truth) / truth)
             cells.append(f"{_cell(ours, truth)} / {_cell(theirs, truth)}")
         name = run.trace.removesuffix(".jsonl") + (f" ({run.request['force_task_id']})" if run.task_mode else "")
         mode = "task" if run.task_mode else "global"
-        print(f"| {name} | {mode} | {run.returned - run.sent:.1f} | " + " | ".join(cells) + " |")
-    print()
-    print("Mean absolute error in seconds (n: points with an estimate):")
-    print()
-    print("| estimate | " + " | ".join(f"{p:.0%}" for p in POINTS) + " | all | n |")
-    print("| --- |" + " ---: |" * (len(POINTS) + 2))
-    for who, label in (
-        ("ours", "sdjobs (step rate)"),
-        ("paired", "A1111 `eta_relative`, same points"),
-        ("a1111", "A1111 `eta_relative`, all points"),
-    ):
+        rows.append(f"| {name} | {mode} | {run.returned - run.sent:.1f} | " + " | ".join(cells) + " |")
+    return rows, errors, missing
+
+
+def _timed_steps(run: Run, moment: float) -> int:
+    """Steps of our job seen (>= 1, so timed) by `moment`, as the tracker counts them."""
+    seen = set()
+    for sample, tracker in replay(run):
+        if sample.t > moment:
+            break
+        if tracker.running and tracker.step is not None and tracker.step >= 1:
+            seen.add((tracker.image, tracker.steps, tracker.step))
+    return len(seen)
+
+
+def _summary(label: str, errors: dict[str, list[list[float]]], missing: int) -> list[str]:
+    out = []
+    for who, name in (("ours", "sdjobs"), ("paired", "A1111, same points"), ("a1111", "A1111, all points")):
+        cells = []
+        for point in errors[who]:
+            cells.append(f"{statistics.median(point):.0f} / {max(point):.0f}" if point else "—")
         every = [error for point in errors[who] for error in point]
-        cells = " | ".join(_mean(point) for point in errors[who])
-        print(f"| {label} | {cells} | {_mean(every)} | {len(every)} |")
+        whole = f"{statistics.median(every):.0f} / {max(every):.0f}" if every else "—"
+        n = len(every)
+        out.append(f"| {label} | {name} | " + " | ".join(cells) + f" | {whole} | {n} |" + (f" {missing} |" if who == "ours" else " |"))
+    return out
+
+
+def main(simulated: bool = True) -> None:
+    print("| run | mode | length s | " + " | ".join(f"{p:.0%}: sdjobs / A1111" for p in POINTS) + " |")
+    print("| --- | --- | ---: |" + " ---: |" * len(POINTS))
+    sets = [("traces", [run for run in all_runs() if run.trace not in INTERRUPTED])]
+    if simulated:
+        from eta_sim import BASE_SIZE, simulated_runs
+
+        sets += [(f"sim {profile}", simulated_runs((profile,))) for profile in BASE_SIZE]
+    summaries = []
+    for label, runs in sets:
+        rows, errors, missing = errors_of(runs)
+        print("\n".join(rows))
+        summaries += _summary(label, errors, missing)
+    print()
+    print("Absolute error in % of the true time left, median / worst (n: points with an estimate;")
+    print("missed: points past the second timed step with no estimate):")
+    print()
+    print("| runs | estimate | " + " | ".join(f"{p:.0%}" for p in POINTS) + " | all | n | missed |")
+    print("| --- | --- |" + " ---: |" * (len(POINTS) + 3))
+    print("\n".join(summaries))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main(simulated="--traces-only" not in sys.argv)

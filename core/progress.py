@@ -36,13 +36,24 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from itertools import accumulate
+from typing import Any, Protocol
 
 import attrs
-
+from sdjobs.spec import ASSUMED_FACES, img2img_steps, multiple_of_8
 from sdjobs.status import ProgressInfo, TaskProgress
 
-__all__ = ["UNFINISHED_CAP", "JobTracker", "StageTracker", "StallEvent", "StallWatch"]
+__all__ = [
+    "UNFINISHED_CAP",
+    "JobTracker",
+    "PassShape",
+    "Prior",
+    "RequestShape",
+    "StageTracker",
+    "StallEvent",
+    "StallWatch",
+]
 
 #: The most a stage shows until it finishes: the server never reports its last
 #: step, and a 1.0 between passes (before ADetailer) is not completion.
@@ -178,33 +189,205 @@ class _GlobalOwnership:
         return True
 
 
-@attrs.define
-class _StepRate:
-    """Seconds per sampling step, timed from one seen step to a later one of the same pass.
+#: How a step's cost grows with the work in it (pixels × batch) until the run or a prior
+#: shows it: as its square root.  Measured growth for 4× the pixels spans 1.4× (a CPU at
+#: 64²) to 3.3× and more (a GPU past 1 Mpx); the square root (2×) is the middle of that
+#: range in ratio terms, and a hires pass replaces it with its own rate from its second
+#: timed step on.
+_WORK_EXPONENT = 0.5
 
-    The time to a pass's first step is never counted: it hides the model's
-    warm-up (3-4 s against 1.5 s a step on the recorded server).
+#: The rate follows the steps of the last this-many steps of a pass (or all, when fewer).
+_RECENT_STEPS = 4
+
+#: What is left of a phase (a step, a decode) that has run past its expected length, as a
+#: share of that length: it is late, so not nearly done, but its end cannot be far.
+_OVERDUE_SHARE = 0.25
+
+#: The tail after a pass's last step, in steps of that pass, until the stage has shown one:
+#: a decode costs from a sixth of a step (a CPU at 64²) to two (a GPU at 1024² and up).
+_UNSEEN_TAIL_STEPS = 0.5
+
+#: A quiet phase (a decode and save after a pass's last step, ADetailer's detection) is a
+#: stall only once it has run this many times its expected length.
+_QUIET_ALLOWANCE = 2.0
+
+MAIN, HIRES, FACE, EXTRA = "main", "hires", "face", "extra"
+
+
+@attrs.frozen
+class PassShape:
+    """One sampling pass a request is expected to run (what the server counts as one job).
+
+    Attributes:
+        steps: Its sampling steps; 0 for a pass the server counts but samples nothing in
+            (ADetailer's skipped img2img); None when unknown (it will show them).
+        pixels: Pixels of one image it samples.
+        batch: Images it samples together.
+        kind: `main`, `hires`, `face` (ADetailer's inpaint of one face) or `extra` (a
+            pass the server added that no plan knew of).
+        handoff: The image goes on to another pass (hires) instead of being decoded and saved.
     """
 
-    _mark: tuple[int, int, float] | None = None
-    _seconds: float = 0.0
-    _steps: int = 0
-
-    def observe(self, job_no: int, step: int, now: float) -> None:
-        """`step` (>= 1) of pass `job_no` was first seen at `now`."""
-        if self._mark is not None and self._mark[0] == job_no and step > self._mark[1]:
-            self._seconds += now - self._mark[2]
-            self._steps += step - self._mark[1]
-        self._mark = (job_no, step, now)
-
-    def restart(self) -> None:
-        """A new request: its first step is timed from nothing before it."""
-        self._mark = None
+    steps: int | None
+    pixels: int = 512 * 512
+    batch: int = 1
+    kind: str = MAIN
+    handoff: bool = False
 
     @property
-    def per_step(self) -> float | None:
-        """None until two steps have been seen."""
-        return self._seconds / self._steps if self._steps else None
+    def work(self) -> float:
+        return float(max(self.pixels, 1) * max(self.batch, 1))
+
+
+@attrs.frozen
+class RequestShape:
+    """The passes one request is expected to run, in the server's order.
+
+    Each of `iterations` images runs `passes` (the main pass, then hires); after
+    them, when ADetailer is on, a detection, then one `face` pass per face found
+    (`faces` assumed until the server counts them).
+
+    Attributes:
+        passes: One iteration's sampling passes.
+        iterations: `n_iter`.
+        face: ADetailer's inpaint pass for one face; None without ADetailer.
+        faces: Faces assumed per image until the detection has run.
+    """
+
+    passes: tuple[PassShape, ...]
+    iterations: int = 1
+    face: PassShape | None = None
+    faces: int = ASSUMED_FACES
+
+    @classmethod
+    def of(
+        cls, kind: str, settings: Mapping[str, Any], adetailer: Mapping[str, Any] | None = None
+    ) -> RequestShape:
+        """The shape of one `txt2img`, `img2img` or `adetailer` request with these WebUI settings.
+
+        `adetailer` is ADetailer's tab (`ad_*` keys) when ADetailer runs on it
+        (always for an `adetailer` stage); `settings` give the image size as sent.
+        """
+        get = settings.get
+        width, height = int(get("width") or 512), int(get("height") or 512)
+        steps, batch = int(get("steps") or 50), int(get("batch_size") or 1)
+        size = width * height
+        if kind == "adetailer":  # img2img with `skip_img2img`: nothing sampled before the faces
+            passes: tuple[PassShape, ...] = (PassShape(0, size, batch),)
+            adetailer = adetailer if adetailer is not None else {}
+        elif kind == "txt2img" and get("enable_hr"):
+            hires = _hires_pixels(width, height, settings)
+            second = int(get("hr_second_pass_steps") or steps)
+            passes = (PassShape(steps, size, batch, handoff=True), PassShape(second, hires, batch, HIRES))
+            size = hires
+        elif kind == "txt2img":
+            passes = (PassShape(steps, size, batch),)
+        else:
+            denoising = get("denoising_strength")
+            passes = (PassShape(img2img_steps(steps, 0.75 if denoising is None else denoising), size, batch),)
+        face = None
+        if adetailer is not None:
+            ad_steps = int(adetailer.get("ad_steps") or 28) if adetailer.get("ad_use_steps") else steps
+            face_steps = img2img_steps(ad_steps, adetailer.get("ad_denoising_strength", 0.4))
+            face = PassShape(face_steps, size, 1, FACE)
+        return cls(passes, int(get("n_iter") or 1), face)
+
+    @classmethod
+    def even(cls, steps: int | None, passes: int, iterations: int) -> RequestShape:
+        """A shape from counts alone: `passes` passes of equal size sharing `steps`."""
+        per_image = max(passes // iterations, 1)
+        each = None if steps is None else max(round(steps / (per_image * iterations)), 1)
+        shape = tuple(PassShape(each, 1, handoff=i < per_image - 1) for i in range(per_image))
+        return cls(shape, iterations)
+
+    def sequence(self, faces: list[int]) -> list[tuple[PassShape, bool]]:
+        """`(pass, detection before it)` by `job_no`, with `faces` known for the first images."""
+        out: list[tuple[PassShape, bool]] = []
+        for image in range(self.iterations):
+            out += [(shape, False) for shape in self.passes]
+            if self.face is not None:
+                known = image < len(faces)
+                out += [(self.face, not known and i == 0) for i in range(faces[image] if known else self.faces)]
+        return out
+
+
+def _hires_pixels(width: int, height: int, settings: Mapping[str, Any]) -> int:
+    x, y = int(settings.get("hr_resize_x") or 0), int(settings.get("hr_resize_y") or 0)
+    if x and y:
+        return multiple_of_8(x) * multiple_of_8(y)
+    if x:
+        return multiple_of_8(x) * multiple_of_8(x * height / width)
+    if y:
+        return multiple_of_8(y * width / height) * multiple_of_8(y)
+    scale = float(settings.get("hr_scale") or 2.0)
+    return multiple_of_8(width * scale) * multiple_of_8(height * scale)
+
+
+class Prior(Protocol):
+    """What is known of a server before a run shows it (from its history); seconds, None: no idea.
+
+    The tracker asks only for what the running request has not shown yet: its
+    own timed steps, tails and detections always win.
+    """
+
+    def seconds_per_step(self, pixels: int, batch: int) -> float | None:
+        """One sampling step at this size."""
+
+    def warmup(self) -> float | None:
+        """From a request's first sample to its first step shown, less two steps' time."""
+
+    def tail(self, pixels: int, batch: int) -> float | None:
+        """The decode and save after an image's last pass, while the last step shows."""
+
+    def detection(self) -> float | None:
+        """ADetailer's detection of one image's faces."""
+
+
+@attrs.define
+class _Learned:
+    """What the stage's requests have shown so far, for the passes still to come.
+
+    Attributes:
+        rates: `(work, seconds per step)` of each timed pass, latest last (the pass
+            being sampled is updated as its steps come).
+        tails: `handoff -> (work, seconds)` of the latest pass ended: after the last
+            step showed, until the next pass began (or the request returned).
+        lead: Seconds before a later pass's first step beyond its steps (conditioning).
+        warmup: The same for a request's first pass (the model warming up).
+        detection: Seconds of ADetailer's detection of one image.
+    """
+
+    rates: list[tuple[float, float]] = attrs.field(factory=list)
+    tails: dict[bool, tuple[float, float]] = attrs.field(factory=dict)
+    lead: float | None = None
+    warmup: float | None = None
+    detection: float | None = None
+
+
+@attrs.define
+class _PassLog:
+    """One pass of the request in flight as seen: when it began, its steps first seen."""
+
+    begun: float
+    marks: list[tuple[int, float]] = attrs.field(factory=list)
+    steps: int | None = None
+    last_at: float | None = None
+    rate_index: int | None = None
+
+    def recent_rate(self) -> float | None:
+        """Seconds per step over this pass's last `_RECENT_STEPS` steps; None before two marks."""
+        if len(self.marks) < 2:
+            return None
+        last_step, last_t = self.marks[-1]
+        for step, t in reversed(self.marks[:-1]):
+            if last_step - step >= _RECENT_STEPS:
+                break
+        return (last_t - t) / (last_step - step)
+
+
+def _late(expected_left: float, length: float) -> float:
+    """What is left of a phase expected to end in `expected_left` (negative: late)."""
+    return max(expected_left, _OVERDUE_SHARE * length, 0.0)
 
 
 @attrs.define
@@ -220,10 +403,14 @@ class _Request:
         last: The last reading with step detail.
         job_no: The pass being sampled.
         raw_steps: The last `sampling_steps` seen; 0: none.
-        steps_before: Steps run in the passes before this one.
         at: `(job_no, step)` last seen, and `at_since`, when first seen.
         server_eta: The server's ETA and when it was read, once past its start.
         signature: What the last reading showed, and `moved_at`, when that changed.
+        logs: Each pass seen, by `job_no`.
+        faces: Faces ADetailer found in its first images, as the server counted them.
+        image_end: When the pass before a pending ADetailer detection ended.
+        count: The server's latest `job_count`, as it rises.
+        sent: When it was sent.
     """
 
     done: float = 0.0
@@ -233,12 +420,16 @@ class _Request:
     last: _Reading | None = None
     job_no: int = 0
     raw_steps: int = 0
-    steps_before: int = 0
     at: tuple[int, int] | None = None
     at_since: float = 0.0
     server_eta: tuple[float, float] | None = None
     signature: tuple | None = None
     moved_at: float = 0.0
+    logs: dict[int, _PassLog] = attrs.field(factory=dict)
+    faces: list[int] = attrs.field(factory=list)
+    image_end: float | None = None
+    sent: float = 0.0
+    count: int | None = None
 
 
 def _at_least(low: int):
@@ -270,12 +461,18 @@ class StageTracker:
         steps: Sampling steps of the current pass; None while not yet known.
         queue_position: `(i, n)` while the server holds our request in its queue.
         running: The latest sample that could tell says our job is the one running.
+        shape: The passes one request runs, with their sizes (`RequestShape.of`);
+            None: `passes_per_request` passes of equal size sharing `steps_per_request`.
+        prior: What the server's history says (`Prior`), used only for what the
+            running stage has not shown yet; None: nothing.
     """
 
     requests: int = attrs.field(default=1, validator=_at_least(1))
     steps_per_request: int | None = attrs.field(default=None, validator=_at_least(1))
     passes_per_request: int = attrs.field(default=1, validator=_at_least(1))
     images_per_request: int = attrs.field(default=1, validator=_at_least(1))
+    shape: RequestShape | None = attrs.field(default=None, kw_only=True)
+    prior: Prior | None = attrs.field(default=None, kw_only=True)
 
     progress: float = attrs.field(default=0.0, init=False)
     step: int | None = attrs.field(default=None, init=False)
@@ -292,8 +489,13 @@ class StageTracker:
     _durations: list[float] = attrs.field(factory=list, init=False)
     _returned: int = attrs.field(default=0, init=False)
     _request: _Request = attrs.field(factory=_Request, init=False)
-    _pass_steps: int | None = attrs.field(default=None, init=False)
-    _rate: _StepRate = attrs.field(factory=_StepRate, init=False)
+    _learned: _Learned = attrs.field(factory=_Learned, init=False)
+
+    @property
+    def _shape(self) -> RequestShape:
+        if self.shape is not None:
+            return self.shape
+        return RequestShape.even(self.steps_per_request, self.passes_per_request, self.images_per_request)
 
     # -- events ---------------------------------------------------------------
 
@@ -306,8 +508,7 @@ class StageTracker:
         self._in_flight, self._task_mode, self.running = True, task_mode, False
         self._owner = None if task_mode else _GlobalOwnership.after(baseline)
         self._sent_at = now
-        self._request = _Request(moved_at=now)
-        self._rate.restart()
+        self._request = _Request(moved_at=now, sent=now)
 
     def fold(self, info: ProgressInfo | None, task: TaskProgress | None, now: float) -> bool:
         """Fold one sample; True if anything shown (progress, step x/y, queue) changed.
@@ -327,6 +528,7 @@ class StageTracker:
         """The request in flight answered: its share counts as done."""
         if not self._in_flight:
             return
+        self._end_passes(self._request.job_no + 1, now, returned=True)
         self._in_flight, self.running, self.queue_position = False, False, None
         self._durations.append(now - self._sent_at)
         self._returned = min(self._returned + 1, self.requests)
@@ -341,8 +543,9 @@ class StageTracker:
 
     @property
     def seconds_per_step(self) -> float | None:
-        """Observed seconds per sampling step; None until two steps have been seen."""
-        return self._rate.per_step
+        """Seconds per sampling step over the latest steps seen; None until two steps have been seen."""
+        rates = self._learned.rates
+        return rates[-1][2] if rates else None
 
     @property
     def image(self) -> tuple[int, int] | None:
@@ -364,11 +567,18 @@ class StageTracker:
     def eta(self, now: float) -> float | None:
         """Seconds left in this stage; None ("calculating...") while nothing sensible is known.
 
-        From the observed step rate once two steps have been seen, counting the
-        passes still to come (rest of this pass, hires pass, later iterations,
-        ADetailer's faces) and the requests still to send.  The server's own
-        figure only when its samples show no steps at all, and only once it is
-        past its start (A1111's is wild while the model warms up).
+        The request in flight is priced pass by pass (`RequestShape`): the rest
+        of the pass being sampled at the rate of its latest steps, then the decode
+        and save after its last step (the tail, as long as the last one seen, in
+        proportion to the image's pixels; one step until one is seen), then each
+        pass still to come (hires, later iterations, ADetailer's detection and
+        faces: one assumed per image until the server counts them; passes the
+        server adds that no plan knew of, priced as the last one), each at a rate
+        timed at its size or scaled from the nearest one timed.  The requests
+        still to send are timed by those already done.  A `prior` fills in only
+        what the stage has not shown.  The server's own figure only when its
+        samples show no steps at all, and only once it is past its start
+        (A1111's is wild while the model warms up).
         """
         if self._finished:
             return 0.0
@@ -389,10 +599,14 @@ class StageTracker:
 
         None unless the latest sample shows our job running: queued behind
         another job is not a stall, and neither is a poller that gets no answer.
+        A quiet phase the run expects (the decode and save after a pass's last
+        step, ADetailer's detection) counts only once it has run past
+        `_QUIET_ALLOWANCE` times its expected length.
         """
         if not self.running or self._blind:
             return None
-        return now - self._request.moved_at
+        quiet = now - self._request.moved_at
+        return max(quiet - _QUIET_ALLOWANCE * self._quiet_expected(), 0.0) if quiet > 0 else quiet
 
     # -- folding ----------------------------------------------------------------
 
@@ -422,6 +636,9 @@ class StageTracker:
         signature = (reading.job_no, reading.job_count, reading.step, reading.fraction)
         if signature != request.signature:
             request.signature, request.moved_at = signature, now
+        request.logs.setdefault(request.job_no, _PassLog(begun=now))
+        if reading.job_count is not None:
+            self._note_count(reading.job_count, now)
         if reading.step is not None and reading.steps is not None:
             self._note_step(reading, now)
         if reading.fraction is not None:
@@ -435,20 +652,20 @@ class StageTracker:
         if request.at is not None and (reading.job_no, step) < request.at:
             return  # a step never goes back within one job: a glitch, ignored like a lower value
         if reading.job_no != request.job_no:
-            if reading.job_no > request.job_no:
-                request.steps_before += (reading.job_no - request.job_no) * (self.steps or 0)
+            self._end_passes(reading.job_no, now)
             request.job_no, self.steps = reading.job_no, None
+            request.logs[reading.job_no] = _PassLog(begun=now)
         # `sampling_steps` keeps the last pass's value until this pass samples: trust
         # it from the first step on, or once it changes.
         fresh = step >= 1 or request.raw_steps not in (0, reading.steps)
         if fresh and reading.steps:
-            self.steps = self._pass_steps = reading.steps
+            self.steps = reading.steps
         request.raw_steps = reading.steps or 0
         self.step, request.last = step, reading
         if (reading.job_no, step) != request.at:
             request.at, request.at_since = (reading.job_no, step), now
             if step >= 1:
-                self._rate.observe(reading.job_no, step, now)
+                self._note_mark(step, now)
 
     def _note_fraction(self, fraction: float, job_count: int | None) -> None:
         """Move the request's share forward; when the server adds passes, rescale the rest.
@@ -480,31 +697,210 @@ class StageTracker:
 
     def _request_eta(self, now: float) -> float | None:
         request = self._request
-        rate, steps_left = self._rate.per_step, self._steps_left()
-        if rate is not None and steps_left is not None:
-            return max(0.0, request.at_since + steps_left * rate - now)
-        if request.last is None and request.server_eta is not None:  # a server that shows no steps
-            eta, at = request.server_eta
-            return max(0.0, eta - (now - at))
-        return None
-
-    def _steps_left(self) -> int | None:
-        """Sampling steps left in the request in flight, as far as the last reading tells."""
-        request = self._request
-        reading, pass_steps = request.last, self.steps or self._pass_steps
-        if reading is None or pass_steps is None:
+        if request.last is None:
+            if request.server_eta is not None:  # a server that shows no steps
+                eta, at = request.server_eta
+                return max(0.0, eta - (now - at))
             return None
-        in_pass = reading.job_count is None or reading.job_no < reading.job_count
-        current = max(pass_steps - 1 - reading.step, 0) if in_pass else 0  # step N-1 ends a pass
-        following = reading.job_no + 1 if in_pass else reading.job_no
-        planned = max(self.passes_per_request - following, 0)
-        added = max((reading.job_count or 0) - max(self.passes_per_request, following), 0)
-        if planned and self.steps_per_request:
-            run = request.steps_before + (pass_steps if in_pass else 0)
-            planned_steps = max(self.steps_per_request - run, 0)
+        sequence = self._sequence()
+        j = request.job_no
+        if j >= len(sequence):  # every pass is done: the last one's tail runs until the answer
+            if not sequence or self._rate_at(sequence[-1][0]) is None:
+                return None
+            last = request.logs.get(len(sequence) - 1)
+            tail = self._tail(sequence[-1][0])
+            return _late((last.last_at if last and last.last_at is not None else now) + tail - now, tail)
+        shape, detect = sequence[j]
+        rate = self._rate_at(shape)
+        if rate is None:
+            return None
+        log = request.logs.get(j)
+        if detect:
+            detection = self._detection()
+            since = request.image_end if request.image_end is not None else (log.begun if log else now)
+            left = _late(since + detection - now, detection) + self._pass_cost(shape, j)
+        elif log is not None and log.marks:
+            steps = self._steps_of(shape, log)
+            step, seen = log.marks[-1]
+            tail = self._tail(shape)
+            if step < steps - 1:
+                left = _late(seen + (steps - 1 - step) * rate - now, rate) + tail
+            else:
+                left = _late((log.last_at or seen) + tail - now, tail)
         else:
-            planned_steps = planned * pass_steps
-        return current + planned_steps + added * pass_steps
+            steps = self._steps_of(shape, log)
+            if steps == 0:
+                left = 0.0
+            else:
+                begun = log.begun if log is not None else now
+                head = self._lead(j) + min(steps, 2) * rate
+                left = _late(begun + head - now, rate) + max(steps - 2, 0) * rate + self._tail(shape)
+        for later, (shape, detect) in enumerate(sequence[j + 1 :], start=j + 1):
+            left += (self._detection() if detect else 0.0) + self._pass_cost(shape, later)
+        return left
+
+    # -- the passes of the request in flight ---------------------------------------
+
+    def _sequence(self) -> list[tuple[PassShape, bool]]:
+        """The request's passes by `job_no`, with the faces counted so far and any passes added."""
+        request, shape = self._request, self._shape
+        sequence = shape.sequence(request.faces)
+        if self.shape is None and self.steps_per_request and request.job_no + 1 < len(sequence):
+            # counts alone: the passes still to come share the steps the passes seen left
+            j = request.job_no
+            seen = sum(self._steps_of(sequence[i][0], request.logs.get(i)) for i in range(j + 1))
+            later = len(sequence) - j - 1
+            each = max(round((self.steps_per_request - seen) / later), 1)
+            sequence = sequence[: j + 1] + [(attrs.evolve(s, steps=each), d) for s, d in sequence[j + 1 :]]
+        count = request.job_count or 0
+        if count > len(sequence):  # the server added passes no plan knew of
+            last = sequence[-1][0] if sequence else PassShape(None)
+            sequence += [(attrs.evolve(last, kind=EXTRA, handoff=False), False)] * (count - len(sequence))
+        return sequence
+
+    def _note_count(self, count: int, now: float) -> None:
+        """The server's count of passes; a rise after an image is ADetailer's faces."""
+        request, shape = self._request, self._shape
+        before, request.count = request.count, count
+        if before is None or count <= before or shape.face is None or len(request.faces) >= shape.iterations:
+            return
+        request.faces.append(count - before)
+        if request.image_end is not None:
+            self._learned.detection = now - request.image_end
+            request.image_end = None
+        request.logs[request.job_no] = _PassLog(begun=now)  # its first face begins now
+
+    def _end_passes(self, job_no: int, now: float, *, returned: bool = False) -> None:
+        """The passes before `job_no` are over at `now`: learn the tail of the one that ran last.
+
+        The last pass's tail runs until the answer (the server saves and encodes
+        the images after counting its last pass done), so it is learned on `returned`.
+        """
+        request = self._request
+        sequence = self._sequence()
+        if not sequence or (job_no >= len(sequence) and not returned):
+            return
+        current = min(request.job_no, len(sequence) - 1)
+        log = request.logs.get(current)
+        if log is not None and log.last_at is not None:
+            shape = sequence[current][0]
+            self._learned.tails[shape.handoff] = (shape.work, now - log.last_at)
+        if job_no < len(sequence) and sequence[job_no][1]:
+            request.image_end = now  # ADetailer now looks for the faces of the image just made
+
+    def _note_mark(self, step: int, now: float) -> None:
+        """Step `step` (>= 1) of the current pass was first seen at `now`."""
+        request, learned = self._request, self._learned
+        j = request.job_no
+        log = request.logs.setdefault(j, _PassLog(begun=request.sent))
+        sequence = self._sequence()
+        if j < len(sequence) and sequence[j][1]:  # sampling where a face was assumed: none was found
+            request.faces.append(0)
+            request.image_end = None
+            sequence = self._sequence()
+        shape = sequence[j][0] if j < len(sequence) else PassShape(None)
+        log.marks.append((step, now))
+        if self.steps:
+            log.steps = self.steps
+        if log.last_at is None and step >= self._steps_of(shape, log) - 1:
+            log.last_at = now
+        rate = log.recent_rate()
+        if rate is None and j > 0:  # a later pass's first steps, timed from its start
+            rate = (now - log.begun - (learned.lead or 0.0)) / (step + 1)
+        if rate is None or rate <= 0:
+            return
+        entry = (shape.pixels, shape.batch, rate)
+        if log.rate_index is None:
+            log.rate_index = len(learned.rates)
+            learned.rates.append(entry)
+        else:
+            learned.rates[log.rate_index] = entry
+        if len(log.marks) == 2:  # what came before the first steps, beyond their own time
+            first_step, first_seen = log.marks[0]
+            head = max(first_seen - log.begun - (first_step + 1) * rate, 0.0)
+            if j == 0:
+                learned.warmup = head
+            else:
+                learned.lead = head
+
+    def _steps_of(self, shape: PassShape, log: _PassLog | None) -> int:
+        if log is not None and log.steps:
+            return log.steps
+        if shape.steps is not None:
+            return shape.steps
+        return self.steps or 1
+
+    def _rate_at(self, shape: PassShape) -> float | None:
+        """Seconds per step of a pass of this shape: timed at its size, else scaled from the latest timed."""
+        rates = self._learned.rates
+        if not rates:
+            return None if self.prior is None else self.prior.seconds_per_step(shape.pixels, shape.batch)
+        same = [rate for pixels, batch, rate in rates if (pixels, batch) == (shape.pixels, shape.batch)]
+        if same:
+            return same[-1]
+        pixels, batch, rate = rates[-1]
+        if self.prior is not None:
+            there = self.prior.seconds_per_step(pixels, batch)
+            here = self.prior.seconds_per_step(shape.pixels, shape.batch)
+            if there and here:
+                return rate * here / there
+        return rate * (shape.work / (max(pixels, 1) * max(batch, 1))) ** _WORK_EXPONENT
+
+    def _tail(self, shape: PassShape) -> float:
+        """The decode and save after a pass's last step (or the hand-over to hires)."""
+        seen = self._learned.tails.get(shape.handoff)
+        if seen is not None:
+            work, seconds = seen
+            return seconds * shape.work / work
+        if not shape.handoff and self.prior is not None:
+            prior = self.prior.tail(shape.pixels, shape.batch)
+            if prior is not None:
+                return prior
+        return _UNSEEN_TAIL_STEPS * (self._rate_at(shape) or 0.0)
+
+    def _lead(self, job_no: int) -> float:
+        """Seconds before a pass's first steps beyond their own: warm-up for a request's first."""
+        learned = self._learned
+        if job_no == 0:
+            if learned.warmup is not None:
+                return learned.warmup
+            prior = None if self.prior is None else self.prior.warmup()
+            return prior or 0.0
+        return learned.lead or 0.0
+
+    def _detection(self) -> float:
+        learned = self._learned
+        if learned.detection is not None:
+            return learned.detection
+        prior = None if self.prior is None else self.prior.detection()
+        if prior is not None:
+            return prior
+        main = self._shape.passes[0] if self._shape.passes else PassShape(None)
+        return self._rate_at(main) or 0.0
+
+    def _pass_cost(self, shape: PassShape, job_no: int) -> float:
+        steps = self._steps_of(shape, None)
+        if steps == 0:
+            return 0.0
+        rate = self._rate_at(shape) or 0.0
+        return self._lead(job_no) + steps * rate + self._tail(shape)
+
+    def _quiet_expected(self) -> float:
+        """How long the run expects the phase it is in to show nothing: a tail or a detection."""
+        request = self._request
+        if not self._in_flight or request.last is None:
+            return 0.0
+        sequence = self._sequence()
+        j = request.job_no
+        if j >= len(sequence):
+            return 0.0
+        shape, detect = sequence[j]
+        if detect:
+            return self._detection()
+        log = request.logs.get(j)
+        if log is not None and log.last_at is not None:
+            return self._tail(shape)
+        return 0.0
 
 
 def _costs(instance: object, attribute: attrs.Attribute, costs: tuple[float, ...]) -> None:

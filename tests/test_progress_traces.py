@@ -12,7 +12,6 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
-
 from sdjobs.progress import UNFINISHED_CAP
 
 _BENCH = Path(__file__).resolve().parents[1] / "bench" / "eta_accuracy.py"
@@ -62,7 +61,7 @@ def test_trace_01_eta_is_calculating_until_the_second_step_then_close_to_the_tru
     assert first[1].step == 2  # steps 0 and 1 give none: the first hides the warm-up
     (ours, theirs), = eta_accuracy.etas_at(run, (0.5,))
     truth = run.returned - run.at(0.5)
-    assert abs(ours - truth) < 3.0
+    assert abs(ours - truth) < 0.5 * truth  # its steps took 1.5 to 2.4 s: a rate can be that far off
     assert abs(ours - truth) < abs(theirs - truth)
 
 
@@ -111,8 +110,12 @@ def test_trace_14_task_and_global_mode_agree():
 def test_bench_prints_its_table_and_beats_a1111_on_the_same_points():
     out = io.StringIO()
     with redirect_stdout(out):
-        eta_accuracy.main()
-    rows = {line.split("|")[1].strip(): line for line in out.getvalue().splitlines() if line.startswith("|")}
-    ours = float(rows["sdjobs (step rate)"].split("|")[-3])
-    theirs = float(rows["A1111 `eta_relative`, same points"].split("|")[-3])
-    assert ours < theirs
+        eta_accuracy.main(simulated=False)
+    rows = {
+        tuple(cell.strip() for cell in line.split("|")[1:3]): line
+        for line in out.getvalue().splitlines()
+        if line.startswith("| traces |")
+    }
+    median = lambda row: float(row.split("|")[6].split("/")[0])
+    assert median(rows["traces", "sdjobs"]) < median(rows["traces", "A1111, same points"])
+    assert rows["traces", "sdjobs"].rstrip(" |").endswith("| 0")  # an estimate wherever two steps were timed
