@@ -1,7 +1,9 @@
 """The `sdjobs` command.
 
 Exit status: 0 every job done; 1 a job failed (or the WebUI could not be
-reached); 2 bad usage or bad input, and then nothing ran; 130 cancelled.
+reached); 2 bad usage or bad input (a queue file that cannot be used too), and
+then nothing ran; 130 cancelled with Ctrl-C; 143 stopped by SIGTERM, the running
+job back in the queue.
 """
 
 from __future__ import annotations
@@ -10,22 +12,25 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import attrs
-
 from sdjobs import frontend as frontends
 from sdjobs import machine
 from sdjobs.client import DEFAULT_URL, WebUIClient
-from sdjobs.exits import EXIT_CANCELLED, EXIT_FAILED, EXIT_USAGE
+from sdjobs.exits import EXIT_CANCELLED, EXIT_FAILED, EXIT_TERMINATED, EXIT_USAGE
 from sdjobs.hooks import Hooks, describe_plugins, make_plugin_manager
 from sdjobs.job import JobSettings
 from sdjobs.polling import DEFAULT_POLL_INTERVAL, POLL_INTERVAL_RANGE
 from sdjobs.runner import Runner
 from sdjobs.spec import JobFileError, JobSpec, load_job
+from sdjobs.sqlite_store import QUEUE_ENV, SQLiteStore, queue_path
 from sdjobs.status import JobState
+from sdjobs.store import StoreError
+from sdjobs.worker import Worker
 
 DEMO_JOB = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 STALL_AFTER = attrs.fields(JobSettings).stall_after.default
@@ -130,13 +135,23 @@ def _add_run_options(parser: argparse.ArgumentParser, frontend_names: Collection
     )
 
 
+def _add_queue_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queue", type=Path, metavar="PATH", help=f"the queue file (default: ${QUEUE_ENV}, else queue.db in the user's data folder)")
+
+
+def _add_webui_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--webui", metavar="URL", help=f"the WebUI (default: $SDJOBS_WEBUI, else {DEFAULT_URL})")
+    parser.add_argument("--auth", metavar="USER:PASS", help="HTTP Basic credentials (--api-auth); default $SDJOBS_WEBUI_AUTH")
+
+
 def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
     """The command line; ``frontend_names`` are listed in the help of ``--frontend``."""
     parser = argparse.ArgumentParser(
         prog="sdjobs",
         description="Run multi-stage Stable Diffusion jobs (txt2img → img2img → ADetailer → upscale) "
         "against an AUTOMATIC1111-compatible WebUI, with live progress.",
-        epilog="Exit status: 0 all jobs done, 1 a job failed, 2 bad usage or input, 130 cancelled.",
+        epilog="Exit status: 0 all jobs done, 1 a job failed, 2 bad usage or input, 130 cancelled (Ctrl-C), "
+        "143 stopped by SIGTERM (the running job stays queued, to resume).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -144,14 +159,29 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
     demo.add_argument("--step-time", type=_positive_seconds, metavar="S", help="simulator seconds per sampling step")
     _add_run_options(demo, frontend_names)
 
-    run = commands.add_parser("run", help="run job files one after another")
+    run = commands.add_parser("run", help="run job files one after another (queued, so they survive a kill)")
     run.add_argument("jobs", nargs="+", type=Path, metavar="JOB.toml")
-    run.add_argument("--webui", metavar="URL", help=f"the WebUI (default: $SDJOBS_WEBUI, else {DEFAULT_URL})")
-    run.add_argument("--auth", metavar="USER:PASS", help="HTTP Basic credentials (--api-auth); default $SDJOBS_WEBUI_AUTH")
+    _add_webui_options(run)
+    _add_queue_option(run)
     _add_run_options(run, frontend_names)
+
+    worker = commands.add_parser("worker", help="run the jobs of the queue, waiting for more until stopped")
+    worker.add_argument("--until-empty", action="store_true", help="stop when no job is queued or running")
+    _add_webui_options(worker)
+    _add_queue_option(worker)
+    _add_run_options(worker, frontend_names)
+
+    queue = commands.add_parser("queue", help="the durable queue of jobs")
+    queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+    add = queue_commands.add_parser("add", help="queue job files; prints each job's id and name")
+    add.add_argument("jobs", nargs="+", type=Path, metavar="JOB.toml")
+    add.add_argument("--priority", type=int, default=0, metavar="N", help="higher runs sooner (default: 0)")
+    add.add_argument("--paused", action="store_true", help="held back until resumed")
+    _add_queue_option(add)
 
     check = commands.add_parser("check", help="validate job files and print their plans")
     check.add_argument("jobs", nargs="+", type=Path, metavar="JOB.toml")
+    _add_queue_option(check)
 
     sim = commands.add_parser("sim", help="serve the simulated WebUI")
     from sdjobs.sim import cli as sim_cli
@@ -174,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, JobFileError, frontends.FrontendError) as exc:
+    except (UsageError, JobFileError, frontends.FrontendError, StoreError) as exc:
         print(f"sdjobs: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -212,18 +242,47 @@ def _make_out_dir(path: Path) -> None:
         raise UsageError(f"--out {path}: cannot create the folder: {exc.strerror or exc}") from None
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    specs = _load_jobs(args.jobs)
+def _open_store(args: argparse.Namespace) -> SQLiteStore:
+    """The queue file of ``--queue`` or ``$SDJOBS_QUEUE``; one that cannot be used is a `StoreError`."""
+    return SQLiteStore(queue_path(args.queue))
+
+
+def _client(args: argparse.Namespace) -> WebUIClient:
     url = args.webui or os.environ.get("SDJOBS_WEBUI") or DEFAULT_URL
     auth = _credentials(args.auth or os.environ.get("SDJOBS_WEBUI_AUTH"))
     try:
-        client = WebUIClient(url, auth=auth)
+        return WebUIClient(url, auth=auth)
     except ValueError as exc:  # the message shows the URL without credentials
         raise UsageError(f"--webui / SDJOBS_WEBUI: {exc}") from None
-    with client:
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Queue the files for this process alone and run them, as a worker that runs only its own jobs."""
+    return _work(args, add=_load_jobs(args.jobs))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    return _work(args, until_empty=args.until_empty)
+
+
+def _work(args: argparse.Namespace, *, add: Sequence[JobSpec] = (), until_empty: bool = False) -> int:
+    with _client(args) as client:
         shown = _frontend(args)
         _make_out_dir(args.out)
-        return _run(specs, client, shown, args)
+        with _open_store(args) as store:
+            worker = Worker(store, _runner([], client, args), add=add, until_empty=until_empty, lease=store.lease)
+            status = _show(worker, shown)
+            if worker.handed_back is not None:
+                print(f"sdjobs: {worker.handed_back.describe()}", file=sys.stderr)
+            return status
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    specs = _load_jobs(args.jobs)
+    with _open_store(args) as store:
+        for record in store.add(specs, priority=args.priority, paused=args.paused):
+            print(f"{record.id}  {record.spec.name}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -261,10 +320,8 @@ def _frontend(args: argparse.Namespace) -> frontends.Frontend:
     return shown
 
 
-def _run(
-    specs: list[JobSpec], client: WebUIClient, shown: frontends.Frontend, args: argparse.Namespace
-) -> int:
-    runner = Runner(
+def _runner(specs: list[JobSpec], client: WebUIClient, args: argparse.Namespace) -> Runner:
+    return Runner(
         specs=specs,
         client=client,
         hooks=args.plugins.hooks,
@@ -276,15 +333,29 @@ def _run(
             preview=args.preview,
         ),
     )
-    status = shown.run(runner)
+
+
+def _run(specs: list[JobSpec], client: WebUIClient, shown: frontends.Frontend, args: argparse.Namespace) -> int:
+    return _show(_runner(specs, client, args), shown)
+
+
+def _show(session: Runner | Worker, shown: frontends.Frontend) -> int:
+    """Run ``session`` in the front end; SIGTERM meanwhile hands its running job back (143)."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: session.hand_back())
+    try:
+        status = shown.run(session)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if status is not None:
         return status
-    return exit_status(runner)
+    return exit_status(session)
 
 
-def exit_status(runner: Runner) -> int:
-    outcomes = set(runner.outcomes.values())
-    if runner.stopped:
+def exit_status(session: Runner | Worker) -> int:
+    outcomes = set(session.outcomes.values())
+    if session.handing_back:
+        return EXIT_TERMINATED
+    if session.stopped:
         return EXIT_CANCELLED
     if JobState.FAILED in outcomes:
         return EXIT_FAILED
@@ -318,6 +389,8 @@ COMMANDS = {
     "frontends": cmd_frontends,
     "machine": cmd_machine,
     "plugins": cmd_plugins,
+    "queue": cmd_queue,
     "run": cmd_run,
     "sim": cmd_sim,
+    "worker": cmd_worker,
 }

@@ -8,3 +8,5 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 #: Cancelled with Ctrl-C, or the Tk window closed mid-job.
 EXIT_CANCELLED = 130
+#: Stopped by SIGTERM: the running job went back to the queue, to resume where it was.
+EXIT_TERMINATED = 143

@@ -28,8 +28,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
-from transitions import EventData
-
 from sdjobs.hooks import Hooks, PluginError
 from sdjobs.machine import AWAITING_ANSWER, END_STATES, new_machine
 from sdjobs.outputs import JobFolder, read_parameters
@@ -38,6 +36,7 @@ from sdjobs.polling import DEFAULT_POLL_INTERVAL, PollRequest, Report
 from sdjobs.progress import JobTracker, StageTracker, StallEvent, StallWatch
 from sdjobs.stage import Request, StageRun
 from sdjobs.status import CancelMode, JobState, RuntimeStatus, StageResult
+from transitions import EventData
 
 if TYPE_CHECKING:
     from sdjobs.client import GenerationResult, WebUIClient
@@ -115,10 +114,11 @@ class Job:
         status: The latest snapshot, as last handed to hooks.
         stage: The running stage; None outside stages.
         deadline: When the answer the job waits for is late (monotonic seconds); None when it waits for none.
+        detached: Another worker holds the job now (`detach`).
         finished_before: The stages an earlier attempt finished (read back from the store): the job
             resumes after them, from the last one's images, and never runs them again.
-        record: Called with each finished stage once its images and the manifest are on disk, before
-            the next stage starts (the runner records it in the store); raising fails the job.
+        record: Called with each finished stage once its images are on disk, before its manifest is
+            rewritten and the next stage starts (the runner records it in the store); raising fails the job.
     """
 
     spec: JobSpec
@@ -137,6 +137,7 @@ class Job:
     status: RuntimeStatus = attrs.field(init=False)
     stage: StageRun | None = attrs.field(default=None, init=False)
     deadline: float | None = attrs.field(default=None, init=False)
+    detached: bool = attrs.field(default=False, init=False)
     _jobs: JobTracker = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -163,6 +164,13 @@ class Job:
     def outcome(self) -> JobState | None:
         """How the job ended; None until it has."""
         return JobState(self.state) if self.finished else None
+
+    def detach(self) -> None:
+        """Another worker holds the job now (the store took it back): from here on nothing is
+        written to its folder and no stage is recorded, so the new holder's work is never touched."""
+        self.detached = True
+        self.folder = None
+        self.record = None
 
     @property
     def awaiting_answer(self) -> bool:
@@ -349,7 +357,7 @@ class Job:
         source = stage.request.source
         fallback = read_parameters(source) if source else None
         seeds = result.seeds
-        for i, png in enumerate(result.images[first:]):
+        for i, png in enumerate(result.images[first:] if self.folder is not None else ()):  # None: detached
             path = self.folder.write_image(
                 stage.index,
                 stage.spec.type,
@@ -449,9 +457,9 @@ class Job:
         result = stage.result(self.clock() - stage.started, partial=partial)
         self.results.append(result)
         if not partial:
-            self._write_manifest()
-            if self.record is not None:
+            if self.record is not None:  # first: a job another worker holds now writes no manifest
                 self.record(result)
+            self._write_manifest()
         self.hooks.stage_finished(self.status, result)
 
     def _problem_with(self, result: GenerationResult) -> str | None:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-
 from sdjobs.client import WebUIClient, WebUIError
 from sdjobs.hooks import Hooks
 from sdjobs.job import Job, JobSettings
@@ -32,7 +31,7 @@ from sdjobs.outputs import JobFolder, folder_name, new_job_id
 from sdjobs.preflight import CatalogError, ServerCatalog, preflight
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState, ProgressInfo, StageResult, TaskProgress
-from sdjobs.store import JobRecord, Store, StoreError
+from sdjobs.store import JobRecord, NotHeld, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +193,7 @@ class Runner:
     _events: queue.SimpleQueue = attrs.field(factory=queue.SimpleQueue, init=False)
     _current: str | None = attrs.field(default=None, init=False)
     _stop_queue: bool = attrs.field(default=False, init=False)
+    _hand_back: bool = attrs.field(default=False, init=False)
     _drained: bool = attrs.field(default=False, init=False)
     _checks: _ServerChecks = attrs.field(init=False)
 
@@ -222,23 +222,57 @@ class Runner:
             self._stop_queue = True  # set before `_current` is read, so no job slips through
         self._events.put((self._current, "cancel", {"mode": CancelMode(mode)}))
 
+    def hand_back(self) -> None:
+        """Stop as a cancel does, but hand the held job back to the store, to resume later
+        (SIGTERM, a second Ctrl-C).  Our running request is interrupted if it is ours; no
+        further job runs.  Safe from any thread, a signal handler included."""
+        self._hand_back = True
+        self.cancel(CancelMode.NOW, rest=True)
+
+    def let_go(self) -> None:
+        """The store gave the held job to another worker: stop it, writing nothing more."""
+        self._events.put((self._current, "let_go", {}))
+
     @property
     def stopped(self) -> bool:
         """A cancel asked to run no further job."""
         return self._stop_queue
 
-    def run_held(self, store: Store, worker_id: str, record: JobRecord) -> JobState:
+    @property
+    def handing_back(self) -> bool:
+        """`hand_back` was asked: the held job goes back to the queue."""
+        return self._hand_back
+
+    def run_held(self, store: Store, worker_id: str, record: JobRecord) -> JobState | None:
         """Run a job that ``worker_id`` claimed from ``store``, from its first unfinished stage.
 
         Each finished stage is recorded in the store before the next starts; the
-        job's end is recorded too.  Blocks until the job ends.
+        job's end is recorded too.  Blocks until the job ends.  Returns how it
+        ended, or None when it went back to the queue (`hand_back`, or a cancel
+        that came before it started) or when another worker holds it now (`NotHeld`;
+        then nothing more is written).
         """
         held = _Held(store, worker_id, record, self.out_dir.absolute())  # paths in the store outlive the cwd
         self._current = record.id
-        job = self._new_job(record.id, record.spec, held.folder, record.stages[: record.next_stage], held.stage_finished)
-        outcome = self.outcomes[record.id] = self._drive(job)
-        self._current = None
-        store.finish(record.id, worker_id, outcome, job.error)
+        try:
+            if self._stop_queue:  # read after `_current` is set: see `cancel`
+                store.release(record.id, worker_id)
+                return None
+            job = self._new_job(record.id, record.spec, held.folder, record.stages[: record.next_stage],
+                                held.stage_finished)  # fmt: skip
+            outcome = self._drive(job)
+            if job.detached:
+                return None  # another worker's now
+            if self._hand_back and outcome is JobState.CANCELLED:
+                store.release(record.id, worker_id)
+                return None
+            store.finish(record.id, worker_id, outcome, job.error)
+        except NotHeld as exc:
+            log.warning("%s", exc)
+            return None
+        finally:
+            self._current = None
+        self.outcomes[record.id] = outcome
         return outcome
 
     def _run_one(self, job_id: str, spec: JobSpec, folder: Callable[[], JobFolder]) -> JobState:
@@ -272,7 +306,12 @@ class Runner:
         except queue.Empty:
             pass
         else:
-            if job_id == job.job_id and not job.finished:  # else: for a job that has ended, or between jobs
+            if job_id != job.job_id or job.finished:
+                pass  # for a job that has ended, or between jobs
+            elif trigger == "let_go":
+                job.detach()
+                self._handle(job, "cancel", {"mode": CancelMode.NOW})
+            else:
                 self._handle(job, trigger, kwargs)
         # Also after an event: samples may keep coming while nothing moves (a stall).
         if not job.finished:
@@ -282,6 +321,11 @@ class Runner:
         """Fire ``trigger``; an error that is not the WebUI's fails the job, not the run."""
         try:
             job.trigger(trigger, **kwargs)
+        except NotHeld as exc:  # recording a stage: the store gave the job to another worker
+            log.warning("%s: %s; stopping it, writing nothing more", job.job_id, exc)
+            job.detach()
+            if not job.finished:
+                job.abort(error=str(exc))
         except Exception as exc:
             log.debug("job %s failed on %s", job.job_id, trigger, exc_info=True)
             if not job.finished:

@@ -18,6 +18,17 @@ settings.load_profile("ci" if __import__("os").environ.get("CI") else "dev")
 TRACES = Path(__file__).parent / "data" / "traces"
 
 
+@pytest.fixture(autouse=True)
+def queue_file(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's queue is a file of its own (`SDJOBS_QUEUE`, inherited by the commands it starts):
+    no test touches the user's data folder, and no two tests share a queue.  The data folder
+    itself moves too, for the commands a test starts without sdjobs' variables."""
+    folder = tmp_path_factory.mktemp("queue")
+    monkeypatch.setenv("XDG_DATA_HOME", str(folder / "data"))
+    monkeypatch.setenv("SDJOBS_QUEUE", str(folder / "queue.db"))
+    return folder / "queue.db"
+
+
 @pytest.fixture
 def canned_server() -> Iterator[Callable[[int, object], str]]:
     """A real HTTP server on 127.0.0.1 that answers every request with one canned reply.

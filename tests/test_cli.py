@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 from plugin_helpers import install_distribution
+from process_helpers import Lines, environment, sdjobs
 from runner_helpers import GENERATION_PATHS, requests_to
-
 from sdjobs.sim import SimSettings
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -37,24 +34,6 @@ type = "txt2img"
 type = "img2img"
 denoising_strength = 0.5
 """
-
-
-def environment() -> dict[str, str]:
-    """This process's environment without sdjobs' own variables, so only the arguments count."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("SDJOBS_")}
-
-
-def sdjobs(
-    *args: str | Path, timeout: float = 30.0, env: Mapping[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run the command; ``env`` adds to the environment (see `environment`)."""
-    return subprocess.run(
-        [sys.executable, "-m", "sdjobs", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=environment() | dict(env or {}),
-        timeout=timeout,
-    )
 
 
 @pytest.fixture
@@ -94,7 +73,9 @@ def test_run_writes_the_images_and_reports_in_json_lines(webui_sim, job_file, tm
         "01-txt2img/001.png",
         "02-img2img/001.png",
     ]
-    assert all((out / record["job_id"] / image).is_file() for image in ["01-txt2img/001.png", "02-img2img/001.png"])
+    [folder] = out.iterdir()  # <time>-<slug>-<short id>: the job id is the store's random one
+    assert folder.name.endswith(f"-lighthouse-{record['job_id'][:8]}")
+    assert all((folder / image).is_file() for image in ["01-txt2img/001.png", "02-img2img/001.png"])
 
 
 def test_a_bad_job_file_is_one_line_naming_the_file_and_the_key(webui_sim, job_file, tmp_path):
@@ -176,31 +157,6 @@ def test_an_out_folder_that_cannot_be_made_is_one_line_naming_it(webui_sim, job_
     assert bad.stdout == ""
     assert bad.stderr == f"sdjobs: error: --out {out}: cannot create the folder: Not a directory\n"
     assert webui_sim.requests == []
-
-
-class Lines:
-    """A pipe's lines, read on a thread as they come; a test can wait for one."""
-
-    def __init__(self, pipe) -> None:
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, args=(pipe,), daemon=True)
-        self._reader.start()
-
-    def _read(self, pipe) -> None:
-        for line in pipe:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-
-    def wait_for(self, text: str, timeout: float = 30.0) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: any(text in line for line in self.lines), timeout)
-
-    def text(self, timeout: float = 10.0) -> str:
-        """Everything, once the pipe has closed."""
-        self._reader.join(timeout)
-        return "".join(self.lines)
 
 
 @pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])

@@ -1,0 +1,231 @@
+"""`Worker`: runs jobs from the store, one at a time, until stopped.
+
+A worker registers in the store, keeps a heartbeat going on a thread of its own
+(every `lease`/4, so it is never counted gone while it lives), and claims one
+job after another, each run by a `Runner` (`Runner.run_held`) from its first
+unfinished stage.  When nothing is queued it waits for the next poll of the
+store, on an event, so that a stop is acted on at once.
+
+`sdjobs worker` runs every job of the queue; `sdjobs run` adds its files for
+itself (the worker owns them, so no other worker takes them while it lives)
+and runs only those.  A worker is the front ends' `Session`:
+
+- ``cancel(NOW, rest=True)`` (the first Ctrl-C) cancels the running job and
+  runs no further one; the jobs `sdjobs run` added and never started end
+  cancelled, the other queued jobs stay queued.
+- `hand_back` (SIGTERM, a second Ctrl-C) interrupts our running request and
+  hands the job back to the queue, resumable at its first unfinished stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+import attrs
+from sdjobs.runner import Runner
+from sdjobs.spec import JobSpec
+from sdjobs.status import CancelMode, JobState
+from sdjobs.store import DEFAULT_LEASE, JobRecord, NotHeld, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+#: Seconds an idle worker waits before it looks at the store again.
+DEFAULT_IDLE_POLL = 1.0
+
+
+@attrs.frozen
+class HandedBack:
+    """What a worker stopped by `Worker.hand_back` left in the queue.
+
+    Attributes:
+        job: The job it was running, back in the queue; None if it ran none.
+        waiting: How many of the jobs it would have run next stay queued.
+    """
+
+    job: JobRecord | None
+    waiting: int
+
+    def describe(self) -> str:
+        """`"interrupted: job 3fa2b1c0 will resume at stage 2; 3 jobs stay queued"`."""
+        resumes = (
+            f"job {self.job.short_id} will resume at stage {self.job.next_stage + 1}; "
+            if self.job
+            else ""
+        )
+        return f"interrupted: {resumes}{self.waiting} job{'s' * (self.waiting != 1)} stay{'s' * (self.waiting == 1)} queued"
+
+
+@attrs.define(eq=False)
+class Worker:
+    """Claims jobs from ``store`` and runs them with ``runner``.
+
+    Attributes:
+        store: The queue.
+        runner: Runs each claimed job; its hooks are the front ends'.
+        add: Jobs to add for this worker alone (`sdjobs run`): it then runs only
+            those, and stops when none of them is left queued.
+        until_empty: Stop when no job is queued or running, instead of waiting for more.
+        lease: The store's lease; the heartbeat beats four times in it.
+        idle_poll: Seconds between two looks at an empty queue.
+    """
+
+    store: Store
+    runner: Runner
+    add: Sequence[JobSpec] = ()
+    until_empty: bool = False
+    lease: float = DEFAULT_LEASE
+    idle_poll: float = DEFAULT_IDLE_POLL
+
+    handed_back: HandedBack | None = attrs.field(default=None, init=False)
+    _ids: list[str] | None = attrs.field(default=None, init=False)
+    _announced: set[str] = attrs.field(factory=set, init=False)
+    _last: str | None = attrs.field(default=None, init=False)
+    _worker_id: str = attrs.field(default="", init=False)
+    _rejoining: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    _stop: threading.Event = attrs.field(factory=threading.Event, init=False)
+    _error: BaseException | None = attrs.field(default=None, init=False)
+
+    @property
+    def outcomes(self) -> dict[str, JobState]:
+        """How each job this worker ran ended, in the order they ended."""
+        return self.runner.outcomes
+
+    @property
+    def stopped(self) -> bool:
+        """A cancel or a hand-back asked to run no further job."""
+        return self.runner.stopped
+
+    @property
+    def handing_back(self) -> bool:
+        """`hand_back` was asked: the running job goes back to the queue."""
+        return self.runner.handing_back
+
+    def cancel(self, mode: CancelMode = CancelMode.NOW, *, rest: bool = False) -> None:
+        """As `Runner.cancel`; with ``rest`` (or "after this job") an idle worker stops at once too."""
+        self.runner.cancel(mode, rest=rest)
+        if self.runner.stopped:
+            self._stop.set()
+
+    def hand_back(self) -> None:
+        """Stop, handing the running job back to the queue (see `Runner.hand_back`); from any thread."""
+        self.runner.hand_back()
+        self._stop.set()
+
+    def run(self) -> None:
+        """Run jobs until stopped; on the main thread, a `KeyboardInterrupt` hands the running job back.
+
+        The jobs run on a thread of their own, so that the interrupt never lands
+        inside a store transaction; this thread waits for it.  An error that
+        stopped the worker (a `StoreError`) is raised here.
+        """
+        work = threading.Thread(target=self._work, name="sdjobs-worker")
+        work.start()
+        try:
+            work.join()
+        except KeyboardInterrupt:
+            self.hand_back()
+            work.join()
+            raise
+        if self._error is not None:
+            raise self._error
+
+    def _work(self) -> None:
+        try:
+            self._worker_id = self.store.register_worker().id
+        except StoreError as exc:
+            self._error = exc
+            self.runner.hooks.queue_drained({})
+            return
+        beating = threading.Thread(
+            target=self._heartbeat, name="sdjobs-heartbeat", daemon=True
+        )
+        beating.start()
+        try:
+            self._claim_and_run()
+        except Exception as exc:  # noqa: BLE001  (raised again on the thread that runs the worker)
+            self._error = exc
+        finally:
+            self._stop.set()
+            beating.join()
+            self._leave()
+            self.runner.hooks.queue_drained(dict(self.outcomes))
+
+    def _claim_and_run(self) -> None:
+        if self.add:
+            self._ids = [
+                record.id for record in self.store.add(self.add, owner=self._worker_id)
+            ]
+            for record in map(self.store.get, self._ids):
+                self._announce(record)
+        server = self.runner.client.base_url  # without credentials
+        while not self.runner.stopped:
+            worker_id = self._worker_id
+            try:
+                record = self.store.claim(worker_id, server=server, ids=self._ids)
+            except NotHeld:
+                self._rejoin(worker_id)
+                continue
+            if record is None:
+                if self._ids is not None or (self.until_empty and self._empty()):
+                    return
+                self._stop.wait(self.idle_poll)
+                continue
+            self._announce(record)
+            self._last = record.id
+            self.runner.run_held(self.store, worker_id, record)
+
+    def _rejoin(self, gone: str) -> None:
+        """The store counted worker ``gone`` (this one) gone: register anew, once, whichever thread saw it first."""
+        with self._rejoining:
+            if self._worker_id == gone:
+                log.warning(
+                    "%s: this worker was counted gone; it registers again",
+                    self.store.location,
+                )
+                self._worker_id = self.store.register_worker().id
+
+    def _announce(self, record: JobRecord) -> None:
+        if record.id not in self._announced:
+            self._announced.add(record.id)
+            self.runner.hooks.job_queued(record.id, record.spec)
+
+    def _empty(self) -> bool:
+        """No job is running, and none is queued that a worker could claim."""
+        jobs = self.store.list()
+        paused = self.store.queue_paused()
+        return not any(
+            job.state is JobState.RUNNING or not (paused or job.paused) for job in jobs
+        )
+
+    def _heartbeat(self) -> None:
+        """Beat until the worker stops; if the store counted it gone, its running job is let go
+        (another worker may hold it by now) and the worker registers again."""
+        while not self._stop.wait(self.lease / 4):
+            worker_id = self._worker_id
+            try:
+                self.store.heartbeat(worker_id)
+            except NotHeld:
+                self.runner.let_go()
+                self._rejoin(worker_id)
+            except StoreError as exc:  # locked a while: the next beat may get through
+                log.warning("heartbeat: %s", exc)
+
+    def _leave(self) -> None:
+        """Unregister; the jobs `sdjobs run` added and never started end cancelled after a cancel,
+        stay queued after a hand-back."""
+        try:
+            self.store.unregister_worker(
+                self._worker_id
+            )  # a job it still held goes back to the queue
+            waiting = [job for job in self.store.list() if job.state is JobState.QUEUED
+                       and (self._ids is None or job.id in self._ids)]  # fmt: skip
+            if self.runner.handing_back:
+                last = next((job for job in waiting if job.id == self._last), None)
+                self.handed_back = HandedBack(last, len(waiting) - (last is not None))
+            elif self.runner.stopped and self._ids is not None:
+                for job in waiting:
+                    self.store.request_cancel(job.id)
+        except StoreError as exc:
+            log.warning("leaving the queue: %s", exc)

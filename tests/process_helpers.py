@@ -1,0 +1,79 @@
+"""The `sdjobs` command as a user runs it: in a process of its own, read as it writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+from sdjobs.sqlite_store import QUEUE_ENV
+
+#: The command, as `subprocess` takes it; arguments follow.
+SDJOBS = [sys.executable, "-m", "sdjobs"]
+
+
+def environment() -> dict[str, str]:
+    """This process's environment without sdjobs' own variables, so only the arguments count;
+    but the test's own queue file (see conftest), so no command touches the user's queue."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("SDJOBS_") or key == QUEUE_ENV
+    }
+
+
+def sdjobs(
+    *args: str | Path, timeout: float = 30.0, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the command; ``env`` adds to the environment (see `environment`)."""
+    return subprocess.run(
+        [*SDJOBS, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environment() | dict(env or {}),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def start(
+    *args: str | Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """Start the command, its stdout and stderr piped (read them with `Lines`); ``env`` as for `sdjobs`."""
+    return subprocess.Popen(
+        [*SDJOBS, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment() | dict(env or {}),
+    )
+
+
+class Lines:
+    """A pipe's lines, read on a thread as they come; a test can wait for one."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._reader.start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> bool:
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: any(text in line for line in self.lines), timeout
+            )
+
+    def text(self, timeout: float = 10.0) -> str:
+        """Everything, once the pipe has closed."""
+        self._reader.join(timeout)
+        return "".join(self.lines)
