@@ -34,9 +34,11 @@ from typing import Any
 import attrs
 from sdjobs.spec import (
     EXPANSION_KEYS,
+    InitImage,
     JobFileError,
     JobSpec,
     did_you_mean,
+    read_init_images,
     read_toml,
     toml_key,
 )
@@ -169,6 +171,7 @@ class _Expansion:
     # -- the keys --------------------------------------------------------------
 
     def prompts(self) -> list[_Prompt]:
+        """The file's prompts; none when it sets none, so each job keeps its own (its image's, else empty)."""
         given = [key for key in ("prompt", "prompts", "prompts_file") if key in self.data]
         if len(given) > 1:
             raise self.fail(given[1], f"a file sets one of prompt, prompts and prompts_file; this one sets {' and '.join(given)}")
@@ -188,7 +191,9 @@ class _Expansion:
             if not lines:
                 raise self.fail("prompts_file", f"{file} holds no prompts")
             return [_Prompt(text, file, f"prompt {index + 1}") for index, text in enumerate(lines)]
-        return [_Prompt(self.get("prompt", str, "a string", ""), self.path, "prompt")]
+        if "prompt" not in self.data:
+            return []
+        return [_Prompt(self.get("prompt", str, "a string", None), self.path, "prompt")]
 
     def matrix(self, stage_count: int) -> list[_Axis]:
         matrix = self.get("matrix", dict, "a table of arrays ([matrix])", {})
@@ -232,41 +237,60 @@ class _Expansion:
 
     # -- the jobs --------------------------------------------------------------
 
-    def combination(self, raw: Mapping[str, Any], axes: Sequence[_Axis], values: Sequence[Any]) -> JobSpec:
+    def combination(
+        self, raw: Mapping[str, Any], axes: Sequence[_Axis], values: Sequence[Any], images: tuple[InitImage, ...]
+    ) -> JobSpec:
         """The job of one combination of matrix values; a bad value is named by its matrix key."""
         raw = dict(raw)
         for axis, value in zip(axes, values, strict=True):
             axis.apply(raw, value)
         try:
-            return JobSpec.from_mapping(raw, self.path)
+            return JobSpec.from_mapping(raw, self.path, images=images)
         except JobFileError as error:
             for axis in axes:
                 if error.key is not None and (error.key == axis.target or error.key.startswith(axis.target + ".")):
                     raise self.fail(f"matrix.{toml_key(axis.key)}", error.message) from None
             raise
 
+    def image_groups(self) -> list[tuple[InitImage, ...]]:
+        """The inputs of each job before variations: one image each, all of them, or none."""
+        images = read_init_images(self.path, self.data)
+        if images and self.data.get("per_image", True) is not False:  # a per_image of the wrong type fails later
+            return [(image,) for image in images]
+        return [images]
+
     def jobs(self, rng: random.Random, limit: int) -> list[JobSpec]:
         prompts, count, policy, wildcards = self.prompts(), self.count(), self.seed_policy(), self.wildcards()
+        groups = self.image_groups()
         raw = {key: value for key, value in self.data.items() if key not in (*EXPANSION_KEYS, "prompt")}
-        base = JobSpec.from_mapping(raw, self.path, rng)  # checks the stages once; draws a seed of -1
-        axes = self.matrix(len(base.stages))
-        total = len(prompts) * math.prod(len(axis.values) for axis in axes) * count
+        # Checks the stages; takes each image's prompt and seed, or draws a seed of -1.
+        bases = [JobSpec.from_mapping(raw, self.path, rng, group) for group in groups]
+        axes = self.matrix(len(bases[0].stages))
+        total = len(groups) * max(len(prompts), 1) * math.prod(len(axis.values) for axis in axes) * count
         if total > limit:
             raise self.fail(None, f"expands to {total} jobs, more than {limit}; pass --yes to queue them all")
-        raw["seed"] = base.seed
-        wildcard_rng = random.Random(base.seed)
-        texts = [[wildcards.fill(prompt, wildcard_rng) for _ in range(count)] for prompt in prompts]
         jobs = []
-        for values in itertools.product(*(axis.values for axis in axes)):
-            combination = self.combination(raw, axes, values)
-            labels = [axis.label(value) for axis, value in zip(axes, values, strict=True)]
-            for number, repetition in itertools.product(range(len(prompts)), range(count)):
-                parts = [base.name, *([f"#{number + 1}"] if len(prompts) > 1 else []), *labels]
-                parts += [f"r{repetition + 1}"] if count > 1 else []
-                seed = {
-                    "increment": (base.seed + repetition) % _SEED_SPACE,
-                    "fixed": base.seed,
-                    "random": rng.randrange(_SEED_SPACE),
-                }[policy]
-                jobs.append(attrs.evolve(combination, name=" ".join(parts), seed=seed, prompt=texts[number][repetition]))
+        for group, base in zip(groups, bases, strict=True):
+            raw["seed"] = base.seed
+            texts = self.texts(prompts, base, count, wildcards)
+            for values in itertools.product(*(axis.values for axis in axes)):
+                combination = self.combination(raw, axes, values, group)
+                labels = [axis.label(value) for axis, value in zip(axes, values, strict=True)]
+                for number, repetition in itertools.product(range(len(texts)), range(count)):
+                    parts = [base.name, *([f"#{number + 1}"] if len(texts) > 1 else []), *labels]
+                    parts += [f"r{repetition + 1}"] if count > 1 else []
+                    seed = {
+                        "increment": (base.seed + repetition) % _SEED_SPACE,
+                        "fixed": base.seed,
+                        "random": rng.randrange(_SEED_SPACE),
+                    }[policy]
+                    jobs.append(attrs.evolve(combination, name=" ".join(parts), seed=seed, prompt=texts[number][repetition]))
         return jobs
+
+    @staticmethod
+    def texts(prompts: Sequence[_Prompt], base: JobSpec, count: int, wildcards: _Wildcards) -> list[list[str]]:
+        """Each prompt's text for each repetition, wildcards drawn from the base job's seed; without prompts, the base job's own."""
+        if not prompts:
+            return [[base.prompt] * count]
+        wildcard_rng = random.Random(base.seed)
+        return [[wildcards.fill(prompt, wildcard_rng) for _ in range(count)] for prompt in prompts]

@@ -192,7 +192,7 @@ class JobFolder:
             "seed": spec.seed,
             "outcome": str(outcome),
             "error": error,
-            "spec": spec.to_dict(),
+            "spec": spec.to_dict(inputs=False),  # the input images stay in the store, not beside the outputs
             "stages": [self._stage_record(result) for result in results],
         }
         # `default=str`: a TOML date passed through to the WebUI is still recorded.

@@ -8,12 +8,9 @@ since ADetailer answers 200 and does nothing when it dislikes its arguments.
 from __future__ import annotations
 
 import base64
-import io
 from typing import Any
 
-from PIL import Image
-
-from sdjobs.spec import JobSpec, StageSpec, multiple_of_8, thaw
+from sdjobs.spec import JobSpec, StageSpec, image_size, multiple_of_8, thaw
 
 #: The key of ADetailer's script in `alwayson_scripts`.
 ADETAILER_SCRIPT = "ADetailer"
@@ -22,9 +19,10 @@ ADETAILER_SCRIPT = "ADetailer"
 def build_payload(job: JobSpec, index: int, init_image: bytes | None) -> dict[str, Any]:
     """The request body for stage `index` (0-based) of `job`.
 
-    `init_image` is the previous stage's PNG, one image per request; None for
-    the first stage, which is txt2img.  The result is a fresh dict the caller
-    (and the `sdjobs_amend_payload` hook) may change.
+    `init_image` is the image the stage works on, one per request: the previous
+    stage's PNG, or for a job's first stage one of its `inputs`; None for a
+    txt2img stage.  The result is a fresh dict the caller (and the
+    `sdjobs_amend_payload` hook) may change.
 
     Generation stages send the job's prompt, negative prompt and seed, the
     checkpoint (stage's, else job's) as `override_settings.sd_model_checkpoint`,
@@ -32,8 +30,8 @@ def build_payload(job: JobSpec, index: int, init_image: bytes | None) -> dict[st
     The stage's `[stages.extra]` table is merged last, as is.
     """
     stage = job.stages[index]
-    if (init_image is None) != (index == 0):
-        raise ValueError(f"stage {index + 1} ({stage.type}) needs an input image exactly when it is not the first")
+    if (init_image is None) != (stage.type == "txt2img"):
+        raise ValueError(f"stage {index + 1} ({stage.type}) needs an input image exactly when it is not txt2img")
     if stage.endpoint == "extra-single-image":
         body = _extras(stage, init_image)
     else:
@@ -90,12 +88,6 @@ def adetailer_applied(infotext: str) -> bool:
     valid tab, faces found or not.  A tab it rejected leaves no trace.
     """
     return "ADetailer model" in infotext.rpartition("\n")[2]
-
-
-def image_size(png: bytes) -> tuple[int, int]:
-    """`(width, height)` of an encoded image; reads only its header."""
-    with Image.open(io.BytesIO(png)) as image:
-        return image.size
 
 
 def _base64(data: bytes) -> str:

@@ -22,23 +22,37 @@ The rules:
 * Anything else goes in a stage's `[stages.extra]` table, which is sent as is.
 * A seed of -1 is drawn here, on the client, so it is known before the first
   request.
+* `init_images` (a file, a glob or a folder, relative to the job file) makes a
+  job start from images instead of txt2img: its first stage is img2img,
+  adetailer or upscale, and each stage takes its input's size unless it sets
+  its own.  One job per image (named `name: cat.png`), or one job with them
+  all (`per_image = false`).  The images are read and checked here, once, and
+  carried in the spec (`JobSpec.inputs`), so a queued job no longer needs the
+  files.  An image's infotext fills `prompt`, `negative_prompt` and `seed`
+  wherever the file leaves them out (with `per_image = false`, the first
+  image's).
 """
 
 from __future__ import annotations
 
+import base64
 import difflib
+import glob
+import io
 import json
 import math
 import os
 import random
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import attrs
+from PIL import Image
+from sdjobs.infotext import Infotext
 from sdjobs.webui_fields import ADETAILER_FIELDS, FIELDS, MANAGED_FIELDS
 
 STAGE_TYPES = ("txt2img", "img2img", "adetailer", "upscale")
@@ -79,12 +93,16 @@ _RANGES: Mapping[str, tuple[Callable[[Any], bool], str]] = {
     "ad_confidence": _UNIT, "ad_denoising_strength": _UNIT, "ad_steps": _at_least(1),
 }  # fmt: skip
 
-_TOP_LEVEL_KEYS = ("name", "prompt", "negative_prompt", "seed", "checkpoint", "settings", "stages")
+_TOP_LEVEL_KEYS = (
+    "name", "prompt", "negative_prompt", "seed", "checkpoint", "settings", "stages", "init_images", "per_image",
+)  # fmt: skip
 #: Top-level keys that make one file many jobs (`sdjobs.expand`).
 EXPANSION_KEYS = (
     "prompts", "prompts_file", "wildcards", "matrix", "count", "seed_policy",
 )  # fmt: skip
 _SIZE_KEYS = ("width", "height")
+#: The files a folder named by `init_images` contributes.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 class JobFileError(Exception):
@@ -182,8 +200,11 @@ class StageSpec:
 
 def _valid_stages(instance: JobSpec, attribute: attrs.Attribute, stages: tuple[StageSpec, ...]) -> None:
     types = [stage.type for stage in stages]
-    if not types or types[0] != "txt2img" or "txt2img" in types[1:]:
-        raise ValueError(f"a job's stages start with its only txt2img stage, got {types}")
+    if not types or "txt2img" in types[1:] or (types[0] == "txt2img") == bool(instance.inputs):
+        raise ValueError(
+            f"a job's stages start with its only txt2img stage, or without one from its inputs; got {types}"
+            f" with {len(instance.inputs)} inputs"
+        )
 
 
 @attrs.frozen
@@ -199,9 +220,12 @@ class JobSpec:
         negative_prompt: The negative prompt every generation stage sends.
         seed: The seed every generation stage sends; never -1.
         settings: The job's `[settings]`, as written (stages hold them merged).
-        stages: The stages, txt2img first.
+        stages: The stages: txt2img first, or (with `inputs`) no txt2img at all.
         checkpoint: A checkpoint for every stage that does not name its own.
         source: The job file, when it came from one.
+        inputs: The encoded images the first stage starts from, one request
+            each; empty for a job that starts with txt2img.  Shown in the
+            repr by count only.
     """
 
     name: str
@@ -212,6 +236,9 @@ class JobSpec:
     stages: tuple[StageSpec, ...] = attrs.field(default=(), converter=tuple, validator=_valid_stages)
     checkpoint: str | None = None
     source: Path | None = None
+    inputs: tuple[bytes, ...] = attrs.field(
+        default=(), converter=tuple, repr=lambda inputs: f"<images: {len(inputs)}>"
+    )
 
     @classmethod
     def from_mapping(
@@ -219,26 +246,37 @@ class JobSpec:
         data: Any,
         source: Path | str | None = None,
         rng: random.Random | None = None,
+        images: Sequence[InitImage] | None = None,
     ) -> JobSpec:
         """Check a decoded job file and build its spec; raise `JobFileError` on any mistake.
 
-        `rng` draws the seed when the file asks for a random one (-1).
+        `rng` draws the seed when the file asks for a random one (-1).  `images`
+        are the job's inputs when the caller has read them already (a file of
+        many jobs, `sdjobs.expand`); None reads those `init_images` names.
         """
         reader = _JobReader(None if source is None else Path(source))
-        return reader.read(data, rng or random.Random())
+        return reader.read(data, rng or random.Random(), images)
 
     def plan(self) -> tuple[StagePlan, ...]:
         """What each stage is expected to do, for `sdjobs check` and progress weights."""
+        previous = StagePlan.of_inputs(self.inputs) if self.inputs else None
         plans: list[StagePlan] = []
         for stage in self.stages:
-            plans.append(StagePlan.of(stage, plans[-1] if plans else None))
+            previous = StagePlan.of(stage, previous)
+            plans.append(previous)
         return tuple(plans)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The spec as plain JSON-ready data (for the manifest and the store)."""
-        data = thaw(attrs.asdict(self, recurse=False))
+    def to_dict(self, *, inputs: bool = True) -> dict[str, Any]:
+        """The spec as plain JSON-ready data: for the store, or without the images (`inputs=False`) for the manifest.
+
+        The images are base64 text; left out, the spec reads back as one with no
+        inputs, so `from_dict` refuses it when its first stage is not txt2img.
+        """
+        data = thaw(attrs.asdict(self, recurse=False, filter=lambda field, _: field.name != "inputs"))
         data["stages"] = [stage.to_dict() for stage in self.stages]
         data["source"] = None if self.source is None else str(self.source)
+        if inputs:
+            data["inputs"] = [base64.b64encode(png).decode("ascii") for png in self.inputs]
         return data
 
     @classmethod
@@ -251,10 +289,80 @@ class JobSpec:
         """
         source = data.get("source")
         return cls(
-            **{key: value for key, value in data.items() if key not in ("stages", "source")},
+            **{key: value for key, value in data.items() if key not in ("stages", "source", "inputs")},
             stages=tuple(StageSpec.from_dict(stage) for stage in data["stages"]),
             source=None if source is None else Path(source),
+            inputs=tuple(base64.b64decode(text, validate=True) for text in data.get("inputs", ())),
         )
+
+
+@attrs.frozen
+class InitImage:
+    """One image a job file's `init_images` names, read and checked (`read_init_images`).
+
+    Attributes:
+        path: The file it was read from.
+        data: The file's bytes, as they will be sent.
+        infotext: Its A1111 infotext (the PNG text `parameters`), when it has one.
+    """
+
+    path: Path
+    data: bytes = attrs.field(repr=False)
+    infotext: Infotext | None
+
+
+def read_init_images(source: Path | None, data: Mapping[str, Any]) -> tuple[InitImage, ...]:
+    """The images a decoded job file's `init_images` names, in name order; () when it names none.
+
+    The key holds a file, a glob (`photos/*.png`, `**` too) or a folder (its
+    files ending in one of `IMAGE_SUFFIXES`), relative to the job file (to the
+    working folder for a mapping from no file).  Every file is read whole and
+    decoded once, so a file that is not an image is refused here, by name,
+    before anything is queued.  Raises `JobFileError` naming the key.
+    """
+    pattern = data.get("init_images")
+    if pattern is None:
+        return ()
+
+    def fail(message: str) -> JobFileError:
+        return JobFileError(source, "init_images", message)
+
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise fail(f"must be a file, a glob or a folder (relative to the job file), got {_shown(pattern)}")
+    base = Path.cwd() if source is None else source.parent
+    named = base / pattern
+    if named.is_dir():
+        files = sorted(path for path in named.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+        if not files:
+            raise fail(f"the folder {named} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    elif named.is_file():
+        files = [named]
+    else:
+        files = sorted(base / match for match in glob.glob(pattern, root_dir=base, recursive=True))
+        files = [path for path in files if path.is_file()]
+        if not files:
+            raise fail(f"no file matches {str(named)!r}")
+    return tuple(_init_image(path, fail) for path in files)
+
+
+def _init_image(path: Path, fail: Callable[[str], JobFileError]) -> InitImage:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise fail(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            parameters = getattr(image, "text", {}).get("parameters")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise fail(f"{path} is not an image Pillow can read ({error})") from None
+    return InitImage(path, data, None if parameters is None else Infotext.parse(parameters))
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """`(width, height)` of an encoded image; reads only its header."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -313,30 +421,45 @@ class _JobReader:
     def fail(self, key: str | None, message: str) -> JobFileError:
         return JobFileError(self.source, key, message)
 
-    def read(self, data: Any, rng: random.Random) -> JobSpec:
+    def read(self, data: Any, rng: random.Random, images: Sequence[InitImage] | None) -> JobSpec:
+        """The job of `data`, started from `images` (None: those its `init_images` names, read here)."""
         if not isinstance(data, Mapping):
             raise self.fail(None, "a job is a table of keys")
         for key in data:
             if key not in _TOP_LEVEL_KEYS:
                 raise self.fail(toml_key(key), self.unknown_top_level(str(key)))
+        per_image = self.value(data, "per_image", "per_image", bool, default=True)
+        if "per_image" in data and "init_images" not in data:
+            raise self.fail("per_image", "only means something with init_images")
+        images = read_init_images(self.source, data) if images is None else images
+        if per_image and len(images) > 1:
+            raise self.fail("init_images", f"names {len(images)} images, a job each, which this reader does not"
+                            " expand (sdjobs.expand.load_jobs does); per_image = false makes one job of them all")  # fmt: skip
         settings = self.table(data, "settings", "settings")
         for key, value in settings.items():
             self.check_setting("settings", key, value, FIELDS["txt2img"] | FIELDS["img2img"])
+            if images and key in _SIZE_KEYS:
+                raise self.fail(f"settings.{key}", "not used: a job from init_images takes their size (a stage may set its own)")
         raw_stages = data.get("stages")
         if raw_stages is None:
             raise self.fail("stages", "missing: a job needs at least one [[stages]] table")
         if not isinstance(raw_stages, list) or not raw_stages:
             raise self.fail("stages", "must be an array of tables ([[stages]]), at least one")
-        seed = self.value(data, "seed", "seed", int, default=-1)
+        infotext = images[0].infotext if images else None
+        seed = self.value(data, "seed", "seed", int, default=-1 if infotext is None or infotext.seed is None else infotext.seed)
+        name = self.name(data)
         return JobSpec(
-            name=self.name(data),
-            prompt=self.value(data, "prompt", "prompt", str, default=""),
-            negative_prompt=self.value(data, "negative_prompt", "negative_prompt", str, default=""),
+            name=f"{name}: {images[0].path.name}" if images and per_image else name,
+            prompt=self.value(data, "prompt", "prompt", str, default="" if infotext is None else infotext.prompt),
+            negative_prompt=self.value(
+                data, "negative_prompt", "negative_prompt", str, default="" if infotext is None else infotext.negative_prompt
+            ),
             seed=rng.randrange(_SEED_LIMIT) if seed == -1 else seed,
             settings=settings,
-            stages=tuple(self.stage(raw, index, settings) for index, raw in enumerate(raw_stages)),
+            stages=tuple(self.stage(raw, index, settings, bool(images)) for index, raw in enumerate(raw_stages)),
             checkpoint=self.text(data, "checkpoint", "checkpoint"),
             source=self.source,
+            inputs=tuple(image.data for image in images),
         )
 
     def unknown_top_level(self, key: str) -> str:
@@ -355,11 +478,11 @@ class _JobReader:
             raise self.fail("name", "must not be empty")
         return name
 
-    def stage(self, raw: Any, index: int, job_settings: Mapping[str, Any]) -> StageSpec:
+    def stage(self, raw: Any, index: int, job_settings: Mapping[str, Any], from_images: bool) -> StageSpec:
         where = f"stages[{index + 1}]"
         if not isinstance(raw, Mapping):
             raise self.fail(where, "must be a table ([[stages]])")
-        stage_type = self.stage_type(raw, where, first=index == 0)
+        stage_type = self.stage_type(raw, where, first=index == 0, from_images=from_images)
         via = None
         if stage_type == "upscale":
             via = self.value(raw, "via", f"{where}.via", str, default="extras")
@@ -388,15 +511,19 @@ class _JobReader:
             checkpoint=self.text(raw, "checkpoint", f"{where}.checkpoint"),
         )
 
-    def stage_type(self, raw: Mapping[str, Any], where: str, *, first: bool) -> str:
+    def stage_type(self, raw: Mapping[str, Any], where: str, *, first: bool, from_images: bool) -> str:
         stage_type = self.value(raw, "type", f"{where}.type", str, default=None)
         if stage_type is None:
             raise self.fail(f"{where}.type", f"missing; choose one of: {', '.join(STAGE_TYPES)}")
         if stage_type not in STAGE_TYPES:
             hint = did_you_mean(stage_type, STAGE_TYPES)
             raise self.fail(f"{where}.type", f"unknown stage {stage_type!r}{hint}; choose one of: {', '.join(STAGE_TYPES)}")
-        if first != (stage_type == "txt2img"):
-            raise self.fail(f"{where}.type", "a job starts with a txt2img stage, and has only that one")
+        if stage_type == "txt2img" and not first:
+            raise self.fail(f"{where}.type", "txt2img can only be a job's first stage")
+        if first and from_images and stage_type == "txt2img":
+            raise self.fail(f"{where}.type", "a job from init_images starts with img2img, adetailer or upscale, not txt2img")
+        if first and not from_images and stage_type != "txt2img":
+            raise self.fail(f"{where}.type", "a job starts with a txt2img stage, or from images named by init_images")
         return stage_type
 
     def stage_settings(
@@ -578,8 +705,20 @@ class StagePlan:
     cost: float
 
     @classmethod
+    def of_inputs(cls, inputs: Sequence[bytes]) -> StagePlan:
+        """What a job's input images feed its first stage, as if a stage had made them.
+
+        Only `images` and `size` (the first image's) count; they plan the first
+        stage as they would plan a later one.
+        """
+        return cls(
+            type="init_images", endpoint="", requests=0, iterations=0, images=len(inputs),
+            steps=0, passes=0, size=image_size(inputs[0]), cost=0.0,
+        )  # fmt: skip
+
+    @classmethod
     def of(cls, stage: StageSpec, previous: StagePlan | None) -> StagePlan:
-        """Plan `stage`, fed with the images `previous` produces (None for the first stage)."""
+        """Plan `stage`, fed with the images `previous` produces (None for a txt2img stage)."""
         setting = {**_DEFAULTS, **stage.settings, **stage.adetailer}
         requests = 1 if previous is None else previous.images
         width, height = (setting["width"], setting["height"]) if previous is None else previous.size

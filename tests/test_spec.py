@@ -37,7 +37,7 @@ def error_of(data: object, source: str | None = "jobs/x.toml") -> str:
 def test_every_example_loads(path):
     for spec in load_jobs(path, rng=random.Random(1)):
         assert spec.source == path
-        assert spec.stages[0].type == "txt2img"
+        assert (spec.stages[0].type == "txt2img") == (not spec.inputs)
 
 
 def test_the_prompt_pack_is_24_jobs_named_by_variation():
@@ -235,12 +235,12 @@ def test_a_spec_built_directly_must_start_with_its_only_txt2img():
         pytest.param({"name": "x"}, "jobs/x.toml: stages: missing: a job needs at least one [[stages]] table", id="missing-stages"),
         pytest.param(
             job({"type": "img2img"}),
-            "jobs/x.toml: stages[1].type: a job starts with a txt2img stage, and has only that one",
+            "jobs/x.toml: stages[1].type: a job starts with a txt2img stage, or from images named by init_images",
             id="txt2img-not-first",
         ),
         pytest.param(
             job({"type": "txt2img"}, {"type": "txt2img"}),
-            "jobs/x.toml: stages[2].type: a job starts with a txt2img stage, and has only that one",
+            "jobs/x.toml: stages[2].type: txt2img can only be a job's first stage",
             id="second-txt2img",
         ),
         pytest.param(
