@@ -33,14 +33,14 @@ from sdjobs.machine import AWAITING_ANSWER, END_STATES, new_machine
 from sdjobs.outputs import JobFolder, read_parameters
 from sdjobs.payloads import adetailer_applied, build_payload
 from sdjobs.polling import DEFAULT_POLL_INTERVAL, PollRequest, Report
-from sdjobs.progress import JobTracker, StageTracker, StallEvent, StallWatch
+from sdjobs.progress import JobTracker, RequestShape, StageTracker, StallEvent, StallWatch
 from sdjobs.stage import Request, StageRun
 from sdjobs.status import CancelMode, JobState, RuntimeStatus, StageResult
 from transitions import EventData
 
 if TYPE_CHECKING:
     from sdjobs.client import GenerationResult, WebUIClient
-    from sdjobs.spec import JobSpec
+    from sdjobs.spec import JobSpec, StagePlan, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class Job:
 
     def start_first_stage(self, event: EventData) -> None:
         self.take_folder(event)
-        self._start_stage(0, inputs=[None])
+        self._start_stage(0, inputs=list(self.spec.inputs) or [None])
 
     def resume_stage(self, event: EventData) -> None:
         """Start the first unfinished stage from the images the last finished one wrote."""
@@ -431,6 +431,7 @@ class Job:
                 steps_per_request=plan.steps or None,
                 passes_per_request=plan.passes,
                 images_per_request=plan.iterations,
+                shape=_shape(self.spec.stages[index], plan),
             ),
             stalls=StallWatch(self.settings.stall_after, self.settings.stall_interrupt_after),
             started=self.clock(),
@@ -504,3 +505,13 @@ class Job:
         except OSError as exc:
             log.error("%s: cannot write the manifest in %s: %s", self.job_id, self.folder.path, exc)
 
+
+def _shape(stage: StageSpec, plan: StagePlan) -> RequestShape | None:
+    """The passes one request of ``stage`` samples, priced by their size; None for extras (not polled)."""
+    if stage.endpoint == "extra-single-image":
+        return None
+    settings = dict(stage.settings)
+    if stage.type != "txt2img":  # sampled at the size of its input, as the plan says
+        settings["width"], settings["height"] = plan.size
+    kind = "img2img" if stage.type == "upscale" else stage.type
+    return RequestShape.of(kind, settings, stage.adetailer or None)

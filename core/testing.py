@@ -34,7 +34,7 @@ from sdjobs.clock import FakeClock
 
 from sdjobs.hooks import Hooks, make_plugin_manager
 from sdjobs.job import Job, JobSettings
-from sdjobs.machine import END_STATES, IN_STAGE, TRIGGERS, MachineError
+from sdjobs.machine import END_STATES, IN_STAGE, TRIGGERS, WORKING, MachineError
 from sdjobs.outputs import JobFolder
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState, ProgressInfo, RuntimeStatus, TaskProgress
@@ -550,6 +550,15 @@ class JobRules(RuleBasedStateMachine):
         assert self.recorder.names().count("stage_started") == started, "a stage started after 'after this stage'"
         if self.job.outcome is JobState.DONE:
             assert started == len(self.spec.stages), "done before the last stage"
+
+    @invariant()
+    def a_cancel_after_this_stage_is_never_forgotten(self) -> None:
+        """Within the stage it was asked in, the job stays in a `*_then_stop` state, or stops sooner."""
+        mode, state, started = self._first(CancelMode.AFTER_STAGE)
+        if mode is None or state in ("queued", "preparing") or self.job.stage is None:
+            return
+        if self.job.stage.index == started - 1:
+            assert self.job.state not in WORKING, f"{self.job.state}: the stop after this stage was forgotten"
 
     @invariant()
     def a_cancel_after_this_job_stops_nothing(self) -> None:

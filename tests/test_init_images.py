@@ -287,11 +287,10 @@ def test_the_example_upscales_a_folder_of_pictures_that_carry_their_prompts():
 
 
 # --------------------------------------------------------------------------
-# Running one (needs the job core to start from `spec.inputs`)
+# Running one
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="core/job.py start_first_stage still starts with [None], not spec.inputs")
 @pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.01, first_step_time=0.01)])
 def test_a_job_from_images_runs_each_through_its_stages_and_keeps_their_prompt(webui_sim, webui_client, photos, tmp_path):
     (job,) = load_jobs(job_file(photos.parent, 'init_images = "photos/*.png"\nper_image = false', IMG2IMG + UPSCALE))
