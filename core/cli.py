@@ -15,16 +15,21 @@ import os
 import signal
 import sys
 from collections.abc import Collection, Mapping, Sequence
+from importlib.metadata import version
 from pathlib import Path
 
 import attrs
+
 from sdjobs import frontend as frontends
 from sdjobs import machine
-from sdjobs.client import DEFAULT_URL, WebUIClient
-from sdjobs.exits import EXIT_CANCELLED, EXIT_FAILED, EXIT_TERMINATED, EXIT_USAGE
+from sdjobs.client import DEFAULT_URL, WebUIClient, WebUIError
+from sdjobs.expand import DEFAULT_LIMIT, load_jobs
+from sdjobs.exits import EXIT_BROKEN_PIPE, EXIT_CANCELLED, EXIT_FAILED, EXIT_TERMINATED, EXIT_USAGE
+from sdjobs.frontends.pipe import silence
 from sdjobs.hooks import Hooks, describe_plugins, make_plugin_manager
 from sdjobs.job import JobSettings
 from sdjobs.polling import DEFAULT_POLL_INTERVAL, POLL_INTERVAL_RANGE
+from sdjobs.preflight import CatalogError, ServerCatalog, check_against_server, split_sampler_names
 from sdjobs.runner import Runner
 from sdjobs.spec import JobFileError, JobSpec, load_job
 from sdjobs.sqlite_store import QUEUE_ENV, SQLiteStore, queue_path
@@ -32,7 +37,7 @@ from sdjobs.status import JobState
 from sdjobs.store import StoreError
 from sdjobs.worker import Worker
 
-DEMO_JOB = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
+DEMO_JOB = Path(__file__).resolve().parent / "demo.toml"
 STALL_AFTER = attrs.fields(JobSettings).stall_after.default
 LOG_LEVEL = attrs.fields(frontends.FrontendOptions).log_level.default
 
@@ -139,6 +144,13 @@ def _add_queue_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue", type=Path, metavar="PATH", help=f"the queue file (default: ${QUEUE_ENV}, else queue.db in the user's data folder)")
 
 
+def _add_job_files(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("jobs", nargs="+", type=Path, metavar="JOB.toml")
+    parser.add_argument(
+        "--yes", action="store_true", help=f"take files that expand to more than {DEFAULT_LIMIT:,} jobs"
+    )
+
+
 def _add_webui_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--webui", metavar="URL", help=f"the WebUI (default: $SDJOBS_WEBUI, else {DEFAULT_URL})")
     parser.add_argument("--auth", metavar="USER:PASS", help="HTTP Basic credentials (--api-auth); default $SDJOBS_WEBUI_AUTH")
@@ -153,6 +165,7 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
         epilog="Exit status: 0 all jobs done, 1 a job failed, 2 bad usage or input, 130 cancelled (Ctrl-C), "
         "143 stopped by SIGTERM (the running job stays queued, to resume).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('sdjobs')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run the demo job against the built-in simulated WebUI")
@@ -160,7 +173,7 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
     _add_run_options(demo, frontend_names)
 
     run = commands.add_parser("run", help="run job files one after another (queued, so they survive a kill)")
-    run.add_argument("jobs", nargs="+", type=Path, metavar="JOB.toml")
+    _add_job_files(run)
     _add_webui_options(run)
     _add_queue_option(run)
     _add_run_options(run, frontend_names)
@@ -174,13 +187,20 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
     queue = commands.add_parser("queue", help="the durable queue of jobs")
     queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
     add = queue_commands.add_parser("add", help="queue job files; prints each job's id and name")
-    add.add_argument("jobs", nargs="+", type=Path, metavar="JOB.toml")
+    _add_job_files(add)
+    add.add_argument("--check", action="store_true", help="check every name against the WebUI first (--webui)")
+    _add_webui_options(add)
     add.add_argument("--priority", type=int, default=0, metavar="N", help="higher runs sooner (default: 0)")
     add.add_argument("--paused", action="store_true", help="held back until resumed")
     _add_queue_option(add)
 
-    check = commands.add_parser("check", help="validate job files and print their plans")
-    check.add_argument("jobs", nargs="+", type=Path, metavar="JOB.toml")
+    check = commands.add_parser(
+        "check", help="validate job files and print what they expand to; with --webui, check names on that server"
+    )
+    _add_job_files(check)
+    check.add_argument("--all", action="store_true", help="list every job, not only the first ones")
+    check.add_argument("--json", action="store_true", help="print the jobs as JSON")
+    _add_webui_options(check)
     _add_queue_option(check)
 
     sim = commands.add_parser("sim", help="serve the simulated WebUI")
@@ -207,22 +227,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, JobFileError, frontends.FrontendError, StoreError) as exc:
         print(f"sdjobs: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `sdjobs check ... | head`: the reader has what it wanted
+        silence(sys.stdout)
+        return EXIT_BROKEN_PIPE
 
 
-def _load_jobs(paths: Sequence[Path]) -> list[JobSpec]:
-    """Every job file, validated before anything runs."""
-    return [load_job(path) for path in paths]
+def _load_jobs(args: argparse.Namespace) -> list[JobSpec]:
+    """Every job of every file (a file may expand to many), validated before anything runs."""
+    limit = sys.maxsize if args.yes else DEFAULT_LIMIT
+    return [spec for path in args.jobs for spec in load_jobs(path, limit=limit)]
+
+
+def _checked_on_server(specs: list[JobSpec], args: argparse.Namespace) -> list[JobSpec]:
+    """The jobs, with old combined sampler names split where the server splits them; every name the
+    server does not know is reported at once, as a usage error, before anything is queued."""
+    with _client(args) as client:
+        try:
+            catalog = ServerCatalog.from_client(client)
+        except (WebUIError, CatalogError) as exc:
+            raise UsageError(f"cannot check the jobs against the WebUI: {exc}") from None
+    specs, notes = split_sampler_names(specs, catalog)
+    for note in notes:
+        print(f"sdjobs: note: {note}", file=sys.stderr)
+    problems = check_against_server(specs, catalog)
+    if problems:
+        raise UsageError(f"{len(problems)} name(s) the WebUI at {client.base_url} does not know:\n  " + "\n  ".join(problems))
+    return specs
+
+
+#: How many jobs `sdjobs check` lists without `--all`.
+CHECK_SHOWN = 10
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    for spec in _load_jobs(args.jobs):
+    specs = _load_jobs(args)
+    if args.webui or os.environ.get("SDJOBS_WEBUI"):
+        specs = _checked_on_server(specs, args)
+    if args.json:
+        print(json.dumps([_plan_record(spec) for spec in specs], indent=2, default=str))
+        return 0
+    images = sum(spec.plan()[-1].images for spec in specs)
+    print(f"{len(specs)} job(s), {images} final image(s)")
+    shown = specs if args.all else specs[:CHECK_SHOWN]
+    for spec in shown:
         print(f"{spec.source}: {spec.name!r}, seed {spec.seed}")
         for index, step in enumerate(spec.plan()):
             print(
                 f"  {index + 1}. {step.type:<9} {step.endpoint:<18} "
                 f"{step.requests} request(s), {step.images} image(s), {step.steps} step(s) each"
             )
+    if len(shown) < len(specs):
+        print(f"... and {len(specs) - len(shown)} more (--all lists them)")
     return 0
+
+
+def _plan_record(spec: JobSpec) -> dict[str, object]:
+    return {
+        "name": spec.name,
+        "source": spec.source,
+        "seed": spec.seed,
+        "stages": [attrs.asdict(step) for step in spec.plan()],
+    }
 
 
 def cmd_machine(args: argparse.Namespace) -> int:
@@ -258,7 +323,7 @@ def _client(args: argparse.Namespace) -> WebUIClient:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Queue the files for this process alone and run them, as a worker that runs only its own jobs."""
-    return _work(args, add=_load_jobs(args.jobs))
+    return _work(args, add=_load_jobs(args))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -278,7 +343,9 @@ def _work(args: argparse.Namespace, *, add: Sequence[JobSpec] = (), until_empty:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    specs = _load_jobs(args.jobs)
+    specs = _load_jobs(args)
+    if args.check:
+        specs = _checked_on_server(specs, args)
     with _open_store(args) as store:
         for record in store.add(specs, priority=args.priority, paused=args.paused):
             print(f"{record.id}  {record.spec.name}")
@@ -286,11 +353,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    if not DEMO_JOB.is_file():
-        raise UsageError(f"{DEMO_JOB}: the demo job is not there (run the demo from a checkout)")
     from sdjobs.sim import SimSettings, SimulatedWebUI
 
-    specs = _load_jobs([DEMO_JOB])
+    specs = [load_job(DEMO_JOB)]
     try:
         settings = SimSettings() if args.step_time is None else SimSettings(step_time=args.step_time)
     except ValueError as exc:

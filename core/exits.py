@@ -10,3 +10,5 @@ EXIT_USAGE = 2
 EXIT_CANCELLED = 130
 #: Stopped by SIGTERM: the running job went back to the queue, to resume where it was.
 EXIT_TERMINATED = 143
+#: The output's reader went away (`sdjobs ... | head`): 128 + SIGPIPE, as a shell tool ends.
+EXIT_BROKEN_PIPE = 141

@@ -61,10 +61,14 @@ class PrintableFormatter(logging.Formatter):
 
 
 def _formatter(fmt: str | None) -> logging.Formatter:
+    """A formatter for ``fmt``, tried once on a sample record: a field no record has is an error now,
+    not a logging traceback on every line later."""
     try:
-        return PrintableFormatter(fmt or DEFAULT_FORMAT)
-    except ValueError as exc:
-        raise FrontendError(f"bad log format {fmt!r}: {exc}") from None
+        formatter = PrintableFormatter(fmt or DEFAULT_FORMAT)
+        formatter.format(logging.makeLogRecord({"name": "sdjobs", "msg": "a sample"}))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FrontendError(f"bad log format {fmt!r}: {type(exc).__name__}: {exc}") from None
+    return formatter
 
 
 class _GuardedHandler(logging.StreamHandler):

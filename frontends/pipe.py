@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 from typing import IO, Any
 
+from sdjobs.exits import EXIT_BROKEN_PIPE
 from sdjobs.frontend import Session
 from sdjobs.status import CancelMode
-
-#: The exit status after the output's reader went away.
-EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
-
 
 def silence(stream: IO[Any]) -> None:
     """Point ``stream``'s file descriptor at the null device; a stream without one is left alone."""

@@ -190,7 +190,8 @@ def test_ctrl_c_cancels_the_running_job_with_status_130(webui_sim, job_file, tmp
 def test_check_prints_the_plan():
     checked = sdjobs("check", EXAMPLES / "demo.toml")
     assert checked.returncode == 0
-    first, *stages = checked.stdout.splitlines()
+    summary, first, *stages = checked.stdout.splitlines()
+    assert summary == "1 job(s), 3 final image(s)"
     assert first.startswith(f"{EXAMPLES / 'demo.toml'}: 'demo lighthouse', seed ")
     assert [line.split()[:3] for line in stages] == [
         ["1.", "txt2img", "txt2img"],
@@ -198,6 +199,36 @@ def test_check_prints_the_plan():
         ["3.", "adetailer", "img2img"],
         ["4.", "upscale", "extra-single-image"],
     ]
+
+
+def test_check_shows_what_a_file_expands_to_the_first_ones_or_all():
+    first = sdjobs("check", EXAMPLES / "prompt-pack.toml")
+    assert first.returncode == 0
+    lines = first.stdout.splitlines()
+    assert lines[0] == "24 job(s), 24 final image(s)"
+    named = [line for line in lines if line.startswith(str(EXAMPLES))]
+    assert len(named) == 10 and lines[-1] == "... and 14 more (--all lists them)"
+    everything = sdjobs("check", EXAMPLES / "prompt-pack.toml", "--json")
+    names = [job["name"] for job in json.loads(everything.stdout)]
+    assert len(set(names)) == 24, "each variation is named apart"
+
+
+def test_check_against_a_webui_reports_every_unknown_name_before_anything_runs(webui_sim, tmp_path):
+    job = tmp_path / "typo.toml"
+    job.write_text((EXAMPLES / "demo.toml").read_text().replace("Euler a", "Eulr a"))
+    checked = sdjobs("check", job, "--webui", webui_sim.url)
+    assert checked.returncode == 2 and checked.stdout == ""
+    assert f"the WebUI at {webui_sim.url} does not know" in checked.stderr
+    assert "sampler_name 'Eulr a' is not on the server" in checked.stderr and "(did you mean 'Euler a'?)" in checked.stderr
+    assert "Traceback" not in checked.stderr
+    queued = sdjobs("queue", "add", job, "--check", "--webui", webui_sim.url)
+    assert queued.returncode == 2 and queued.stdout == ""
+    assert requests_to(webui_sim, GENERATION_PATHS) == []
+
+
+def test_version():
+    shown = sdjobs("--version")
+    assert shown.returncode == 0 and shown.stdout.startswith("sdjobs ")
 
 
 BUILT_IN_FRONTENDS = ["console", "jsonl", "log", "tk"]

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from sdjobs.frontends.pipe import EXIT_BROKEN_PIPE
 from sdjobs.sim import SimSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +47,22 @@ def test_a_reader_that_closes_after_one_line_ends_sdjobs_quietly(webui_sim, tmp_
     process.stderr.close()
     assert first.strip()
     assert "Traceback" not in errors and "BrokenPipeError" not in errors, errors
-    assert status == EXIT_BROKEN_PIPE, errors
+    assert status == 141, errors
     # The job stopped: it never reached its last stage (the upscale) behind a closed pipe.
     assert "/sdapi/v1/extra-single-image" not in [path for _, _, path in webui_sim.requests]
+
+
+def test_a_reader_that_closes_early_ends_sdjobs_check_quietly(tmp_path):
+    many = tmp_path / "many.toml"  # 3,000 jobs: far more output than a pipe holds
+    many.write_text('name = "many"\nprompt = "a lighthouse"\nseed = 1\ncount = 3000\n[[stages]]\ntype = "txt2img"\n')
+    command = [sys.executable, "-m", "sdjobs", "check", str(many), "--all"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert process.stdout.readline().startswith("3000 job(s)")
+        process.stdout.close()
+        status = process.wait(timeout=60)
+    finally:
+        process.kill()
+    errors = process.stderr.read()
+    process.stderr.close()
+    assert (status, errors) == (141, "")

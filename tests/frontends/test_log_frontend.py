@@ -74,9 +74,10 @@ def test_an_unknown_level_is_a_usage_error_listing_the_levels():
         LogFrontend(FrontendOptions(log_level="LOUD"))
 
 
-def test_a_bad_format_is_a_usage_error():
-    with pytest.raises(FrontendError, match=r"bad log format '%\(message\)'"):
-        LogFrontend(FrontendOptions(log_format="%(message)"))
+@pytest.mark.parametrize("bad", ["%(message)", "%(bogus)s"], ids=["syntax", "a field no record has"])
+def test_a_bad_format_is_a_usage_error(bad):
+    with pytest.raises(FrontendError, match=f"bad log format {re.escape(repr(bad))}"):
+        LogFrontend(FrontendOptions(log_format=bad))
 
 
 def test_a_log_file_that_cannot_be_written_is_a_usage_error_and_nothing_runs(make_session, tmp_path):
