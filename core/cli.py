@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime, timedelta
 from importlib.metadata import version
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from sdjobs import machine
 from sdjobs.client import DEFAULT_URL, WebUIClient, WebUIError
 from sdjobs.expand import DEFAULT_LIMIT, load_jobs
 from sdjobs.exits import EXIT_BROKEN_PIPE, EXIT_CANCELLED, EXIT_FAILED, EXIT_TERMINATED, EXIT_USAGE
+from sdjobs.frontends.formatting import format_duration, plural, printable
 from sdjobs.frontends.pipe import silence
 from sdjobs.hooks import Hooks, describe_plugins, make_plugin_manager
 from sdjobs.job import JobSettings
@@ -33,8 +35,8 @@ from sdjobs.preflight import CatalogError, ServerCatalog, check_against_server, 
 from sdjobs.runner import Runner
 from sdjobs.spec import JobFileError, JobSpec, load_job
 from sdjobs.sqlite_store import QUEUE_ENV, SQLiteStore, queue_path
-from sdjobs.status import JobState
-from sdjobs.store import StoreError
+from sdjobs.status import CancelMode, JobState
+from sdjobs.store import JobRecord, Store, StoreError
 from sdjobs.worker import Worker
 
 DEMO_JOB = Path(__file__).resolve().parent / "demo.toml"
@@ -144,6 +146,37 @@ def _add_queue_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue", type=Path, metavar="PATH", help=f"the queue file (default: ${QUEUE_ENV}, else queue.db in the user's data folder)")
 
 
+def _add_job_id(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    if optional:
+        parser.add_argument("job", nargs="?", metavar="ID", help="one job (its id or a unique prefix); default: the whole queue")
+    else:
+        parser.add_argument("job", metavar="ID", help="the job's id, or a unique prefix of it")
+
+
+def _position(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _date(text: str) -> float:
+    """Unix time of a local date or date and time in ISO form."""
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date like 2024-05-01 or 2024-05-01T12:00: {text!r}") from None
+
+
+def _date_end(text: str) -> float:
+    """As `_date`, but a date alone means the end of that day."""
+    start = _date(text)
+    return (datetime.fromtimestamp(start) + timedelta(days=1)).timestamp() if len(text) == len("2024-05-01") else start
+
+
 def _add_job_files(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("jobs", nargs="+", type=Path, metavar="JOB.toml")
     parser.add_argument(
@@ -193,6 +226,39 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
     add.add_argument("--priority", type=int, default=0, metavar="N", help="higher runs sooner (default: 0)")
     add.add_argument("--paused", action="store_true", help="held back until resumed")
     _add_queue_option(add)
+    for name, text in (("list", "the jobs that have not ended, in the order they run"),
+                       ("show", "one job: its spec, the stages done, images, folder and seed")):  # fmt: skip
+        shown = queue_commands.add_parser(name, help=text)
+        if name == "show":
+            _add_job_id(shown)
+        shown.add_argument("--json", action="store_true", help="print JSON")
+        _add_queue_option(shown)
+    cancel = queue_commands.add_parser("cancel", help="cancel a job; a running one is stopped by its worker within a second")
+    _add_job_id(cancel)
+    cancel.add_argument("--after-stage", action="store_true", help="let a running job finish its running stage first")
+    for name, text in (("remove", "forget a job that is not running (its files stay)"),
+                       ("retry", "queue a failed or cancelled job again, from its first unfinished stage")):  # fmt: skip
+        _add_job_id(queue_commands.add_parser(name, help=text))
+    move = queue_commands.add_parser("move", help="move a job to another place in the queue")
+    _add_job_id(move)
+    where = move.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to", type=_position, metavar="N", help="to position N, as `queue list` numbers them")
+    where.add_argument("--top", action="store_true", help="to the front of the queue")
+    pause = queue_commands.add_parser("pause", help="start no further job (one job, or the whole queue) until resumed")
+    _add_job_id(pause, optional=True)
+    pause.add_argument("--now", action="store_true", help="also hand the running job back to the queue, to resume later")
+    _add_job_id(queue_commands.add_parser("resume", help="undo pause"), optional=True)
+    for name in ("cancel", "remove", "retry", "move", "pause", "resume"):
+        _add_queue_option(queue_commands.choices[name])
+
+    history = commands.add_parser("history", help="finished jobs, latest first")
+    history.add_argument("--name", help="only jobs of this name")
+    history.add_argument("--outcome", choices=[str(state) for state in JobState if state.terminal])
+    history.add_argument("--since", type=_date, metavar="DATE", help="ended at or after this local time (2024-05-01, 2024-05-01T12:00)")
+    history.add_argument("--until", type=_date_end, metavar="DATE", help="ended before this local time (a date alone: up to its end)")
+    history.add_argument("--limit", type=_position, default=HISTORY_LIMIT, metavar="N", help=f"at most N jobs (default: {HISTORY_LIMIT})")
+    history.add_argument("--json", action="store_true", help="print JSON")
+    _add_queue_option(history)
 
     check = commands.add_parser(
         "check", help="validate job files and print what they expand to; with --webui, check names on that server"
@@ -343,12 +409,190 @@ def _work(args: argparse.Namespace, *, add: Sequence[JobSpec] = (), until_empty:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        return QUEUE_COMMANDS[args.queue_command](store, args)
+
+
+def _queue_add(store: Store, args: argparse.Namespace) -> int:
     specs = _load_jobs(args)
     if args.check:
         specs = _checked_on_server(specs, args)
+    for record in store.add(specs, priority=args.priority, paused=args.paused):
+        print(f"{record.id}  {record.spec.name}")
+    return 0
+
+
+#: How many jobs `sdjobs history` lists without `--limit`.
+HISTORY_LIMIT = 20
+
+
+def _images(job: JobRecord) -> tuple[Path, ...]:
+    """The job's latest images: those of its last recorded stage."""
+    return job.stages[-1].images if job.stages else ()
+
+
+def _elapsed(job: JobRecord) -> float | None:
+    return None if job.started_at is None or job.ended_at is None else job.ended_at - job.started_at
+
+
+def _job_json(job: JobRecord) -> dict[str, object]:
+    return {
+        "id": job.id,
+        "name": job.spec.name,
+        "state": str(job.state),
+        "paused": job.paused,
+        "priority": job.priority,
+        "stage_count": len(job.spec.stages),
+        "stages_done": job.next_stage,
+        "attempts": job.attempts,
+        "seed": job.spec.seed,
+        "folder": None if job.folder is None else str(job.folder),
+        "images": [str(path) for path in _images(job)],
+        "error": job.error,
+        "added_at": job.added_at,
+        "started_at": job.started_at,
+        "ended_at": job.ended_at,
+        "elapsed": _elapsed(job),
+    }
+
+
+def _describe(job: JobRecord) -> str:
+    """`"job 3fa2b1c0 (lighthouse)"`, as every queue command names what it changed."""
+    return f"job {job.short_id} ({printable(job.spec.name)})"
+
+
+def _state(job: JobRecord) -> str:
+    return "paused" if job.paused and job.state is JobState.QUEUED else str(job.state)
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(map(len, column)) for column in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _queue_list(store: Store, args: argparse.Namespace) -> int:
+    jobs, paused = store.list(), store.queue_paused()
+    if args.json:
+        print(json.dumps({"paused": paused, "jobs": [{"position": n, **_job_json(job)} for n, job in enumerate(jobs, 1)]}, indent=2))
+        return 0
+    if paused:
+        print("The queue is paused: no job starts until `sdjobs queue resume`.")
+    if not jobs:
+        print("The queue is empty.")
+        return 0
+    rows = [[str(n), job.short_id, printable(job.spec.name), f"{job.next_stage}/{len(job.spec.stages)}", _state(job), str(job.attempts)]
+            for n, job in enumerate(jobs, 1)]  # fmt: skip
+    _print_table(["#", "id", "name", "stages", "state", "attempts"], rows)
+    return 0
+
+
+def _queue_show(store: Store, args: argparse.Namespace) -> int:
+    job = store.get(args.job)
+    if args.json:
+        print(json.dumps({**_job_json(job), "stages": [result.to_dict() for result in job.stages],
+                          "spec": job.spec.to_dict(inputs=False)}, indent=2, default=str))  # fmt: skip
+        return 0
+    print(f"{_describe(job)}: {_state(job)}, {plural(job.attempts, 'attempt')}")
+    print(f"id:     {job.id}")
+    print(f"seed:   {job.spec.seed}")
+    print(f"folder: {job.folder or 'not made yet'}")
+    if job.error:
+        print(f"error:  {printable(job.error)}")
+    print("stages:")
+    for index, stage in enumerate(job.spec.stages):
+        result = job.stages[index] if index < len(job.stages) else None
+        done = "not run" if result is None else ("cut short" if result.partial else "done") + f", {plural(len(result.images), 'image')}"
+        print(f"  {index + 1}. {stage.type:<9} {done}")
+        for path in result.images if result else ():
+            print(f"     {path}")
+    print("spec:")
+    print(json.dumps(job.spec.to_dict(inputs=False), indent=2, default=str))
+    return 0
+
+
+def _queue_cancel(store: Store, args: argparse.Namespace) -> int:
+    mode = CancelMode.AFTER_STAGE if args.after_stage else CancelMode.NOW
+    job = store.request_cancel(args.job, mode)
+    if job.ended:
+        print(f"cancelled {_describe(job)}")
+    else:
+        when = "after its running stage" if args.after_stage else "now"
+        print(f"{_describe(job)} is running: its worker cancels it {when}")
+    return 0
+
+
+def _queue_remove(store: Store, args: argparse.Namespace) -> int:
+    job = store.get(args.job)
+    store.remove(job.id)
+    files = f"; its files stay in {job.folder}" if job.folder else ""
+    print(f"removed {_describe(job)}{files}")
+    return 0
+
+
+def _queue_retry(store: Store, args: argparse.Namespace) -> int:
+    job = store.retry(args.job)
+    print(f"queued {_describe(job)} again, last; it starts at stage {job.next_stage + 1} of {len(job.spec.stages)}")
+    return 0
+
+
+def _queue_move(store: Store, args: argparse.Namespace) -> int:
+    job = store.get(args.job)
+    others = [other.id for other in store.list() if other.id != job.id]
+    place = 0 if args.top else args.to - 1
+    if place < len(others):
+        store.move(job.id, before=others[place])
+    else:  # last; alone in the queue, it stays where it is (an ended job is refused either way)
+        store.move(job.id, after=others[-1] if others else job.id)
+    position = [other.id for other in store.list()].index(job.id) + 1
+    print(f"moved {_describe(job)} to position {position}")
+    return 0
+
+
+def _queue_pause(store: Store, args: argparse.Namespace) -> int:
+    store.pause(args.job, now=args.now)
+    running = "goes back to the queue" if args.now else "finishes"
+    if args.job is None:
+        print(f"paused the queue: no job starts until `sdjobs queue resume`; a running job {running}")
+    else:
+        print(f"paused {_describe(store.get(args.job))}" + (f": if it runs, it {running}" if args.now else ""))
+    return 0
+
+
+def _queue_resume(store: Store, args: argparse.Namespace) -> int:
+    store.resume(args.job)
+    print("resumed the queue" if args.job is None else f"resumed {_describe(store.get(args.job))}")
+    return 0
+
+
+QUEUE_COMMANDS = {
+    "add": _queue_add,
+    "list": _queue_list,
+    "show": _queue_show,
+    "cancel": _queue_cancel,
+    "remove": _queue_remove,
+    "retry": _queue_retry,
+    "move": _queue_move,
+    "pause": _queue_pause,
+    "resume": _queue_resume,
+}
+
+
+def cmd_history(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
-        for record in store.add(specs, priority=args.priority, paused=args.paused):
-            print(f"{record.id}  {record.spec.name}")
+        outcome = None if args.outcome is None else JobState(args.outcome)
+        jobs = store.history(name=args.name, outcome=outcome, since=args.since, until=args.until, limit=args.limit)
+    if args.json:
+        print(json.dumps([_job_json(job) for job in jobs], indent=2))
+        return 0
+    if not jobs:
+        print("No finished job" + (" matches." if any((args.name, args.outcome, args.since, args.until)) else " yet."))
+        return 0
+    rows = [[datetime.fromtimestamp(job.ended_at).strftime("%Y-%m-%d %H:%M"), job.short_id, str(job.state),
+             printable(job.spec.name), str(len(_images(job))),
+             "-" if _elapsed(job) is None else format_duration(_elapsed(job)), str(job.folder or "-")]
+            for job in jobs]  # fmt: skip
+    _print_table(["ended", "id", "outcome", "name", "images", "time", "folder"], rows)
     return 0
 
 
@@ -452,6 +696,7 @@ COMMANDS = {
     "check": cmd_check,
     "demo": cmd_demo,
     "frontends": cmd_frontends,
+    "history": cmd_history,
     "machine": cmd_machine,
     "plugins": cmd_plugins,
     "queue": cmd_queue,

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from sdjobs.polling import PollRequest, Poller
     from sdjobs.spec import JobSpec, StageSpec
     from sdjobs.status import JobState, RuntimeStatus, StageResult
+    from sdjobs.store import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,18 @@ class Hooks:
 
     def queue_drained(self, outcomes: Mapping[str, JobState]) -> None:
         self._observe("sdjobs_queue_drained", outcomes=outcomes)
+
+    def queue_changed(self, jobs: tuple[JobRecord, ...]) -> None:
+        self._observe("sdjobs_queue_changed", jobs=jobs)
+
+    def history_changed(self, jobs: tuple[JobRecord, ...]) -> None:
+        self._observe("sdjobs_history_changed", jobs=jobs)
+
+    def queue_paused(self) -> None:
+        self._observe("sdjobs_queue_paused")
+
+    def queue_resumed(self) -> None:
+        self._observe("sdjobs_queue_resumed")
 
     def job_started(self, status: RuntimeStatus, spec: JobSpec) -> None:
         self._observe("sdjobs_job_started", status=status, spec=spec)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from sdjobs.polling import PollRequest, Poller
     from sdjobs.spec import JobSpec, StageSpec
     from sdjobs.status import JobState, RuntimeStatus, StageResult
+    from sdjobs.store import JobRecord
 
 PROJECT = "sdjobs"
 
@@ -72,6 +73,53 @@ def sdjobs_queue_drained(outcomes: Mapping[str, JobState]) -> None:
     ``outcomes`` maps each job id to how it ended, in queue order; jobs that never
     ran are absent.  Fires once, last of all.  The return value is ignored;
     raising is logged and changes nothing.
+    """
+
+
+# -------------------------------------------------------------------------
+# The durable queue, as a worker sees it (observer hooks)
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def sdjobs_queue_changed(jobs: tuple[JobRecord, ...]) -> None:
+    """The queue a worker runs from changed: a job was added, moved, claimed, ended, removed.
+
+    ``jobs`` are the jobs that have not ended, running ones too, in the order
+    workers claim them (`sdjobs run`: only the jobs it added).  Fires when the
+    worker starts and then within a second of every change, made by any
+    process, on the worker's watch thread (not the runner's: job hooks may run
+    at the same time).  The return value is ignored; raising is logged and
+    changes nothing.
+    """
+
+
+@hookspec
+def sdjobs_history_changed(jobs: tuple[JobRecord, ...]) -> None:
+    """A job ended (or was retried or removed): ``jobs`` are the latest ended ones, latest first.
+
+    At most `sdjobs.worker.HISTORY_SHOWN` jobs.  Fires as `sdjobs_queue_changed`
+    does, on the worker's watch thread.  The return value is ignored; raising is
+    logged and changes nothing.
+    """
+
+
+@hookspec
+def sdjobs_queue_paused() -> None:
+    """The queue was paused (`sdjobs queue pause`, a front end's button): no job starts until it resumes.
+
+    The running job goes on, unless the pause was ``--now``.  Fires within a
+    second, on the worker's watch thread; also when a worker starts on a paused
+    queue.  The return value is ignored; raising is logged and changes nothing.
+    """
+
+
+@hookspec
+def sdjobs_queue_resumed() -> None:
+    """The paused queue was resumed: workers claim jobs again.
+
+    Fires within a second, on the worker's watch thread.  The return value is
+    ignored; raising is logged and changes nothing.
     """
 
 

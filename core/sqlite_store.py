@@ -99,6 +99,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
+    ("ALTER TABLE jobs ADD COLUMN recall INTEGER NOT NULL DEFAULT 0",),
 )
 
 #: The schema version this sdjobs writes.
@@ -110,7 +111,7 @@ _UNREADABLE = {3, 8, 10, 13, 14, 23}  # PERM, READONLY, IOERR, FULL, CANTOPEN, A
 
 _JOB_COLUMNS = (
     "id, spec, state, position, priority, paused, owner, attempts, worker, server, lost_server, folder, error, cancel,"
-    " added_at, started_at, ended_at"
+    " recall, added_at, started_at, ended_at"
 )
 _QUEUE_ORDER = "priority DESC, position"
 
@@ -389,6 +390,7 @@ class SQLiteStore(Store):
                 stages=tuple(StageResult.from_dict(json.loads(result)) for (result,) in results),
                 error=row["error"],
                 cancel=None if row["cancel"] is None else CancelMode(row["cancel"]),
+                recall=bool(row["recall"]),
                 added_at=row["added_at"],
                 started_at=row["started_at"],
                 ended_at=row["ended_at"],
@@ -493,21 +495,25 @@ class SQLiteStore(Store):
             connection.execute("UPDATE jobs SET priority = ? WHERE id = ?", (priority, job.id))
             return self._job(connection, job.id)
 
-    def pause(self, job_id: str | None = None) -> None:
-        self._set_paused(job_id, True)
+    def pause(self, job_id: str | None = None, *, now: bool = False) -> None:
+        self._set_paused(job_id, True, recall=now)
 
     def resume(self, job_id: str | None = None) -> None:
         self._set_paused(job_id, False)
 
-    def _set_paused(self, job_id: str | None, paused: bool) -> None:
+    def _set_paused(self, job_id: str | None, paused: bool, *, recall: bool = False) -> None:
         with self._write() as connection:
             if job_id is None:
                 connection.execute(
                     "INSERT OR REPLACE INTO settings (key, value) VALUES ('queue_paused', ?)", (json.dumps(paused),)
                 )
+                recalled, ids = "owner IS NULL", ()
             else:
                 job = self._open_job(connection, job_id, "pause or resume")
                 connection.execute("UPDATE jobs SET paused = ? WHERE id = ?", (paused, job.id))
+                recalled, ids = "id = ?", (job.id,)
+            if recall:
+                connection.execute(f"UPDATE jobs SET recall = 1 WHERE state = 'running' AND {recalled}", ids)
 
     def queue_paused(self) -> bool:
         with self._read() as connection:
@@ -538,6 +544,18 @@ class SQLiteStore(Store):
             if job.state is JobState.RUNNING:
                 raise InvalidState(f"job {job.short_id} is running: cancel it before removing it")
             connection.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+
+    def retry(self, job_id: str) -> JobRecord:
+        with self._write() as connection:
+            job = self._job(connection, job_id)
+            if job.state not in (JobState.FAILED, JobState.CANCELLED):
+                raise InvalidState(f"job {job.short_id} is {job.state}: only a failed or cancelled job is retried")
+            connection.execute(
+                "UPDATE jobs SET state = 'queued', error = NULL, cancel = NULL, ended_at = NULL,"
+                " position = (SELECT max(position) FROM jobs) + 1 WHERE id = ?",
+                (job.id,),
+            )
+            return self._job(connection, job.id)
 
     # -- workers ------------------------------------------------------------------
 
@@ -602,7 +620,7 @@ class SQLiteStore(Store):
             self._end(connection, job.id, JobState.CANCELLED, None)
         else:
             connection.execute(
-                "UPDATE jobs SET state = 'queued', worker = NULL, lost_server = ? WHERE id = ?",
+                "UPDATE jobs SET state = 'queued', worker = NULL, recall = 0, lost_server = ? WHERE id = ?",
                 (job.server if lost else None, job.id),
             )
         return self._job(connection, job.id)
@@ -611,7 +629,7 @@ class SQLiteStore(Store):
         self, connection: sqlite3.Connection, job_id: str, outcome: JobState, error: str | None, cancel: CancelMode | None = None
     ) -> None:
         connection.execute(
-            "UPDATE jobs SET state = ?, error = ?, ended_at = ?, worker = NULL, lost_server = NULL,"
+            "UPDATE jobs SET state = ?, error = ?, ended_at = ?, worker = NULL, lost_server = NULL, recall = 0,"
             " cancel = coalesce(?, cancel) WHERE id = ?",
             (str(outcome), error, self._clock(), None if cancel is None else str(cancel), job_id),
         )

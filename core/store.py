@@ -139,6 +139,8 @@ class JobRecord:
         stages: The recorded stages in order; the last may be partial.
         error: Why it failed, when it did.
         cancel: The cancel asked for it, if any (the most urgent one asked).
+        recall: A running job asked back into the queue (`Store.pause` with
+            ``now``): its worker hands it back, resumable where it was.
         added_at: Unix time it was added.
         started_at: Unix time it was first claimed.
         ended_at: Unix time it ended.
@@ -159,6 +161,7 @@ class JobRecord:
     stages: tuple[StageResult, ...] = ()
     error: str | None = None
     cancel: CancelMode | None = None
+    recall: bool = False
     added_at: float = 0.0
     started_at: float | None = None
     ended_at: float | None = None
@@ -238,8 +241,13 @@ class Store(Protocol):
         """Change the priority of a job that has not ended."""
         ...
 
-    def pause(self, job_id: str | None = None) -> None:
-        """Hold one job back, or (no id) the whole queue: claims without `ids` get nothing."""
+    def pause(self, job_id: str | None = None, *, now: bool = False) -> None:
+        """Hold one job back, or (no id) the whole queue: claims without `ids` get nothing.
+
+        With ``now``, the running jobs it holds back (that job, or every running
+        job without an owner) are asked back (`JobRecord.recall`): their workers
+        hand them back to the queue, resumable where they were.
+        """
         ...
 
     def resume(self, job_id: str | None = None) -> None:
@@ -262,6 +270,14 @@ class Store(Protocol):
 
     def remove(self, job_id: str) -> None:
         """Forget a job that is not running, with its recorded stages (its files stay)."""
+        ...
+
+    def retry(self, job_id: str) -> JobRecord:
+        """Queue a failed or cancelled job again, last in the queue, to resume at its first unfinished stage.
+
+        Its stages, folder and attempts are kept; its error and cancel are cleared.
+        `InvalidState` for a job that did not fail and was not cancelled.
+        """
         ...
 
     # -- workers ------------------------------------------------------------

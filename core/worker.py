@@ -15,6 +15,13 @@ and runs only those.  A worker is the front ends' `Session`:
   cancelled, the other queued jobs stay queued.
 - `hand_back` (SIGTERM, a second Ctrl-C) interrupts our running request and
   hands the job back to the queue, resumable at its first unfinished stage.
+
+While it runs, a watch thread looks at the store every `watch_interval`, so
+that what another process asks (`sdjobs queue cancel`, `pause --now`) is acted
+on within a second: a cancel of the running job reaches the runner; a recall
+(`JobRecord.recall`) lets the job go and hands it back to the queue; and the
+front ends hear of the queue's changes (`sdjobs_queue_changed`,
+`sdjobs_history_changed`, `sdjobs_queue_paused`, `sdjobs_queue_resumed`).
 """
 
 from __future__ import annotations
@@ -27,12 +34,27 @@ import attrs
 from sdjobs.runner import Runner
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState
-from sdjobs.store import DEFAULT_LEASE, JobRecord, NotHeld, Store, StoreError
+from sdjobs.store import DEFAULT_LEASE, JobRecord, NotHeld, Store, StoreError, stops_job
 
 log = logging.getLogger(__name__)
 
 #: Seconds an idle worker waits before it looks at the store again.
 DEFAULT_IDLE_POLL = 1.0
+
+#: Seconds between two looks of the watch thread at the store.
+DEFAULT_WATCH_INTERVAL = 0.25
+
+#: How many ended jobs `sdjobs_history_changed` carries.
+HISTORY_SHOWN = 50
+
+
+@attrs.define
+class _Shown:
+    """What the front ends were last told of the queue (None: nothing yet)."""
+
+    queue: tuple[JobRecord, ...] | None = None
+    history: tuple[JobRecord, ...] | None = None
+    paused: bool | None = None
 
 
 @attrs.frozen
@@ -68,7 +90,9 @@ class Worker:
             those, and stops when none of them is left queued.
         until_empty: Stop when no job is queued or running, instead of waiting for more.
         lease: The store's lease; the heartbeat beats four times in it.
-        idle_poll: Seconds between two looks at an empty queue.
+        idle_poll: Seconds between two looks at an empty queue (a change the
+            watch thread sees ends the wait sooner).
+        watch_interval: Seconds between two looks of the watch thread at the store.
     """
 
     store: Store
@@ -77,6 +101,7 @@ class Worker:
     until_empty: bool = False
     lease: float = DEFAULT_LEASE
     idle_poll: float = DEFAULT_IDLE_POLL
+    watch_interval: float = DEFAULT_WATCH_INTERVAL
 
     handed_back: HandedBack | None = attrs.field(default=None, init=False)
     _ids: list[str] | None = attrs.field(default=None, init=False)
@@ -85,6 +110,9 @@ class Worker:
     _worker_id: str = attrs.field(default="", init=False)
     _rejoining: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _stop: threading.Event = attrs.field(factory=threading.Event, init=False)
+    _wake: threading.Event = attrs.field(factory=threading.Event, init=False)
+    _running: str | None = attrs.field(default=None, init=False)
+    _switch: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _error: BaseException | None = attrs.field(default=None, init=False)
 
     @property
@@ -107,11 +135,22 @@ class Worker:
         self.runner.cancel(mode, rest=rest)
         if self.runner.stopped:
             self._stop.set()
+            self._wake.set()
 
     def hand_back(self) -> None:
         """Stop, handing the running job back to the queue (see `Runner.hand_back`); from any thread."""
         self.runner.hand_back()
         self._stop.set()
+        self._wake.set()
+
+    def pause_queue(self, *, now: bool = False) -> None:
+        """Pause the queue for every worker on it (a front end's button); with ``now`` the running
+        job goes back to the queue too.  `sdjobs run`'s own jobs are not held back."""
+        self.store.pause(now=now)
+
+    def resume_queue(self) -> None:
+        """Resume the paused queue."""
+        self.store.resume()
 
     def run(self) -> None:
         """Run jobs until stopped; on the main thread, a `KeyboardInterrupt` hands the running job back.
@@ -142,23 +181,30 @@ class Worker:
             target=self._heartbeat, name="sdjobs-heartbeat", daemon=True
         )
         beating.start()
+        watching = threading.Thread(target=self._watch, name="sdjobs-watch", daemon=True)
         try:
+            self._add_own()
+            watching.start()  # after `sdjobs run`'s jobs are queued: its first look shows them
             self._claim_and_run()
         except Exception as exc:  # noqa: BLE001  (raised again on the thread that runs the worker)
             self._error = exc
         finally:
             self._stop.set()
             beating.join()
+            if watching.ident is not None:
+                watching.join()
             self._leave()
             self.runner.hooks.queue_drained(dict(self.outcomes))
 
-    def _claim_and_run(self) -> None:
+    def _add_own(self) -> None:
         if self.add:
             self._ids = [
                 record.id for record in self.store.add(self.add, owner=self._worker_id)
             ]
             for record in map(self.store.get, self._ids):
                 self._announce(record)
+
+    def _claim_and_run(self) -> None:
         server = self.runner.client.base_url  # without credentials
         while not self.runner.stopped:
             worker_id = self._worker_id
@@ -170,11 +216,79 @@ class Worker:
             if record is None:
                 if self._ids is not None or (self.until_empty and self._empty()):
                     return
-                self._stop.wait(self.idle_poll)
+                self._wake.wait(self.idle_poll)
+                self._wake.clear()
                 continue
             self._announce(record)
             self._last = record.id
-            self.runner.run_held(self.store, worker_id, record)
+            with self._switch:
+                self._running = record.id
+            outcome = self.runner.run_held(self.store, worker_id, record)
+            with self._switch:
+                self._running = None
+            if outcome is None:
+                self._hand_over(record.id, worker_id)
+
+    def _hand_over(self, job_id: str, worker_id: str) -> None:
+        """The runner let a job go (a recall) that the store may still count as ours: back to the queue.
+
+        Any other way a job ends without an outcome (a hand-back, another worker
+        holding it now) has left it out of our hands already: `NotHeld`.
+        """
+        try:
+            self.store.release(job_id, worker_id)
+        except NotHeld:
+            pass
+
+    def _watch(self) -> None:
+        """Look at the store every `watch_interval` until the worker stops (see the module's doc)."""
+        shown = _Shown()
+        self._look(shown)
+        while not self._stop.wait(self.watch_interval):
+            self._look(shown)
+        self._look(shown)  # the queue as the worker leaves it, before `sdjobs_queue_drained`
+
+    def _look(self, shown: _Shown) -> None:
+        try:
+            self._act_on_requests()
+            self._show(shown)
+        except StoreError as exc:  # locked a while: the next look may get through
+            log.warning("watching the queue: %s", exc)
+
+    def _act_on_requests(self) -> None:
+        """Pass a cancel or a recall of the running job to the runner; again at every look while it
+        runs, as the runner drops one that came between two jobs (repeats are harmless).
+
+        Under `_switch`, so that a request read for one job never reaches the next one.
+        """
+        with self._switch:
+            if self._running is None:
+                return
+            job = self.store.get(self._running)
+            if job.recall:
+                self.runner.let_go()
+            elif stops_job(job.cancel):
+                self.runner.cancel(job.cancel)
+
+    def _show(self, shown: _Shown) -> None:
+        """Tell the front ends what changed since the last look; a change wakes an idle worker."""
+        queue = tuple(job for job in self.store.list() if self._ids is None or job.id in self._ids)
+        history = tuple(self.store.history(limit=HISTORY_SHOWN))
+        paused = self.store.queue_paused()
+        if queue != shown.queue:
+            shown.queue = queue
+            self.runner.hooks.queue_changed(queue)
+            self._wake.set()
+        if history != shown.history:
+            shown.history = history
+            self.runner.hooks.history_changed(history)
+        if paused != shown.paused:
+            if paused:
+                self.runner.hooks.queue_paused()
+            elif shown.paused is not None:
+                self.runner.hooks.queue_resumed()
+                self._wake.set()
+            shown.paused = paused
 
     def _rejoin(self, gone: str) -> None:
         """The store counted worker ``gone`` (this one) gone: register anew, once, whichever thread saw it first."""

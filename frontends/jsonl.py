@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from operator import attrgetter
@@ -22,6 +23,7 @@ from sdjobs.frontends.interrupt import run_with_ctrl_c
 from sdjobs.frontends.pipe import PipeGuard
 from sdjobs.spec import JobSpec
 from sdjobs.status import JobState, RuntimeStatus, StageResult
+from sdjobs.store import JobRecord
 
 
 def _seconds(value: float | None) -> float | None:
@@ -60,6 +62,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "stage_finished": (*STATUS_FIELDS, "images", "partial", "elapsed"),
     "job_finished": (*STATUS_FIELDS, "outcome", "error"),
     "queue_drained": ("outcomes",),
+    "queue_changed": ("jobs",),
+    "queue_paused": (),
+    "queue_resumed": (),
 }
 
 
@@ -78,6 +83,7 @@ class JsonlFrontend:
         self.options = options
         self._stream = stream
         self._guard = PipeGuard()
+        self._writing = threading.Lock()  # queue events come on the worker's watch thread
 
     def run(self, session: Session) -> int | None:
         self._guard.watch(session)
@@ -86,8 +92,9 @@ class JsonlFrontend:
     def _write(self, event: str, **fields: Any) -> None:
         stream = self._stream or sys.stdout
         try:
-            stream.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
-            stream.flush()
+            with self._writing:
+                stream.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
+                stream.flush()
         except BrokenPipeError:
             self._guard.closed(stream)
 
@@ -128,6 +135,18 @@ class JsonlFrontend:
     @hookimpl
     def sdjobs_queue_drained(self, outcomes: Mapping[str, JobState]) -> None:
         self._write("queue_drained", outcomes={job: outcome.value for job, outcome in outcomes.items()})
+
+    @hookimpl
+    def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...]) -> None:
+        self._write("queue_changed", jobs=[job.id for job in jobs])
+
+    @hookimpl
+    def sdjobs_queue_paused(self) -> None:
+        self._write("queue_paused")
+
+    @hookimpl
+    def sdjobs_queue_resumed(self) -> None:
+        self._write("queue_resumed")
 
 
 @hookimpl

@@ -27,7 +27,7 @@ from sdjobs.expand import load_jobs
 from sdjobs.spec import JobSpec
 from sdjobs.sqlite_store import SQLiteStore
 from sdjobs.status import CancelMode, JobState, StageResult
-from sdjobs.store import InvalidState, JobRecord, NotHeld, Store, UnknownJob, WorkerInfo
+from sdjobs.store import MIN_PREFIX, InvalidState, JobRecord, NotHeld, Store, UnknownJob, WorkerInfo
 from sdjobs.testing import job_specs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -395,6 +395,50 @@ def test_a_released_job_with_a_cancel_that_stops_it_ends_cancelled(store, worker
     job = store.claim(worker.id)
     store.request_cancel(job.id, mode)
     assert store.release(job.id, worker.id).state is state
+
+
+def test_pause_now_recalls_the_running_jobs_it_holds_back_until_they_are_released(store, connect, worker):
+    mine, queued = store.add([spec("mine"), spec("queued")])
+    owner = connect().register_worker()
+    [owned] = store.add([spec("owned")], owner=owner.id)
+    store.claim(worker.id)
+    store.claim(owner.id, ids=[owned.id])
+    store.pause()
+    assert not store.get(mine.id).recall  # a plain pause lets the running job finish
+    store.pause(now=True)
+    assert store.get(mine.id).recall and not store.get(owned.id).recall  # `sdjobs run`'s own job is not held back
+    assert not store.get(queued.id).recall
+    released = store.release(mine.id, worker.id)
+    assert (released.state, released.recall) == (JobState.QUEUED, False)
+    store.resume()
+    job = store.claim(worker.id)
+    store.pause(job.id, now=True)
+    assert store.get(job.id).recall and store.get(job.id).paused
+    assert not store.finish(job.id, worker.id, JobState.DONE).recall
+
+
+@pytest.mark.parametrize("outcome", [JobState.FAILED, JobState.CANCELLED])
+def test_a_failed_or_cancelled_job_is_retried_last_in_the_queue_from_its_first_unfinished_stage(store, worker, outcome):
+    [job, other] = store.add([spec("cat", "upscale"), spec("dog")])
+    store.claim(worker.id)
+    store.record_stage(job.id, worker.id, result(0, "txt2img"))
+    store.request_cancel(job.id)
+    store.finish(job.id, worker.id, outcome, "boom" if outcome is JobState.FAILED else None)
+    retried = store.retry(job.id[:MIN_PREFIX])
+    assert (retried.state, retried.error, retried.cancel, retried.ended_at) == (JobState.QUEUED, None, None, None)
+    assert retried.next_stage == 1 and retried.attempts == 1
+    assert ids(store.list()) == [other.id, job.id] and store.history() == []
+
+
+def test_only_a_failed_or_cancelled_job_is_retried(store, worker):
+    [queued, done] = store.add([spec(), spec()])
+    store.move(done.id, before=queued.id)
+    store.finish(store.claim(worker.id).id, worker.id, JobState.DONE)
+    for job_id, state in ((queued.id, "queued"), (done.id, "done")):
+        with pytest.raises(InvalidState, match=f"is {state}: only a failed or cancelled job is retried"):
+            store.retry(job_id)
+    with pytest.raises(UnknownJob):
+        store.retry("feedface")
 
 
 # --------------------------------------------------------------------------

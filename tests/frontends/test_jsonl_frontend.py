@@ -11,6 +11,8 @@ from scripted import job_spec
 
 from sdjobs.frontend import FrontendOptions
 from sdjobs.frontends.jsonl import FIELDS, JsonlFrontend
+from sdjobs.status import JobState
+from sdjobs.store import JobRecord
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "frontends.md"
 
@@ -52,9 +54,29 @@ def test_one_object_per_event_in_the_documented_order_for_each_job(make_session)
 
 def test_every_event_carries_exactly_its_documented_fields(make_session):
     events, _ = run_jsonl(make_session, [job_spec("sea")], fail={0: "HTTP 500: out of memory"}, stall=(0, 0))
+    events += queue_events()
     assert {event["event"] for event in events} == set(FIELDS)
     for event in events:
         assert sorted(event) == sorted(["event", "t", *FIELDS[event["event"]]]), event["event"]
+
+
+def queue_events() -> list[dict]:
+    """What a worker's watch thread makes the front end write (see tests/test_queue_commands.py for a real one)."""
+    stream = FlushCountingStream()
+    frontend = JsonlFrontend(FrontendOptions(), stream=stream)
+    jobs = tuple(JobRecord(job_id, job_spec(name), JobState.QUEUED, position) for position, (job_id, name) in enumerate((("b2", "sky"), ("a1", "sea"))))
+    frontend.sdjobs_queue_paused()
+    frontend.sdjobs_queue_changed(jobs)
+    frontend.sdjobs_queue_resumed()
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_queue_events_carry_no_job_and_the_ids_in_order():
+    events = queue_events()
+    assert [(event["event"], event.get("jobs")) for event in events] == [
+        ("queue_paused", None), ("queue_changed", ["b2", "a1"]), ("queue_resumed", None)
+    ]
+    assert not any("job" in event for event in events)
 
 
 def test_each_line_is_flushed_as_it_is_written(make_session):
