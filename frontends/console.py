@@ -36,6 +36,7 @@ from sdjobs.frontends.ledger import JobLedger
 from sdjobs.frontends.pipe import PipeGuard
 from sdjobs.spec import JobSpec
 from sdjobs.status import JobState, RuntimeStatus, StageResult
+from sdjobs.store import JobRecord
 
 REFRESH_PER_SECOND = 10
 BAR_WIDTH = 40
@@ -71,6 +72,7 @@ class ConsoleFrontend:
         self._status: RuntimeStatus | None = None
         self._live: Live | None = None
         self._cancelling = False
+        self._waiting: int | None = None  # jobs queued behind the running one; None outside a worker
 
     def run(self, session: Session) -> int | None:
         self._guard.watch(session)
@@ -96,7 +98,8 @@ class ConsoleFrontend:
             ProgressBar(total=1.0, completed=status.job_progress, width=BAR_WIDTH),
             f"{int(status.job_progress * 100)}% · ETA {format_eta(status.job_eta)}",
         )
-        lines: list[RenderableType] = [Text.assemble((printable(status.name), "bold"), "  ", status_line(status)), bars]
+        waiting = "" if self._waiting is None else f" · {self._waiting} queued"
+        lines: list[RenderableType] = [Text.assemble((printable(status.name), "bold"), "  ", status_line(status), waiting), bars]
         if self._cancelling:
             lines.append(Text(CANCELLING, style="yellow"))
         return Group(*lines)
@@ -166,6 +169,10 @@ class ConsoleFrontend:
         self._say(Text(line, style=OUTCOME_STYLES[outcome]))
         if outcome is JobState.CANCELLED and self._cancelling:
             self._say(Text("Cancelled with Ctrl-C: no further job runs.", style="yellow"))
+
+    @hookimpl
+    def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...]) -> None:
+        self._waiting = sum(job.state is JobState.QUEUED for job in jobs)  # one assignment: read by the live view's thread
 
     @hookimpl
     def sdjobs_queue_drained(self, outcomes: Mapping[str, JobState]) -> None:

@@ -33,6 +33,7 @@ from sdjobs.frontends.ledger import JobLedger
 from sdjobs.frontends.pipe import PipeGuard
 from sdjobs.spec import JobSpec
 from sdjobs.status import JobState, RuntimeStatus, StageResult
+from sdjobs.store import JobRecord
 
 log = logging.getLogger("sdjobs.jobs")
 
@@ -98,6 +99,7 @@ class LogFrontend:
         self._ledger = JobLedger()
         self._next_percent = PROGRESS_STEP
         self._guard = PipeGuard()
+        self._waiting: list[str] = []  # the ids of the jobs waiting, as last logged
 
     def run(self, session: Session) -> int | None:
         stream = self._open_stream()
@@ -165,6 +167,22 @@ class LogFrontend:
     ) -> None:
         entry = self._ledger.finished(status.job_id, outcome, results)
         log.log(_OUTCOME_LEVELS[outcome], "%s", outcome_line(status.name, outcome, error, entry.elapsed, results))
+
+    @hookimpl
+    def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...]) -> None:
+        """One record when the jobs waiting change (not when the running job's record does)."""
+        waiting = [job for job in jobs if job.state is JobState.QUEUED]
+        if [job.id for job in waiting] != self._waiting:
+            self._waiting = [job.id for job in waiting]
+            log.info("queue: %s waiting%s", len(waiting), f", next {waiting[0].spec.name}" if waiting else "")
+
+    @hookimpl
+    def sdjobs_queue_paused(self) -> None:
+        log.warning("queue paused: no job starts until it is resumed")
+
+    @hookimpl
+    def sdjobs_queue_resumed(self) -> None:
+        log.info("queue resumed")
 
     @hookimpl
     def sdjobs_queue_drained(self, outcomes: Mapping[str, JobState]) -> None:

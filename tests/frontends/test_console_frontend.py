@@ -10,6 +10,8 @@ from scripted import job_spec
 
 from sdjobs.frontend import FrontendOptions
 from sdjobs.frontends.console import ConsoleFrontend
+from sdjobs.status import JobState
+from sdjobs.store import JobRecord
 
 
 def rendered(renderable) -> str:
@@ -59,3 +61,19 @@ def test_on_a_terminal_a_live_view_shows_the_status_line_and_both_bars(make_sess
     # The live display drew on the terminal, and the summary came after it.
     assert "Stage 1/2 txt2img · 0% · ETA calculating..." in out.getvalue()
     assert "\x1b[" in out.getvalue()
+
+
+def test_the_status_line_shows_how_many_jobs_wait_in_the_queue(make_session):
+    frontend = ConsoleFrontend(FrontendOptions(), console=Console(file=io.StringIO(), width=120, force_terminal=True))
+    views = []
+
+    def look(hook, status):
+        if hook == "progress" and status.stage_index == 1:
+            frontend.sdjobs_queue_changed(
+                tuple(JobRecord(job_id, job_spec("sea"), state, 0) for job_id, state in
+                      (("a1", JobState.RUNNING), ("b2", JobState.QUEUED), ("c3", JobState.QUEUED)))  # fmt: skip
+            )
+            views.append(rendered(frontend.view()))
+
+    frontend.run(make_session(frontend, [job_spec("sea")], watch=look))
+    assert "· seed 1234567890 · 2 queued" in views[0]

@@ -10,6 +10,8 @@ from scripted import job_spec
 
 from sdjobs.frontend import FrontendError, FrontendOptions
 from sdjobs.frontends.log import LogFrontend
+from sdjobs.status import JobState
+from sdjobs.store import JobRecord
 
 
 def test_a_record_per_stage_start_and_finish_and_the_outcome(make_session, capsys):
@@ -87,3 +89,21 @@ def test_a_log_file_that_cannot_be_written_is_a_usage_error_and_nothing_runs(mak
     with pytest.raises(FrontendError, match=re.escape(f"{missing}: cannot write the log there: No such file or directory")):
         frontend.run(session)
     assert not session.ran
+
+
+def test_queue_changes_are_logged(caplog):
+    frontend = LogFrontend(FrontendOptions())
+    jobs = tuple(JobRecord(job_id, job_spec(name), state, n) for n, (job_id, name, state) in
+                 enumerate((("a1", "sea", JobState.RUNNING), ("b2", "sky", JobState.QUEUED))))  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="sdjobs.jobs"):
+        frontend.sdjobs_queue_changed(jobs)
+        frontend.sdjobs_queue_changed(jobs)  # the same jobs waiting: nothing to say
+        frontend.sdjobs_queue_paused()
+        frontend.sdjobs_queue_resumed()
+        frontend.sdjobs_queue_changed(jobs[:1])
+    assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
+        ("INFO", "queue: 1 waiting, next sky"),
+        ("WARNING", "queue paused: no job starts until it is resumed"),
+        ("INFO", "queue resumed"),
+        ("INFO", "queue: 0 waiting"),
+    ]
