@@ -6,14 +6,15 @@ exactly as sdjobs does).  `collect_frontends` gathers them by name; the command
 line picks a name with `choose_frontend`, makes one from `FrontendOptions`,
 registers the instance as a pluggy plugin, so its `hookimpl`s see every event,
 and calls `run(session)` on the main thread.  Front ends never import the
-runner: `Session` is all they see of it.
+runner: `Session` is all they see of it, and `QueueControl` where the session
+runs from the durable queue.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, runtime_checkable
 
 import attrs
 
@@ -38,6 +39,22 @@ class Session(Protocol):
 
         Safe from any thread, returns at once; repeated calls are harmless.
         """
+
+
+@runtime_checkable
+class QueueControl(Protocol):
+    """What a session that runs from the durable queue (a `Worker`) offers besides `Session`.
+
+    Optional: a front end checks ``isinstance(session, QueueControl)`` and offers
+    no pause where it fails (a plain `Runner`).  Each call changes the queue for
+    every worker on it, and may wait a while for another process's lock.
+    """
+
+    def pause_queue(self, *, now: bool = False) -> None:
+        """No job starts until `resume_queue`; with ``now`` the running job goes back to the queue too."""
+
+    def resume_queue(self) -> None:
+        """Undo `pause_queue`."""
 
 
 @attrs.frozen

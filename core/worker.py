@@ -8,7 +8,7 @@ store, on an event, so that a stop is acted on at once.
 
 `sdjobs worker` runs every job of the queue; `sdjobs run` adds its files for
 itself (the worker owns them, so no other worker takes them while it lives)
-and runs only those.  A worker is the front ends' `Session`:
+and runs only those.  A worker is the front ends' `Session` and `QueueControl`:
 
 - ``cancel(NOW, rest=True)`` (the first Ctrl-C) cancels the running job and
   runs no further one; the jobs `sdjobs run` added and never started end

@@ -1,10 +1,14 @@
-"""The `tk` front end: a window with the running job's panel, for a person at a desktop.
+"""The `tk` front end: a window with the running job's panel, the queue and its history.
 
 Tk belongs to one thread.  `run` opens the window on the main thread and runs
 the session on a worker thread; the hooks, called on the worker, only put
 calls on a queue (`call_soon`) that the main thread drains every
 `DRAIN_INTERVAL_MS` with `after()`.  "Cancel" cancels the running job and the
 next one starts; "Cancel after this stage" lets the running stage finish.
+"Pause queue" and "Resume queue" work where the session is a `QueueControl`
+(a worker), on a thread of their own, as the store may wait for a lock; a
+double-click on a job of the history opens its folder with the desktop's
+opener (`open_path`).
 Closing the window (or Ctrl-C) while a job runs cancels everything, waits for
 the running job to stop while the window stays responsive, and closes.  When every job has ended,
 the window stays open showing how, until it is closed, or closes by itself with
@@ -15,23 +19,28 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import queue
+import subprocess
+import sys
 import threading
 import time
 import tkinter as tk
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import attrs
 
 from sdjobs import hookimpl
 from sdjobs.exits import EXIT_CANCELLED
-from sdjobs.frontend import FrontendOptions, FrontendUnavailable, Session
+from sdjobs.frontend import FrontendOptions, FrontendUnavailable, QueueControl, Session
 from sdjobs.frontends.formatting import drained_line
 from sdjobs.frontends.interrupt import ctrl_c_cancels
 from sdjobs.frontends.ledger import JobLedger
 from sdjobs.frontends.tk_panel import JobPanel
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState, RuntimeStatus, StageResult
+from sdjobs.store import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,53 @@ DRAIN_INTERVAL_MS = 50
 CLOSE_TIMEOUT = 10.0
 
 PanelCall = Callable[[JobPanel], object]
+Opener = Callable[[Path], object]
+
+
+def open_path(path: Path) -> None:
+    """Open ``path`` as the desktop does (a folder in the file manager), without waiting for it.
+
+    A desktop without an opener (no `xdg-open`) is logged, not raised: the window goes on.
+    """
+    try:
+        if sys.platform == "win32":
+            os.startfile(path)  # type: ignore[attr-defined]  # Windows only
+        else:
+            command = "open" if sys.platform == "darwin" else "xdg-open"
+            subprocess.Popen(
+                [command, os.fspath(path)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+    except OSError as exc:
+        log.warning("cannot open %s: %s", path, exc)
+
+
+@attrs.frozen
+class _InBackground:
+    """A session's `QueueControl`, called on a short-lived thread so the window never waits on the store."""
+
+    control: QueueControl
+
+    def pause_queue(self, *, now: bool = False) -> None:
+        self._start(lambda: self.control.pause_queue(now=now))
+
+    def resume_queue(self) -> None:
+        self._start(self.control.resume_queue)
+
+    @staticmethod
+    def _start(call: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                call()
+            except Exception:  # a locked store, say: the buttons stay as they were
+                log.exception("the queue could not be paused or resumed")
+
+        threading.Thread(target=run, name="sdjobs-queue-control", daemon=True).start()
+
+
+def _queue_state(job: JobRecord) -> str:
+    """`running`, `queued`, or `paused` for a job held back on its own."""
+    return "paused" if job.paused and job.state is JobState.QUEUED else str(job.state)
 
 
 def open_window() -> tk.Tk:
@@ -154,10 +210,11 @@ class TkFrontend:
     """The running-job panel in a Tk window."""
 
     name = "tk"
-    description = "a window with the running job's progress, the queue and Cancel buttons"
+    description = "a window with the running job's progress, the queue, its history and Cancel and Pause buttons"
 
-    def __init__(self, options: FrontendOptions) -> None:
+    def __init__(self, options: FrontendOptions, *, opener: Opener = open_path) -> None:
         self.options = options
+        self._opener = opener  # what a double-click on the history calls; tests pass their own
         self._calls: queue.SimpleQueue[PanelCall] = queue.SimpleQueue()
         self._ledger = JobLedger()  # fed on the session's thread only
 
@@ -171,7 +228,10 @@ class TkFrontend:
 
     def run(self, session: Session) -> int | None:
         root = open_window()
-        panel = JobPanel(root, on_cancel=session.cancel, preview=self.options.preview)
+        control = _InBackground(session) if isinstance(session, QueueControl) else None
+        panel = JobPanel(
+            root, on_cancel=session.cancel, on_open=self._opener, control=control, preview=self.options.preview
+        )
         panel.pack(fill="both", expand=True)
         try:
             return _Window(root, panel, session, self._calls, self.options.close_when_done).run()
@@ -182,8 +242,9 @@ class TkFrontend:
             gc.collect()
 
     def _show_queue(self) -> None:
-        names = [entry.name for entry in self._ledger.waiting()]
-        self.call_soon(lambda panel: panel.show_queue(names))
+        """What the runner knows waits; shown until a worker tells what the store holds."""
+        jobs = [(entry.name, str(JobState.QUEUED)) for entry in self._ledger.waiting()]
+        self.call_soon(lambda panel: panel.show_queue(jobs, durable=False))
 
     @hookimpl
     def sdjobs_job_queued(self, job_id: str, spec: JobSpec) -> None:
@@ -219,6 +280,23 @@ class TkFrontend:
     ) -> None:
         self._ledger.finished(status.job_id, outcome, results)
         self.call_soon(lambda panel: panel.show_job_finished(outcome, error))
+
+    @hookimpl
+    def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...]) -> None:
+        rows = [(job.spec.name, _queue_state(job)) for job in jobs]
+        self.call_soon(lambda panel: panel.show_queue(rows))
+
+    @hookimpl
+    def sdjobs_history_changed(self, jobs: tuple[JobRecord, ...]) -> None:
+        self.call_soon(lambda panel: panel.show_history(jobs))
+
+    @hookimpl
+    def sdjobs_queue_paused(self) -> None:
+        self.call_soon(lambda panel: panel.show_queue_paused(True))
+
+    @hookimpl
+    def sdjobs_queue_resumed(self) -> None:
+        self.call_soon(lambda panel: panel.show_queue_paused(False))
 
     @hookimpl
     def sdjobs_queue_drained(self, outcomes: Mapping[str, JobState]) -> None:

@@ -1,7 +1,8 @@
-"""`JobPanel`: the running-job panel of the Tk front end.
+"""`JobPanel`: the running-job panel of the Tk front end, with the queue and its history.
 
-A plain Tk widget fed with `RuntimeStatus` values: it knows nothing of threads
-or queues.  Every method must be called on the thread that made the window.
+A plain Tk widget fed with `RuntimeStatus` values and the store's `JobRecord`s:
+it knows nothing of threads or queues.  Every method must be called on the
+thread that made the window.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import tkinter as tk
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from tkinter import ttk
-
 
 from sdjobs.frontends.formatting import (
     CALCULATING,
@@ -23,7 +24,9 @@ from sdjobs.frontends.formatting import (
     images_text,
     printable,
 )
+from sdjobs.frontend import QueueControl
 from sdjobs.status import CancelMode, JobState, RuntimeStatus, StageResult
+from sdjobs.store import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +36,45 @@ PREVIEW_SIZE = 256
 OUTCOME_TEXT = {JobState.DONE: "Done", JobState.FAILED: "Failed", JobState.CANCELLED: "Cancelled"}
 
 
+#: Rows each of the queue and history lists shows; more scroll.
+LIST_ROWS = 4
+
+
+def _list(master: tk.Misc, columns: dict[str, int], **options: object) -> ttk.Treeview:
+    """A list of rows under column headings; ``columns`` maps each heading to its width."""
+    tree = ttk.Treeview(master, columns=tuple(columns), show="headings", height=LIST_ROWS, **options)
+    for heading, width in columns.items():
+        tree.heading(heading, text=heading, anchor="w")
+        tree.column(heading, width=width, stretch=heading in ("Name", "Folder"))
+    return tree
+
+
 class JobPanel(ttk.Frame):
-    """Job name, stage, progress bar and state, ETA, seed, image, step, preview, queue, Cancel buttons.
+    """Job name, stage, progress bar and state, ETA, seed, image, step, preview, Cancel buttons; the
+    queue with Pause and Resume buttons; the history.
 
     ``on_cancel`` is called with the `CancelMode` of the button pressed.  With
     ``preview``, the server's live preview is shown when a status carries one.
+    ``control`` is what Pause and Resume call; without it they stay disabled.
+    A double-click (or Return) on a job of the history calls ``on_open`` with
+    its output folder.
     """
 
-    def __init__(self, master: tk.Misc, *, on_cancel: Callable[[CancelMode], object], preview: bool = False) -> None:
+    def __init__(
+        self,
+        master: tk.Misc,
+        *,
+        on_cancel: Callable[[CancelMode], object],
+        on_open: Callable[[Path], object],
+        control: QueueControl | None = None,
+        preview: bool = False,
+    ) -> None:
         super().__init__(master, padding=12)
         self._on_cancel = on_cancel
+        self._on_open = on_open
+        self._control = control
+        self._durable_queue = False  # the store's queue has been shown: the runner's guess is not
+        self._folders: dict[str, Path] = {}  # history row -> its job's output folder
         self._shows_preview = preview
         self._preview_data: str | None = None
         self._preview_image: tk.PhotoImage | None = None
@@ -57,7 +89,14 @@ class JobPanel(ttk.Frame):
         self.image = ttk.Label(self, text="Image: -")
         self.step = ttk.Label(self, text="Step: -")
         self.preview = ttk.Label(self)
-        self.queued = tk.Listbox(self, height=4, activestyle="none")
+        queue_bar = ttk.Frame(self)
+        self.queue_label = ttk.Label(queue_bar, text="Queue:")
+        self.pause_button = ttk.Button(queue_bar, text="Pause queue", command=lambda: self._pause(True))
+        self.resume_button = ttk.Button(queue_bar, text="Resume queue", command=lambda: self._pause(False))
+        self.queued = _list(self, {"#": 40, "Name": 220, "State": 90}, selectmode="none")
+        self.history = _list(self, {"Outcome": 90, "Name": 150, "Folder": 220}, selectmode="browse")
+        self.history.bind("<Double-Button-1>", lambda event: self._open(self.history.identify_row(event.y)))
+        self.history.bind("<Return>", lambda event: self._open(self.history.focus()))
         buttons = ttk.Frame(self)
         self.cancel_button = ttk.Button(buttons, text="Cancel", command=lambda: self._cancel(CancelMode.NOW))
         self.cancel_after_stage_button = ttk.Button(
@@ -69,21 +108,54 @@ class JobPanel(ttk.Frame):
         ]
         if preview:
             rows.append(self.preview)
-        rows += [ttk.Label(self, text="Queued:"), self.queued, buttons]
+        history_label = ttk.Label(self, text="History (double-click opens the folder):")
+        rows += [queue_bar, self.queued, history_label, self.history, buttons]
         for row, widget in enumerate(rows):
             widget.grid(row=row, column=0, sticky="we", pady=2)
         self.preview.grid_remove()  # no blank gap in the window until a preview comes
         self.columnconfigure(0, weight=1)
         self.cancel_button.pack(side="left")
         self.cancel_after_stage_button.pack(side="left", padx=(8, 0))
+        self.queue_label.pack(side="left")
+        self.resume_button.pack(side="right")
+        self.pause_button.pack(side="right", padx=(0, 8))
         self._enable_cancel(False)
+        self.show_queue_paused(False)
 
     # -- what the hooks bring ----------------------------------------------------------
 
-    def show_queue(self, names: list[str]) -> None:
-        """The jobs still waiting, in order."""
-        self.queued.delete(0, "end")
-        self.queued.insert("end", *map(printable, names))
+    def show_queue(self, jobs: Sequence[tuple[str, str]], *, durable: bool = True) -> None:
+        """The queue in the order its jobs run, as (name, state) pairs, numbered from 1.
+
+        ``durable``: from the store (a worker's `sdjobs_queue_changed`).  Once that
+        has come, the runner's own list of what waits (``durable=False``) is
+        ignored: the store knows of every process's changes.
+        """
+        if durable:
+            self._durable_queue = True
+        elif self._durable_queue:
+            return
+        self.queued.delete(*self.queued.get_children())
+        for position, (name, state) in enumerate(jobs, 1):
+            self.queued.insert("", "end", values=(position, printable(name), state))
+
+    def show_history(self, jobs: Sequence[JobRecord]) -> None:
+        """The latest ended jobs, latest first: outcome, name and output folder."""
+        self.history.delete(*self.history.get_children())
+        self._folders.clear()
+        for job in jobs:
+            item = self.history.insert(
+                "", "end", values=(OUTCOME_TEXT[job.state], printable(job.spec.name), printable(str(job.folder or "-")))
+            )
+            if job.folder is not None:
+                self._folders[item] = job.folder
+
+    def show_queue_paused(self, paused: bool) -> None:
+        """The queue was paused or resumed: the button that undoes it is the one enabled."""
+        self.queue_label.configure(text="Queue (paused: no job starts):" if paused else "Queue:")
+        can = self._control is not None
+        self.pause_button.state(["!disabled" if can and not paused else "disabled"])
+        self.resume_button.state(["!disabled" if can and paused else "disabled"])
 
     def show_job_started(self, status: RuntimeStatus, number: str) -> None:
         self.winfo_toplevel().title(f"sdjobs: {printable(status.name)} ({number})")
@@ -166,6 +238,18 @@ class JobPanel(ttk.Frame):
             self.cancel_after_stage_button.state(["disabled"])
             self._cancelling = "cancelling after this stage..."
         self.state.configure(text=self._cancelling.capitalize())
+
+    def _pause(self, pause: bool) -> None:
+        """Pause or Resume pressed; the buttons change when the queue says it did (`show_queue_paused`)."""
+        assert self._control is not None  # the buttons are disabled without it
+        if pause:
+            self._control.pause_queue()
+        else:
+            self._control.resume_queue()
+
+    def _open(self, item: str) -> None:
+        if item in self._folders:
+            self._on_open(self._folders[item])
 
     def _enable_cancel(self, enabled: bool) -> None:
         flag = "!disabled" if enabled else "disabled"

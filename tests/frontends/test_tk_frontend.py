@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
+import queue
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from PIL import Image
-from scripted import job_spec
-from tkwindow import close_window, on_tk, session_threads, texts
+from scripted import ScriptedSession, job_spec
+from tkwindow import close_window, double_click, on_tk, rows, session_threads, texts
 
 from sdjobs.exits import EXIT_CANCELLED
-from sdjobs.frontend import FrontendOptions, FrontendUnavailable
-from sdjobs.status import CancelMode
+from sdjobs.frontend import FrontendOptions, FrontendUnavailable, QueueControl
+from sdjobs.runner import Runner
+from sdjobs.status import CancelMode, JobState
 from sdjobs.frontends import tk as tk_frontend
 from sdjobs.frontends.tk import TkFrontend
 from sdjobs.frontends.tk_panel import JobPanel
+from sdjobs.store import JobRecord
+from sdjobs.worker import Worker
 
 pytestmark = pytest.mark.usefixtures("x_display")
 
@@ -199,3 +206,123 @@ def test_without_a_display_it_says_so_and_runs_nothing(make_session, monkeypatch
     with pytest.raises(FrontendUnavailable, match=r"the tk front end cannot open a window \(.*display.*\).*--frontend"):
         frontend.run(session)
     assert not session.ran
+
+
+def record(name: str, state: JobState, position: int, **fields: Any) -> JobRecord:
+    return JobRecord(f"id-{name}", job_spec(name), state, position, **fields)
+
+
+def test_the_queue_shows_each_job_s_position_and_the_history_its_outcome_and_folder(make_session, tmp_path):
+    """As a worker's watch thread tells it; a double-click on a job of the history opens its folder."""
+    opened: list[Path] = []
+    frontend = TkFrontend(FrontendOptions(close_when_done=True), opener=opened.append)
+    folder = tmp_path / "20260101-120000-old-1a2b"
+    seen: dict[str, Any] = {}
+
+    def watch(hook, status):
+        if hook == "job_started" and status.name == "sea":
+            frontend.sdjobs_queue_changed((
+                record("sea", JobState.RUNNING, 3), record("sky", JobState.QUEUED, 5),
+                record("moon", JobState.QUEUED, 9, paused=True),
+            ))  # fmt: skip
+            frontend.sdjobs_history_changed((
+                record("old", JobState.DONE, 1, folder=folder), record("bad", JobState.FAILED, 2, error="HTTP 500"),
+            ))  # fmt: skip
+        elif hook == "job_started" and status.name == "sky":  # the runner's own idea of the queue comes after
+            seen["queue"] = on_tk(frontend, lambda panel: rows(panel.queued))
+            seen["history"] = on_tk(frontend, lambda panel: rows(panel.history))
+            on_tk(frontend, lambda panel: (double_click(panel.history, 1), double_click(panel.history, 0)))
+            seen["opened"] = list(opened)
+
+    frontend.run(make_session(frontend, [job_spec("sea"), job_spec("sky")], watch=watch))
+    assert seen["queue"] == [("1", "sea", "running"), ("2", "sky", "queued"), ("3", "moon", "paused")]
+    assert seen["history"] == [("Done", "old", str(folder)), ("Failed", "bad", "-")]
+    assert seen["opened"] == [folder]  # the failed job made no folder: nothing to open
+
+
+@attrs.frozen
+class Controlled:
+    """A session with the queue's Pause and Resume, as a worker has; each call is noted in ``asked``."""
+
+    session: ScriptedSession
+    asked: queue.SimpleQueue[str] = attrs.field(factory=queue.SimpleQueue)
+
+    def run(self) -> None:
+        self.session.run()
+
+    def cancel(self, mode: CancelMode = CancelMode.NOW, *, rest: bool = False) -> None:
+        self.session.cancel(mode, rest=rest)
+
+    def pause_queue(self, *, now: bool = False) -> None:
+        self.asked.put(f"pause now={now}")
+
+    def resume_queue(self) -> None:
+        self.asked.put("resume")
+
+
+def queue_buttons(panel: JobPanel) -> dict[str, Any]:
+    return {
+        "label": str(panel.queue_label["text"]),
+        "pause": panel.pause_button.instate(["!disabled"]),
+        "resume": panel.resume_button.instate(["!disabled"]),
+    }
+
+
+def test_pause_and_resume_ask_the_session_and_follow_the_queue_s_state(make_session):
+    frontend = TkFrontend(FrontendOptions(close_when_done=True))
+    seen: list[tuple[dict[str, Any], str]] = []
+
+    def press(button: str) -> str:
+        on_tk(frontend, lambda panel: getattr(panel, button).invoke())
+        return session.asked.get(timeout=10)  # the call runs off the Tk thread
+
+    def watch(hook, status):
+        if hook == "job_started":
+            seen.append((on_tk(frontend, queue_buttons), press("pause_button")))
+            frontend.sdjobs_queue_paused()  # what the worker says once the store is paused
+            seen.append((on_tk(frontend, queue_buttons), press("resume_button")))
+            frontend.sdjobs_queue_resumed()
+            seen.append((on_tk(frontend, queue_buttons), ""))
+
+    session = Controlled(make_session(frontend, [job_spec("sea")], watch=watch))
+    assert frontend.run(session) is None
+    assert seen == [
+        ({"label": "Queue:", "pause": True, "resume": False}, "pause now=False"),
+        ({"label": "Queue (paused: no job starts):", "pause": False, "resume": True}, "resume"),
+        ({"label": "Queue:", "pause": True, "resume": False}, ""),
+    ]
+
+
+def test_without_queue_control_pause_and_resume_stay_disabled(make_session):
+    frontend = TkFrontend(FrontendOptions(close_when_done=True))
+    seen: list[dict[str, Any]] = []
+
+    def watch(hook, status):
+        if hook == "job_started":
+            seen.append(on_tk(frontend, queue_buttons))
+            frontend.sdjobs_queue_paused()
+            seen.append(on_tk(frontend, queue_buttons))
+
+    frontend.run(make_session(frontend, [job_spec("sea")], watch=watch))
+    assert [(shown["pause"], shown["resume"]) for shown in seen] == [(False, False), (False, False)]
+
+
+def test_a_worker_offers_queue_control_and_a_plain_runner_does_not():
+    assert issubclass(Worker, QueueControl)
+    assert not issubclass(Runner, QueueControl)
+
+
+@pytest.mark.parametrize(("platform", "command"), [("linux", "xdg-open"), ("darwin", "open")])
+def test_the_opener_runs_the_desktop_s_command_and_a_missing_one_is_logged(monkeypatch, caplog, platform, command):
+    started: list[list[str]] = []
+
+    def popen(args, **options):
+        started.append(args)
+        raise FileNotFoundError(2, "No such file or directory", args[0])
+
+    monkeypatch.setattr(tk_frontend.sys, "platform", platform)
+    monkeypatch.setattr(tk_frontend.subprocess, "Popen", popen)
+    with caplog.at_level(logging.WARNING, logger=tk_frontend.__name__):
+        tk_frontend.open_path(Path("outputs/job"))
+    assert started == [[command, "outputs/job"]]
+    assert caplog.messages == [f"cannot open outputs/job: [Errno 2] No such file or directory: '{command}'"]

@@ -10,6 +10,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from tkinter import ttk
 from typing import Any
 
 from PIL import Image, ImageGrab
@@ -42,9 +43,23 @@ def texts(panel: JobPanel) -> dict[str, Any]:
         "eta": str(panel.eta["text"]),
         "seed": str(panel.seed["text"]),
         "step": str(panel.step["text"]),
-        "queued": list(panel.queued.get(0, "end")),
+        "queued": [row[1] for row in rows(panel.queued)],
         "cancel": panel.cancel_button.instate(["!disabled"]),
     }
+
+
+def rows(tree: ttk.Treeview) -> list[tuple[str, ...]]:
+    """The rows a list shows, top down, each as its cells' texts."""
+    return [tuple(map(str, tree.item(item, "values"))) for item in tree.get_children()]
+
+
+def double_click(tree: ttk.Treeview, row: int) -> None:
+    """Two clicks on the ``row``-th row (from 0), as a mouse makes them: Tk sees a double-click."""
+    tree.update()  # laid out, so that the row has a place on the screen
+    x, y, width, height = tree.bbox(tree.get_children()[row])
+    for _ in range(2):
+        for event in ("<ButtonPress-1>", "<ButtonRelease-1>"):
+            tree.event_generate(event, x=x + width // 2, y=y + height // 2)
 
 
 def close_window(panel: JobPanel) -> None:
