@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import reprlib
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -82,9 +83,23 @@ class WebUIError(Exception):
     def _describe(self) -> str:
         return f"{self.url} answered {self.status}: {self.detail}"
 
+    @property
+    def down(self) -> bool:
+        """The server is not there to answer (a gateway's 502/503/504 says so for it): worth
+        waiting for, and no verdict on the request."""
+        return self.status in GATEWAY_DOWN
+
+
+#: A gateway's answers for a server behind it that is down or restarting.
+GATEWAY_DOWN = (502, 503, 504)
+
 
 class WebUIUnreachable(WebUIError):
     """No answer: the connection was refused, dropped or timed out."""
+
+    @property
+    def down(self) -> bool:
+        return True
 
     def _describe(self) -> str:
         return f"cannot reach {self.url}: {self.detail}"
@@ -97,9 +112,15 @@ class WebUITimeout(WebUIUnreachable):
         seconds: The time allowed, in seconds.
     """
 
-    def __init__(self, url: str, seconds: float, detail: str) -> None:
+    def __init__(self, url: str, seconds: float, detail: str, *, connecting: bool = False) -> None:
         self.seconds = seconds
+        self.connecting = connecting
         super().__init__(url, None, detail)
+
+    @property
+    def down(self) -> bool:
+        """Only a connection that could not be opened: a server that took it and went silent is hung."""
+        return self.connecting
 
     def _describe(self) -> str:
         return f"{self.url}: {self.detail} after {self.seconds:g} s"
@@ -314,6 +335,7 @@ class WebUIClient:
         for path in ("/sdapi/v1/progress", "/internal/progress"):
             self._session.mount(self.base_url + path, HTTPAdapter(max_retries=0))
         self._task_progress: bool | None = None
+        self._progress_calls = threading.local()
 
     def __repr__(self) -> str:
         auth = ", auth=***" if self._session.auth else ""
@@ -452,7 +474,9 @@ class WebUIClient:
             info = ProgressInfo.from_response(body)
         except Exception as exc:  # the promise above: nothing a server sends escapes
             log.debug("progress sample failed: %s", exc)
+            self._progress_calls.timed_out = isinstance(exc, WebUITimeout)
             return None
+        self._progress_calls.timed_out = False
         return None if info.idle else info
 
     def internal_progress(
@@ -465,10 +489,27 @@ class WebUIClient:
         """
         body = {"id_task": task_id, "id_live_preview": id_live_preview, "live_preview": preview}
         try:
-            return TaskProgress.from_response(self._call("POST", "/internal/progress", json_body=body))
+            task = TaskProgress.from_response(self._call("POST", "/internal/progress", json_body=body))
         except Exception as exc:  # never raises, as get_progress
             log.debug("task progress sample failed: %s", exc)
+            self._progress_calls.timed_out = isinstance(exc, WebUITimeout)
             return None
+        self._progress_calls.timed_out = False
+        return task
+
+    def progress_timed_out(self) -> bool:
+        """Whether this thread's last progress call (`get_progress`, `internal_progress`) got no
+        answer in time: a None sample that is evidence of a hung server, where an error answer is not."""
+        return getattr(self._progress_calls, "timed_out", False)
+
+    def ping(self) -> None:
+        """Ask the server for its progress once, never retried: returns if it answered at all
+        (an error status included); raises WebUIError (`WebUIError.down`, `WebUITimeout`) if not."""
+        try:
+            self._call("GET", "/sdapi/v1/progress", params={"skip_current_image": "true"})
+        except WebUIError as exc:
+            if exc.down or isinstance(exc, WebUITimeout):
+                raise
 
     def supports_task_progress(self) -> bool:
         """Whether this server follows our `force_task_id` through `/internal/progress`.
@@ -571,7 +612,7 @@ def _request_error(
     """The WebUIError for a request that got no usable answer; ``timeout`` is what it was allowed."""
     connect, read = timeout
     if isinstance(exc, requests.ConnectTimeout):
-        return WebUITimeout(url, connect, "could not connect: timed out")
+        return WebUITimeout(url, connect, "could not connect: timed out", connecting=True)
     if isinstance(exc, requests.ReadTimeout) or _read_timed_out(exc):
         return WebUITimeout(url, cast(float, read), "no answer: timed out")  # None never times out
     if isinstance(exc, requests.ConnectionError):

@@ -15,6 +15,7 @@ The triggers are methods that `transitions` adds to each job::
     job.probed(info=info, task=task)
     job.returned(result=result)
     job.failed(error=error)
+    job.reached()
     job.cancel(mode=CancelMode.NOW)
     job.tick()
     job.abort(error="OSError: disk full")
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
+from sdjobs.client import WebUIError
 from sdjobs.hooks import Hooks, PluginError
 from sdjobs.machine import AWAITING_ANSWER, END_STATES, new_machine
 from sdjobs.outputs import JobFolder, read_parameters
@@ -69,6 +71,10 @@ class WebUIPort(Protocol):
     def interrupt(self) -> None:
         """Ask the server to interrupt what it runs; returns at once."""
 
+    def ping(self) -> None:
+        """Ask whether the server is back; if it answers, that comes back as `Job.reached`
+        (nothing comes back while it is still down)."""
+
 
 @attrs.frozen
 class JobSettings:
@@ -81,6 +87,8 @@ class JobSettings:
         cancel_grace: Seconds to wait for an interrupted request to return.
         probe_timeout: Seconds to wait for a probe's sample before going on without it.
         prepare_timeout: Seconds to wait for the server to answer the checks before the first request.
+        wait_for_webui: Seconds to wait for a server that went down (`WebUIError.down`) to come
+            back, pinging it with backoff, before the job fails (the CLI's ``--wait-for-webui``).
         preview: Ask for live previews.
     """
 
@@ -90,7 +98,12 @@ class JobSettings:
     cancel_grace: float = 30.0
     probe_timeout: float = 1.0
     prepare_timeout: float = 60.0
+    wait_for_webui: float = 600.0
     preview: bool = False
+
+
+#: Seconds between two pings of a server that is down: the first, and the most (doubling between).
+PING_BACKOFF = (1.0, 30.0)
 
 
 @attrs.define(eq=False, slots=False)
@@ -115,6 +128,8 @@ class Job:
         stage: The running stage; None outside stages.
         deadline: When the answer the job waits for is late (monotonic seconds); None when it waits for none.
         detached: Another worker holds the job now (`detach`).
+        gave_up_on_webui: The job failed because the server stayed down past `wait_for_webui`
+            (the next job would meet the same server: a worker pauses its queue).
         finished_before: The stages an earlier attempt finished (read back from the store): the job
             resumes after them, from the last one's images, and never runs them again.
         record: Called with each finished stage once its images are on disk, before its manifest is
@@ -138,6 +153,9 @@ class Job:
     stage: StageRun | None = attrs.field(default=None, init=False)
     deadline: float | None = attrs.field(default=None, init=False)
     detached: bool = attrs.field(default=False, init=False)
+    gave_up_on_webui: bool = attrs.field(default=False, init=False)
+    _down: tuple[float, str] | None = attrs.field(default=None, init=False)  # since when, and why
+    _backoff: float = attrs.field(default=0.0, init=False)
     _jobs: JobTracker = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -190,6 +208,19 @@ class Job:
     def late(self, event: EventData) -> bool:
         return self.deadline is not None and self.clock() >= self.deadline
 
+    def server_down(self, event: EventData) -> bool:
+        """The error says the server is not there (refused, dropped, a gateway's 502/503/504), not
+        that it refused the request: worth waiting for."""
+        error = event.kwargs["error"]
+        return isinstance(error, WebUIError) and error.down
+
+    def waited_out(self, event: EventData) -> bool:
+        return self.clock() - self._down[0] >= self.settings.wait_for_webui
+
+    def server_silent(self, event: EventData) -> bool:
+        """The latest progress sample timed out: an interrupt would go unanswered too."""
+        return self.stage.tracker.silent
+
     def needs_baseline(self, event: EventData) -> bool:
         """Global mode: whose job the server runs is told from a sample taken before ours is sent."""
         return self.stage.request.polled and self.stage.request.task_id is None
@@ -229,6 +260,10 @@ class Job:
     def prepare(self, event: EventData) -> None:
         self.status = attrs.evolve(self.status, started_at=self.wall_clock(), state=JobState.RUNNING)
         self.hooks.job_started(self.status, self.spec)
+        self.check(event)
+
+    def check(self, event: EventData) -> None:
+        """Ask the port for the folder and the server's checks (again, once a down server is back)."""
         self._await(self.settings.prepare_timeout)
         self.port.prepare(self.spec, self.job_id)
 
@@ -272,8 +307,9 @@ class Job:
         except PluginError as exc:
             self.abort(error=exc)
             return
-        if request.polled and self.port.task_tracking:
-            request.task_id = f"sdjobs-{self.job_id}-{stage.index + 1}-{number}"
+        if request.polled and self.port.task_tracking:  # a request sent again gets an id of its own
+            retry = f"-r{stage.retries}" if stage.retries else ""
+            request.task_id = f"sdjobs-{self.job_id}-{stage.index + 1}-{number}{retry}"
         self.ready()
 
     def ask_baseline(self, event: EventData) -> None:
@@ -307,7 +343,7 @@ class Job:
         """Fold a progress sample; fire `sdjobs_progress` when what is shown changed."""
         info, task = event.kwargs["info"], event.kwargs["task"]
         stage, now = self.stage, self.clock()
-        changed = stage.tracker.fold(info, task, now)
+        changed = stage.tracker.fold(info, task, now, silent=event.kwargs.get("silent", False))
         if self.settings.preview and stage.tracker.running:
             preview = (task and task.live_preview) or (info and info.current_image)
             preview = preview and preview.rpartition("base64,")[2]  # a data: URI from /internal
@@ -324,6 +360,44 @@ class Job:
                 self.hooks.job_stalled(self.status, stalled)
             else:
                 self.stall()
+
+    # -- callbacks: a server that is down ----------------------------------------------------
+
+    def lose_request(self, event: EventData) -> None:
+        """The request got no answer from a server that went down: it goes back at the head of
+        the stage's inputs, to be sent again; the stage's answered requests stay as they are."""
+        stage = self.stage
+        stage.request.stop_polling()
+        stage.inputs.insert(0, stage.request.source)
+        stage.request = None
+        stage.retries += 1
+
+    def wait_for_webui(self, event: EventData) -> None:
+        """Start waiting for the server: the first ping is due after the first backoff.  The wait
+        counts from the first time it went down since a request last answered, so a server that
+        drops every request fails the job once `wait_for_webui` is spent."""
+        since = self._down[0] if self._down else self.clock()
+        self._down = (since, str(event.kwargs["error"]))
+        self._backoff = PING_BACKOFF[0]
+        self._next_ping()
+
+    def ping(self, event: EventData) -> None:
+        """Ask whether the server is back (`reached`); the next ping waits twice as long."""
+        self.port.ping()
+        self._backoff = min(self._backoff * 2, PING_BACKOFF[1])
+        self._next_ping()
+
+    def _next_ping(self) -> None:
+        """Due after the backoff, but never after the wait runs out, so that the job fails on time."""
+        since, error = self._down
+        left = since + self.settings.wait_for_webui - self.clock()
+        wait = max(0.0, min(self._backoff, left))
+        log.warning("%s: WebUI unreachable (%s), retrying in %.0f s", self.job_id, error, wait)
+        self._await(wait)
+
+    def fail_unreachable(self, event: EventData) -> None:
+        self.gave_up_on_webui = True
+        self.error = f"the WebUI stayed unreachable for {self.settings.wait_for_webui:g} s: {self._down[1]}"
 
     # -- callbacks: cutting a request short -------------------------------------------------
 
@@ -350,7 +424,7 @@ class Job:
     def keep(self, event: EventData) -> None:
         """Write the answer's images, each with its seed and the prompt it came from."""
         stage, result = self.stage, event.kwargs["result"]
-        self.deadline = None
+        self.deadline, self._down = None, None
         stage.request.stop_polling()
         stage.tracker.request_returned(self.clock())
         first = int(result.info.get("index_of_first_image", 0) or 0)
@@ -402,7 +476,8 @@ class Job:
         self.error = "stalled; interrupted"
 
     def fail_unanswered(self, event: EventData) -> None:
-        self.error = "stalled; interrupted, and the server never answered"
+        quiet = self.stage.tracker.quiet_for(self.clock())
+        self.error = f"the WebUI stopped answering (no progress for {quiet:.0f} s, interrupt unanswered)"
 
     def end(self, event: EventData) -> None:
         """Every end: a stage still running ends partial, the manifest is written, `job_finished` fires."""

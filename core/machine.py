@@ -2,8 +2,8 @@
 
 Read this table to learn what a job does.  The runner feeds a job the events
 of the world, one at a time on its own thread, as *triggers*: `begin`,
-`prepared`, `sample`, `probed`, `returned`, `failed`, `cancel`, `tick` and
-`abort`.  *Conditions* decide where each trigger leads; *callbacks* do the
+`prepared`, `sample`, `probed`, `returned`, `failed`, `reached`, `cancel`,
+`tick` and `abort`.  *Conditions* decide where each trigger leads; *callbacks* do the
 work and fire the hooks.  The conditions and callbacks are named here and
 written as methods of the model, `sdjobs.job.Job`.
 
@@ -12,15 +12,20 @@ The states::
     queued             waiting to start
     preparing          the server is checked (preflight lists, task ids), the folder made (or
                        reopened: a resumed job goes on at its first unfinished stage)
+    waiting_to_prepare the server was down for the checks; it is pinged with backoff until it
+                       answers (then `preparing` again) or `wait_for_webui` runs out (`failed`)
     requesting         the stage's next request is built (its payload amended by plugins)
     baseline           a sample of what the server runs before ours is taken (no task ids)
     generating         our request is out and its progress followed
     asking             a cancel came: is the request the server runs ours? (no task ids)
     interrupting       our request was interrupted for a cancel; its answer is awaited
     stall_interrupting our request was interrupted because nothing moved; its answer is awaited
+    waiting_for_webui  the server went down under our request (refused, dropped, a gateway's
+                       502/503/504); it is pinged with backoff, and once it answers the stage
+                       goes on with that request again (`requesting`); its answered requests stay
     done, failed, cancelled    the ends, absorbing
 
-and `requesting`, `baseline`, `generating` each have a twin ending in
+and `requesting`, `baseline`, `generating`, `waiting_for_webui` each have a twin ending in
 ``_then_stop``: the same work, after a cancel "after this stage", so that the
 stage's end leads to `cancelled` (or to `done`, after the last stage).
 
@@ -54,19 +59,22 @@ __all__ = [
 END_STATES = ("done", "failed", "cancelled")
 
 #: The states where the stage goes on; each has a twin for "stop after this stage".
-WORKING = ("requesting", "baseline", "generating")
+WORKING = ("requesting", "baseline", "generating", "waiting_for_webui")
 STOPPING = tuple(f"{state}_then_stop" for state in WORKING)
 
-STATES = ("queued", "preparing", *WORKING, *STOPPING, "asking", "interrupting", "stall_interrupting", *END_STATES)
+STATES = ("queued", "preparing", "waiting_to_prepare", *WORKING, *STOPPING, "asking", "interrupting", "stall_interrupting", *END_STATES)
 
 #: The states of a running stage.
 IN_STAGE = (*WORKING, *STOPPING, "asking", "interrupting", "stall_interrupting")
 #: The states where a request is out and its answer awaited.
 AWAITING_ANSWER = ("generating", "generating_then_stop", "asking", "interrupting", "stall_interrupting")
 
+#: The states where the server is down and pinged until it answers.
+WAITING = ("waiting_to_prepare", "waiting_for_webui", "waiting_for_webui_then_stop")
+
 #: What the runner feeds a job, and what the job fires itself from a callback (`ready`, `stall`).
-TRIGGERS = ("begin", "prepared", "ready", "sample", "probed", "returned", "failed", "cancel", "stall", "tick",
-            "abort")  # fmt: skip
+TRIGGERS = ("begin", "prepared", "ready", "sample", "probed", "returned", "failed", "reached", "cancel", "stall",
+            "tick", "abort")  # fmt: skip
 
 
 def _twin(state: str) -> str:
@@ -98,6 +106,10 @@ TRANSITIONS: list[dict[str, Any]] = [
     {"trigger": "prepared", "source": "preparing", "dest": "requesting",
      "before": "start_first_stage", "after": "request"},
     {"trigger": "tick", "source": "preparing", "dest": "failed", "conditions": "late", "before": "fail_unprepared"},
+    {"trigger": "failed", "source": "preparing", "dest": "waiting_to_prepare", "conditions": "server_down",
+     "after": "wait_for_webui"},
+    {"trigger": "failed", "source": "preparing", "dest": "failed", "before": "fail_with_error"},
+    {"trigger": "reached", "source": "waiting_to_prepare", "dest": "preparing", "after": "check"},
     # -- one request of a stage: build it, take a baseline sample if needed, send it ---------------
     *_stage_work("ready", "requesting", "baseline", conditions="needs_baseline", after="ask_baseline"),
     *_stage_work("ready", "requesting", "generating", after="send"),
@@ -107,6 +119,13 @@ TRANSITIONS: list[dict[str, Any]] = [
     {"trigger": "sample", "source": "stall_interrupting", "dest": None, "after": "fold"},
     *_stage_work("tick", "generating", None, after="watch_stall"),
     *_stage_work("stall", "generating", "stall_interrupting", after="interrupt"),
+    # -- the server goes down under a request: wait for it, then send that request again ------------
+    *_stage_work("failed", "generating", "waiting_for_webui", conditions="server_down", before="lose_request",
+                 after="wait_for_webui"),
+    *_stage_work("reached", "waiting_for_webui", "requesting", after="request"),
+    *({"trigger": "tick", "source": state, "dest": "failed", "conditions": ["late", "waited_out"],
+       "before": "fail_unreachable"} for state in WAITING),
+    {"trigger": "tick", "source": list(WAITING), "dest": None, "conditions": "late", "after": "ping"},
     # -- the request answers: the next request, the next stage, or an end ---------------------------
     *_stage_work("returned", "generating", "failed", conditions="answer_is_wrong",
                  before=["keep", "fail_with_answer"]),
@@ -124,18 +143,22 @@ TRANSITIONS: list[dict[str, Any]] = [
      "dest": "failed", "before": "fail_with_error"},
     {"trigger": "failed", "source": ["asking", "interrupting"], "dest": "cancelled"},
     # -- cancels: "after this job" changes nothing here; a later cancel may only stop sooner -------
-    {"trigger": "cancel", "source": ["queued", "preparing"], "dest": "cancelled", "unless": "after_job"},
+    {"trigger": "cancel", "source": ["queued", "preparing", "waiting_to_prepare"], "dest": "cancelled",
+     "unless": "after_job"},
     *({"trigger": "cancel", "source": state, "dest": _twin(state), "conditions": "after_stage"}
       for state in WORKING),
-    {"trigger": "cancel", "source": ["requesting", "baseline", "requesting_then_stop", "baseline_then_stop"],
+    {"trigger": "cancel", "source": ["requesting", "baseline", "waiting_for_webui", "requesting_then_stop",
+                                     "baseline_then_stop", "waiting_for_webui_then_stop"],
      "dest": "cancelled", "conditions": "now"},
+    {"trigger": "cancel", "source": ["generating", "generating_then_stop", "stall_interrupting"], "dest": "cancelled",
+     "conditions": ["now", "server_silent"], "before": "interrupt"},
     {"trigger": "cancel", "source": ["generating", "generating_then_stop"], "dest": "interrupting",
      "conditions": ["now", "ours_running"], "after": "interrupt"},
     {"trigger": "cancel", "source": ["generating", "generating_then_stop"], "dest": "asking",
      "conditions": "now", "after": "ask_owner"},
     {"trigger": "cancel", "source": "stall_interrupting", "dest": "interrupting", "conditions": "now",
      "after": "await_interrupted"},
-    _ignore("cancel", ["queued", "preparing", *WORKING, *STOPPING, "asking", "interrupting",
+    _ignore("cancel", ["queued", "preparing", "waiting_to_prepare", *WORKING, *STOPPING, "asking", "interrupting",
                        "stall_interrupting"]),
     {"trigger": "probed", "source": "asking", "dest": "interrupting", "prepare": "fold_probe",
      "conditions": "ours_running", "after": "interrupt"},
@@ -144,14 +167,15 @@ TRANSITIONS: list[dict[str, Any]] = [
     {"trigger": "tick", "source": "stall_interrupting", "dest": "failed", "conditions": "late",
      "before": "fail_unanswered"},
     # -- anything else that goes wrong: a plugin, a disk, a bug ---------------------------------------
-    {"trigger": "abort", "source": ["preparing", *IN_STAGE], "dest": "failed", "before": "fail_with_error"},
+    {"trigger": "abort", "source": ["preparing", "waiting_to_prepare", *IN_STAGE], "dest": "failed", "before": "fail_with_error"},
     # -- late arrivals, which change nothing ---------------------------------------------------------
-    _ignore("sample", ["preparing", "requesting", "requesting_then_stop", "baseline", "baseline_then_stop",
-                       "asking", "interrupting"]),
+    _ignore("sample", ["preparing", *WAITING, "requesting", "requesting_then_stop", "baseline",
+                       "baseline_then_stop", "asking", "interrupting"]),
     _ignore("probed", ["preparing", "requesting", "requesting_then_stop", "generating",
                        "generating_then_stop", "interrupting", "stall_interrupting"]),
-    _ignore("tick", ["queued", "preparing", "requesting", "requesting_then_stop", "baseline",
+    _ignore("tick", ["queued", "preparing", *WAITING, "requesting", "requesting_then_stop", "baseline",
                      "baseline_then_stop", "asking", "interrupting", "stall_interrupting"]),
+    _ignore("reached", [state for state in STATES if state not in (*WAITING, *END_STATES)]),
 ]  # fmt: skip
 
 

@@ -479,6 +479,7 @@ class StageTracker:
     steps: int | None = attrs.field(default=None, init=False)
     queue_position: tuple[int, int] | None = attrs.field(default=None, init=False)
     running: bool = attrs.field(default=False, init=False)
+    silent: bool = attrs.field(default=False, init=False)
 
     _in_flight: bool = attrs.field(default=False, init=False)
     _finished: bool = attrs.field(default=False, init=False)
@@ -505,19 +506,22 @@ class StageTracker:
         `baseline` is a global sample taken just before (global mode; None when
         it failed, taken as idle); in task mode the server names our task.
         """
-        self._in_flight, self._task_mode, self.running = True, task_mode, False
+        self._in_flight, self._task_mode, self.running, self.silent = True, task_mode, False, False
         self._owner = None if task_mode else _GlobalOwnership.after(baseline)
         self._sent_at = now
         self._request = _Request(moved_at=now, sent=now)
 
-    def fold(self, info: ProgressInfo | None, task: TaskProgress | None, now: float) -> bool:
+    def fold(self, info: ProgressInfo | None, task: TaskProgress | None, now: float, *, silent: bool = False) -> bool:
         """Fold one sample; True if anything shown (progress, step x/y, queue) changed.
 
         `info` is the global sample, `task` our task's (task mode).  Either may
-        be None (idle, error, timeout): a sample with nothing in it changes nothing.
+        be None (idle, error, timeout): a sample with nothing in it changes nothing
+        shown.  ``silent``: the sample is missing because the server did not answer
+        in time, which `stalled_for` counts as a stall.
         """
         if not self._in_flight:
             return False
+        self.silent = silent and info is None and task is None
         shown = (self.progress, self.step, self.steps, self.queue_position)
         reading = self._ours(info, task)
         if reading is not None:
@@ -597,16 +601,22 @@ class StageTracker:
     def stalled_for(self, now: float) -> float | None:
         """Seconds our running job has shown neither progress nor a new step or pass.
 
-        None unless the latest sample shows our job running: queued behind
-        another job is not a stall, and neither is a poller that gets no answer.
+        A latest sample that timed out (`silent`) is a stall, counted from the last
+        movement seen, whoever ran: a hung server shows nothing.  Otherwise None
+        unless the latest sample shows our job running: queued behind another job
+        is not a stall, and neither is a sample that failed with an answer.
         A quiet phase the run expects (the decode and save after a pass's last
         step, ADetailer's detection) counts only once it has run past
         `_QUIET_ALLOWANCE` times its expected length.
         """
-        if not self.running or self._blind:
+        if not self.silent and (not self.running or self._blind):
             return None
-        quiet = now - self._request.moved_at
+        quiet = self.quiet_for(now)
         return max(quiet - _QUIET_ALLOWANCE * self._quiet_expected(), 0.0) if quiet > 0 else quiet
+
+    def quiet_for(self, now: float) -> float:
+        """Seconds since the request in flight last showed a change (or was sent)."""
+        return now - self._request.moved_at
 
     # -- folding ----------------------------------------------------------------
 

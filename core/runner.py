@@ -85,6 +85,7 @@ class _Port:
         self._folder = folder
         self._checks = checks
         self._patience = patience
+        self._made: JobFolder | None = None  # once made, checking again (the server was down) keeps it
 
     @property
     def task_tracking(self) -> bool:
@@ -97,7 +98,9 @@ class _Port:
         threading.Thread(target=call, name=f"sdjobs-{name}", daemon=True).start()
 
     def report(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
-        self._put("sample", info=info, task=task)
+        """A poller's sample; called on its thread, right after its progress calls, so the client
+        can tell whether a missing sample timed out."""
+        self._put("sample", info=info, task=task, silent=self.client.progress_timed_out())
 
     def prepare(self, spec: JobSpec, job_id: str) -> None:
         """Make (or reopen) the folder and run preflight, while finding out whether the server follows
@@ -107,13 +110,18 @@ class _Port:
         def check() -> None:
             detection = self._checks.detect_task_ids()
             try:
-                folder = self._folder()
+                folder = self._made = self._made or self._folder()
             except (OSError, StoreError) as exc:
                 self._put("prepared", folder=None, problems=[f"cannot create the job's folder in {self._out_dir}: {exc}"])
                 return
             try:
                 problems = preflight(spec, self._checks.catalog())
-            except (WebUIError, CatalogError) as exc:
+            except WebUIError as exc:
+                if exc.down:  # not the job's fault: it waits for the server
+                    self._put("failed", error=exc)
+                    return
+                problems = [str(exc)]
+            except CatalogError as exc:
                 problems = [str(exc)]
             if detection is not None:
                 detection.join(self._patience)
@@ -149,6 +157,17 @@ class _Port:
                 log.warning("could not interrupt: %s", exc)
 
         self._in_background("interrupt", post)
+
+    def ping(self) -> None:
+        def call() -> None:
+            try:
+                self.client.ping()
+            except WebUIError as exc:
+                log.debug("the WebUI is still unreachable: %s", exc)
+            else:
+                self._put("reached")
+
+        self._in_background("ping", call)
 
 
 @attrs.frozen
@@ -195,6 +214,7 @@ class Runner:
     _stop_queue: bool = attrs.field(default=False, init=False)
     _hand_back: bool = attrs.field(default=False, init=False)
     _drained: bool = attrs.field(default=False, init=False)
+    _webui_down: bool = attrs.field(default=False, init=False)
     _checks: _ServerChecks = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -211,6 +231,9 @@ class Runner:
             if self._stop_queue:  # read after `_current` is set: see `cancel`
                 break
             self.outcomes[job_id] = self._run_one(job_id, spec, functools.partial(JobFolder.create, self.out_dir, job_id))
+            if self._webui_down:
+                log.warning("the WebUI stayed unreachable: no further job is started")
+                break
         self._current = None
         self._drained = True
         self.hooks.queue_drained(dict(self.outcomes))
@@ -237,6 +260,12 @@ class Runner:
     def stopped(self) -> bool:
         """A cancel asked to run no further job."""
         return self._stop_queue
+
+    @property
+    def webui_down(self) -> bool:
+        """The last job failed because the WebUI stayed down past `JobSettings.wait_for_webui`:
+        the next job would meet the same server, so no further job should start until it is back."""
+        return self._webui_down
 
     @property
     def handing_back(self) -> bool:
@@ -296,6 +325,7 @@ class Runner:
         self._handle(job, "begin", {})
         while not job.finished:
             self._dispatch(job)
+        self._webui_down = job.gave_up_on_webui
         return job.outcome
 
     def _dispatch(self, job: Job) -> None:

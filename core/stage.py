@@ -73,6 +73,7 @@ class StageRun:
         infos: Each answer's parsed `info`.
         seeds: Each image's seed, as the server reported it.
         preview: The latest live preview shown.
+        retries: Requests sent again because the server went down under them.
     """
 
     index: int
@@ -89,6 +90,7 @@ class StageRun:
     infos: list[dict[str, Any]] = attrs.field(factory=list)
     seeds: list[int] = attrs.field(factory=list)
     preview: str | None = None
+    retries: int = 0
 
     @property
     def request_number(self) -> int:

@@ -29,12 +29,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from PIL import Image, PngImagePlugin
 
 from sdjobs import hookimpl
-from sdjobs.client import GenerationResult, WebUIServerError
+from sdjobs.client import GenerationResult, WebUIServerError, WebUIUnreachable
 from sdjobs.clock import FakeClock
 
 from sdjobs.hooks import Hooks, make_plugin_manager
 from sdjobs.job import Job, JobSettings
-from sdjobs.machine import END_STATES, IN_STAGE, TRIGGERS, WORKING, MachineError
+from sdjobs.machine import END_STATES, IN_STAGE, STOPPING, TRIGGERS, WORKING, MachineError
+from sdjobs.machine import WAITING as WAITING_FOR_WEBUI
 from sdjobs.outputs import JobFolder
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState, ProgressInfo, RuntimeStatus, TaskProgress
@@ -213,6 +214,7 @@ class FakeWebUI:
     probes: list[str | None] = attrs.field(factory=list)
     pollers: list[FakePoller] = attrs.field(factory=list)
     interrupts: int = 0
+    pings: int = 0
 
     def report(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
         """Samples come from the rules directly."""
@@ -230,6 +232,10 @@ class FakeWebUI:
 
     def interrupt(self) -> None:
         self.interrupts += 1
+
+    def ping(self) -> None:
+        """Noted; the rules answer it (`JobRules.server_back`) or not."""
+        self.pings += 1
 
     @hookimpl
     def sdjobs_start_polling(self, request: Any) -> FakePoller:
@@ -381,6 +387,7 @@ class JobRules(RuleBasedStateMachine):
         self.stall_interrupted = False
         self.raising = False
         self.ticked_at = float("-inf")
+        self.downs: list[tuple[int, int, int]] = []  # stage index, request number, images kept, at each down
         self.job.begin()
         self.job.prepared(folder=self.webui.folder, problems=[] if calm else list(problems))
 
@@ -424,10 +431,39 @@ class JobRules(RuleBasedStateMachine):
         self.job.probed(info=info, task=task)
 
 
+    @precondition(lambda self: self.job.state in ("generating", "generating_then_stop"))
+    @rule()
+    def server_silent(self) -> None:
+        """A sample that timed out: the server took the request and answers nothing."""
+        self.clock.advance(5.0)
+        self.job.sample(info=None, task=None, silent=True)
+
     @precondition(lambda self: self.job.awaiting_answer and not self.cancels and not self.calm)
     @rule()
     def server_error(self) -> None:
         self.job.failed(error=WebUIServerError("http://webui/sdapi/v1/txt2img", 500, "boom"))
+
+    @precondition(lambda self: self.job.state in ("generating", "generating_then_stop") and not self.calm)
+    @rule(gateway=st.booleans())
+    def server_down(self, gateway: bool) -> None:
+        """The server goes down under the request: the connection drops, or a gateway answers 502."""
+        url = "http://webui/sdapi/v1/txt2img"
+        sent, started = len(self.webui.sent), self.recorder.names().count("stage_started")
+        self.downs.append((self.job.stage.index, self.job.stage.request_number, len(self.job.stage.paths)))
+        error = WebUIServerError(url, 502, "Bad Gateway") if gateway else WebUIUnreachable(url, None, "refused")
+        self.job.failed(error=error)
+        assert self.job.state in WAITING_FOR_WEBUI, f"{self.job.state}: a down server failed the job"
+        assert (len(self.webui.sent), self.recorder.names().count("stage_started")) == (sent, started)
+
+    @precondition(lambda self: self.job.state in WAITING_FOR_WEBUI)
+    @rule()
+    def server_back(self) -> None:
+        """The server answers a ping: the stage sends the request it lost, by the same number."""
+        index, number, kept = self.downs[-1]
+        self.job.reached()
+        if self.job.stage is not None and not self.job.finished:
+            assert (self.job.stage.index, self.job.stage.request_number) == (index, number)
+            assert len(self.job.stage.paths) == kept, "the stage's answered requests were lost"
 
     # -- the user -------------------------------------------------------------------------
 
@@ -564,12 +600,21 @@ class JobRules(RuleBasedStateMachine):
     def a_cancel_after_this_job_stops_nothing(self) -> None:
         if self.cancels and all(mode is CancelMode.AFTER_JOB for mode, _, _ in self.cancels):
             assert self.job.outcome is not JobState.CANCELLED
-            assert self.job.state not in ("requesting_then_stop", "baseline_then_stop", "generating_then_stop")
+            assert self.job.state not in STOPPING
 
     @invariant()
     def a_stall_interrupt_fails_the_job(self) -> None:
         if self.stall_interrupted and self.job.finished and self.cancelled_at is None:
-            assert self.job.outcome is JobState.FAILED and "stalled" in self.job.error
+            assert self.job.outcome is JobState.FAILED
+            assert "stalled" in self.job.error or "stopped answering" in self.job.error
+
+    @invariant()
+    def a_down_server_is_waited_for_as_long_as_the_settings_say(self) -> None:
+        """Only a wait that ran out fails the job, and only once the time is up."""
+        if self.job.gave_up_on_webui:
+            assert self.job.outcome is JobState.FAILED and "unreachable" in self.job.error
+        if self.job.state in WAITING_FOR_WEBUI:
+            assert self.job.deadline is not None and self.job.deadline <= self.clock.now + 30.0
 
     @invariant()
     def a_finished_job_says_how(self) -> None:

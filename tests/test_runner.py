@@ -10,10 +10,12 @@ import threading
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 from runner_helpers import (
     ALL_STAGES,
     DROPPED_IN_STAGE_TWO,
+    FAST,
     GENERATION_PATHS,
     PROGRESS_PATHS,
     Background,
@@ -252,21 +254,24 @@ def test_a_server_error_fails_the_job_naming_the_stage_and_the_message(webui_cli
 
 
 @pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.001, drop_connection_at_step=6)])
-def test_a_dropped_connection_fails_the_job_and_keeps_earlier_images(webui_sim, webui_client, tmp_path):
-    spec = DROPPED_IN_STAGE_TWO
-    runner, log = make_runner(webui_client, [spec], tmp_path)
-    runner.run()
+def test_a_connection_dropped_at_every_try_fails_the_job_once_the_wait_is_spent(
+    webui_sim, webui_client, tmp_path, caplog
+):
+    spec = DROPPED_IN_STAGE_TWO  # every img2img request drops at its 6th step
+    runner, log = make_runner(webui_client, [spec], tmp_path, settings=attrs.evolve(FAST, wait_for_webui=2.0))
+    with caplog.at_level(logging.WARNING, logger="sdjobs"):
+        runner.run()
     assert outcomes(runner) == [JobState.FAILED]
     error = log.one("job_finished")["error"]
-    assert error.startswith("stage 2/2 (img2img): ") and "closed the connection" in error
-    record = manifest(tmp_path)
-    assert record["outcome"] == "failed"
-    # The cut-short stage is recorded too: partial, with the images it had (none).
-    assert [(s["stage"], s["partial"], s["images"]) for s in record["stages"]] == [
+    assert error.startswith("stage 2/2 (img2img): the WebUI stayed unreachable for 2 s: ") and "closed the connection" in error
+    posts = [path for _, _, path in requests_to(webui_sim, GENERATION_PATHS)]
+    assert posts[:3] == ["/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/img2img"]  # sent again
+    assert any("WebUI unreachable" in record.getMessage() for record in caplog.records)
+    assert [(s["stage"], s["partial"], s["images"]) for s in manifest(tmp_path)["stages"]] == [
         ("txt2img", False, ["01-txt2img/001.png"]),
         ("img2img", True, []),
     ]
-    assert (tmp_path / record["job_id"] / "01-txt2img" / "001.png").is_file()
+    assert log.names().count("stage_started") == 2  # the stage went on; it did not start again
 
 
 def test_a_server_that_answers_nonsense_fails_each_job_without_crashing_the_run(canned_server, tmp_path):
@@ -307,19 +312,20 @@ def test_an_unexpected_error_fails_the_job_naming_it_and_the_next_job_runs(webui
     assert first["error"] == "stage 1/1 (txt2img): RuntimeError: the poller's thread is gone"
 
 
-def test_an_unreachable_server_fails_the_job(closed_port_url, tmp_path):
+def test_a_server_that_stays_down_fails_one_job_after_the_wait_and_starts_no_other(closed_port_url, tmp_path):
+    settings = attrs.evolve(FAST, wait_for_webui=1.5)
     with WebUIClient(closed_port_url, retries=0) as client:
-        runner, log = make_runner(client, [job_spec()], tmp_path)
+        runner, log = make_runner(client, [job_spec(name="one"), job_spec(name="two")], tmp_path, settings=settings)
         runner.run()  # no exception
-    assert outcomes(runner) == [JobState.FAILED]
-    assert f"cannot reach {closed_port_url}" in log.one("job_finished")["error"]
-    assert manifest(tmp_path)["outcome"] == "failed"
+    assert outcomes(runner) == [JobState.FAILED] and runner.webui_down
+    error = log.one("job_finished")["error"]
+    assert error.startswith("the WebUI stayed unreachable for 1.5 s: ") and f"cannot reach {closed_port_url}" in error
 
 
 def test_a_server_that_comes_up_later_is_followed_by_task_id(closed_port_url, tmp_path):
     port = int(closed_port_url.rsplit(":", 1)[1])
     with WebUIClient(closed_port_url, retries=0) as client:
-        down, _ = make_runner(client, [job_spec()], tmp_path / "down")
+        down, _ = make_runner(client, [job_spec()], tmp_path / "down", settings=attrs.evolve(FAST, wait_for_webui=0.5))
         down.run()
         with SimulatedWebUI(SimSettings(step_time=0.002, first_step_time=0.002), port=port) as sim:
             up, _ = make_runner(client, [job_spec()], tmp_path / "up")
