@@ -195,8 +195,9 @@ class JobFolder:
             "spec": spec.to_dict(inputs=False),  # the input images stay in the store, not beside the outputs
             "stages": [self._stage_record(result) for result in results],
         }
-        # `default=str`: a TOML date passed through to the WebUI is still recorded.
-        text = json.dumps(manifest, indent=2, default=str) + "\n"
+        # `default=str`: a TOML date passed through to the WebUI is still recorded.  No indent:
+        # only then does `json` use its C encoder, and the manifest is rewritten after every stage.
+        text = json.dumps(manifest, default=str) + "\n"
         path = self.path / MANIFEST
         self._write_whole(path, text.encode("utf-8"), replace=True)
         return path
