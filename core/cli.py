@@ -41,6 +41,7 @@ from sdjobs.worker import Worker
 
 DEMO_JOB = Path(__file__).resolve().parent / "demo.toml"
 STALL_AFTER = attrs.fields(JobSettings).stall_after.default
+WAIT_FOR_WEBUI = attrs.fields(JobSettings).wait_for_webui.default
 LOG_LEVEL = attrs.fields(frontends.FrontendOptions).log_level.default
 
 
@@ -94,6 +95,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < math.inf:  # false for nan too
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, got {text}")
+    return value
+
+
 def _credentials(text: str | None) -> tuple[str, str] | None:
     if not text:
         return None
@@ -126,6 +137,14 @@ def _add_run_options(parser: argparse.ArgumentParser, frontend_names: Collection
         default=DEFAULT_POLL_INTERVAL,
         metavar="SECONDS",
         help=f"seconds between progress samples, {POLL_INTERVAL_RANGE[0]} to {POLL_INTERVAL_RANGE[1]} (default: {DEFAULT_POLL_INTERVAL})",
+    )
+    jobs.add_argument(
+        "--wait-for-webui",
+        type=_seconds,
+        default=WAIT_FOR_WEBUI,
+        metavar="SECONDS",
+        help="how long to wait for a WebUI that is down (refused, dropped, 502/503/504) before the "
+        f"running job fails (default: {WAIT_FOR_WEBUI:g})",
     )
     jobs.add_argument(
         "--stall-after",
@@ -639,6 +658,7 @@ def _runner(specs: list[JobSpec], client: WebUIClient, args: argparse.Namespace)
             poll_interval=args.poll_interval,
             stall_after=args.stall_after,
             stall_interrupt_after=args.stall_interrupt_after,
+            wait_for_webui=args.wait_for_webui,
             preview=args.preview,
         ),
     )

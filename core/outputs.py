@@ -78,16 +78,6 @@ def folder_name(job_id: str, name: str, created: datetime) -> str:
     return f"{utc:%Y%m%d-%H%M%S}-{slugify(name)}-{job_id[:SHORT_ID_LENGTH]}"
 
 
-def new_job_id(name: str, now: datetime, rng: random.Random) -> str:
-    """`<UTC yyyymmdd-HHMMSS>-<slug of name>-<4 hex>`: the in-memory runner's id, also its folder's name.
-
-    Only for `Runner` until it takes its jobs from the store, whose jobs have a
-    `random_job_id` and a `folder_name`.  A naive `now` is taken to be UTC already.
-    """
-    utc = now.astimezone(UTC) if now.tzinfo is not None else now
-    return f"{utc:%Y%m%d-%H%M%S}-{slugify(name)}-{rng.getrandbits(16):04x}"
-
-
 @attrs.frozen
 class JobFolder:
     """One job's output folder, made by `create` or reopened by `open`.

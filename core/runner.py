@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import queue
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ import attrs
 from sdjobs.client import WebUIClient, WebUIError
 from sdjobs.hooks import Hooks
 from sdjobs.job import Job, JobSettings
-from sdjobs.outputs import JobFolder, folder_name, new_job_id
+from sdjobs.outputs import JobFolder, folder_name, random_job_id
 from sdjobs.preflight import CatalogError, ServerCatalog, preflight
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState, ProgressInfo, StageResult, TaskProgress
@@ -222,15 +221,15 @@ class Runner:
 
     def run(self) -> None:
         now = datetime.now(UTC)
-        rng = random.Random()
-        queued = [(new_job_id(spec.name, now, rng), spec) for spec in self.specs]
+        queued = [(random_job_id(), spec) for spec in self.specs]
         for job_id, spec in queued:
             self.hooks.job_queued(job_id, spec)
         for job_id, spec in queued:
             self._current = job_id
             if self._stop_queue:  # read after `_current` is set: see `cancel`
                 break
-            self.outcomes[job_id] = self._run_one(job_id, spec, functools.partial(JobFolder.create, self.out_dir, job_id))
+            folder = functools.partial(JobFolder.create, self.out_dir, job_id, folder=folder_name(job_id, spec.name, now))
+            self.outcomes[job_id] = self._run_one(job_id, spec, folder)
             if self._webui_down:
                 log.warning("the WebUI stayed unreachable: no further job is started")
                 break

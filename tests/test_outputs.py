@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -19,7 +18,6 @@ from sdjobs.outputs import (
     SCRATCH,
     JobFolder,
     folder_name,
-    new_job_id,
     random_job_id,
     read_parameters,
     read_provenance,
@@ -60,26 +58,12 @@ def folder(tmp_path) -> JobFolder:
 # --------------------------------------------------------------------------
 
 
-def test_a_job_id_is_utc_time_slug_and_four_hex():
-    assert re.fullmatch(r"20240226-130509-a-cat-at-dusk-[0-9a-f]{4}", new_job_id("A cat, at dusk!", NOW, random.Random(1)))
-
-
-def test_a_job_id_is_in_utc_whatever_the_clock_zone():
-    local = NOW.astimezone(timezone(timedelta(hours=-5)))
-    assert new_job_id("x", local, random.Random(1)) == new_job_id("x", NOW, random.Random(1))
-
-
 @given(name=st.text())
 def test_any_name_gives_a_safe_single_folder_name(name):
-    job_id = new_job_id(name, NOW, random.Random(0))
+    folder = folder_name(random_job_id(), name, NOW)
     slug = slugify(name)
     assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug) and len(slug) <= 40
-    assert Path(job_id).name == job_id and job_id.startswith("20240226-130509-")
-
-
-def test_job_ids_for_the_same_name_and_second_differ():
-    rng = random.Random(3)
-    assert len({new_job_id("same", NOW, rng) for _ in range(20)}) == 20
+    assert Path(folder).name == folder and folder.startswith(f"20240226-130509-{slug}-")
 
 
 def test_a_random_job_id_is_32_hex_digits_and_never_repeats():

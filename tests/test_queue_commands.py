@@ -127,7 +127,7 @@ def test_a_cancel_from_another_process_ends_the_running_job_cancelled(webui_sim,
     answer = sdjobs("queue", "cancel", job)
     assert answer.stdout == f"job {job[:8]} (sea) is running: its worker cancels it now\n"
     with SQLiteStore(queue_file) as store:  # no step is released: only the cancel can end the job
-        ended = until(lambda: store.get(job).ended and store.get(job), "the job ended", timeout=5)
+        ended = until(lambda: store.get(job).ended and store.get(job), "the job ended", timeout=30)
     assert (ended.state, ended.next_stage) == (JobState.CANCELLED, 0)
     assert lines.wait_for('"outcome": "cancelled"'), lines.text(0)
     assert lines.wait_for('"jobs": []'), lines.text(0)

@@ -225,7 +225,8 @@ def test_a_real_job_notifies_when_it_ends_and_when_the_queue_drains(
     assert (finished.body["outcome"], finished.body["error"]) == ("done", None)
     assert finished.headers[SECRET_HEADER] == "s3cret"
     assert [Path(image).is_file() for image in finished.body["images"]] == [True]
-    assert Path(finished.body["images"][0]).is_relative_to(tmp_path / job_id / "02-img2img")
+    [job_folder] = tmp_path.glob(f"*-notify-me-{job_id[:8]}")
+    assert Path(finished.body["images"][0]).is_relative_to(job_folder / "02-img2img")
     assert drained.body == {
         "event": "queue_drained",
         "jobs": 1,
