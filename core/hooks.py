@@ -366,6 +366,9 @@ class Hooks:
     def job_stalled(self, status: RuntimeStatus, seconds: float) -> None:
         self._observe("sdjobs_job_stalled", status=status, seconds=seconds)
 
+    def webui_unreachable(self, status: RuntimeStatus, error: str, retry_in: float, waited: float) -> None:
+        self._observe("sdjobs_webui_unreachable", status=status, error=error, retry_in=retry_in, waited=waited)
+
     def job_finished(
         self,
         status: RuntimeStatus,

@@ -155,6 +155,18 @@ def sdjobs_progress(status: RuntimeStatus) -> None:
 
 
 @hookspec
+def sdjobs_webui_unreachable(status: RuntimeStatus, error: str, retry_in: float, waited: float) -> None:
+    """The WebUI is down (refused, dropped, a gateway's 502/503/504) and the job waits for it.
+
+    Fires on the runner's thread each time a ping is scheduled: ``retry_in``
+    seconds until it is sent, ``waited`` seconds since the server was first
+    found down for this job, ``error`` the last failure.  The job fails once it
+    waited `JobSettings.wait_for_webui`.  The return value is ignored; raising
+    is logged and the job goes on.
+    """
+
+
+@hookspec
 def sdjobs_stage_finished(status: RuntimeStatus, result: StageResult) -> None:
     """A stage's requests returned and its images are on disk.
 

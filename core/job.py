@@ -388,12 +388,13 @@ class Job:
         self._next_ping()
 
     def _next_ping(self) -> None:
-        """Due after the backoff, but never after the wait runs out, so that the job fails on time."""
+        """Due after the backoff, but never after the wait runs out, so that the job fails on time;
+        `sdjobs_webui_unreachable` tells the front ends (the log front end logs it)."""
         since, error = self._down
-        left = since + self.settings.wait_for_webui - self.clock()
-        wait = max(0.0, min(self._backoff, left))
-        log.warning("%s: WebUI unreachable (%s), retrying in %.0f s", self.job_id, error, wait)
+        now = self.clock()
+        wait = max(0.0, min(self._backoff, since + self.settings.wait_for_webui - now))
         self._await(wait)
+        self.hooks.webui_unreachable(self.status, error, wait, now - since)
 
     def fail_unreachable(self, event: EventData) -> None:
         self.gave_up_on_webui = True

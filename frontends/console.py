@@ -1,17 +1,20 @@
 """The `console` front end: a live display per running job, for a person at a terminal.
 
 While a job runs, rich redraws (at most `REFRESH_PER_SECOND` times a second) its
-status line, a bar for the stage and one for the job.  Each finished stage
-leaves a line with its time and images; the end leaves a summary table.  The
-first Ctrl-C cancels the running job (its stage's partial images are kept) and
-runs no further job; a second one leaves at once.  Without a terminal, rich
-draws nothing live and writes no escape codes: only the lines and the table.
-Names and messages are shown `printable`; a reader that goes away (`| head -1`)
-stops the session quietly (`PipeGuard`).
+status line, a bar for the stage and one for the job; while the WebUI is down,
+a line under them counts down to the next ping (and a line is printed when it
+goes down).  Each finished stage leaves a line with its time and images; the
+end leaves a summary table.  The first Ctrl-C cancels the running job (its
+stage's partial images are kept) and runs no further job; a second one leaves
+at once.  Without a terminal, rich draws nothing live and writes no escape
+codes: only the lines and the table.  Names and messages are shown
+`printable`; a reader that goes away (`| head -1`) stops the session quietly
+(`PipeGuard`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 
 from rich.console import Console, Group, RenderableType
@@ -30,6 +33,7 @@ from sdjobs.frontends.formatting import (
     printable,
     stage_finished_line,
     status_line,
+    unreachable_line,
 )
 from sdjobs.frontends.interrupt import run_with_ctrl_c
 from sdjobs.frontends.ledger import JobLedger
@@ -73,6 +77,7 @@ class ConsoleFrontend:
         self._live: Live | None = None
         self._cancelling = False
         self._waiting: int | None = None  # jobs queued behind the running one; None outside a worker
+        self._down: tuple[str, float, float] | None = None  # the WebUI's error, down since, next ping (monotonic)
 
     def run(self, session: Session) -> int | None:
         self._guard.watch(session)
@@ -87,7 +92,7 @@ class ConsoleFrontend:
         self._cancelling = True
 
     def view(self) -> RenderableType:
-        """What the live display shows now: the status line and the two bars."""
+        """What the live display shows now: the status line, the two bars, and whether the WebUI is down."""
         status = self._status
         if status is None:
             return Text("")
@@ -100,6 +105,11 @@ class ConsoleFrontend:
         )
         waiting = "" if self._waiting is None else f" · {self._waiting} queued"
         lines: list[RenderableType] = [Text.assemble((printable(status.name), "bold"), "  ", status_line(status), waiting), bars]
+        if (down := self._down) is not None:
+            error, since, ping_at = down
+            now = time.monotonic()
+            retry = f"retrying in {format_duration(max(0.0, ping_at - now))}"
+            lines.append(Text(printable(f"WebUI unreachable for {format_duration(now - since)} ({error}) · {retry}"), style="yellow"))
         if self._cancelling:
             lines.append(Text(CANCELLING, style="yellow"))
         return Group(*lines)
@@ -129,7 +139,7 @@ class ConsoleFrontend:
     @hookimpl
     def sdjobs_job_started(self, status: RuntimeStatus) -> None:
         self._ledger.started(status.job_id)
-        self._status = status
+        self._show(status)
         self._say(
             Text.assemble(
                 (printable(status.name), "bold"),
@@ -138,13 +148,25 @@ class ConsoleFrontend:
         )
         self._start_live()
 
+    def _show(self, status: RuntimeStatus | None) -> None:
+        """A new status: the job moves again, so the WebUI is no longer shown as down."""
+        self._status, self._down = status, None
+
     @hookimpl
     def sdjobs_stage_started(self, status: RuntimeStatus) -> None:
-        self._status = status
+        self._show(status)
 
     @hookimpl
     def sdjobs_progress(self, status: RuntimeStatus) -> None:
-        self._status = status
+        self._show(status)
+
+    @hookimpl
+    def sdjobs_webui_unreachable(self, error: str, retry_in: float, waited: float) -> None:
+        """A line when the WebUI goes down; the live view counts down to each ping."""
+        if self._down is None:
+            self._say(Text("  " + unreachable_line(error, retry_in), style="yellow"))
+        now = time.monotonic()
+        self._down = (error, now - waited, now + retry_in)
 
     @hookimpl
     def sdjobs_job_stalled(self, status: RuntimeStatus, seconds: float) -> None:
@@ -154,7 +176,7 @@ class ConsoleFrontend:
 
     @hookimpl
     def sdjobs_stage_finished(self, status: RuntimeStatus, result: StageResult) -> None:
-        self._status = status
+        self._show(status)
         mark, style = ("✗", "yellow") if result.partial else ("✓", "green")
         self._say(Text.assemble("  ", (mark, style), " ", stage_finished_line(status, result)))
 
@@ -163,7 +185,7 @@ class ConsoleFrontend:
         self, status: RuntimeStatus, outcome: JobState, error: str | None, results: tuple[StageResult, ...]
     ) -> None:
         self._stop_live()
-        self._status = None
+        self._show(None)
         entry = self._ledger.finished(status.job_id, outcome, results)
         line = outcome_line(status.name, outcome, error, entry.elapsed, results)
         self._say(Text(line, style=OUTCOME_STYLES[outcome]))

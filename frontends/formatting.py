@@ -89,6 +89,11 @@ def status_line(status: RuntimeStatus) -> str:
     return printable(" · ".join(parts))
 
 
+def unreachable_line(error: str, retry_in: float) -> str:
+    """`"WebUI unreachable (cannot reach http://127.0.0.1:7860/: refused), retrying in 4 s"`."""
+    return printable(f"WebUI unreachable ({error}), retrying in {retry_in:.0f} s")
+
+
 def plural(count: int, noun: str) -> str:
     """`"1 stage"`, `"3 stages"`."""
     return f"{count} {noun}{'' if count == 1 else 's'}"

@@ -59,6 +59,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "stage_started": STATUS_FIELDS,
     "progress": STATUS_FIELDS,
     "job_stalled": (*STATUS_FIELDS, "seconds"),
+    "webui_unreachable": (*STATUS_FIELDS, "error", "retry_in", "waited"),
     "stage_finished": (*STATUS_FIELDS, "images", "partial", "elapsed"),
     "job_finished": (*STATUS_FIELDS, "outcome", "error"),
     "queue_drained": ("outcomes",),
@@ -117,6 +118,12 @@ class JsonlFrontend:
     @hookimpl
     def sdjobs_job_stalled(self, status: RuntimeStatus, seconds: float) -> None:
         self._write("job_stalled", **status_fields(status), seconds=_seconds(seconds))
+
+    @hookimpl
+    def sdjobs_webui_unreachable(self, status: RuntimeStatus, error: str, retry_in: float, waited: float) -> None:
+        self._write(
+            "webui_unreachable", **status_fields(status), error=error, retry_in=_seconds(retry_in), waited=_seconds(waited)
+        )
 
     @hookimpl
     def sdjobs_stage_finished(self, status: RuntimeStatus, result: StageResult) -> None:

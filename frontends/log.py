@@ -1,8 +1,8 @@
 """The `log` front end: standard `logging` records, for files, services and CI.
 
 One record when a job or stage starts and ends, a progress record at most every
-10 % of a stage, a warning for a stall or a cancel, an error with the server's
-message when a job fails.  Records go to the logger ``sdjobs.jobs``; while the
+10 % of a stage, a warning for a stall, a cancel or each retry of a WebUI that is
+down, an error with the server's message when a job fails.  Records go to the logger ``sdjobs.jobs``; while the
 session runs, one handler on the ``sdjobs`` logger writes them (and the rest of
 sdjobs' own records) to stderr or `FrontendOptions.log_file`.  Credentials never
 reach a front end: the client keeps them out of every message.  Control
@@ -27,6 +27,7 @@ from sdjobs.frontends.formatting import (
     printable,
     stage_finished_line,
     status_line,
+    unreachable_line,
 )
 from sdjobs.frontends.interrupt import run_with_ctrl_c
 from sdjobs.frontends.ledger import JobLedger
@@ -156,6 +157,10 @@ class LogFrontend:
     @hookimpl
     def sdjobs_job_stalled(self, status: RuntimeStatus, seconds: float) -> None:
         log.warning("%s: no progress for %s in stage %s", status.name, format_duration(seconds), status.stage_label)
+
+    @hookimpl
+    def sdjobs_webui_unreachable(self, status: RuntimeStatus, error: str, retry_in: float) -> None:
+        log.warning("%s: %s", status.name, unreachable_line(error, retry_in))
 
     @hookimpl
     def sdjobs_stage_finished(self, status: RuntimeStatus, result: StageResult) -> None:

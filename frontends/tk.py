@@ -271,6 +271,10 @@ class TkFrontend:
         self.call_soon(lambda panel: panel.show_stalled(status, seconds))
 
     @hookimpl
+    def sdjobs_webui_unreachable(self, error: str, retry_in: float, waited: float) -> None:
+        self.call_soon(lambda panel: panel.show_unreachable(error, retry_in, waited))
+
+    @hookimpl
     def sdjobs_stage_finished(self, status: RuntimeStatus, result: StageResult) -> None:
         self.call_soon(lambda panel: panel.show_stage_finished(status, result))
 

@@ -171,6 +171,12 @@ class JobPanel(ttk.Frame):
     def show_stalled(self, status: RuntimeStatus, seconds: float) -> None:
         self.state.configure(text=f"Stalled: no progress for {format_duration(seconds)} ({status.percent}%)")
 
+    def show_unreachable(self, error: str, retry_in: float, waited: float) -> None:
+        """The WebUI is down and the job waits for it; the next progress shows it running again."""
+        self.state.configure(
+            text=printable(f"WebUI unreachable for {format_duration(waited)} ({error}): retrying in {format_duration(retry_in)}")
+        )
+
     def show_stage_finished(self, status: RuntimeStatus, result: StageResult) -> None:
         self._show_status(status)
         verb = "cut short" if result.partial else "finished"

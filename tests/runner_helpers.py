@@ -1,12 +1,13 @@
 """Running real jobs against the simulated WebUI from tests.
 
 `job_spec` builds small jobs, `HookLog` records every hook (the queue's too) and
-lets a test wait for one, and `Background` runs a blocking call (a runner's
+lets a test wait for one, `Said` waits for a log record, and `Background` runs a blocking call (a runner's
 `run`) on a thread that the test joins with a timeout.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -89,7 +90,8 @@ def in_stage(index: int) -> Where:
 
 
 class HookLog(HookRecorder):
-    """A `HookRecorder` that also records the queue's hooks, and that a test can wait on.
+    """A `HookRecorder` that also records the queue's hooks and a WebUI that is down, and that a
+    test can wait on.
 
     Every call is stamped with `time.monotonic()` in ``times``, comparable with
     the simulator's `requests`.
@@ -113,6 +115,10 @@ class HookLog(HookRecorder):
     @hookimpl
     def sdjobs_queue_drained(self, outcomes):
         self._record("queue_drained", outcomes=dict(outcomes))
+
+    @hookimpl
+    def sdjobs_webui_unreachable(self, status, error, retry_in, waited):
+        self._record("webui_unreachable", status=status, error=error, retry_in=retry_in, waited=waited)
 
     def wait_for(self, name: str, where: Where = any_call, timeout: float = 5.0) -> bool:
         """Wait until hook ``name`` was called with arguments ``where`` accepts; False on timeout."""
@@ -152,6 +158,18 @@ def make_runner(
     log = HookLog()
     pm = make_plugin_manager(load_entry_points=False, disabled=disabled, plugins=[log, *plugins])
     return Runner(specs=specs, client=client, hooks=Hooks(pm), out_dir=out_dir, settings=settings), log
+
+
+class Said(logging.Handler):
+    """Sets `seen` once a record with ``text`` in its message reaches the logger it is added to."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.seen = text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
 
 
 class Background:

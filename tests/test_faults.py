@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import attrs
 import pytest
 from process_helpers import start
-from runner_helpers import DROPPED_IN_STAGE_TWO, FAST, Background, assert_monotonic, job_spec, make_runner
+from runner_helpers import DROPPED_IN_STAGE_TWO, FAST, Background, Said, assert_monotonic, job_spec, make_runner
 
 from sdjobs.client import Timeouts, WebUIClient
 from sdjobs.sim import SimSettings, SimulatedWebUI
@@ -27,27 +27,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-class Said(logging.Handler):
-    """Sets `seen` once a record on the ``sdjobs`` logger contains ``text``."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text, self.seen = text, threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
-            self.seen.set()
-
-
-@pytest.fixture
-def unreachable_said():
-    said = Said("WebUI unreachable")
-    logger = logging.getLogger("sdjobs")
-    logger.addHandler(said)
-    yield said
-    logger.removeHandler(said)
 
 
 def sim_process(port: int, *extra: str):
@@ -111,7 +90,7 @@ def test_a_cancel_on_a_hung_webui_ends_the_run_at_once(webui_sim, tmp_path, capl
 # -- down --------------------------------------------------------------------------------------
 
 
-def test_a_webui_killed_mid_stage_and_restarted_on_its_port_finishes_the_job(tmp_path, unreachable_said):
+def test_a_webui_killed_mid_stage_and_restarted_on_its_port_finishes_the_job(tmp_path):
     port = free_port()
     spec = DROPPED_IN_STAGE_TWO  # txt2img 4 steps, img2img 11: the process dies in stage 2
     sim = sim_process(port, "--stop-after-steps", "8")
@@ -120,7 +99,7 @@ def test_a_webui_killed_mid_stage_and_restarted_on_its_port_finishes_the_job(tmp
             runner, log = make_runner(client, [spec], tmp_path)
             running = Background(runner.run)
             assert sim.wait(timeout=30) != 0  # it crashed, as told
-            assert unreachable_said.seen.wait(10)
+            assert log.wait_for("webui_unreachable", timeout=10)
             sim = sim_process(port)
             running.join(timeout=60)
     finally:
@@ -132,12 +111,12 @@ def test_a_webui_killed_mid_stage_and_restarted_on_its_port_finishes_the_job(tmp
     assert_monotonic(log.statuses())
 
 
-def test_a_webui_down_when_the_job_starts_is_waited_for(tmp_path, unreachable_said):
+def test_a_webui_down_when_the_job_starts_is_waited_for(tmp_path):
     port = free_port()
     with WebUIClient(f"http://127.0.0.1:{port}", retries=0) as client:
         runner, log = make_runner(client, [job_spec()], tmp_path)
         running = Background(runner.run)
-        assert unreachable_said.seen.wait(10)
+        assert log.wait_for("webui_unreachable", timeout=10)
         sim = sim_process(port)
         try:
             running.join(timeout=60)
@@ -195,7 +174,7 @@ class Gateway:
 
 @pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.01)])
 def test_a_gateway_answering_502_to_the_request_is_waited_out_and_the_request_sent_again(
-    webui_sim, tmp_path, unreachable_said
+    webui_sim, tmp_path
 ):
     gateway = Gateway(webui_sim.url, failing=2)
     try:
@@ -206,7 +185,12 @@ def test_a_gateway_answering_502_to_the_request_is_waited_out_and_the_request_se
         gateway.close()
     assert list(runner.outcomes.values()) == [JobState.DONE]
     assert gateway.posts == ["/sdapi/v1/txt2img"] * 3
-    assert unreachable_said.seen.is_set()
+    told = [kwargs for name, kwargs in log.calls if name == "webui_unreachable"]
+    # Each 502: told when the wait starts, and at the ping (the next one scheduled before it answers).
+    assert [kwargs["retry_in"] for kwargs in told] == [1.0, 2.0, 1.0, 2.0]
+    assert all(kwargs["error"].startswith(f"{gateway.url}/sdapi/v1/txt2img failed (502)") for kwargs in told)
+    waited = [kwargs["waited"] for kwargs in told]
+    assert waited == sorted(waited)  # counted from the first 502: no request answered in between
 
 
 # -- useless answers ---------------------------------------------------------------------------

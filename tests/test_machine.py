@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sdjobs import cli, machine
+from sdjobs import cli, hookimpl, machine
+from sdjobs.client import WebUIUnreachable
+from sdjobs.clock import FakeClock
 from sdjobs.hooks import Hooks
 from sdjobs.job import Job, JobSettings
 from sdjobs.machine import END_STATES, STATES, TRANSITIONS, TRIGGERS, MachineError
@@ -37,13 +39,15 @@ def two_stages() -> JobSpec:
 class World:
     """A job over a `FakeWebUI`, with the hooks it fired."""
 
-    def __init__(self, spec: JobSpec, plugin_manager, tmp_path: Path, *, task_tracking: bool = False) -> None:
+    def __init__(self, spec: JobSpec, plugin_manager, tmp_path: Path, *, task_tracking: bool = False,
+                 settings: JobSettings = JobSettings(), clock: FakeClock | None = None) -> None:  # fmt: skip
         self.spec = spec
         self.webui = FakeWebUI(task_tracking=task_tracking, folder=JobFolder.create(tmp_path, "job-1"))
         self.recorder = HookRecorder()
         plugin_manager.register(self.recorder, name="recorder")
         plugin_manager.register(self.webui, name="fake-webui")
-        self.job = Job(spec=spec, job_id="job-1", hooks=Hooks(plugin_manager), port=self.webui, settings=JobSettings())
+        self.job = Job(spec=spec, job_id="job-1", hooks=Hooks(plugin_manager), port=self.webui, settings=settings,
+                       clock=clock or FakeClock())  # fmt: skip
         self.states = [self.job.state]
 
     def do(self, trigger: str, **kwargs) -> str:
@@ -110,6 +114,30 @@ def test_with_task_ids_no_baseline_is_taken(plugin_manager, tmp_path):
     world.do("begin")
     assert world.do("prepared", folder=world.webui.folder, problems=[]) == "generating"
     assert world.webui.probes == [] and world.webui.sent[0][2] == "sdjobs-job-1-1-1"
+
+
+def test_each_ping_of_a_down_server_is_told_with_its_wait_and_the_time_waited_so_far(plugin_manager, tmp_path):
+    told = []
+
+    class Told:
+        @hookimpl
+        def sdjobs_webui_unreachable(self, status, error, retry_in, waited):
+            told.append((status.stage_index, error, retry_in, waited))
+
+    plugin_manager.register(Told())
+    clock = FakeClock()
+    world = World(two_stages(), plugin_manager, tmp_path, task_tracking=True, clock=clock,
+                  settings=JobSettings(wait_for_webui=10.0))  # fmt: skip
+    world.do("begin")
+    world.do("prepared", folder=world.webui.folder, problems=[])
+    assert world.do("failed", error=WebUIUnreachable("http://webui/sdapi/v1/txt2img", None, "refused")) == "waiting_for_webui"
+    while not world.job.finished:
+        clock.advance(world.job.deadline - clock())
+        world.do("tick")
+    # The wait doubles from 1 s, and the last ping is due when the 10 s run out: not later.
+    assert [(retry_in, waited) for _, _, retry_in, waited in told] == [(1.0, 0.0), (2.0, 1.0), (4.0, 3.0), (3.0, 7.0)]
+    assert {(stage, error) for stage, error, _, _ in told} == {(0, "cannot reach http://webui/sdapi/v1/txt2img: refused")}
+    assert world.webui.pings == 3 and world.job.outcome is JobState.FAILED
 
 
 def test_a_failed_check_ends_the_job_before_any_stage(world):

@@ -26,6 +26,10 @@ from sdjobs.status import CancelMode, JobState, RuntimeStatus, StageResult
 SAMPLES = (0.25, 0.5, 0.75)
 STEPS = 20
 
+#: What a WebUI that is down is said to fail with, and each ping's (retry_in, waited) in turn.
+UNREACHABLE = "cannot reach http://127.0.0.1:7860/sdapi/v1/progress: connection refused"
+PINGS = ((1.0, 0.0), (2.0, 1.0))
+
 #: Called after each hook with its name and status (None for the queue's hooks).
 Watcher = Callable[[str, RuntimeStatus | None], None]
 
@@ -55,7 +59,8 @@ class ScriptedSession:
     entry of ``samples``, stage_finished; then job_finished; job_queued for all
     jobs first and queue_drained last.  ``fail`` maps a job's index to the
     error its last stage fails with; ``stall`` names a ``(job, stage)`` that
-    reports a stall after its first sample; ``preview`` goes with every
+    reports a stall after its first sample, ``unreachable`` one whose WebUI
+    then goes down for `PINGS` (and comes back); ``preview`` goes with every
     progress event.  ``watch`` is called after every hook, on the thread that
     runs the session.
     """
@@ -67,6 +72,7 @@ class ScriptedSession:
     preview: str | None = None
     fail: Mapping[int, str] = attrs.field(factory=dict)
     stall: tuple[int, int] | None = None
+    unreachable: tuple[int, int] | None = None
     watch: Watcher = lambda name, status: None
     cancels: list[tuple[CancelMode, bool]] = attrs.field(factory=list)
     ran: bool = False
@@ -136,6 +142,9 @@ class ScriptedSession:
                 self._fire(self.pm.hook.sdjobs_progress, status)
                 if self.stall == (index, stage_index) and sample == 0:
                     self._fire(self.pm.hook.sdjobs_job_stalled, status, seconds=60.0)
+                if self.unreachable == (index, stage_index) and sample == 0:
+                    for retry_in, waited in PINGS:
+                        self._fire(self.pm.hook.sdjobs_webui_unreachable, status, error=UNREACHABLE, retry_in=retry_in, waited=waited)
             partial = self._pending_cancel() is CancelMode.NOW
             if index in self.fail and stage_index == count - 1 and not partial:
                 outcome, error = JobState.FAILED, self.fail[index]

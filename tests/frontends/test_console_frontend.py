@@ -6,7 +6,7 @@ import io
 import re
 
 from rich.console import Console
-from scripted import job_spec
+from scripted import UNREACHABLE, job_spec
 
 from sdjobs.frontend import FrontendOptions
 from sdjobs.frontends.console import ConsoleFrontend
@@ -77,3 +77,30 @@ def test_the_status_line_shows_how_many_jobs_wait_in_the_queue(make_session):
 
     frontend.run(make_session(frontend, [job_spec("sea")], watch=look))
     assert "· seed 1234567890 · 2 queued" in views[0]
+
+
+def test_a_webui_that_is_down_is_one_printed_line_and_a_countdown_in_the_live_view(make_session):
+    out = io.StringIO()
+    frontend = ConsoleFrontend(FrontendOptions(), console=Console(file=out, width=200, force_terminal=True))
+    views = []
+
+    def look(hook, status):
+        if hook == "webui_unreachable" or (hook == "progress" and views and len(views) < 3):
+            views.append(rendered(frontend.view()))
+
+    frontend.run(make_session(frontend, [job_spec("sea")], unreachable=(0, 1), watch=look))
+    first, second, back = views
+    assert f"WebUI unreachable for 0s ({UNREACHABLE}) · retrying in 1s" in first
+    assert f"WebUI unreachable for 1s ({UNREACHABLE}) · retrying in 2s" in second
+    assert "Stage 2/2 img2img · step 10/20" in back and "unreachable" not in back  # running again
+    assert out.getvalue().count(f"  WebUI unreachable ({UNREACHABLE}), retrying in 1 s") == 1
+    assert "retrying in 2 s" not in out.getvalue()  # one line per outage; the view counts down
+
+
+def test_without_a_terminal_a_webui_that_is_down_is_one_line(make_session):
+    out = io.StringIO()
+    frontend = ConsoleFrontend(FrontendOptions(), console=Console(file=out, width=200))
+    frontend.run(make_session(frontend, [job_spec("sea")], unreachable=(0, 1)))
+    lines = out.getvalue().splitlines()
+    assert [line for line in lines if "unreachable" in line] == [f"  WebUI unreachable ({UNREACHABLE}), retrying in 1 s"]
+    assert "Stage 1/2 txt2img finished" in lines[1] and "unreachable" in lines[2] and "Stage 2/2 img2img finished" in lines[3]

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from scripted import job_spec
+from scripted import PINGS, UNREACHABLE, job_spec
 
 from sdjobs.frontend import FrontendOptions
 from sdjobs.frontends.jsonl import FIELDS, JsonlFrontend
@@ -53,7 +53,7 @@ def test_one_object_per_event_in_the_documented_order_for_each_job(make_session)
 
 
 def test_every_event_carries_exactly_its_documented_fields(make_session):
-    events, _ = run_jsonl(make_session, [job_spec("sea")], fail={0: "HTTP 500: out of memory"}, stall=(0, 0))
+    events, _ = run_jsonl(make_session, [job_spec("sea")], fail={0: "HTTP 500: out of memory"}, stall=(0, 0), unreachable=(0, 1))
     events += queue_events()
     assert {event["event"] for event in events} == set(FIELDS)
     for event in events:
@@ -101,6 +101,14 @@ def test_values_as_documented(make_session):
     [finished] = by_name["job_finished"]
     assert (finished["outcome"], finished["error"]) == ("failed", "HTTP 500: out of memory")
     assert all(isinstance(event["t"], float) for event in events)
+
+
+def test_a_webui_that_is_down_is_an_event_per_ping_with_the_job_and_the_wait(make_session):
+    events, _ = run_jsonl(make_session, [job_spec("sea")], unreachable=(0, 1))
+    down = [event for event in events if event["event"] == "webui_unreachable"]
+    assert [(e["job"], e["stage_index"], e["error"], e["retry_in"], e["waited"]) for e in down] == [
+        ("job-1", 1, UNREACHABLE, retry_in, waited) for retry_in, waited in PINGS
+    ]
 
 
 def test_the_documentation_lists_every_field_of_every_event():

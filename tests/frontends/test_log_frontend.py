@@ -6,10 +6,15 @@ import logging
 import re
 
 import pytest
-from scripted import job_spec
+from scripted import UNREACHABLE, job_spec
 
+from sdjobs import hookimpl
+from sdjobs.client import WebUIClient
 from sdjobs.frontend import FrontendError, FrontendOptions
 from sdjobs.frontends.log import LogFrontend
+from sdjobs.hooks import Hooks, make_plugin_manager
+from sdjobs.job import JobSettings
+from sdjobs.runner import Runner
 from sdjobs.status import JobState
 from sdjobs.store import JobRecord
 
@@ -54,6 +59,38 @@ def test_a_failure_is_an_error_with_the_servers_message_and_a_stall_a_warning(ma
         "WARNING|sea: no progress for 1m 00s in stage 2/2 img2img",
         "ERROR|sea: failed after 0s · 2 images: HTTP 500 from /sdapi/v1/img2img: CUDA out of memory",
     ]
+
+
+def test_each_ping_of_a_webui_that_is_down_is_a_warning_naming_the_job(make_session, tmp_path):
+    log_file = tmp_path / "jobs.log"
+    frontend = LogFrontend(FrontendOptions(log_file=log_file, log_level="warning", log_format="%(levelname)s|%(message)s"))
+    frontend.run(make_session(frontend, [job_spec("sea")], unreachable=(0, 1)))
+    assert log_file.read_text().splitlines() == [
+        f"WARNING|sea: WebUI unreachable ({UNREACHABLE}), retrying in 1 s",
+        f"WARNING|sea: WebUI unreachable ({UNREACHABLE}), retrying in 2 s",
+    ]
+
+
+def test_a_real_webui_that_stays_down_is_one_warning_per_ping_and_the_failure(closed_port_url, tmp_path):
+    """The runner's own records reach the same log: each ping is said once, not by the job module too."""
+    pings = []
+
+    class Pings:
+        @hookimpl
+        def sdjobs_webui_unreachable(self, retry_in):
+            pings.append(retry_in)
+
+    log_file = tmp_path / "jobs.log"
+    frontend = LogFrontend(FrontendOptions(log_file=log_file, log_level="warning", log_format="%(levelname)s|%(message)s"))
+    hooks = Hooks(make_plugin_manager(load_entry_points=False, disabled=(), plugins=[frontend, Pings()]))
+    with WebUIClient(closed_port_url, retries=0) as client:
+        runner = Runner([job_spec("sea")], client, hooks, tmp_path / "out", settings=JobSettings(wait_for_webui=1.5))
+        frontend.run(runner)
+    lines = log_file.read_text().splitlines()
+    said = [line for line in lines if "WebUI unreachable (" in line]
+    assert len(said) == len(pings) == 2  # at 0 s, and at 1 s for the last 0.5 s
+    assert all(re.fullmatch(rf"WARNING\|sea: WebUI unreachable \(cannot reach {closed_port_url}/\S+: .+\), retrying in \d s", line) for line in said)
+    assert any(line.startswith("ERROR|sea: failed after ") and "the WebUI stayed unreachable for 1.5 s" in line for line in lines)
 
 
 def test_the_handler_is_there_only_while_the_session_runs(make_session, tmp_path):

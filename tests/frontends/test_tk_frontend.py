@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import pytest
 from PIL import Image
-from scripted import ScriptedSession, job_spec
+from scripted import UNREACHABLE, ScriptedSession, job_spec
 from tkwindow import close_window, double_click, on_tk, rows, session_threads, texts
 
 from sdjobs.exits import EXIT_CANCELLED
@@ -197,6 +197,22 @@ def test_the_live_preview_is_shown_shrunk_to_fit_when_asked_for(make_session, pr
 
     frontend.run(make_session(frontend, [job_spec("sea")], watch=watch, preview=prefix + png_base64((512, 384))))
     assert shown == [(256, 192)]
+
+
+def test_the_state_says_the_webui_is_down_until_the_job_runs_again(make_session):
+    frontend = TkFrontend(FrontendOptions(close_when_done=True))
+    states: list[str] = []
+
+    def watch(hook, status):
+        if hook == "webui_unreachable" or (hook == "progress" and states and len(states) < 3):
+            states.append(on_tk(frontend, lambda panel: str(panel.state["text"])))
+
+    frontend.run(make_session(frontend, [job_spec("sea")], unreachable=(0, 1), watch=watch))
+    assert states == [
+        f"WebUI unreachable for 0s ({UNREACHABLE}): retrying in 1s",
+        f"WebUI unreachable for 1s ({UNREACHABLE}): retrying in 2s",
+        "Running (50%)",
+    ]
 
 
 def test_without_a_display_it_says_so_and_runs_nothing(make_session, monkeypatch):
