@@ -400,8 +400,9 @@ def test_a_random_seed_is_drawn_before_the_first_request_and_carried_through(web
     for status in log.statuses("stage_finished"):
         assert status.seed == spec.seed
     job_id = log.one("job_started")["status"].job_id
+    [job_folder] = tmp_path.glob(f"*-{job_id[:8]}")
     for stage, folder in enumerate(["01-txt2img", "02-img2img", "03-adetailer", "04-upscale"]):
-        png = (tmp_path / job_id / folder / "001.png").read_bytes()
+        png = (job_folder / folder / "001.png").read_bytes()
         assert read_provenance(png) == {
             "job_id": job_id,
             "stage": ALL_STAGES[stage],
