@@ -16,6 +16,11 @@ and runs only those.  A worker is the front ends' `Session` and `QueueControl`:
 - `hand_back` (SIGTERM, a second Ctrl-C) interrupts our running request and
   hands the job back to the queue, resumable at its first unfinished stage.
 
+A job that failed because the WebUI stayed unreachable (`Runner.webui_down`)
+makes the worker claim nothing more until the WebUI answers a ping again, so
+the next jobs do not each wait `JobSettings.wait_for_webui` and fail; with
+``until_empty`` (or `sdjobs run`) it stops instead, leaving the jobs queued.
+
 While it runs, a watch thread looks at the store every `watch_interval`, so
 that what another process asks (`sdjobs queue cancel`, `pause --now`) is acted
 on within a second: a cancel of the running job reaches the runner; a recall
@@ -31,6 +36,8 @@ import threading
 from collections.abc import Sequence
 
 import attrs
+from sdjobs.client import WebUIError
+from sdjobs.job import PING_BACKOFF
 from sdjobs.runner import Runner
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState
@@ -228,6 +235,40 @@ class Worker:
                 self._running = None
             if outcome is None:
                 self._hand_over(record.id, worker_id)
+            elif outcome is JobState.FAILED and self.runner.webui_down and not self._wait_for_webui():
+                return
+
+    def _wait_for_webui(self) -> bool:
+        """The WebUI stayed unreachable through a whole job: ping it with backoff (on a thread of its
+        own, as a ping may take its connect timeout) until it answers; True then, False when the worker
+        is to stop instead: with ``until_empty`` or `sdjobs run`'s own jobs, or once stopped meanwhile."""
+        waited = f"WebUI unreachable for {self.runner.settings.wait_for_webui:g} s"
+        if self.until_empty or self._ids is not None:
+            log.warning("%s: the worker stops; the jobs not run stay queued", waited)
+            return False
+        log.warning("%s: the queue waits until it answers", waited)
+        back = threading.Event()
+        threading.Thread(target=self._ping_until_back, args=(back,), name="sdjobs-ping", daemon=True).start()
+        while not (back.is_set() or self._stop.is_set()):
+            self._wake.wait()  # set by `back`, a stop, or a change of the queue
+            self._wake.clear()
+        if back.is_set():
+            log.info("the WebUI answers again: the queue goes on")
+        return back.is_set()
+
+    def _ping_until_back(self, back: threading.Event) -> None:
+        """Ping the WebUI with `PING_BACKOFF` until it answers (then set ``back``) or the worker stops."""
+        wait = PING_BACKOFF[0]
+        while not self._stop.wait(wait):
+            try:
+                self.runner.client.ping()
+            except WebUIError as exc:
+                log.debug("the WebUI is still unreachable: %s", exc)
+                wait = min(wait * 2, PING_BACKOFF[1])
+            else:
+                back.set()
+                self._wake.set()
+                return
 
     def _hand_over(self, job_id: str, worker_id: str) -> None:
         """The runner let a job go (a recall) that the store may still count as ours: back to the queue.

@@ -1,13 +1,21 @@
 """The worker: it claims queued jobs from the store and runs them, picks up jobs added while it
-waits, stops at once when asked, and gives a job up quietly when the store gave it to another."""
+waits, stops at once when asked, gives a job up quietly when the store gave it to another, and
+claims nothing while the WebUI stays down."""
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable, Iterator
 
+import attrs
 import pytest
 from process_helpers import sdjobs
-from runner_helpers import Background, job_spec, make_runner
+from runner_helpers import FAST, Background, Said, job_spec, make_runner
+from sdjobs import worker as worker_module
+from sdjobs.cli import exit_status
+from sdjobs.client import WebUIClient
+from sdjobs.sim import SimSettings, SimulatedWebUI
 from sdjobs.sqlite_store import SQLiteStore
 from sdjobs.status import CancelMode, JobState
 from sdjobs.worker import Worker
@@ -105,6 +113,80 @@ def test_a_job_the_store_gave_to_another_worker_is_let_go_without_a_write(
     assert (
         len(store.workers()) == 1
     )  # the taker; the old worker registered again, then left
+
+
+# -- a WebUI that stays down ----------------------------------------------------------------
+
+#: A job gives up on a WebUI that is down after half a second.
+IMPATIENT = attrs.evolve(FAST, wait_for_webui=0.5)
+
+
+@pytest.fixture
+def worker_said() -> Iterator[Callable[[str], Said]]:
+    """``worker_said(text)``: a `Said` on the worker's logger, DEBUG records included, while the test runs."""
+    logger = logging.getLogger("sdjobs.worker")
+    level, added = logger.level, []
+    logger.setLevel(logging.DEBUG)
+
+    def said(text: str) -> Said:
+        added.append(Said(text))
+        logger.addHandler(added[-1])
+        return added[-1]
+
+    yield said
+    for handler in added:
+        logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_after_a_job_failed_on_a_webui_that_stayed_down_nothing_is_claimed_until_it_answers(
+    closed_port_url, store, tmp_path, worker_said, caplog
+):
+    first, second = store.add([job_spec(name="first"), job_spec(name="second")])
+    waits, pinged = worker_said("the queue waits until it answers"), worker_said("still unreachable")
+    with WebUIClient(closed_port_url, retries=0) as client:
+        runner, log = make_runner(client, [], tmp_path / "out", settings=IMPATIENT)
+        worker = Worker(store, runner, idle_poll=0.05)
+        working = Background(worker.run)
+        assert waits.seen.wait(15)
+        assert pinged.seen.wait(15)  # a ping of the worker's own went unanswered
+        assert (store.get(second.id).state, store.get(second.id).attempts) == (JobState.QUEUED, 0)
+        port = int(closed_port_url.rsplit(":", 1)[1])
+        with SimulatedWebUI(SimSettings(step_time=0.002, first_step_time=0.002), port=port):
+            assert log.wait_for("job_finished", lambda call: call["status"].job_id == second.id, timeout=30)
+            worker.cancel(CancelMode.NOW, rest=True)
+            working.join(timeout=10)
+    assert worker.outcomes == {first.id: JobState.FAILED, second.id: JobState.DONE}
+    warned = [r.getMessage() for r in caplog.records if r.name == "sdjobs.worker" and r.levelno == logging.WARNING]
+    assert warned == ["WebUI unreachable for 0.5 s: the queue waits until it answers"]  # said once
+
+
+def test_a_stop_ends_the_wait_for_the_webui_at_once(closed_port_url, store, tmp_path, worker_said, monkeypatch):
+    monkeypatch.setattr(worker_module, "PING_BACKOFF", (3600.0, 3600.0))  # no ping would come in time
+    store.add([job_spec(name="first"), job_spec(name="second")])
+    waits = worker_said("the queue waits until it answers")
+    with WebUIClient(closed_port_url, retries=0) as client:
+        runner, _ = make_runner(client, [], tmp_path / "out", settings=IMPATIENT)
+        worker = Worker(store, runner, idle_poll=0.05)
+        working = Background(worker.run)
+        assert waits.seen.wait(15)
+        worker.hand_back()
+        working.join(timeout=2)
+    assert store.workers() == []
+
+
+def test_until_empty_a_webui_that_stayed_down_stops_the_worker_leaving_the_rest_queued(
+    closed_port_url, store, tmp_path, worker_said
+):
+    first, second = store.add([job_spec(name="first"), job_spec(name="second")])
+    stops = worker_said("WebUI unreachable for 0.5 s: the worker stops; the jobs not run stay queued")
+    with WebUIClient(closed_port_url, retries=0) as client:
+        runner, _ = make_runner(client, [], tmp_path / "out", settings=IMPATIENT)
+        worker = Worker(store, runner, until_empty=True, idle_poll=0.05)
+        Background(worker.run).join(timeout=15)
+    assert stops.seen.is_set()
+    assert worker.outcomes == {first.id: JobState.FAILED} and exit_status(worker) == 1
+    assert (store.get(second.id).state, store.get(second.id).attempts) == (JobState.QUEUED, 0)
 
 
 # -- the commands ---------------------------------------------------------------------------
