@@ -474,7 +474,9 @@ class Job:
         self.error = str(event.kwargs["error"])
 
     def fail_stalled(self, event: EventData) -> None:
-        self.error = "stalled; interrupted"
+        """The stall interrupt was answered: with what the request had (200) or an error, which is told too."""
+        error = event.kwargs.get("error")
+        self.error = "stalled; interrupted" if error is None else f"stalled; interrupted, and the request failed: {error}"
 
     def fail_unanswered(self, event: EventData) -> None:
         quiet = self.stage.tracker.quiet_for(self.clock())

@@ -139,8 +139,9 @@ TRANSITIONS: list[dict[str, Any]] = [
      "before": ["keep", "finish_stage"]},
     {"trigger": "returned", "source": ["asking", "interrupting"], "dest": "cancelled", "before": "keep"},
     {"trigger": "returned", "source": "stall_interrupting", "dest": "failed", "before": ["keep", "fail_stalled"]},
-    {"trigger": "failed", "source": ["generating", "generating_then_stop", "stall_interrupting"],
-     "dest": "failed", "before": "fail_with_error"},
+    {"trigger": "failed", "source": ["generating", "generating_then_stop"], "dest": "failed",
+     "before": "fail_with_error"},
+    {"trigger": "failed", "source": "stall_interrupting", "dest": "failed", "before": "fail_stalled"},
     {"trigger": "failed", "source": ["asking", "interrupting"], "dest": "cancelled"},
     # -- cancels: "after this job" changes nothing here; a later cancel may only stop sooner -------
     {"trigger": "cancel", "source": ["queued", "preparing", "waiting_to_prepare"], "dest": "cancelled",

@@ -606,7 +606,7 @@ class JobRules(RuleBasedStateMachine):
     def a_stall_interrupt_fails_the_job(self) -> None:
         if self.stall_interrupted and self.job.finished and self.cancelled_at is None:
             assert self.job.outcome is JobState.FAILED
-            assert "stalled" in self.job.error or "stopped answering" in self.job.error
+            assert "stalled" in self.job.error or "stopped answering" in self.job.error, self.job.error
 
     @invariant()
     def a_down_server_is_waited_for_as_long_as_the_settings_say(self) -> None:
