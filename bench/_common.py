@@ -37,14 +37,18 @@ def four_stage_job(steps: int = 20) -> JobSpec:
     )
 
 
+def plugin_hooks(plugins: Iterable[object] = ()) -> Hooks:
+    """The built-in plugins (the poller included) and ``plugins``, loaded once."""
+    return Hooks(make_plugin_manager(load_entry_points=False, disabled=(), plugins=plugins))
+
+
 @contextlib.contextmanager
 def runner_for(
     specs: Sequence[JobSpec], client: WebUIClient, plugins: Iterable[object] = (), **settings: object
 ) -> Iterator[Runner]:
     """A runner of ``specs`` with the built-in poller and ``plugins``, writing to a temporary folder."""
-    pm = make_plugin_manager(load_entry_points=False, disabled=(), plugins=plugins)
     with tempfile.TemporaryDirectory() as out:
-        yield Runner(specs=specs, client=client, hooks=Hooks(pm), out_dir=Path(out), settings=JobSettings(**settings))
+        yield Runner(specs=specs, client=client, hooks=plugin_hooks(plugins), out_dir=Path(out), settings=JobSettings(**settings))
 
 
 def run_jobs(

@@ -12,13 +12,17 @@ Run: python bench/orchestration.py
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import requests
 
-from _common import four_stage_job, run_jobs, simulator_process, table
+from _common import four_stage_job, plugin_hooks, simulator_process, table
 from sdjobs import hookimpl
 from sdjobs.client import WebUIClient
+from sdjobs.hooks import Hooks
+from sdjobs.runner import Runner
 
 ROUTES = {"txt2img": "txt2img", "img2img": "img2img", "extra-single-image": "extra-single-image"}
 
@@ -42,10 +46,14 @@ def direct(url: str, payloads: list[tuple[str, dict]]) -> float:
         return time.perf_counter() - started
 
 
-def through_sdjobs(client: WebUIClient, recorder: PayloadRecorder | None = None) -> float:
-    started = time.perf_counter()
-    runner = run_jobs([four_stage_job(steps=20)], client, plugins=[recorder] if recorder else ())
-    elapsed = time.perf_counter() - started
+def through_sdjobs(client: WebUIClient, hooks: Hooks) -> float:
+    """One 4-stage job run by a `Runner`: plugins are loaded before, once per process as the
+    command does, and the output folder is made before and removed after the timing."""
+    with tempfile.TemporaryDirectory() as out:
+        runner = Runner(specs=[four_stage_job(steps=20)], client=client, hooks=hooks, out_dir=Path(out))
+        started = time.perf_counter()
+        runner.run()
+        elapsed = time.perf_counter() - started
     assert set(runner.outcomes.values()) == {"done"}, runner.outcomes
     return elapsed
 
@@ -53,8 +61,9 @@ def through_sdjobs(client: WebUIClient, recorder: PayloadRecorder | None = None)
 def measure(step_time: float, repeats: int) -> tuple[float, float]:
     with simulator_process(step_time) as url, WebUIClient(url) as client:
         recorder = PayloadRecorder()
-        through_sdjobs(client, recorder)  # warm-up, and the payloads to replay
-        ours = [through_sdjobs(client) for _ in range(repeats)]
+        through_sdjobs(client, plugin_hooks([recorder]))  # warm-up, and the payloads to replay
+        hooks = plugin_hooks()
+        ours = [through_sdjobs(client, hooks) for _ in range(repeats)]
         theirs = [direct(url, recorder.payloads) for _ in range(repeats)]
     return statistics.median(ours), statistics.median(theirs)
 
