@@ -84,10 +84,8 @@ def sim_process():
 # -- signals ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
-def test_sigterm_hands_the_running_job_back_and_the_rest_stay_queued(
-    webui_sim, tmp_path, queue_file
-):
+def run_two_jobs_and_signal_in_the_first(webui_sim, tmp_path: Path, signum: int, *, expect: int) -> Lines:
+    """`sdjobs run` of one job file twice, sent ``signum`` once the first job shows step 1; its stderr."""
     job = job_file(tmp_path, "lighthouse")
     run = start("run", job, job, "--webui", webui_sim.url, "--frontend", "log", "--poll-interval", "0.25",
                 "--out", tmp_path / "out")  # fmt: skip
@@ -95,10 +93,18 @@ def test_sigterm_hands_the_running_job_back_and_the_rest_stay_queued(
     try:
         webui_sim.release(2)
         assert logged.wait_for("txt2img · step 1/8 · 12%"), logged.text()
-        run.send_signal(signal.SIGTERM)
-        assert run.wait(timeout=15) == 143, logged.text()
+        run.send_signal(signum)
+        assert run.wait(timeout=15) == expect, logged.text()
     finally:
         run.kill()
+    return logged
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
+def test_sigterm_hands_the_running_job_back_and_the_rest_stay_queued(
+    webui_sim, tmp_path, queue_file
+):
+    logged = run_two_jobs_and_signal_in_the_first(webui_sim, tmp_path, signal.SIGTERM, expect=143)
     with SQLiteStore(queue_file) as store:
         first, second = store.list()
     assert (first.state, first.attempts, first.stages) == (JobState.QUEUED, 1, ())
@@ -118,17 +124,7 @@ def test_sigterm_hands_the_running_job_back_and_the_rest_stay_queued(
 def test_ctrl_c_records_the_jobs_run_never_started_as_cancelled(
     webui_sim, tmp_path, queue_file
 ):
-    job = job_file(tmp_path, "lighthouse")
-    run = start("run", job, job, "--webui", webui_sim.url, "--frontend", "log", "--poll-interval", "0.25",
-                "--out", tmp_path / "out")  # fmt: skip
-    logged = Lines(run.stderr)
-    try:
-        webui_sim.release(2)
-        assert logged.wait_for("txt2img · step 1/8 · 12%"), logged.text()
-        run.send_signal(signal.SIGINT)
-        assert run.wait(timeout=15) == 130, logged.text()
-    finally:
-        run.kill()
+    logged = run_two_jobs_and_signal_in_the_first(webui_sim, tmp_path, signal.SIGINT, expect=130)
     with SQLiteStore(queue_file) as store:
         assert store.list() == []
         outcomes = [(job.state, job.attempts) for job in reversed(store.history())]
