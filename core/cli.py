@@ -33,7 +33,7 @@ from sdjobs.job import JobSettings
 from sdjobs.polling import DEFAULT_POLL_INTERVAL, POLL_INTERVAL_RANGE
 from sdjobs.preflight import CatalogError, ServerCatalog, check_against_server, split_sampler_names
 from sdjobs.runner import Runner
-from sdjobs.spec import JobFileError, JobSpec, load_job
+from sdjobs.spec import JobFileError, JobSpec, load_job, read_toml
 from sdjobs.sqlite_store import QUEUE_ENV, SQLiteStore, queue_path
 from sdjobs.status import CancelMode, JobState
 from sdjobs.store import JobRecord, Store, StoreError
@@ -354,8 +354,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     images = sum(spec.plan()[-1].images for spec in specs)
     print(f"{len(specs)} job(s), {images} final image(s)")
     shown = specs if args.all else specs[:CHECK_SHOWN]
+    random_seeds = {path for path in args.jobs if _draws_seeds(path)}
     for spec in shown:
-        print(f"{spec.source}: {spec.name!r}, seed {spec.seed}")
+        seed = "random, drawn when queued" if spec.source in random_seeds else spec.seed
+        print(f"{spec.source}: {spec.name!r}, seed {seed}")
         for index, step in enumerate(spec.plan()):
             print(
                 f"  {index + 1}. {step.type:<9} {step.endpoint:<18} "
@@ -364,6 +366,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     if len(shown) < len(specs):
         print(f"... and {len(specs) - len(shown)} more (--all lists them)")
     return 0
+
+
+def _draws_seeds(path: Path) -> bool:
+    """Whether the file leaves its seeds to chance, so that the ones `check` drew are not the run's."""
+    data = read_toml(path)
+    return data.get("seed", -1) == -1 or data.get("seed_policy") == "random"
 
 
 def _plan_record(spec: JobSpec) -> dict[str, object]:

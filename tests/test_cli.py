@@ -194,7 +194,8 @@ def test_check_prints_the_plan():
     assert checked.returncode == 0
     summary, first, *stages = checked.stdout.splitlines()
     assert summary == "1 job(s), 3 final image(s)"
-    assert first.startswith(f"{EXAMPLES / 'demo.toml'}: 'demo lighthouse', seed ")
+    # seed = -1: the seed check drew is not the one the run will use
+    assert first == f"{EXAMPLES / 'demo.toml'}: 'demo lighthouse', seed random, drawn when queued"
     assert [line.split()[:3] for line in stages] == [
         ["1.", "txt2img", "txt2img"],
         ["2.", "img2img", "img2img"],
@@ -210,6 +211,7 @@ def test_check_shows_what_a_file_expands_to_the_first_ones_or_all():
     assert lines[0] == "24 job(s), 24 final image(s)"
     named = [line for line in lines if line.startswith(str(EXAMPLES))]
     assert len(named) == 10 and lines[-1] == "... and 14 more (--all lists them)"
+    assert named[0].endswith("seed 1234") and named[1].endswith("seed 1235")  # seed_policy increment
     everything = sdjobs("check", EXAMPLES / "prompt-pack.toml", "--json")
     names = [job["name"] for job in json.loads(everything.stdout)]
     assert len(set(names)) == 24, "each variation is named apart"
