@@ -18,7 +18,6 @@ import errno
 import io
 import json
 import os
-import random
 import re
 import shutil
 import struct

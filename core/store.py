@@ -16,7 +16,6 @@ unchanged.
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path

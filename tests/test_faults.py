@@ -16,7 +16,7 @@ from process_helpers import start
 from runner_helpers import DROPPED_IN_STAGE_TWO, FAST, Background, Said, assert_monotonic, job_spec, make_runner
 
 from sdjobs.client import Timeouts, WebUIClient
-from sdjobs.sim import SimSettings, SimulatedWebUI
+from sdjobs.sim import SimSettings
 from sdjobs.status import CancelMode, JobState
 
 #: Stalls and waits short enough for a test; a progress call times out after 0.5 s.

@@ -124,7 +124,7 @@ def test_sigterm_hands_the_running_job_back_and_the_rest_stay_queued(
 def test_ctrl_c_records_the_jobs_run_never_started_as_cancelled(
     webui_sim, tmp_path, queue_file
 ):
-    logged = run_two_jobs_and_signal_in_the_first(webui_sim, tmp_path, signal.SIGINT, expect=130)
+    run_two_jobs_and_signal_in_the_first(webui_sim, tmp_path, signal.SIGINT, expect=130)
     with SQLiteStore(queue_file) as store:
         assert store.list() == []
         outcomes = [(job.state, job.attempts) for job in reversed(store.history())]
