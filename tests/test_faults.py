@@ -3,19 +3,31 @@ server down when the job starts, a gateway answering 502, flapping progress (doc
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import signal
 import socket
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import attrs
 import pytest
 from process_helpers import start
-from runner_helpers import DROPPED_IN_STAGE_TWO, FAST, Background, Said, assert_monotonic, job_spec, make_runner
+from runner_helpers import (
+    DROPPED_IN_STAGE_TWO,
+    FAST,
+    Background,
+    HookLog,
+    Said,
+    assert_monotonic,
+    job_spec,
+    make_runner,
+)
 
 from sdjobs.client import Timeouts, WebUIClient
+from sdjobs.runner import Runner
 from sdjobs.sim import SimSettings
 from sdjobs.status import CancelMode, JobState
 
@@ -46,17 +58,24 @@ def stop(sim) -> None:
 # -- hung ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.05)])
-def test_a_hung_webui_fails_the_job_saying_it_stopped_answering(webui_sim, tmp_path):
+@contextlib.contextmanager
+def hung_in_a_long_job(webui_sim, tmp_path, settings) -> Iterator[tuple[Runner, HookLog, Background]]:
+    """A long job running in the background with short read timeouts; the WebUI hangs once it shows a step."""
     with WebUIClient(webui_sim.url, timeouts=Timeouts(read=0.5)) as client:
-        runner, log = make_runner(client, [job_spec(steps=400)], tmp_path, settings=QUICK)
+        runner, log = make_runner(client, [job_spec(steps=400)], tmp_path, settings=settings)
         running = Background(runner.run)
         try:
             assert log.wait_for("progress", lambda kwargs: kwargs["status"].step)
             webui_sim.hang()
-            running.join(timeout=20)
+            yield runner, log, running
         finally:
             webui_sim.hang(False)
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.05)])
+def test_a_hung_webui_fails_the_job_saying_it_stopped_answering(webui_sim, tmp_path):
+    with hung_in_a_long_job(webui_sim, tmp_path, QUICK) as (runner, log, running):
+        running.join(timeout=20)
     [outcome] = runner.outcomes.values()
     error = log.one("job_finished")["error"]
     assert outcome is JobState.FAILED and "the WebUI stopped answering (no progress for " in error
@@ -70,20 +89,15 @@ def test_a_cancel_on_a_hung_webui_ends_the_run_at_once(webui_sim, tmp_path, capl
     timed_out = Said("progress sample failed")
     caplog.set_level(logging.DEBUG, logger="sdjobs.client")
     logging.getLogger("sdjobs.client").addHandler(timed_out)
-    with WebUIClient(webui_sim.url, timeouts=Timeouts(read=0.5)) as client:
-        runner, log = make_runner(client, [job_spec(steps=400)], tmp_path, settings=settings)
-        running = Background(runner.run)
-        try:
-            assert log.wait_for("progress", lambda kwargs: kwargs["status"].step)
-            webui_sim.hang()
+    try:
+        with hung_in_a_long_job(webui_sim, tmp_path, settings) as (runner, log, running):
             assert timed_out.seen.wait(10)  # a sample timed out: the job knows the server is silent
             timed_out.seen.clear()
             assert timed_out.seen.wait(10)  # and the next: the first one's report is on its way
             runner.cancel(CancelMode.NOW)
             running.join(timeout=2)  # not the 30 s of grace for an interrupt nobody will answer
-        finally:
-            webui_sim.hang(False)
-            logging.getLogger("sdjobs.client").removeHandler(timed_out)
+    finally:
+        logging.getLogger("sdjobs.client").removeHandler(timed_out)
     assert list(runner.outcomes.values()) == [JobState.CANCELLED]
 
 

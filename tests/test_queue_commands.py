@@ -118,12 +118,18 @@ def events(lines: Lines, name: str) -> list[dict]:
     return [event for event in map(json.loads, lines.lines) if event["event"] == name]
 
 
-@pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
-def test_a_cancel_from_another_process_ends_the_running_job_cancelled(webui_sim, worker_process, tmp_path, queue_file):
+def a_job_running(webui_sim, worker_process, tmp_path: Path) -> tuple[Lines, str]:
+    """Queue a 2-stage job and let the worker's first step show; its output lines and the job's id."""
     _, lines = worker_process
     [job] = add(job_file(tmp_path, "sea", stages=2))
     webui_sim.release(2)
     assert lines.wait_for('"event": "progress"'), lines.text(0)
+    return lines, job
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
+def test_a_cancel_from_another_process_ends_the_running_job_cancelled(webui_sim, worker_process, tmp_path, queue_file):
+    lines, job = a_job_running(webui_sim, worker_process, tmp_path)
     answer = sdjobs("queue", "cancel", job)
     assert answer.stdout == f"job {job[:8]} (sea) is running: its worker cancels it now\n"
     with SQLiteStore(queue_file) as store:  # no step is released: only the cancel can end the job
@@ -140,10 +146,7 @@ def test_a_cancel_from_another_process_ends_the_running_job_cancelled(webui_sim,
 
 @pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
 def test_pause_now_hands_the_running_job_back_and_resume_runs_it_on(webui_sim, worker_process, tmp_path, queue_file):
-    _, lines = worker_process
-    [job] = add(job_file(tmp_path, "sea", stages=2))
-    webui_sim.release(2)
-    assert lines.wait_for('"event": "progress"'), lines.text(0)
+    lines, job = a_job_running(webui_sim, worker_process, tmp_path)
     assert sdjobs("queue", "pause", "--now").returncode == 0
     with SQLiteStore(queue_file) as store:
         back = until(lambda: store.get(job).state is JobState.QUEUED and store.get(job), "the job is back", timeout=10)

@@ -149,18 +149,15 @@ def test_a_file_that_is_not_a_database_is_refused_untouched(path):
     assert "not a readable sdjobs queue" in refused(path)
 
 
-def test_another_programs_database_is_refused_untouched(path):
+@pytest.mark.parametrize(
+    "statement",
+    ["CREATE TABLE photos (name TEXT)", "PRAGMA application_id = 1"],
+    ids=["another program's tables", "another program's mark"],
+)
+def test_another_programs_database_is_refused_untouched(path, statement):
     path.parent.mkdir(parents=True)
     with sqlite3.connect(path) as connection:
-        connection.execute("CREATE TABLE photos (name TEXT)")
-    connection.close()
-    assert "not an sdjobs queue" in refused(path)
-
-
-def test_a_file_marked_by_another_program_is_refused_untouched(path):
-    path.parent.mkdir(parents=True)
-    with sqlite3.connect(path) as connection:
-        connection.execute("PRAGMA application_id = 1")
+        connection.execute(statement)
     connection.close()
     assert "not an sdjobs queue" in refused(path)
 
