@@ -488,10 +488,6 @@ def _describe(job: JobRecord) -> str:
     return f"job {job.short_id} ({printable(job.spec.name)})"
 
 
-def _state(job: JobRecord) -> str:
-    return "paused" if job.paused and job.state is JobState.QUEUED else str(job.state)
-
-
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max(map(len, column)) for column in zip(header, *rows, strict=True)]
     for row in (header, *rows):
@@ -508,7 +504,7 @@ def _queue_list(store: Store, args: argparse.Namespace) -> int:
     if not jobs:
         print("The queue is empty.")
         return 0
-    rows = [[str(n), job.short_id, printable(job.spec.name), f"{job.next_stage}/{len(job.spec.stages)}", _state(job), str(job.attempts)]
+    rows = [[str(n), job.short_id, printable(job.spec.name), f"{job.next_stage}/{len(job.spec.stages)}", job.shown_state, str(job.attempts)]
             for n, job in enumerate(jobs, 1)]  # fmt: skip
     _print_table(["#", "id", "name", "stages", "state", "attempts"], rows)
     return 0
@@ -520,7 +516,7 @@ def _queue_show(store: Store, args: argparse.Namespace) -> int:
         print(json.dumps({**_job_json(job), "stages": [result.to_dict() for result in job.stages],
                           "spec": job.spec.to_dict(inputs=False)}, indent=2, default=str))  # fmt: skip
         return 0
-    print(f"{_describe(job)}: {_state(job)}, {plural(job.attempts, 'attempt')}")
+    print(f"{_describe(job)}: {job.shown_state}, {plural(job.attempts, 'attempt')}")
     print(f"id:     {job.id}")
     print(f"seed:   {job.spec.seed}")
     print(f"folder: {job.folder or 'not made yet'}")

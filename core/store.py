@@ -175,6 +175,11 @@ class JobRecord:
         return self.state.terminal
 
     @property
+    def shown_state(self) -> str:
+        """The state as `sdjobs queue list` and the front ends show it: `paused` for a queued job held back."""
+        return "paused" if self.paused and self.state is JobState.QUEUED else str(self.state)
+
+    @property
     def next_stage(self) -> int:
         """The first stage (0-based) not finished in full: where the job runs or resumes."""
         return sum(not result.partial for result in self.stages)  # only the last can be partial

@@ -95,11 +95,6 @@ class _InBackground:
         threading.Thread(target=run, name="sdjobs-queue-control", daemon=True).start()
 
 
-def _queue_state(job: JobRecord) -> str:
-    """`running`, `queued`, or `paused` for a job held back on its own."""
-    return "paused" if job.paused and job.state is JobState.QUEUED else str(job.state)
-
-
 def open_window() -> tk.Tk:
     """The main window; `FrontendUnavailable` where there is no display to open it on."""
     try:
@@ -287,7 +282,7 @@ class TkFrontend:
 
     @hookimpl
     def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...]) -> None:
-        rows = [(job.spec.name, _queue_state(job)) for job in jobs]
+        rows = [(job.spec.name, job.shown_state) for job in jobs]
         self.call_soon(lambda panel: panel.show_queue(rows))
 
     @hookimpl
