@@ -7,8 +7,9 @@ bodies.  Time is either simulated (`step_time` seconds per step) or driven by a 
 (`stepping=True` with `release()`).
 """
 
+from .catalog import CatalogChoice
 from .server import SimulatedWebUI
 from .settings import SimSettings
 from .state import StateSnapshot
 
-__all__ = ["SimSettings", "SimulatedWebUI", "StateSnapshot"]
+__all__ = ["CatalogChoice", "SimSettings", "SimulatedWebUI", "StateSnapshot"]

@@ -9,8 +9,11 @@ shipped in `data/catalog.json`, so the simulator works without the test data.  A
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import tomllib
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -26,6 +29,67 @@ def _load(name: str) -> Any:
     return json.loads(resources.files(__package__).joinpath("data", name).read_text("utf-8"))
 
 
+def _names(path: Path, data: dict[str, Any], key: str) -> tuple[str, ...] | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(name, str) and name for name in value):
+        raise ValueError(f"{path}: {key}: must be a non-empty list of names")
+    return tuple(value)
+
+
+@attrs.frozen
+class CatalogChoice:
+    """What one simulator offers instead of the recorded server's lists (`sdjobs sim --catalog FILE`),
+    so that several simulators can differ and tests cover routing jobs by what a server has.
+
+    Attributes:
+        checkpoints: Checkpoint names ("sdxl.safetensors" or "sdxl"); the first is loaded.
+            None keeps the recorded one.
+        samplers: Sampler names; None keeps the recorded list.
+        upscalers: Upscaler names; None keeps the recorded list.
+        adetailer: False plays a server without the ADetailer extension.
+    """
+
+    checkpoints: tuple[str, ...] | None = None
+    samplers: tuple[str, ...] | None = None
+    upscalers: tuple[str, ...] | None = None
+    adetailer: bool = True
+
+    @classmethod
+    def from_file(cls, path: Path) -> CatalogChoice:
+        """Read a TOML catalog file; ValueError names the file and the key that is wrong."""
+        try:
+            with path.open("rb") as file:
+                data = tomllib.load(file)
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not valid TOML: {exc}") from None
+        known = ("checkpoints", "samplers", "upscalers", "adetailer")
+        for key in data:
+            if key not in known:
+                raise ValueError(f"{path}: {key}: unknown key; the keys are {', '.join(known)}")
+        adetailer = data.get("adetailer", True)
+        if not isinstance(adetailer, bool):
+            raise ValueError(f"{path}: adetailer: must be true or false")
+        return cls(*(_names(path, data, key) for key in known[:3]), adetailer=adetailer)
+
+
+def _checkpoint(name: str) -> dict[str, Any]:
+    """An `/sdapi/v1/sd-models` entry for a checkpoint file name, its hash made from the name."""
+    filename = name if "." in name else f"{name}.safetensors"
+    sha256 = hashlib.sha256(filename.encode()).hexdigest()
+    return {"title": f"{filename} [{sha256[:10]}]", "model_name": filename.rsplit(".", 1)[0], "hash": sha256[:10],
+            "sha256": sha256, "filename": f"/srv/webui/models/Stable-diffusion/{filename}", "config": None}  # fmt: skip
+
+
+def _entries(recorded: list[dict[str, Any]], names: tuple[str, ...], blank: dict[str, Any]) -> list[dict[str, Any]]:
+    """The recorded entries of `names`, and `blank` named for a name the recording lacks."""
+    known = {entry["name"]: entry for entry in recorded}
+    return [known.get(name) or {**blank, "name": name} for name in names]
+
+
 @attrs.frozen
 class Catalog:
     """The read-only lists a client can ask for, and lookups into them."""
@@ -33,6 +97,7 @@ class Catalog:
     data: dict[str, Any] = attrs.field(repr=False)
     request_fields: dict[str, dict[str, dict[str, Any]]] = attrs.field(repr=False)
     version: str = VERSION
+    adetailer: bool = True
 
     @classmethod
     @functools.cache
@@ -45,6 +110,21 @@ class Catalog:
         data = {**data, "samplers": overlay["samplers"], "schedulers": overlay["schedulers"]}
         fields = {kind: {**spec, **overlay["request_fields"].get(kind, {})} for kind, spec in fields.items()}
         return cls(data, fields, overlay["version"])
+
+    def chosen(self, choice: CatalogChoice | None) -> Catalog:
+        """This catalog with `choice`'s lists in place of the recorded ones."""
+        if choice is None:
+            return self
+        data = dict(self.data)
+        if choice.checkpoints is not None:
+            data["sd_models"] = [_checkpoint(name) for name in choice.checkpoints]
+            data["option_values"] = {**data["option_values"], "sd_model_checkpoint": data["sd_models"][0]["title"]}
+        if choice.samplers is not None:
+            data["samplers"] = _entries(data["samplers"], choice.samplers, {"aliases": [], "options": {}})
+        if choice.upscalers is not None:
+            blank = {"model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+            data["upscalers"] = _entries(data["upscalers"], choice.upscalers, blank)
+        return attrs.evolve(self, data=data, adetailer=choice.adetailer)
 
     @property
     def splits_samplers(self) -> bool:
@@ -93,13 +173,14 @@ class Catalog:
 
     def checkpoint_exists(self, name: str) -> bool:
         """A1111's `checkpoint_aliases`: title, name, file name or hash."""
-        model = self.model
-        filename = model["filename"].rsplit("/", 1)[-1]
-        return name in {model["title"], model["model_name"], filename, model["hash"], model["sha256"]}
+        return any(
+            name in {model["title"], model["model_name"], model["filename"].rsplit("/", 1)[-1], model["hash"], model["sha256"]}
+            for model in self.data["sd_models"]
+        )
 
     def scripts(self, kind: str) -> list[str]:
-        """`GET /sdapi/v1/scripts` for `kind`, ADetailer included."""
-        return [*self.data["scripts"][kind], ADETAILER_SCRIPT]
+        """`GET /sdapi/v1/scripts` for `kind`, ADetailer included when installed."""
+        return [*self.data["scripts"][kind], *([ADETAILER_SCRIPT] if self.adetailer else [])]
 
     def is_selectable_script(self, kind: str, name: str) -> bool:
         selectable = [s for s in self.data["scripts"][kind] if s in _SELECTABLE_TXT2IMG]

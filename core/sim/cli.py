@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import errno
 import threading
+from pathlib import Path
 
-from .catalog import VERSIONS
+from .catalog import VERSIONS, CatalogChoice
 from .profiles import PROFILES
 from .server import SimulatedWebUI
 from .settings import SimSettings
@@ -24,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faces", default="1", metavar="N|A-B", help="faces ADetailer finds per image: N, or a count drawn from A-B seeded by --fault-seed (default: %(default)s)")
     parser.add_argument("--api-auth", metavar="USER:PASS", help="protect /sdapi/v1/* with HTTP Basic, like A1111's --api-auth")
     parser.add_argument("--a1111", choices=VERSIONS, default=VERSIONS[0], metavar="VERSION", help="which A1111 to play: 1.7 (the recorded server) or 1.10 (samplers split from schedulers, /sdapi/v1/schedulers, 400 for an unknown sampler) (default: %(default)s)")
+    parser.add_argument("--catalog", type=Path, metavar="FILE", help="TOML naming what this server offers: checkpoints, samplers, upscalers (lists of names) and adetailer = true|false; unnamed lists stay the recorded server's")
     parser.add_argument("--nowebui", action="store_true", help="API only, like A1111's --nowebui: no /internal/* routes")
     faults = parser.add_argument_group("faults")
     faults.add_argument("--progress-error-rate", type=float, default=0.0, metavar="RATE", help="share of /sdapi/v1/progress calls that fail with 500")
@@ -54,6 +56,7 @@ def settings_from(args: argparse.Namespace) -> SimSettings:
         fault_seed=args.fault_seed,
         profile=args.profile,
         version=args.a1111,
+        catalog=None if args.catalog is None else CatalogChoice.from_file(args.catalog),
     )
 
 

@@ -188,9 +188,10 @@ class Api:
         add("GET", f"{sdapi}/loras", lambda request, body: [])  # the recorded server had none
         if self._catalog.splits_samplers:
             add("GET", f"{sdapi}/schedulers", listing("schedulers"))
-        add("GET", "/adetailer/v1/version", listing("adetailer_version"))
-        add("GET", "/adetailer/v1/schema", listing("adetailer_schema"))
-        add("GET", "/adetailer/v1/ad_model", listing("adetailer_models"))
+        if self._catalog.adetailer:
+            add("GET", "/adetailer/v1/version", listing("adetailer_version"))
+            add("GET", "/adetailer/v1/schema", listing("adetailer_schema"))
+            add("GET", "/adetailer/v1/ad_model", listing("adetailer_models"))
         if self._settings.ui:
             add("POST", "/internal/progress", self.internal_progress, body=True)
             add("GET", "/internal/pending-tasks", self.pending_tasks)

@@ -166,7 +166,7 @@ class SimulatedWebUI:
         """Bind and serve on a thread; `port=0` picks a free port."""
         server = _HttpServer(self._address, _Handler)
         server.hang.set(self.settings.hang)
-        catalog = Catalog.load(self.settings.version)
+        catalog = Catalog.load(self.settings.version).chosen(self.settings.catalog)
         engine = Engine(self.settings, self._state, catalog, self._queue)
         server.api = Api(self.settings, catalog, self._state, engine, server.server_address[1])
         server.record = lambda method, path: self.requests.append((time.monotonic(), method, path))

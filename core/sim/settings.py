@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from .catalog import VERSIONS
+from .catalog import VERSIONS, CatalogChoice
 from .profiles import PROFILES, Timing
 
 
@@ -81,6 +81,8 @@ class SimSettings:
         version: Which A1111 to play (`catalog.VERSIONS`): "1.7", the recorded
             server, or "1.10": samplers split from schedulers, `/sdapi/v1/schedulers`,
             400 for an unknown sampler.
+        catalog: The checkpoints, samplers and upscalers offered, and whether
+            ADetailer is installed; None offers the recorded server's.
     """
 
     step_time: float = attrs.field(default=0.15, validator=_non_negative)
@@ -103,6 +105,7 @@ class SimSettings:
     )
     fault_seed: int = 0
     version: str = attrs.field(default=VERSIONS[0], validator=attrs.validators.in_(VERSIONS))
+    catalog: CatalogChoice | None = None
 
     @property
     def timing(self) -> Timing:

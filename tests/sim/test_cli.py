@@ -11,6 +11,7 @@ import sys
 import pytest
 import requests
 
+from sdjobs.sim import SimulatedWebUI
 from sdjobs.sim.cli import add_arguments, run, settings_from
 from sdjobs.sim.engine import CRASH_STATUS
 
@@ -63,3 +64,54 @@ def test_stop_after_steps_ends_the_process_like_a_crash() -> None:
             assert server.wait(timeout=JOIN_TIMEOUT) == CRASH_STATUS
         finally:
             server.kill()
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "catalog.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_catalog_file_sets_what_the_server_offers(tmp_path) -> None:
+    path = _write(tmp_path, 'checkpoints = ["sdxl.safetensors", "pony"]\nsamplers = ["Euler a", "My sampler"]\n'
+                            'upscalers = ["Lanczos"]\nadetailer = false\n')  # fmt: skip
+    settings = settings_from(_parse("--catalog", str(path)))
+    with SimulatedWebUI(settings) as sim:
+        def get(route):
+            return requests.get(sim.url + route, timeout=JOIN_TIMEOUT)
+
+        assert [model["model_name"] for model in get("/sdapi/v1/sd-models").json()] == ["sdxl", "pony"]
+        assert get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("sdxl.safetensors [")
+        assert [sampler["name"] for sampler in get("/sdapi/v1/samplers").json()] == ["Euler a", "My sampler"]
+        assert [upscaler["name"] for upscaler in get("/sdapi/v1/upscalers").json()] == ["Lanczos"]
+        assert get("/adetailer/v1/ad_model").status_code == 404
+        assert "adetailer" not in get("/sdapi/v1/scripts").json()["txt2img"]
+        assert requests.post(sim.url + "/sdapi/v1/options", json={"sd_model_checkpoint": "pony"}, timeout=JOIN_TIMEOUT).ok
+        unknown = requests.post(sim.url + "/sdapi/v1/options", json={"sd_model_checkpoint": "empty"}, timeout=JOIN_TIMEOUT)
+        assert unknown.status_code == 500
+
+
+def test_a_catalog_file_that_names_nothing_keeps_the_recorded_lists(tmp_path) -> None:
+    settings = settings_from(_parse("--catalog", str(_write(tmp_path, ""))))
+    with SimulatedWebUI(settings) as sim, SimulatedWebUI() as recorded:
+        for route in ("/sdapi/v1/sd-models", "/sdapi/v1/samplers", "/sdapi/v1/upscalers", "/adetailer/v1/ad_model"):
+            assert requests.get(sim.url + route, timeout=JOIN_TIMEOUT).json() == requests.get(recorded.url + route, timeout=JOIN_TIMEOUT).json()
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    ("checkpoints = []", "checkpoints: must be a non-empty list"),
+    ('samplers = "Euler"', "samplers: must be a non-empty list"),
+    ("adetailer = 1", "adetailer: must be true or false"),
+    ("loras = []", "loras: unknown key"),
+    ("checkpoints = [", "not valid TOML"),
+])  # fmt: skip
+def test_a_bad_catalog_file_is_one_line_naming_the_file_and_key(tmp_path, capsys, text, named) -> None:
+    path = _write(tmp_path, text)
+    assert run(_parse("--catalog", str(path))) == 2
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and str(path) in out and named in out
+
+
+def test_a_missing_catalog_file_is_named(tmp_path, capsys) -> None:
+    assert run(_parse("--catalog", str(tmp_path / "none.toml"))) == 2
+    assert f"{tmp_path / 'none.toml'}: cannot read" in capsys.readouterr().out
