@@ -28,7 +28,7 @@ from sdjobs.expand import DEFAULT_LIMIT, load_jobs
 from sdjobs.exits import EXIT_BROKEN_PIPE, EXIT_CANCELLED, EXIT_FAILED, EXIT_TERMINATED, EXIT_USAGE
 from sdjobs.frontends.formatting import format_duration, plural, printable
 from sdjobs.frontends.pipe import silence
-from sdjobs.hooks import Hooks, describe_plugins, make_plugin_manager
+from sdjobs.hooks import Hooks, describe_plugins, make_plugin_manager, plugin_loggers
 from sdjobs.job import JobSettings
 from sdjobs.polling import DEFAULT_POLL_INTERVAL, POLL_INTERVAL_RANGE
 from sdjobs.preflight import CatalogError, ServerCatalog, check_against_server, split_sampler_names
@@ -646,6 +646,7 @@ def _frontend(args: argparse.Namespace) -> frontends.Frontend:
             log_format=args.log_format,
             preview=args.preview,
             close_when_done=args.close_when_done,
+            loggers=plugin_loggers(plugins.hooks.pm),
         )
     )
     plugins.hooks.pm.register(shown, name=chosen.plugin_name)

@@ -68,6 +68,9 @@ class FrontendOptions:
         preview: Show the server's live preview where the front end can.
         close_when_done: The `tk` window closes by itself once every job ended,
             instead of staying open on the final state until the user closes it.
+        loggers: The loggers whose records the `log` front end writes at `log_level`:
+            sdjobs' own and the plugins' (`sdjobs.hooks.plugin_loggers`).  Any
+            other library's warnings and errors are written too.
     """
 
     log_file: Path | None = None
@@ -75,6 +78,7 @@ class FrontendOptions:
     log_format: str | None = None
     preview: bool = False
     close_when_done: bool = False
+    loggers: tuple[str, ...] = ("sdjobs",)
 
 
 class Frontend(Protocol):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import inspect
 import logging
 import os
 import sys
@@ -218,6 +219,20 @@ def _trace_outcome(
     error = outcome.exception
     result = f"raised {type(error).__name__}: {error}" if error else f"returned {outcome.get_result()!r}"
     print(f"sdjobs: trace: {hook} <- {plugins} {result}", file=sys.stderr, flush=True)
+
+
+def plugin_loggers(pm: PluginManager) -> tuple[str, ...]:
+    """The loggers plugins log to, by convention: each loaded plugin's top-level package
+    (``logging.getLogger(__name__)`` in `mylora.plugin` logs under `mylora`); `sdjobs` first.
+
+    The log front end writes their records as it writes sdjobs' own.
+    """
+    names = {"sdjobs": None}
+    for plugin in pm.get_plugins():
+        module = plugin.__name__ if inspect.ismodule(plugin) else getattr(plugin, "__module__", None)
+        if isinstance(module, str) and module != "__main__":
+            names[module.partition(".")[0]] = None
+    return tuple(names)
 
 
 def describe_plugins(

@@ -3,8 +3,9 @@
 One record when a job or stage starts and ends, a progress record at most every
 10 % of a stage, a warning for a stall, a cancel or each retry of a WebUI that is
 down, an error with the server's message when a job fails.  Records go to the logger ``sdjobs.jobs``; while the
-session runs, one handler on the ``sdjobs`` logger writes them (and the rest of
-sdjobs' own records) to stderr or `FrontendOptions.log_file`.  Credentials never
+session runs, one handler on the root logger writes them, the rest of sdjobs'
+own records and the plugins' (`FrontendOptions.loggers`), at the level asked
+for, to stderr or `FrontendOptions.log_file`.  Credentials never
 reach a front end: the client keeps them out of every message.  Control
 characters in a message are escaped (`printable`), so a job name cannot forge a
 line; an output whose reader went away stops the session quietly (`PipeGuard`).
@@ -106,16 +107,22 @@ class LogFrontend:
         stream = self._open_stream()
         handler = _GuardedHandler(stream, self._guard)
         handler.setFormatter(self.formatter)
+        handler.setLevel(self.level)
         self._guard.watch(session)
-        sdjobs_logger = logging.getLogger("sdjobs")
-        previous_level = sdjobs_logger.level
-        sdjobs_logger.addHandler(handler)
-        sdjobs_logger.setLevel(self.level)
+        # On the root logger, so that a plugin's records come too; sdjobs' and the plugins'
+        # loggers at the level asked for, other libraries' at their own (WARNING by default).
+        loggers = [logging.getLogger(name) for name in self.options.loggers]
+        previous_levels = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.setLevel(self.level)
+        root = logging.getLogger()
+        root.addHandler(handler)
         try:
             return self._guard.exit_status(run_with_ctrl_c(session, on_cancel=self._cancelling))
         finally:
-            sdjobs_logger.removeHandler(handler)
-            sdjobs_logger.setLevel(previous_level)
+            root.removeHandler(handler)
+            for logger, level in zip(loggers, previous_levels, strict=True):
+                logger.setLevel(level)
             handler.close()
             if stream is not sys.stderr:
                 stream.close()

@@ -11,7 +11,8 @@ def install_distribution(site: Path, dist: str, entry_points: Mapping[str, str],
     """Write the distribution ``dist`` into the folder ``site`` and return ``site``.
 
     Its dist-info declares ``entry_points`` (name to value) in the group
-    `sdjobs`; each of ``modules`` (name to source) is a module beside it.  With
+    `sdjobs`; each of ``modules`` (name to source; `pkg/__init__` and `pkg/mod`
+    for a package) is a module beside it.  With
     ``site`` on ``sys.path`` (or ``PYTHONPATH``) it is installed.  A module is
     imported once per process: give each test modules of its own.
     """
@@ -21,5 +22,7 @@ def install_distribution(site: Path, dist: str, entry_points: Mapping[str, str],
     declared = "".join(f"{name} = {value}\n" for name, value in entry_points.items())
     (info / "entry_points.txt").write_text(f"[sdjobs]\n{declared}")
     for module, source in modules.items():
-        (site / f"{module}.py").write_text(textwrap.dedent(source))
+        path = site / f"{module}.py"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(textwrap.dedent(source))
     return site

@@ -291,6 +291,44 @@ def test_a_run_goes_on_without_the_plugins_that_could_not_be_loaded(webui_sim, j
     assert manifest(out)["outcome"] == "done"
 
 
+CHATTY_PLUGIN = """\
+import logging
+
+from sdjobs import hookimpl
+
+log = logging.getLogger(__name__)
+
+
+@hookimpl
+def sdjobs_job_started(status):
+    log.info("%s started, says chatty", status.name)
+
+
+@hookimpl
+def sdjobs_stage_started(status):
+    log.debug("%s: stage %s, says chatty", status.name, status.stage_label)
+"""
+
+
+@pytest.mark.parametrize(("level", "expected"), [
+    ("DEBUG", ["INFO chatty.plugin: lighthouse started, says chatty",
+               "DEBUG chatty.plugin: lighthouse: stage 1/2 txt2img, says chatty",
+               "DEBUG chatty.plugin: lighthouse: stage 2/2 img2img, says chatty"]),
+    ("INFO", ["INFO chatty.plugin: lighthouse started, says chatty"]),
+    ("WARNING", []),
+])  # fmt: skip
+def test_a_plugins_log_lines_go_where_and_as_the_log_options_say(webui_sim, job_file, tmp_path, level, expected):
+    site = install_distribution(tmp_path / "site", "chatty", {"chatty": "chatty.plugin"}, {"chatty/__init__": "", "chatty/plugin": CHATTY_PLUGIN})
+    log_file = tmp_path / "jobs.log"
+    done = sdjobs(
+        "run", job_file, "--webui", webui_sim.url, "--out", tmp_path / "out", "--frontend", "log", "--log-file", log_file,
+        "--log-level", level, "--log-format", "%(levelname)s %(name)s: %(message)s", env={"PYTHONPATH": str(site)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert [line for line in log_file.read_text().splitlines() if "chatty" in line] == expected
+
+
 def test_frontends_lists_the_built_in_ones():
     listed = sdjobs("frontends")
     assert listed.returncode == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import types
 
 import pytest
 from scripted import UNREACHABLE, job_spec
@@ -12,7 +13,7 @@ from sdjobs import hookimpl
 from sdjobs.client import WebUIClient
 from sdjobs.frontend import FrontendError, FrontendOptions
 from sdjobs.frontends.log import LogFrontend
-from sdjobs.hooks import Hooks, make_plugin_manager
+from sdjobs.hooks import Hooks, make_plugin_manager, plugin_loggers
 from sdjobs.job import JobSettings
 from sdjobs.runner import Runner
 from sdjobs.status import JobState
@@ -94,18 +95,50 @@ def test_a_real_webui_that_stays_down_is_one_warning_per_ping_and_the_failure(cl
 
 
 def test_the_handler_is_there_only_while_the_session_runs(make_session, tmp_path):
-    sdjobs_logger = logging.getLogger("sdjobs")
-    before = (list(sdjobs_logger.handlers), sdjobs_logger.level)
+    root, sdjobs_logger = logging.getLogger(), logging.getLogger("sdjobs")
+    before = (list(root.handlers), sdjobs_logger.level)
     during = []
     frontend = LogFrontend(FrontendOptions(log_file=tmp_path / "jobs.log", log_level="DEBUG"))
     session = make_session(
-        frontend, [job_spec("sea")], watch=lambda hook, status: during.append((len(sdjobs_logger.handlers), sdjobs_logger.level))
+        frontend, [job_spec("sea")], watch=lambda hook, status: during.append((len(root.handlers), sdjobs_logger.level))
     )
     frontend.run(session)
     assert set(during) == {(len(before[0]) + 1, logging.DEBUG)}
-    assert (list(sdjobs_logger.handlers), sdjobs_logger.level) == before
+    assert (list(root.handlers), sdjobs_logger.level) == before
     # sdjobs' own records (the runner's, a failing plugin's) go to the same place meanwhile
     assert "queued sea" in (tmp_path / "jobs.log").read_text()
+
+
+def test_a_plugins_records_are_written_at_the_level_asked_for_and_other_libraries_only_warnings(make_session, tmp_path):
+    """A plugin logs under its own logger (`FrontendOptions.loggers`), not under `sdjobs`."""
+
+    class Chatty:
+        @hookimpl
+        def sdjobs_stage_started(self, status):
+            logging.getLogger("chatty.plugin").debug("%s: a stage, seen by chatty", status.name)
+            logging.getLogger("some_library").info("a library's chatter")
+            logging.getLogger("some_library").warning("a library's warning")
+
+    log_file = tmp_path / "jobs.log"
+    options = FrontendOptions(log_file=log_file, log_level="DEBUG", log_format="%(levelname)s %(name)s: %(message)s", loggers=("sdjobs", "chatty"))
+    frontend = LogFrontend(options)
+    session = make_session(frontend, [job_spec("sea", stages=("txt2img",))])
+    session.pm.register(Chatty())
+    frontend.run(session)
+    lines = log_file.read_text().splitlines()
+    assert "DEBUG chatty.plugin: sea: a stage, seen by chatty" in lines
+    assert "WARNING some_library: a library's warning" in lines
+    assert not any("chatter" in line for line in lines)
+    assert logging.getLogger("chatty").level == logging.NOTSET  # as it was
+
+
+def test_plugin_loggers_are_each_plugins_top_level_package_and_sdjobs():
+    class Chatty:
+        pass
+
+    module = types.ModuleType("mylora.plugin")
+    pm = make_plugin_manager(load_entry_points=False, disabled=(), plugins=[Chatty(), module])
+    assert plugin_loggers(pm) == ("sdjobs", Chatty.__module__.partition(".")[0], "mylora")
 
 
 def test_an_unknown_level_is_a_usage_error_listing_the_levels():
