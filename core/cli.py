@@ -33,7 +33,7 @@ from sdjobs.job import JobSettings
 from sdjobs.polling import DEFAULT_POLL_INTERVAL, POLL_INTERVAL_RANGE
 from sdjobs.preflight import CatalogError, ServerCatalog, check_against_server, split_sampler_names
 from sdjobs.runner import Runner
-from sdjobs.spec import JobFileError, JobSpec, load_job, read_toml
+from sdjobs.spec import JobFileError, JobSpec, StagePlan, load_job, read_toml
 from sdjobs.sqlite_store import QUEUE_ENV, SQLiteStore, queue_path
 from sdjobs.status import CancelMode, JobState
 from sdjobs.store import JobRecord, Store, StoreError
@@ -361,11 +361,21 @@ def cmd_check(args: argparse.Namespace) -> int:
         for index, step in enumerate(spec.plan()):
             print(
                 f"  {index + 1}. {step.type:<9} {step.endpoint:<18} "
-                f"{step.requests} request(s), {step.images} image(s), {step.steps} step(s) each"
+                f"{plural(step.requests, 'request')}, {plural(step.images, 'image')}, {_shown_steps(step)}"
             )
     if len(shown) < len(specs):
         print(f"... and {len(specs) - len(shown)} more (--all lists them)")
     return 0
+
+
+def _shown_steps(plan: StagePlan) -> str:
+    """`"step x/40 then hires x/20 per image"`: the steps per pass as the run will count them."""
+    if not plan.shown_steps:
+        return "no sampling"
+    if plan.shown_steps[0][0] == "face":
+        return f"ADetailer step x/{plan.shown_steps[0][1]} per face found"
+    passes = " then ".join(f"{'' if kind == 'main' else kind + ' '}x/{steps}" for kind, steps in plan.shown_steps)
+    return f"step {passes} per image"
 
 
 def _draws_seeds(path: Path) -> bool:

@@ -227,12 +227,12 @@ def plugin_loggers(pm: PluginManager) -> tuple[str, ...]:
 
     The log front end writes their records as it writes sdjobs' own.
     """
-    names = {"sdjobs": None}
+    names = set()
     for plugin in pm.get_plugins():
         module = plugin.__name__ if inspect.ismodule(plugin) else getattr(plugin, "__module__", None)
         if isinstance(module, str) and module != "__main__":
-            names[module.partition(".")[0]] = None
-    return tuple(names)
+            names.add(module.partition(".")[0])
+    return ("sdjobs", *sorted(names - {"sdjobs"}))
 
 
 def describe_plugins(

@@ -524,6 +524,8 @@ class Job:
             images=None,
             step=None,
             steps=None,
+            pass_kind=None,
+            face=None,
             eta=None,
             queue_position=None,
             preview=None,
@@ -557,6 +559,7 @@ class Job:
         stage, tracker = self.stage, self.stage.tracker
         eta = tracker.eta(now)
         image, images = tracker.image or (None, None)
+        pass_kind, face = tracker.current_pass
         self.status = attrs.evolve(
             self.status,
             progress=tracker.progress,
@@ -565,6 +568,8 @@ class Job:
             images=images,
             step=tracker.step,
             steps=tracker.steps,
+            pass_kind=pass_kind,
+            face=face,
             eta=eta,
             job_eta=self._jobs.job_eta(stage.index, eta, tracker.seconds_per_step),
             queue_position=tracker.queue_position,

@@ -522,11 +522,11 @@ class StageTracker:
         if not self._in_flight:
             return False
         self.silent = silent and info is None and task is None
-        shown = (self.progress, self.step, self.steps, self.queue_position)
+        shown = (self.progress, self.step, self.steps, self.queue_position, self.current_pass)
         reading = self._ours(info, task)
         if reading is not None:
             self._apply(reading, now)
-        return (self.progress, self.step, self.steps, self.queue_position) != shown
+        return (self.progress, self.step, self.steps, self.queue_position, self.current_pass) != shown
 
     def request_returned(self, now: float) -> None:
         """The request in flight answered: its share counts as done."""
@@ -567,6 +567,32 @@ class StageTracker:
             passes_per_image = max(self.passes_per_request // self.images_per_request, 1)
             within = min(self._request.job_no // passes_per_image, self.images_per_request - 1)
         return min(self._returned * self.images_per_request + within + 1, total), total
+
+    @property
+    def current_pass(self) -> tuple[str | None, tuple[int, int] | None]:
+        """`(kind, face)` of the pass the latest step shown belongs to.
+
+        kind is `hires` (hires fix's second pass), `face` (ADetailer's inpaint
+        of one face) or None (the main pass, a pass the server added that no
+        plan knew of, or nothing known yet); face is `(k, n)`, face k of the n
+        found in that image, once the server has counted them (a `face` pass only).
+        """
+        request = self._request
+        if not self._in_flight or request.last is None:
+            return None, None
+        sequence, j = self._sequence(), request.job_no
+        if j >= len(sequence) or sequence[j][0].kind not in (HIRES, FACE):
+            return None, None
+        if sequence[j][0].kind == HIRES:
+            return HIRES, None
+        first = last = j
+        while first > 0 and sequence[first - 1][0].kind == FACE:
+            first -= 1
+        while last + 1 < len(sequence) and sequence[last + 1][0].kind == FACE:
+            last += 1
+        if sequence[first][1]:  # the faces of this image are not counted yet
+            return FACE, None
+        return FACE, (j - first + 1, last - first + 1)
 
     def eta(self, now: float) -> float | None:
         """Seconds left in this stage; None ("calculating...") while nothing sensible is known.
@@ -772,7 +798,9 @@ class StageTracker:
         """The server's count of passes; a rise after an image is ADetailer's faces."""
         request, shape = self._request, self._shape
         before, request.count = request.count, count
-        if before is None or count <= before or shape.face is None or len(request.faces) >= shape.iterations:
+        if before is None:  # first seen: more than the passes counted before ADetailer's are faces found
+            before = len(shape.passes) * shape.iterations
+        if count <= before or shape.face is None or len(request.faces) >= shape.iterations:
             return
         request.faces.append(count - before)
         if request.image_end is not None:

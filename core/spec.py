@@ -692,6 +692,11 @@ class StagePlan:
         size: `(width, height)` of the images it produces.
         cost: A relative weight for progress and ETA across stages: the steps of
             all its requests (`EXTRAS_COST` per extras request).
+        shown_steps: The passes one image goes through as the run shows them,
+            `(kind, steps)` in order, `steps` being the y of the run's step x/y:
+            `("main", 40)`, then `("hires", 20)` with hires fix; an adetailer
+            stage `("face", 9)`, once per face found (its img2img pass is
+            skipped).  Empty for extras, which sample nothing.
     """
 
     type: str
@@ -703,6 +708,7 @@ class StagePlan:
     passes: int
     size: tuple[int, int]
     cost: float
+    shown_steps: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def of_inputs(cls, inputs: Sequence[bytes]) -> StagePlan:
@@ -730,16 +736,20 @@ class StagePlan:
                 width, height = multiple_of_8(width * stage.scale), multiple_of_8(height * stage.scale)
             width, height = stage.settings.get("width", width), stage.settings.get("height", height)
         steps, passes, size = setting["steps"], 1, (width, height)
+        shown: tuple[tuple[str, int], ...] = (("main", steps),)
         if stage.type == "txt2img" and stage.settings.get("enable_hr"):
-            steps += setting["hr_second_pass_steps"] or steps
+            shown += (("hires", setting["hr_second_pass_steps"] or steps),)
+            steps += shown[1][1]
             passes = 2
             size = _hires_size(width, height, setting)
         elif stage.type == "adetailer":
             ad_steps = setting["ad_steps"] if setting["ad_use_steps"] else steps
-            steps = 1 + ASSUMED_FACES * img2img_steps(ad_steps, setting["ad_denoising_strength"])
+            shown = (("face", img2img_steps(ad_steps, setting["ad_denoising_strength"])),)
+            steps = 1 + ASSUMED_FACES * shown[0][1]
             passes += ASSUMED_FACES
         elif stage.type != "txt2img":
             steps = img2img_steps(steps, setting["denoising_strength"])
+            shown = (("main", steps),)
         n_iter = setting["n_iter"]
         return cls(
             type=stage.type,
@@ -751,6 +761,7 @@ class StagePlan:
             passes=n_iter * passes,
             size=size,
             cost=float(requests * n_iter * steps),
+            shown_steps=shown,
         )
 
 

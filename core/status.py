@@ -244,6 +244,9 @@ class RuntimeStatus:
             together counts as one); None when it makes one.
         step: Sampling step of the current pass, when the server says.
         steps: Sampling steps of the current pass, when the server says.
+        pass_kind: What the current pass is, when not the main one: `hires` (hires
+            fix's second pass) or `face` (ADetailer inpainting one face).
+        face: `(k, n)`: ADetailer is on face k of the n it found in the image.
         eta: Seconds left in this stage, None while still calculating.
         job_eta: Seconds left in the whole job, None while still calculating.
         seed: The job's seed; known before the first request.
@@ -264,6 +267,8 @@ class RuntimeStatus:
     images: int | None = None
     step: int | None = None
     steps: int | None = None
+    pass_kind: str | None = None
+    face: tuple[int, int] | None = None
     eta: float | None = None
     job_eta: float | None = None
     seed: int | None = None

@@ -61,6 +61,20 @@ def format_step(status: RuntimeStatus) -> str | None:
     return f"{status.step}/{status.steps}"
 
 
+def format_pass(status: RuntimeStatus) -> str | None:
+    """Where the sampling is: `"step 12/30"`, `"hires 2/14"`, `"ADetailer face 1/2 · step 3/9"`.
+
+    The step is left out while unknown (`format_step`); None when nothing is known.
+    """
+    step = format_step(status)
+    if status.pass_kind == "face":
+        face = "ADetailer" if status.face is None else f"ADetailer face {status.face[0]}/{status.face[1]}"
+        return face if step is None else f"{face} · step {step}"
+    if status.pass_kind == "hires":
+        return "hires" if step is None else f"hires {step}"
+    return None if step is None else f"step {step}"
+
+
 def format_image(status: RuntimeStatus) -> str | None:
     """`"2/3"`: the image being sampled of the stage's, or None when the stage makes one.
 
@@ -75,7 +89,9 @@ def status_line(status: RuntimeStatus) -> str:
     """`"Stage 2/4 img2img · image 1/3 · step 12/30 · 40% · ETA 1m 05s · seed 1234567890"`.
 
     The image is left out when the stage makes one, the step while unknown; a
-    request waiting in the server's own queue says so instead of a step.
+    hires pass reads `hires 2/14` instead of a step, ADetailer's
+    `ADetailer face 1/2 · step 3/9` (`format_pass`); a request waiting in the
+    server's own queue says so instead.
     """
     parts = [f"Stage {status.stage_label}"]
     if (image := format_image(status)) is not None:
@@ -83,8 +99,8 @@ def status_line(status: RuntimeStatus) -> str:
     if status.queue_position is not None:
         position, length = status.queue_position
         parts.append(f"waiting in the server's queue {position}/{length}")
-    elif (step := format_step(status)) is not None:
-        parts.append(f"step {step}")
+    elif (sampling := format_pass(status)) is not None:
+        parts.append(sampling)
     parts += [f"{status.percent}%", f"ETA {format_eta(status.eta)}", f"seed {format_seed(status.seed)}"]
     return printable(" · ".join(parts))
 

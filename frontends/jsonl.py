@@ -43,6 +43,8 @@ _STATUS_READERS: dict[str, Callable[[RuntimeStatus], Any]] = {
     "image": lambda status: None if status.image is None else [status.image, status.images],
     "step": attrgetter("step"),
     "steps": attrgetter("steps"),
+    "pass": attrgetter("pass_kind"),
+    "face": lambda status: None if status.face is None else list(status.face),
     "eta": lambda status: _seconds(status.eta),
     "job_eta": lambda status: _seconds(status.job_eta),
     "seed": attrgetter("seed"),

@@ -19,6 +19,7 @@ from sdjobs.frontends.formatting import (
     format_duration,
     format_eta,
     format_image,
+    format_pass,
     format_seed,
     format_step,
     images_text,
@@ -216,7 +217,8 @@ class JobPanel(ttk.Frame):
         self.eta.configure(text=f"ETA: {format_eta(status.eta)}")
         self.seed.configure(text=f"Seed: {format_seed(status.seed)}")
         self.image.configure(text=f"Image: {format_image(status) or '-'}")
-        self.step.configure(text=f"Step: {format_step(status) or '-'}")
+        sampling = format_pass(status) if status.pass_kind else format_step(status)  # "hires 2/14", "12/30"
+        self.step.configure(text=f"Step: {sampling or '-'}")
         if self._shows_preview and status.preview and status.preview != self._preview_data:
             self._show_preview(status.preview)
 

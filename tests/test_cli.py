@@ -196,12 +196,15 @@ def test_check_prints_the_plan():
     assert summary == "1 job(s), 3 final image(s)"
     # seed = -1: the seed check drew is not the one the run will use
     assert first == f"{EXAMPLES / 'demo.toml'}: 'demo lighthouse', seed random, drawn when queued"
-    assert [line.split()[:3] for line in stages] == [
-        ["1.", "txt2img", "txt2img"],
-        ["2.", "img2img", "img2img"],
-        ["3.", "adetailer", "img2img"],
-        ["4.", "upscale", "extra-single-image"],
+    # each stage's steps per pass as the run will count them (step x/40): tests/test_numbers_agree.py runs them
+    assert stages == [
+        "  1. txt2img   txt2img            1 request, 3 images, step x/40 per image",
+        "  2. img2img   img2img            3 requests, 3 images, step x/25 per image",
+        "  3. adetailer img2img            3 requests, 3 images, ADetailer step x/9 per face found",
+        "  4. upscale   extra-single-image 3 requests, 3 images, no sampling",
     ]
+    hires = sdjobs("check", EXAMPLES / "portrait.toml").stdout.splitlines()[2]
+    assert hires.endswith("1 request, 1 image, step x/28 then hires x/14 per image")
 
 
 def test_check_shows_what_a_file_expands_to_the_first_ones_or_all():

@@ -616,3 +616,30 @@ def test_a_prior_gives_an_estimate_before_any_step_and_the_run_overrides_it():
     steps_at(tracker, [4.0, 4.5, 5.0])  # this server is four times faster today
     assert tracker.seconds_per_step == pytest.approx(0.5)
     assert tracker.eta(5.0) == pytest.approx(6 * 0.5 + 1.0)  # steps 4..9, then the prior's tail: none seen yet
+
+
+# -- which pass is shown ----------------------------------------------------------------------
+
+
+def test_the_hires_pass_is_named_and_the_main_one_not():
+    shape = RequestShape.of("txt2img", {"steps": 10, "enable_hr": True, "hr_second_pass_steps": 6})
+    tracker = sent(StageTracker(shape=shape))
+    tracker.fold(sample(3, 10, job_count=2), None, 1.0)
+    assert tracker.current_pass == (None, None)
+    assert tracker.fold(sample(1, 6, job_no=1, job_count=2), None, 2.0)
+    assert tracker.current_pass == ("hires", None)
+
+
+@pytest.mark.parametrize("counted_late", [False, True], ids=["count seen rising", "first sample already counts the faces"])
+def test_each_adetailer_face_is_numbered_of_the_faces_found(counted_late):
+    shape = RequestShape.of("adetailer", {"steps": 10}, {"ad_denoising_strength": 0.4})
+    tracker = sent(StageTracker(shape=shape))
+    if not counted_late:
+        tracker.fold(sample(0, 10, job_no=1, job_count=1), None, 1.0)  # the skipped img2img pass, then the detection
+        assert tracker.current_pass == ("face", None)  # the faces are not counted yet
+    tracker.fold(sample(1, 5, job_no=1, job_count=3), None, 2.0)  # two faces found
+    assert tracker.current_pass == ("face", (1, 2))
+    tracker.fold(sample(1, 5, job_no=2, job_count=3), None, 3.0)
+    assert tracker.current_pass == ("face", (2, 2))
+    tracker.request_returned(4.0)
+    assert tracker.current_pass == (None, None)

@@ -56,6 +56,18 @@ def test_the_status_line_says_which_image_of_several_the_step_belongs_to():
     assert format_image(running(step=3, steps=25)) is None
 
 
+@pytest.mark.parametrize(("fields", "shown"), [
+    ({"pass_kind": "hires", "step": 2, "steps": 14}, "hires 2/14"),
+    ({"pass_kind": "hires", "step": 0, "steps": 28}, "hires"),
+    ({"pass_kind": "face", "face": (1, 2), "step": 3, "steps": 9}, "ADetailer face 1/2 · step 3/9"),
+    ({"pass_kind": "face", "face": (2, 2)}, "ADetailer face 2/2"),
+    ({"pass_kind": "face", "step": 3, "steps": 9}, "ADetailer · step 3/9"),
+])  # fmt: skip
+def test_the_status_line_names_a_hires_or_adetailer_pass(fields, shown):
+    status = running(stage_index=0, stage="txt2img", progress=0.5, eta=4, **fields)
+    assert status_line(status) == f"Stage 1/4 txt2img · {shown} · 50% · ETA 4s · seed 1234567890"
+
+
 @pytest.mark.parametrize(("step", "steps"), [(None, None), (0, None), (0, 30), (12, None)])
 def test_the_status_line_leaves_out_a_step_until_both_figures_are_known_and_calculates_the_eta(step, steps):
     assert status_line(running(stage_index=0, stage="txt2img", step=step, steps=steps)) == (
