@@ -5,9 +5,11 @@ is named `<UTC yyyymmdd-HHMMSS>-<slug of name>-<short id>` (`folder_name`),
 readable and sorted by time, and is created exclusively, so a rerun never
 overwrites anything.  A resumed job reopens its folder (`JobFolder.open`).
 
-Every file is written whole or not at all: into a scratch folder `.tmp/` beside
-the stage folders, flushed to disk, then renamed into place; `.tmp/` exists only
-while a write is under way (or after a crash, until the folder is reopened).
+Every file is written whole or not at all: into a scratch file beside it
+(`.<name>.<random>.partial`), then renamed into place; a crash leaves at most a
+scratch file, which reopening the folder removes.  An image is flushed to disk
+before its rename (it cannot be made again, and the store records it next); the
+manifest, which the store can always rebuild, is flushed only when the job ends.
 Every PNG keeps the text chunks the server wrote (A1111's `parameters`
 infotext) and gains an `sdjobs` chunk: JSON with the job id, stage and seed.
 """
@@ -34,12 +36,12 @@ import attrs
 from PIL import Image
 
 from sdjobs.spec import JobSpec
-from sdjobs.status import StageResult
+from sdjobs.status import JobState, StageResult
 
 MANIFEST = "manifest.json"
 
-#: The scratch folder in a job folder where files are written before they are renamed into place.
-SCRATCH = ".tmp"
+#: How a file being written is named until it is renamed into place (`.001.png.k3x9.partial`).
+SCRATCH_SUFFIX = ".partial"
 
 #: The PNG text key sdjobs writes its provenance under.
 PROVENANCE_KEY = "sdjobs"
@@ -119,7 +121,8 @@ class JobFolder:
         """
         if not path.is_dir():
             raise FileNotFoundError(errno.ENOENT, "the job's folder is gone", str(path))
-        shutil.rmtree(path / SCRATCH, ignore_errors=True)
+        for scratch in path.glob(f"**/.*{SCRATCH_SUFFIX}"):
+            scratch.unlink()
         for child in path.iterdir():
             match = _STAGE_FOLDER.fullmatch(child.name)
             if match and child.is_dir() and int(match[1]) > finished_stages:
@@ -158,7 +161,7 @@ class JobFolder:
         record = {"job_id": self.job_id, "stage": stage_type, "stage_index": stage_index, **provenance}
         texts[PROVENANCE_KEY] = json.dumps(record, sort_keys=True)
         path = self.stage_dir(stage_index, stage_type) / f"{number:03d}.png"
-        self._write_whole(path, with_text_chunks(png, texts), replace=False)
+        self._write_whole(path, with_text_chunks(png, texts), replace=False, durable=True)
         return path
 
     def write_manifest(
@@ -173,7 +176,9 @@ class JobFolder:
 
         Fit to be rewritten after every stage (`outcome` then says where the job
         is): a reader sees the old manifest or the new one, never half of one.
-        Image paths are relative to the job folder.
+        Flushed to disk only once the job has ended (`outcome` is not running):
+        after a power cut the store still has every stage, and the resumed job
+        writes the manifest again.  Image paths are relative to the job folder.
         """
         manifest = {
             "job_id": self.job_id,
@@ -188,26 +193,26 @@ class JobFolder:
         # only then does `json` use its C encoder, and the manifest is rewritten after every stage.
         text = json.dumps(manifest, default=str) + "\n"
         path = self.path / MANIFEST
-        self._write_whole(path, text.encode("utf-8"), replace=True)
+        self._write_whole(path, text.encode("utf-8"), replace=True, durable=outcome != JobState.RUNNING)
         return path
 
-    def _write_whole(self, path: Path, data: bytes, *, replace: bool) -> None:
-        """Put `data` at `path` whole or not at all: scratch file, fsync, rename, fsync the folder."""
-        scratch_dir = self.path / SCRATCH
-        scratch_dir.mkdir(exist_ok=True)
-        descriptor, scratch = tempfile.mkstemp(dir=scratch_dir, suffix=path.suffix)
+    def _write_whole(self, path: Path, data: bytes, *, replace: bool, durable: bool) -> None:
+        """Put `data` at `path` whole or not at all: a scratch file beside it, renamed into place;
+        `durable`: flushed to disk before the rename, and the rename after it."""
+        descriptor, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=SCRATCH_SUFFIX)
         try:
             with os.fdopen(descriptor, "wb") as file:
                 file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
+                if durable:
+                    file.flush()
+                    os.fsync(file.fileno())
             if not replace and path.exists():
                 raise FileExistsError(errno.EEXIST, "will not overwrite", str(path))
             os.replace(scratch, path)
         finally:
             Path(scratch).unlink(missing_ok=True)
-            scratch_dir.rmdir()
-        _fsync_folder(path.parent)
+        if durable:
+            _fsync_folder(path.parent)
 
     def _stage_record(self, result: StageResult) -> dict[str, Any]:
         record = result.to_dict()

@@ -15,7 +15,7 @@ A1111 1.9 split samplers from schedulers ("DPM++ 2M Karras" became sampler
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -47,6 +47,10 @@ _LORA = re.compile(r"<lora:([^:>]+)[^>]*>")
 #: The sampler and scheduler pairs a stage may set: (sampler key, scheduler key, where).
 _SAMPLER_PAIRS = (("sampler_name", "scheduler", "settings"), ("hr_sampler_name", "hr_scheduler", "settings"),
                   ("ad_sampler", "ad_scheduler", "adetailer"))  # fmt: skip
+
+
+#: The lists a catalog is made of, by the `CatalogSource` method that asks for each.
+LISTS = ("samplers", "upscalers", "sd_models", "adetailer_models", "adetailer_schema", "schedulers", "sd_vae", "loras")
 
 
 class CatalogSource(Protocol):
@@ -110,24 +114,22 @@ class ServerCatalog:
     loras: Choices | None = None
 
     @classmethod
-    def from_client(cls, client: CatalogSource) -> ServerCatalog:
-        """Ask the server; any error the client raises propagates (the job cannot start),
-        and lists that are not A1111's shape raise `CatalogError`.
+    def from_client(cls, client: CatalogSource, lists: Iterable[str] = LISTS) -> ServerCatalog:
+        """Ask the server for `lists` (by default all of them; `lists_needed` says which a job
+        reads), at once, so the check costs one round trip.  Any error the client raises
+        propagates (the job cannot start)."""
+        return cls.from_answers(ask_for_lists(client, lists))
 
-        The lists are asked for at once, so the check costs one round trip.
-        """
-        calls = (
-            client.samplers,
-            client.upscalers,
-            client.sd_models,
-            client.adetailer_models,
-            client.adetailer_schema,
-            client.schedulers,
-            client.sd_vae,
-            client.loras,
+    @classmethod
+    def from_answers(cls, answers: Mapping[str, Any]) -> ServerCatalog:
+        """The catalog of the server's answers, by `CatalogSource` method; a list not asked for
+        is empty (or None where None means "not listed"), which preflight only reads for a job
+        that `lists_needed` says does not name anything in it.  Lists that are not A1111's
+        shape raise `CatalogError`."""
+        samplers, upscalers, models = (answers.get(name) or () for name in ("samplers", "upscalers", "sd_models"))
+        ad_models, schema, schedulers, vaes, loras = (
+            answers.get(name) for name in ("adetailer_models", "adetailer_schema", "schedulers", "sd_vae", "loras")
         )
-        with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="sdjobs-preflight") as pool:
-            samplers, upscalers, models, ad_models, schema, schedulers, vaes, loras = pool.map(lambda call: call(), calls)
         try:
             return cls(
                 samplers=Choices(
@@ -153,6 +155,35 @@ class ServerCatalog:
             )  # fmt: skip
         except (KeyError, TypeError, AttributeError) as exc:
             raise CatalogError(f"the server's lists are not shaped as A1111's ({type(exc).__name__}: {exc})") from exc
+
+
+def ask_for_lists(client: CatalogSource, lists: Iterable[str]) -> dict[str, Any]:
+    """The server's answer to each of `lists` (`CatalogSource` method names), asked for at once."""
+    lists = list(lists)
+    if not lists:
+        return {}
+    with ThreadPoolExecutor(max_workers=len(lists), thread_name_prefix="sdjobs-preflight") as pool:
+        return dict(zip(lists, pool.map(lambda name: getattr(client, name)(), lists), strict=True))
+
+
+def lists_needed(jobs: Iterable[JobSpec]) -> frozenset[str]:
+    """The lists `preflight` reads for `jobs`: a job that names no checkpoint, VAE or LoRA
+    does not wait for the server to list them."""
+    needed: set[str] = set()
+    for job in jobs:
+        if job.checkpoint is not None:
+            needed.add("sd_models")
+        if _LORA.search(job.prompt) or _LORA.search(job.negative_prompt):
+            needed.add("loras")
+        for stage in job.stages:
+            needed.update(name for _, value, lists, _ in _stage_names(stage) if value is not None for name in lists)
+            if stage.type == "adetailer":
+                needed.update(("adetailer_models", "adetailer_schema"))
+            prompts = (stage.settings.get("hr_prompt"), stage.settings.get("hr_negative_prompt"),
+                       stage.adetailer.get("ad_prompt"), stage.adetailer.get("ad_negative_prompt"))  # fmt: skip
+            if any(_LORA.search(text or "") for text in prompts):
+                needed.add("loras")
+    return frozenset(needed)
 
 
 def split_sampler(name: str, catalog: ServerCatalog) -> tuple[str, str] | None:
@@ -224,46 +255,73 @@ def preflight(job: JobSpec, catalog: ServerCatalog) -> list[str]:
 
 
 def _stage_problems(stage: StageSpec, catalog: ServerCatalog) -> Iterator[str]:
-    hires_upscalers = Choices(catalog.upscalers.names + LATENT_UPSCALE_MODES)
-    samplers = catalog.samplers
-    if catalog.schedulers is not None:  # the old combined names, which such a server splits
-        combined = {f"{sampler} {label}" for sampler in samplers.names for label in catalog.schedulers.names}
-        samplers = attrs.evolve(samplers, aliases=samplers.aliases | combined)
-    checkpoints = attrs.evolve(catalog.checkpoints, aliases=catalog.checkpoints.aliases | set(_KEEP_CHECKPOINT))
-    settings = stage.settings
-    named: list[tuple[str, Any, Choices | None]] = [
-        ("checkpoint", stage.checkpoint, catalog.checkpoints),
-        ("upscaler", stage.upscaler, catalog.upscalers),
-        ("upscaler_2", settings.get("upscaler_2"), catalog.upscalers),
-        ("sampler_name", settings.get("sampler_name"), samplers),
-        ("hr_sampler_name", settings.get("hr_sampler_name"), samplers),
-        ("scheduler", settings.get("scheduler"), catalog.schedulers),
-        ("hr_scheduler", settings.get("hr_scheduler"), catalog.schedulers),
-        ("hr_upscaler", settings.get("hr_upscaler"), hires_upscalers),
-        ("hr_checkpoint_name", settings.get("hr_checkpoint_name"), checkpoints),
-        ("refiner_checkpoint", settings.get("refiner_checkpoint"), catalog.checkpoints),
-        ("override_settings.sd_vae", (settings.get("override_settings") or {}).get("sd_vae"), _vaes(catalog)),
-    ]
     if catalog.loras is not None:
-        for key in ("hr_prompt", "hr_negative_prompt"):
-            yield from _lora_problems(key, settings.get(key) or "", catalog.loras)
-    if stage.type == "adetailer":
-        ad = stage.adetailer
-        schedulers = catalog.schedulers and attrs.evolve(catalog.schedulers, aliases=catalog.schedulers.aliases | set(_KEEP_SCHEDULER))
-        named += [
-            ("ad_checkpoint", ad.get("ad_checkpoint"), checkpoints),
-            ("ad_sampler", ad.get("ad_sampler"), samplers),
-            ("ad_scheduler", ad.get("ad_scheduler"), schedulers),
-            ("ad_vae", ad.get("ad_vae"), _vaes(catalog)),
-        ]
-        if catalog.loras is not None:
-            for key in ("ad_prompt", "ad_negative_prompt"):
-                yield from _lora_problems(key, ad.get(key) or "", catalog.loras)
-    for key, value, choices in named:
-        if value is not None and choices is not None and value not in choices:
-            yield _not_on_server(key, value, choices)
+        prompts = [("hr_prompt", stage.settings), ("hr_negative_prompt", stage.settings)]
+        if stage.type == "adetailer":
+            prompts += [("ad_prompt", stage.adetailer), ("ad_negative_prompt", stage.adetailer)]
+        for key, values in prompts:
+            yield from _lora_problems(key, values.get(key) or "", catalog.loras)
+    for key, value, _, choices in _stage_names(stage):
+        if value is not None and (allowed := choices(catalog)) is not None and value not in allowed:
+            yield _not_on_server(key, value, allowed)
     if stage.type == "adetailer":
         yield from _adetailer_problems(stage.adetailer, catalog)
+
+
+def _stage_names(stage: StageSpec) -> Iterator[tuple[str, Any, tuple[str, ...], Callable[[ServerCatalog], Choices | None]]]:
+    """Every name `stage` may set that must be on the server: (key, value or None, the lists
+    it is checked against, the choices it must be one of)."""
+    settings, ad = stage.settings, stage.adetailer
+    yield "checkpoint", stage.checkpoint, ("sd_models",), _checkpoints
+    yield "upscaler", stage.upscaler, ("upscalers",), _upscalers
+    yield "upscaler_2", settings.get("upscaler_2"), ("upscalers",), _upscalers
+    yield "sampler_name", settings.get("sampler_name"), ("samplers", "schedulers"), _samplers
+    yield "hr_sampler_name", settings.get("hr_sampler_name"), ("samplers", "schedulers"), _samplers
+    yield "scheduler", settings.get("scheduler"), ("schedulers",), _schedulers
+    yield "hr_scheduler", settings.get("hr_scheduler"), ("schedulers",), _schedulers
+    yield "hr_upscaler", settings.get("hr_upscaler"), ("upscalers",), _hires_upscalers
+    yield "hr_checkpoint_name", settings.get("hr_checkpoint_name"), ("sd_models",), _checkpoints_or_same
+    yield "refiner_checkpoint", settings.get("refiner_checkpoint"), ("sd_models",), _checkpoints
+    yield "override_settings.sd_vae", (settings.get("override_settings") or {}).get("sd_vae"), ("sd_vae",), _vaes
+    if stage.type == "adetailer":
+        yield "ad_checkpoint", ad.get("ad_checkpoint"), ("sd_models",), _checkpoints_or_same
+        yield "ad_sampler", ad.get("ad_sampler"), ("samplers", "schedulers"), _samplers
+        yield "ad_scheduler", ad.get("ad_scheduler"), ("schedulers",), _schedulers_or_same
+        yield "ad_vae", ad.get("ad_vae"), ("sd_vae",), _vaes
+
+
+def _checkpoints(catalog: ServerCatalog) -> Choices:
+    return catalog.checkpoints
+
+
+def _checkpoints_or_same(catalog: ServerCatalog) -> Choices:
+    return attrs.evolve(catalog.checkpoints, aliases=catalog.checkpoints.aliases | set(_KEEP_CHECKPOINT))
+
+
+def _upscalers(catalog: ServerCatalog) -> Choices:
+    return catalog.upscalers
+
+
+def _hires_upscalers(catalog: ServerCatalog) -> Choices:
+    return Choices(catalog.upscalers.names + LATENT_UPSCALE_MODES)
+
+
+def _samplers(catalog: ServerCatalog) -> Choices:
+    """The samplers, and on a server that splits them from schedulers, the old combined names."""
+    samplers = catalog.samplers
+    if catalog.schedulers is None:
+        return samplers
+    combined = {f"{sampler} {label}" for sampler in samplers.names for label in catalog.schedulers.names}
+    return attrs.evolve(samplers, aliases=samplers.aliases | combined)
+
+
+def _schedulers(catalog: ServerCatalog) -> Choices | None:
+    return catalog.schedulers
+
+
+def _schedulers_or_same(catalog: ServerCatalog) -> Choices | None:
+    schedulers = catalog.schedulers
+    return schedulers and attrs.evolve(schedulers, aliases=schedulers.aliases | set(_KEEP_SCHEDULER))
 
 
 def _vaes(catalog: ServerCatalog) -> Choices | None:

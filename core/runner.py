@@ -27,7 +27,7 @@ from sdjobs.client import WebUIClient, WebUIError
 from sdjobs.hooks import Hooks
 from sdjobs.job import Job, JobSettings
 from sdjobs.outputs import JobFolder, folder_name, random_job_id
-from sdjobs.preflight import CatalogError, ServerCatalog, preflight
+from sdjobs.preflight import CatalogError, ServerCatalog, ask_for_lists, lists_needed, preflight
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState, ProgressInfo, StageResult, TaskProgress
 from sdjobs.store import JobRecord, NotHeld, Store, StoreError
@@ -45,15 +45,15 @@ class _ServerChecks:
     def __init__(self, client: WebUIClient) -> None:
         self._client = client
         self._lock = threading.Lock()
-        self._catalog: ServerCatalog | None = None
+        self._answers: dict[str, Any] = {}
         self._detection: threading.Thread | None = None
 
-    def catalog(self) -> ServerCatalog:
-        """The server's lists, asked for the first time they are needed."""
+    def catalog(self, spec: JobSpec) -> ServerCatalog:
+        """The server's lists that `spec` names things from, each asked for the first time a job needs it."""
         with self._lock:
-            if self._catalog is None:
-                self._catalog = ServerCatalog.from_client(self._client)
-            return self._catalog
+            missing = lists_needed([spec]) - self._answers.keys()
+            self._answers.update(ask_for_lists(self._client, missing))
+            return ServerCatalog.from_answers(self._answers)
 
     def detect_task_ids(self) -> threading.Thread | None:
         """Start finding out whether the server follows task ids, unless known or under way."""
@@ -114,7 +114,7 @@ class _Port:
                 self._put("prepared", folder=None, problems=[f"cannot create the job's folder in {self._out_dir}: {exc}"])
                 return
             try:
-                problems = preflight(spec, self._checks.catalog())
+                problems = preflight(spec, self._checks.catalog(spec))
             except WebUIError as exc:
                 if exc.down:  # not the job's fault: it waits for the server
                     self._put("failed", error=exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -15,7 +16,7 @@ from PIL import Image, PngImagePlugin
 
 from sdjobs.outputs import (
     MANIFEST,
-    SCRATCH,
+    SCRATCH_SUFFIX,
     JobFolder,
     folder_name,
     random_job_id,
@@ -115,12 +116,13 @@ def test_a_reopened_folder_keeps_the_finished_stages_and_clears_what_an_interrup
     kept = folder.write_image(0, "txt2img", 1, png(INFOTEXT), provenance={"seed": 1})
     folder.write_image(1, "img2img", 1, png(), provenance={"seed": 1})
     folder.write_image(2, "upscale", 1, png(), provenance={"seed": 1})
-    (folder.path / SCRATCH).mkdir()
-    (folder.path / SCRATCH / "tmpx.png").write_bytes(b"half an image")
+    (folder.path / f".manifest.json.x1{SCRATCH_SUFFIX}").write_text("half a manifest")
+    (kept.parent / f".002.png.x2{SCRATCH_SUFFIX}").write_bytes(b"half an image")
     (folder.path / "notes").mkdir()
     reopened = JobFolder.open(folder.path, "the-id", finished_stages=1)
     assert reopened == JobFolder(folder.path, "the-id")
     assert sorted(path.name for path in folder.path.iterdir()) == ["01-txt2img", "notes"]
+    assert [path.name for path in kept.parent.iterdir()] == ["001.png"]
     assert kept.read_bytes() and read_parameters(kept.read_bytes()) == INFOTEXT
     again = reopened.write_image(1, "img2img", 1, png(), provenance={"seed": 1})
     assert read_provenance(again.read_bytes())["job_id"] == "the-id"
@@ -237,3 +239,21 @@ def test_the_manifest_is_replaced_whole_and_leaves_no_scratch_file(folder):
     assert sorted(path.name for path in folder.path.iterdir()) == ["manifest.json"]
     manifest = json.loads((folder.path / "manifest.json").read_text())
     assert (manifest["outcome"], manifest["error"]) == ("failed", "stage 1 (txt2img): 500 from the server")
+
+
+def test_an_image_and_the_last_manifest_reach_the_disk_before_their_names_do(folder, monkeypatch):
+    """A power cut cannot be made in a test, so which writes are flushed is watched instead:
+    an image (it cannot be made again) and the manifest of an ended job, each before its
+    rename and the rename after; a manifest between stages is not (the store has it all)."""
+    flushed = []
+
+    def fsync(descriptor, real=os.fsync):
+        flushed.append(re.sub(r"\.[^.]+\.partial$", ".partial", Path(os.readlink(f"/proc/self/fd/{descriptor}")).name))
+        real(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    spec = JobSpec.from_mapping({"name": "cat", "seed": 1, "stages": [{"type": "txt2img"}]})
+    folder.write_image(0, "txt2img", 1, png(), provenance={"seed": 1})
+    folder.write_manifest(spec, [], outcome="running")
+    folder.write_manifest(spec, [], outcome=JobState.DONE)
+    assert flushed == [".001.png.partial", "01-txt2img", ".manifest.json.partial", folder.path.name]

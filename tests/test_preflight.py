@@ -15,6 +15,7 @@ from sdjobs.preflight import (
     Choices,
     ServerCatalog,
     check_against_server,
+    lists_needed,
     preflight,
     split_sampler_names,
 )
@@ -253,3 +254,32 @@ def test_loras_vaes_and_adetailers_names_are_checked(catalog):
         "stage 2 (adetailer): ad_sampler 'Euler b' is not on the server (did you mean 'Euler a'?)",
         "stage 2 (adetailer): ad_vae 'kl.pt' is not on the server (did you mean 'kl-f8.pt'?)",
     ]
+
+
+#: One job per name preflight checks, each name misspelt (and an old combined sampler name, fine on 1.10).
+ONE_NAME_EACH = [
+    spec(checkpoint="v15"),
+    spec(prompt="a <lora:detial:1> cat"),
+    spec(settings={"sampler_name": "DPM++ 2M Karras"}),
+    spec(settings={"sampler_name": "Eulr a", "hr_sampler_name": "DDIM2", "scheduler": "Karas", "hr_scheduler": "Karas"}),
+    spec(settings={"hr_upscaler": "Latent (fancy)", "hr_prompt": "<lora:x:1>", "hr_negative_prompt": "<lora:y:1>"}),
+    spec(settings={"hr_checkpoint_name": "sdxl", "refiner_checkpoint": "sdxl", "override_settings": {"sd_vae": "kl.pt"}}),
+    spec({"type": "img2img", "checkpoint": "sdxl"}),
+    spec({"type": "upscale", "upscaler": "Lanczos2", "upscaler_2": "Bicubic"}),
+    spec({"type": "adetailer", "ad_model": "hand.pt", "ad_sampler": "Eulr a", "ad_scheduler": "Karas", "ad_vae": "kl.pt",
+          "ad_checkpoint": "sdxl", "ad_prompt": "<lora:z:1>", "ad_negative_prompt": "<lora:w:1>", "ad_bogus": 1}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("job", ONE_NAME_EACH, ids=lambda job: ",".join(sorted(lists_needed([job]))) or "none")
+def test_the_lists_a_job_needs_find_what_all_the_lists_find(job, webui_client):
+    found = preflight(job, ServerCatalog.from_client(webui_client))
+    assert found == preflight(job, ServerCatalog.from_client(webui_client, lists_needed([job])))
+    assert bool(found) == (job is not ONE_NAME_EACH[2])
+
+
+def test_a_job_that_names_no_checkpoint_vae_or_lora_needs_only_the_lists_of_what_it_names():
+    assert lists_needed([spec()]) == frozenset()
+    assert lists_needed([spec({"type": "adetailer", "ad_model": "face_yolov8n.pt"}, {"type": "upscale", "upscaler": "Lanczos"}, settings={"sampler_name": "Euler a"})]) == {
+        "samplers", "schedulers", "upscalers", "adetailer_models", "adetailer_schema"
+    }  # fmt: skip
