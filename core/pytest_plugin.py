@@ -7,7 +7,8 @@ has sdjobs installed:
 * `webui_sim`: a simulated WebUI on a free port on 127.0.0.1, stopped after the test.
 * `webui_client`: a `WebUIClient` talking to `webui_sim`.
 * `plugin_manager`: sdjobs' plugin manager with the built-ins, no entry points.
-* `register_plugin`: registers a plugin for one test and unregisters it after.
+* `register_plugin`: registers a plugin for one test and unregisters it after; a plugin
+  that sdjobs would skip (a misspelt hook, say) fails the test with the reason.
 * `fake_clock`: a clock that moves only when the test says so.
 """
 
@@ -15,12 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import pluggy
 import pytest
 
 from sdjobs.client import WebUIClient
 from sdjobs.clock import FakeClock
-from sdjobs.hooks import make_plugin_manager
+from sdjobs.hooks import PluginManager, make_plugin_manager
 from sdjobs.sim import SimSettings, SimulatedWebUI
 
 
@@ -44,16 +44,19 @@ def webui_client(webui_sim: SimulatedWebUI) -> Iterator[WebUIClient]:
 
 
 @pytest.fixture
-def plugin_manager() -> pluggy.PluginManager:
+def plugin_manager() -> PluginManager:
     return make_plugin_manager(load_entry_points=False, disabled=())
 
 
 @pytest.fixture
-def register_plugin(plugin_manager: pluggy.PluginManager) -> Iterator[Callable[[object], object]]:
+def register_plugin(plugin_manager: PluginManager) -> Iterator[Callable[[object], object]]:
     registered: list[object] = []
 
     def register(plugin: object, name: str | None = None) -> object:
-        plugin_manager.register(plugin, name=name)
+        name = name or f"{getattr(plugin, '__name__', type(plugin).__name__)}-{id(plugin)}"
+        reason = plugin_manager.try_register(plugin, name)
+        if reason is not None:
+            pytest.fail(f"sdjobs would skip the plugin {name!r}: {reason}", pytrace=False)
         registered.append(plugin)
         return plugin
 

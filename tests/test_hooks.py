@@ -13,6 +13,8 @@ from sdjobs import hookimpl
 from sdjobs.hooks import Hooks, PluginError, PluginFailure, describe_plugins, make_plugin_manager
 from sdjobs.status import JobState, RuntimeStatus
 
+pytest_plugins = ["pytester"]
+
 STATUS = RuntimeStatus(job_id="j", name="n", stage="txt2img", stage_index=0, stage_count=1)
 
 BUILT_INS = [
@@ -311,3 +313,21 @@ def test_the_job_core_imports_no_front_end_and_no_pytest():
     )
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert imported.stdout == "[]\n"
+
+
+def test_the_register_plugin_fixture_fails_a_test_whose_plugin_sdjobs_would_skip(pytester):
+    pytester.makepyfile(
+        test_misspelt="""
+        from sdjobs import hookimpl
+
+        class Late:
+            @hookimpl
+            def sdjobs_job_finishd(self, status): ...
+
+        def test_it(register_plugin):
+            register_plugin(Late())
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*sdjobs would skip the plugin 'Late-*': it implements sdjobs_job_finishd, which is not an sdjobs hook (did you mean 'sdjobs_job_finished'?)"])
