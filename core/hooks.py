@@ -22,6 +22,7 @@ import inspect
 import logging
 import os
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib.metadata import entry_points
@@ -275,6 +276,7 @@ class Hooks:
         self.pm = pm
         self._skipped: set[tuple[str, str]] = set()
         self._failures: Counter[tuple[str, str]] = Counter()
+        self._failures_lock = threading.Lock()  # a worker's watch thread fires hooks too
 
     def _impls(self, hook: str) -> Iterator[pluggy.HookImpl]:
         """Each implementation of ``hook`` but wrappers, in pluggy's calling order."""
@@ -303,16 +305,20 @@ class Hooks:
                 self._call(hook, impl, kwargs)
             except Exception:
                 failure = (impl.plugin_name, hook)
-                self._failures[failure] += 1
-                if self._failures[failure] == 1:
+                with self._failures_lock:
+                    self._failures[failure] += 1
+                    first = self._failures[failure] == 1
+                if first:
                     log.exception("plugin %r failed in %s; the job goes on", *failure)
 
     def _sum_up_failures(self, job_id: str) -> None:
         """One line per plugin and hook that failed again after its first, logged, failure."""
-        for (plugin, hook), count in sorted(self._failures.items()):
+        with self._failures_lock:
+            failures = sorted(self._failures.items())
+            self._failures.clear()
+        for (plugin, hook), count in failures:
             if count > 1:
                 log.warning("plugin %r failed %d more times in %s during job %s", plugin, count - 1, hook, job_id)
-        self._failures.clear()
 
     def _control(self, hook: str, *, first: bool = False, **kwargs: Any) -> Any:
         for impl in self._impls(hook):
