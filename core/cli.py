@@ -33,8 +33,9 @@ from sdjobs.job import JobSettings
 from sdjobs.polling import DEFAULT_POLL_INTERVAL, POLL_INTERVAL_RANGE
 from sdjobs.preflight import CatalogError, ServerCatalog, check_against_server, split_sampler_names
 from sdjobs.runner import Runner
+from sdjobs.queues import migrate_queue, open_store
 from sdjobs.spec import JobFileError, JobSpec, StagePlan, load_job, read_toml
-from sdjobs.sqlite_store import QUEUE_ENV, SQLiteStore, queue_path
+from sdjobs.sqlite_store import QUEUE_ENV
 from sdjobs.status import CancelMode, JobState
 from sdjobs.store import JobRecord, Store, StoreError
 from sdjobs.worker import Worker
@@ -162,7 +163,12 @@ def _add_run_options(parser: argparse.ArgumentParser, frontend_names: Collection
 
 
 def _add_queue_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--queue", type=Path, metavar="PATH", help=f"the queue file (default: ${QUEUE_ENV}, else queue.db in the user's data folder)")
+    parser.add_argument(
+        "--queue",
+        metavar="PATH|URL",
+        help=f"the queue: a file, or a postgresql:// URL shared by many machines (default: ${QUEUE_ENV}, else queue.db"
+        " in the user's data folder)",
+    )
 
 
 def _add_job_id(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
@@ -267,7 +273,8 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
     _add_job_id(pause, optional=True)
     pause.add_argument("--now", action="store_true", help="also hand the running job back to the queue, to resume later")
     _add_job_id(queue_commands.add_parser("resume", help="undo pause"), optional=True)
-    for name in ("cancel", "remove", "retry", "move", "pause", "resume"):
+    queue_commands.add_parser("migrate", help="make the queue or bring its schema up to date (a PostgreSQL queue: once, and after upgrades)")
+    for name in ("cancel", "remove", "retry", "move", "pause", "resume", "migrate"):
         _add_queue_option(queue_commands.choices[name])
 
     history = commands.add_parser("history", help="finished jobs, latest first")
@@ -410,9 +417,9 @@ def _make_out_dir(path: Path) -> None:
         raise UsageError(f"--out {path}: cannot create the folder: {exc.strerror or exc}") from None
 
 
-def _open_store(args: argparse.Namespace) -> SQLiteStore:
-    """The queue file of ``--queue`` or ``$SDJOBS_QUEUE``; one that cannot be used is a `StoreError`."""
-    return SQLiteStore(queue_path(args.queue))
+def _open_store(args: argparse.Namespace) -> Store:
+    """The queue of ``--queue`` or ``$SDJOBS_QUEUE``; one that cannot be used is a `StoreError`."""
+    return open_store(args.queue)
 
 
 def _client(args: argparse.Namespace) -> WebUIClient:
@@ -446,6 +453,9 @@ def _work(args: argparse.Namespace, *, add: Sequence[JobSpec] = (), until_empty:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
+    if args.queue_command == "migrate":
+        print(migrate_queue(args.queue))
+        return 0
     with _open_store(args) as store:
         return QUEUE_COMMANDS[args.queue_command](store, args)
 

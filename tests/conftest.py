@@ -75,3 +75,49 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server for the session: `$SDJOBS_TEST_POSTGRES`, else a throwaway one on 127.0.0.1.
+
+    Skipped when neither is to be had, but not in CI (`.ci/run` sets `$SDJOBS_REQUIRE_POSTGRES`),
+    where the PostgreSQL tests must run: `./dev test` installs the server.
+    """
+    import os
+
+    from sdjobs.postgres_server import TEST_SERVER_ENV, ThrowawayPostgres, server_binaries
+
+    if os.environ.get(TEST_SERVER_ENV):
+        yield os.environ[TEST_SERVER_ENV]
+        return
+    binaries = server_binaries()
+    if binaries is None:
+        reason = f"no PostgreSQL server binaries (initdb) on PATH or in /usr/lib/postgresql, and no ${TEST_SERVER_ENV}"
+        if os.environ.get("SDJOBS_REQUIRE_POSTGRES"):
+            pytest.fail(reason + " (CI must run the PostgreSQL tests)")
+        pytest.skip(reason)
+    server = ThrowawayPostgres(binaries)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_queue(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh, migrated PostgreSQL queue of the test's own (a schema on the session's server),
+    also in `$SDJOBS_QUEUE` for the commands the test starts."""
+    from sdjobs.postgres_server import fresh_url
+    from sdjobs.postgres_store import migrate
+
+    url = fresh_url(postgres_url)
+    migrate(url)
+    monkeypatch.setenv("SDJOBS_QUEUE", url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def queue(request: pytest.FixtureRequest, queue_file: Path) -> str:
+    """The test's queue on each backend in turn: its location, also in `$SDJOBS_QUEUE`."""
+    return str(queue_file) if request.param == "sqlite" else request.getfixturevalue("postgres_queue")

@@ -13,6 +13,7 @@ from process_helpers import Lines, sdjobs, start
 from runner_helpers import Background, job_spec, make_runner
 from sdjobs import hookimpl
 from sdjobs.sim import SimSettings
+from sdjobs.queues import open_store
 from sdjobs.sqlite_store import SQLiteStore
 from sdjobs.status import CancelMode, JobState
 from sdjobs.worker import Worker
@@ -31,7 +32,7 @@ def listed() -> list[dict]:
     return json.loads(shown.stdout)["jobs"]
 
 
-def test_queue_commands_change_the_queue_and_each_names_what_it_changed(tmp_path):
+def test_queue_commands_change_the_queue_and_each_names_what_it_changed(queue, tmp_path):
     a, b, c = add(*(job_file(tmp_path, name, stages=2) for name in ("sea", "sky", "sun")))
     moved = sdjobs("queue", "move", c[:6], "--top")
     assert moved.stdout == f"moved job {c[:8]} (sun) to position 1\n"
@@ -64,20 +65,21 @@ def test_queue_commands_change_the_queue_and_each_names_what_it_changed(tmp_path
     "command", [("queue", "show"), ("queue", "cancel"), ("queue", "remove"), ("queue", "retry"),
                 ("queue", "move", "--top"), ("queue", "pause"), ("queue", "resume")],  # fmt: skip
 )
-def test_an_unknown_id_is_exit_2_with_one_line(command, queue_file):
+def test_an_unknown_id_is_exit_2_with_one_line(command, queue):
     answer = sdjobs(*command, "feedface")
     assert answer.returncode == 2
-    assert answer.stderr == f"sdjobs: error: {queue_file}: no job with id 'feedface'\n"
+    with open_store(queue) as store:
+        assert answer.stderr == f"sdjobs: error: {store.location}: no job with id 'feedface'\n"
 
 
-def test_a_job_in_the_wrong_state_is_exit_2_with_one_line(tmp_path):
+def test_a_job_in_the_wrong_state_is_exit_2_with_one_line(queue, tmp_path):
     [job] = add(job_file(tmp_path, "sea"))
     answer = sdjobs("queue", "retry", job)
     assert (answer.returncode, answer.stderr) == (2, f"sdjobs: error: job {job[:8]} is queued: only a failed or cancelled job is retried\n")
 
 
-def test_history_lists_ended_jobs_latest_first_filtered_as_json_or_a_table(queue_file, tmp_path):
-    with SQLiteStore(queue_file) as store:
+def test_history_lists_ended_jobs_latest_first_filtered_as_json_or_a_table(queue, tmp_path):
+    with open_store(queue) as store:
         done, failed, other = store.add([job_spec(name="sea"), job_spec(name="sea"), job_spec(name="sky")])
         worker = store.register_worker()
         for job, outcome in ((done, JobState.DONE), (failed, JobState.FAILED)):
@@ -104,8 +106,8 @@ def test_history_lists_ended_jobs_latest_first_filtered_as_json_or_a_table(queue
 
 
 @pytest.fixture
-def worker_process(webui_sim, tmp_path):
-    """`sdjobs worker` in a process of its own, against a stepping simulator; its JSON lines."""
+def worker_process(webui_sim, tmp_path, queue):
+    """`sdjobs worker` in a process of its own on the test's queue, against a stepping simulator; its JSON lines."""
     process = start("worker", "--webui", webui_sim.url, "--frontend", "jsonl", "--poll-interval", "0.25",
                     "--out", tmp_path / "out")  # fmt: skip
     lines = Lines(process.stdout)
@@ -128,11 +130,11 @@ def a_job_running(webui_sim, worker_process, tmp_path: Path) -> tuple[Lines, str
 
 
 @pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
-def test_a_cancel_from_another_process_ends_the_running_job_cancelled(webui_sim, worker_process, tmp_path, queue_file):
+def test_a_cancel_from_another_process_ends_the_running_job_cancelled(webui_sim, worker_process, tmp_path, queue):
     lines, job = a_job_running(webui_sim, worker_process, tmp_path)
     answer = sdjobs("queue", "cancel", job)
     assert answer.stdout == f"job {job[:8]} (sea) is running: its worker cancels it now\n"
-    with SQLiteStore(queue_file) as store:  # no step is released: only the cancel can end the job
+    with open_store(queue) as store:  # no step is released: only the cancel can end the job
         ended = until(lambda: store.get(job).ended and store.get(job), "the job ended", timeout=30)
     assert (ended.state, ended.next_stage) == (JobState.CANCELLED, 0)
     assert lines.wait_for('"outcome": "cancelled"'), lines.text(0)
@@ -145,10 +147,10 @@ def test_a_cancel_from_another_process_ends_the_running_job_cancelled(webui_sim,
 
 
 @pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
-def test_pause_now_hands_the_running_job_back_and_resume_runs_it_on(webui_sim, worker_process, tmp_path, queue_file):
+def test_pause_now_hands_the_running_job_back_and_resume_runs_it_on(webui_sim, worker_process, tmp_path, queue):
     lines, job = a_job_running(webui_sim, worker_process, tmp_path)
     assert sdjobs("queue", "pause", "--now").returncode == 0
-    with SQLiteStore(queue_file) as store:
+    with open_store(queue) as store:
         back = until(lambda: store.get(job).state is JobState.QUEUED and store.get(job), "the job is back", timeout=10)
         assert (back.attempts, back.recall, back.next_stage) == (1, False, 0)
         assert lines.wait_for('"event": "queue_paused"'), lines.text(0)

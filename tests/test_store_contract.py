@@ -2,7 +2,9 @@
 
 A backend joins by adding itself to `BACKENDS`: a way to make a fresh, empty
 store location and to open a store there (several opened on one location are
-several processes sharing it).  Everything else here runs unchanged.
+several processes sharing it).  Everything else here runs unchanged.  The
+PostgreSQL backend runs on the session's throwaway server (`postgres_url`), each
+location a schema of its own.
 """
 
 from __future__ import annotations
@@ -56,12 +58,32 @@ def sqlite_backend(folder: Path) -> Backend:
     )
 
 
-BACKENDS = {"sqlite": sqlite_backend}
+def postgres_backend(request: pytest.FixtureRequest) -> Backend:
+    from sdjobs.postgres_server import fresh_url
+    from sdjobs.postgres_store import PostgresStore, migrate
+
+    server = request.getfixturevalue("postgres_url")
+
+    def fresh() -> str:
+        url = fresh_url(server)
+        migrate(url)
+        return url
+
+    return Backend(
+        fresh=fresh,
+        open=lambda location, *, clock, host="here": PostgresStore(location, lease=LEASE, clock=clock, host=host),
+    )
+
+
+BACKENDS = {
+    "sqlite": lambda request: sqlite_backend(request.getfixturevalue("tmp_path")),
+    "postgres": postgres_backend,
+}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def backend(request, tmp_path) -> Backend:
-    return BACKENDS[request.param](tmp_path)
+def backend(request) -> Backend:
+    return BACKENDS[request.param](request)
 
 
 @pytest.fixture
