@@ -34,6 +34,7 @@ from sdjobs.polling import DEFAULT_POLL_INTERVAL, POLL_INTERVAL_RANGE
 from sdjobs.preflight import CatalogError, ServerCatalog, check_against_server, split_sampler_names
 from sdjobs.runner import Runner
 from sdjobs.queues import migrate_queue, open_store
+from sdjobs.servers import SERVERS_ENV, ServerConfig, ServerReport, ServersError, ask_all, read_servers, servers_from_urls
 from sdjobs.spec import JobFileError, JobSpec, StagePlan, load_job, read_toml
 from sdjobs.sqlite_store import QUEUE_ENV
 from sdjobs.status import CancelMode, JobState
@@ -209,9 +210,13 @@ def _add_job_files(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_webui_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--webui", metavar="URL", help=f"the WebUI (default: $SDJOBS_WEBUI, else {DEFAULT_URL})")
-    parser.add_argument("--auth", metavar="USER:PASS", help="HTTP Basic credentials (--api-auth); default $SDJOBS_WEBUI_AUTH")
+def _add_webui_options(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+    if several:
+        parser.add_argument("--webui", metavar="URL", action="append", help=f"a WebUI; repeat it to run on several (default: --servers, else ${SERVERS_ENV}, else $SDJOBS_WEBUI, else {DEFAULT_URL})")
+        parser.add_argument("--servers", type=Path, metavar="FILE", help=f"TOML listing the WebUIs as [[servers]] tables: name, url, auth_env, weight, tags (default: ${SERVERS_ENV})")
+    else:
+        parser.add_argument("--webui", metavar="URL", help=f"the WebUI (default: $SDJOBS_WEBUI, else {DEFAULT_URL})")
+    parser.add_argument("--auth", metavar="USER:PASS", help="HTTP Basic credentials (--api-auth) of the --webui servers; default $SDJOBS_WEBUI_AUTH")
 
 
 def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
@@ -232,15 +237,20 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run job files one after another (queued, so they survive a kill)")
     _add_job_files(run)
-    _add_webui_options(run)
+    _add_webui_options(run, several=True)
     _add_queue_option(run)
     _add_run_options(run, frontend_names)
 
     worker = commands.add_parser("worker", help="run the jobs of the queue, waiting for more until stopped")
     worker.add_argument("--until-empty", action="store_true", help="stop when no job is queued or running")
-    _add_webui_options(worker)
+    _add_webui_options(worker, several=True)
     _add_queue_option(worker)
     _add_run_options(worker, frontend_names)
+
+    servers = commands.add_parser("servers", help="list the WebUIs: up or not, what each offers, what each runs")
+    _add_webui_options(servers, several=True)
+    servers.add_argument("--json", action="store_true", help="print JSON")
+    _add_queue_option(servers)
 
     queue = commands.add_parser("queue", help="the durable queue of jobs")
     queue_commands = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
@@ -431,6 +441,63 @@ def _client(args: argparse.Namespace) -> WebUIClient:
         raise UsageError(f"--webui / SDJOBS_WEBUI: {exc}") from None
 
 
+def _servers(args: argparse.Namespace) -> tuple[ServerConfig, ...]:
+    """The servers of `--webui` (repeated), else `--servers`, else $SDJOBS_SERVERS, else the one WebUI of
+    $SDJOBS_WEBUI or the default URL."""
+    if args.webui and args.servers:
+        raise UsageError("--webui and --servers: give one or the other")
+    path = args.servers or os.environ.get(SERVERS_ENV)
+    try:
+        if args.webui or not path:
+            return servers_from_urls(args.webui or [os.environ.get("SDJOBS_WEBUI") or DEFAULT_URL])
+        return read_servers(Path(path))
+    except ServersError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _server_clients(args: argparse.Namespace) -> dict[ServerConfig, WebUIClient]:
+    """A client for each server; credentials from each one's `auth_env`, else --auth / $SDJOBS_WEBUI_AUTH."""
+    auth = _credentials(args.auth or os.environ.get("SDJOBS_WEBUI_AUTH"))
+    try:
+        return {server: server.client(os.environ, auth) for server in _servers(args)}
+    except ServersError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_servers(args: argparse.Namespace) -> int:
+    """Ask every server what it offers; the queue says what runs on each."""
+    clients = _server_clients(args)
+    try:
+        reports = ask_all(clients)
+    finally:
+        for client in clients.values():
+            client.close()
+    with _open_store(args) as store:
+        running = [job for job in store.list() if job.state is JobState.RUNNING]
+    reports = [attrs.evolve(report, running=tuple((job.id, job.spec.name) for job in running if job.server == report.server.url))
+               for report in reports]  # fmt: skip
+    if args.json:
+        print(json.dumps([report.as_json() for report in reports], indent=2))
+    else:
+        for report in reports:
+            _print_server(report)
+    return 0
+
+
+def _print_server(report: ServerReport) -> None:
+    server, catalog = report.server, report.catalog
+    print(f"{printable(server.name)}  {server.url}  {'up' if catalog else 'DOWN: ' + printable(report.error or '')}")
+    if catalog is not None:
+        adetailer = "no" if catalog.ad_models is None else f"yes ({plural(len(catalog.ad_models), 'model')})"
+        print(f"  version: {report.version}; task ids: {'yes' if report.task_ids else 'no'}; ADetailer: {adetailer}")
+        for label, choices in (("checkpoints", catalog.checkpoints), ("samplers", catalog.samplers), ("upscalers", catalog.upscalers)):
+            print(f"  {label}: {printable(str(choices)) or '(none)'}")
+    if server.weight != 1.0 or server.tags:
+        print(f"  weight: {server.weight:g}; tags: {', '.join(sorted(server.tags)) or '-'}")
+    jobs = ", ".join(f"{job_id[:8]} {printable(name)}" for job_id, name in report.running)
+    print(f"  running: {jobs or 'nothing'}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Queue the files for this process alone and run them, as a worker that runs only its own jobs."""
     return _work(args, add=_load_jobs(args))
@@ -441,7 +508,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _work(args: argparse.Namespace, *, add: Sequence[JobSpec] = (), until_empty: bool = False) -> int:
-    with _client(args) as client:
+    clients = _server_clients(args)
+    if len(clients) > 1:
+        raise UsageError("running on several servers is not built yet: give one --webui")
+    [client] = clients.values()
+    with client:
         shown = _frontend(args)
         _make_out_dir(args.out)
         with _open_store(args) as store:
@@ -746,6 +817,7 @@ COMMANDS = {
     "plugins": cmd_plugins,
     "queue": cmd_queue,
     "run": cmd_run,
+    "servers": cmd_servers,
     "sim": cmd_sim,
     "worker": cmd_worker,
 }

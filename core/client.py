@@ -276,7 +276,7 @@ def _parse_info(raw: Any) -> Mapping[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-def _parse_base_url(url: str) -> tuple[str, tuple[str, str] | None]:
+def parse_base_url(url: str) -> tuple[str, tuple[str, str] | None]:
     """The URL without `user:pass@`, and those credentials (percent-decoded).
 
     The credentials end at the URL's last `@`, so a password may hold `/`, `?`,
@@ -319,7 +319,7 @@ class WebUIClient:
         timeouts: Timeouts = Timeouts(),
         retries: int = 3,
     ) -> None:
-        self.base_url, url_auth = _parse_base_url(base_url)
+        self.base_url, url_auth = parse_base_url(base_url)
         self.timeouts = timeouts
         self._session = requests.Session()
         self._session.auth = auth or url_auth
