@@ -9,6 +9,7 @@ job back in the queue.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from sdjobs.frontends.formatting import format_duration, plural, printable
 from sdjobs.frontends.pipe import silence
 from sdjobs.hooks import Hooks, describe_plugins, make_plugin_manager, plugin_loggers
 from sdjobs.job import JobSettings
+from sdjobs.lanes import DEFAULT_HEALTH_INTERVAL, Lane, Lanes
 from sdjobs.polling import DEFAULT_POLL_INTERVAL, POLL_INTERVAL_RANGE
 from sdjobs.preflight import CatalogError, ServerCatalog, check_against_server, split_sampler_names
 from sdjobs.runner import Runner
@@ -219,6 +221,11 @@ def _add_webui_options(parser: argparse.ArgumentParser, *, several: bool = False
     parser.add_argument("--auth", metavar="USER:PASS", help="HTTP Basic credentials (--api-auth) of the --webui servers; default $SDJOBS_WEBUI_AUTH")
 
 
+def _add_health_interval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--health-interval", type=_positive_seconds, default=DEFAULT_HEALTH_INTERVAL, metavar="SECONDS",
+                        help=f"with several servers: seconds between two pings of each; one that does not answer is marked down and its job runs elsewhere (default: {DEFAULT_HEALTH_INTERVAL:g})")
+
+
 def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
     """The command line; ``frontend_names`` are listed in the help of ``--frontend``."""
     parser = argparse.ArgumentParser(
@@ -238,12 +245,14 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run job files one after another (queued, so they survive a kill)")
     _add_job_files(run)
     _add_webui_options(run, several=True)
+    _add_health_interval(run)
     _add_queue_option(run)
     _add_run_options(run, frontend_names)
 
     worker = commands.add_parser("worker", help="run the jobs of the queue, waiting for more until stopped")
     worker.add_argument("--until-empty", action="store_true", help="stop when no job is queued or running")
     _add_webui_options(worker, several=True)
+    _add_health_interval(worker)
     _add_queue_option(worker)
     _add_run_options(worker, frontend_names)
 
@@ -509,14 +518,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def _work(args: argparse.Namespace, *, add: Sequence[JobSpec] = (), until_empty: bool = False) -> int:
     clients = _server_clients(args)
-    if len(clients) > 1:
-        raise UsageError("running on several servers is not built yet: give one --webui")
-    [client] = clients.values()
-    with client:
+    with contextlib.ExitStack() as closing:
+        for client in clients.values():
+            closing.enter_context(client)
         shown = _frontend(args)
         _make_out_dir(args.out)
         with _open_store(args) as store:
-            worker = Worker(store, _runner([], client, args), add=add, until_empty=until_empty, lease=store.lease)
+            if len(clients) == 1:
+                [client] = clients.values()
+                worker = Worker(store, _runner([], client, args), add=add, until_empty=until_empty, lease=store.lease)
+            else:
+                lanes = Lanes([Lane(server, _runner([], client, args)) for server, client in clients.items()],
+                              health_interval=args.health_interval)
+                worker = Worker(store, add=add, until_empty=until_empty, lease=store.lease, lanes=lanes)
             status = _show(worker, shown)
             if worker.handed_back is not None:
                 print(f"sdjobs: {worker.handed_back.describe()}", file=sys.stderr)
@@ -782,7 +796,7 @@ def exit_status(session: Runner | Worker) -> int:
         return EXIT_TERMINATED
     if session.stopped:
         return EXIT_CANCELLED
-    if JobState.FAILED in outcomes:
+    if JobState.FAILED in outcomes or isinstance(session, Worker) and session.gave_up:
         return EXIT_FAILED
     if JobState.CANCELLED in outcomes:
         return EXIT_CANCELLED

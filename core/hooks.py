@@ -372,6 +372,12 @@ class Hooks:
     def queue_resumed(self) -> None:
         self._observe("sdjobs_queue_resumed")
 
+    def server_up(self, server: str, url: str) -> None:
+        self._observe("sdjobs_server_up", server=server, url=url)
+
+    def server_down(self, server: str, url: str, error: str) -> None:
+        self._observe("sdjobs_server_down", server=server, url=url, error=error)
+
     def job_started(self, status: RuntimeStatus, spec: JobSpec) -> None:
         self._observe("sdjobs_job_started", status=status, spec=spec)
 

@@ -123,6 +123,28 @@ def sdjobs_queue_resumed() -> None:
     """
 
 
+@hookspec
+def sdjobs_server_up(server: str, url: str) -> None:
+    """A worker's WebUI server answers: at its first health check, and when it is back after being down.
+
+    ``server`` is its name (`sdjobs servers`), ``url`` its address without
+    credentials.  Only a worker with several servers checks their health.
+    Fires on that server's health thread.  The return value is ignored; raising
+    is logged and changes nothing.
+    """
+
+
+@hookspec
+def sdjobs_server_down(server: str, url: str, error: str) -> None:
+    """A worker's WebUI server stopped answering (refused, dropped, a gateway's 502/503/504, or hung).
+
+    Fires once per outage, on that server's health thread, before its running
+    job (if any) is handed back to the queue to run on another server; also
+    when a server is down at the first check.  ``error`` says what the health
+    check met.  The return value is ignored; raising is logged and changes nothing.
+    """
+
+
 # -------------------------------------------------------------------------
 # One job (observer hooks)
 # -------------------------------------------------------------------------

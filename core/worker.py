@@ -21,6 +21,11 @@ makes the worker claim nothing more until the WebUI answers a ping again, so
 the next jobs do not each wait `JobSettings.wait_for_webui` and fail; with
 ``until_empty`` (or `sdjobs run`) it stops instead, leaving the jobs queued.
 
+With several servers (`lanes`) the worker runs one job per server at once,
+each on the server `Lanes.pick` chooses for it; a server found down has its
+job let go, and the worker hands it back to the queue, where a server that
+fits takes it.  With one server it runs as described above.
+
 While it runs, a watch thread looks at the store every `watch_interval`, so
 that what another process asks (`sdjobs queue cancel`, `pause --now`) is acted
 on within a second: a cancel of the running job reaches the runner; a recall
@@ -38,6 +43,7 @@ from collections.abc import Sequence
 import attrs
 from sdjobs.client import WebUIError
 from sdjobs.job import PING_BACKOFF
+from sdjobs.lanes import Lane, Lanes
 from sdjobs.runner import Runner
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState
@@ -92,7 +98,8 @@ class Worker:
 
     Attributes:
         store: The queue.
-        runner: Runs each claimed job; its hooks are the front ends'.
+        runner: Runs each claimed job; its hooks are the front ends'.  With
+            ``lanes``, the first lane's runner.
         add: Jobs to add for this worker alone (`sdjobs run`): it then runs only
             those, and stops when none of them is left queued.
         until_empty: Stop when no job is queued or running, instead of waiting for more.
@@ -100,17 +107,22 @@ class Worker:
         idle_poll: Seconds between two looks at an empty queue (a change the
             watch thread sees ends the wait sooner).
         watch_interval: Seconds between two looks of the watch thread at the store.
+        lanes: Several servers, each with its runner: a job on each at once.
+        gave_up: With ``lanes``, it stopped because the jobs left wait for servers
+            down longer than `JobSettings.wait_for_webui` (they stay queued).
     """
 
     store: Store
-    runner: Runner
+    runner: Runner = None  # type: ignore[assignment]  # with lanes: set from them
     add: Sequence[JobSpec] = ()
     until_empty: bool = False
     lease: float = DEFAULT_LEASE
     idle_poll: float = DEFAULT_IDLE_POLL
     watch_interval: float = DEFAULT_WATCH_INTERVAL
+    lanes: Lanes | None = None
 
     handed_back: HandedBack | None = attrs.field(default=None, init=False)
+    gave_up: bool = attrs.field(default=False, init=False)
     _ids: list[str] | None = attrs.field(default=None, init=False)
     _announced: set[str] = attrs.field(factory=set, init=False)
     _last: str | None = attrs.field(default=None, init=False)
@@ -121,11 +133,23 @@ class Worker:
     _running: str | None = attrs.field(default=None, init=False)
     _switch: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _error: BaseException | None = attrs.field(default=None, init=False)
+    _ended: dict[str, JobState] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.lanes is not None:
+            self.runner = self.lanes.runners[0]
+        elif self.runner is None:
+            raise TypeError("Worker needs a runner, or lanes")
+
+    @property
+    def runners(self) -> list[Runner]:
+        """The runner of each server."""
+        return [self.runner] if self.lanes is None else self.lanes.runners
 
     @property
     def outcomes(self) -> dict[str, JobState]:
         """How each job this worker ran ended, in the order they ended."""
-        return self.runner.outcomes
+        return self.runner.outcomes if self.lanes is None else dict(self._ended)
 
     @property
     def stopped(self) -> bool:
@@ -138,15 +162,17 @@ class Worker:
         return self.runner.handing_back
 
     def cancel(self, mode: CancelMode = CancelMode.NOW, *, rest: bool = False) -> None:
-        """As `Runner.cancel`; with ``rest`` (or "after this job") an idle worker stops at once too."""
-        self.runner.cancel(mode, rest=rest)
+        """As `Runner.cancel` (each server's); with ``rest`` (or "after this job") an idle worker stops at once too."""
+        for runner in self.runners:
+            runner.cancel(mode, rest=rest)
         if self.runner.stopped:
             self._stop.set()
             self._wake.set()
 
     def hand_back(self) -> None:
-        """Stop, handing the running job back to the queue (see `Runner.hand_back`); from any thread."""
-        self.runner.hand_back()
+        """Stop, handing the running jobs back to the queue (see `Runner.hand_back`); from any thread."""
+        for runner in self.runners:
+            runner.hand_back()
         self._stop.set()
         self._wake.set()
 
@@ -192,7 +218,10 @@ class Worker:
         try:
             self._add_own()
             watching.start()  # after `sdjobs run`'s jobs are queued: its first look shows them
-            self._claim_and_run()
+            if self.lanes is None:
+                self._claim_and_run()
+            else:
+                self._run_lanes(self.lanes)
         except Exception as exc:  # noqa: BLE001  (raised again on the thread that runs the worker)
             self._error = exc
         finally:
@@ -200,6 +229,8 @@ class Worker:
             beating.join()
             if watching.ident is not None:
                 watching.join()
+            if self.lanes is not None:
+                self.lanes.join_health()
             self._leave()
             self.runner.hooks.queue_drained(dict(self.outcomes))
 
@@ -237,6 +268,74 @@ class Worker:
                 self._hand_over(record.id, worker_id)
             elif outcome is JobState.FAILED and self.runner.webui_down and not self._wait_for_webui():
                 return
+
+    def _run_lanes(self, lanes: Lanes) -> None:
+        """Start on each free server the job `Lanes.pick` chose for it, until stopped (or, with
+        ``until_empty`` or `sdjobs run`'s own jobs, until none is left to run)."""
+        lanes.changed = self._wake.set
+        lanes.check_health(self._stop)
+        try:
+            while not self.runner.stopped:
+                picked = lanes.pick(self._claimable())
+                if picked is not None:
+                    self._start_on(lanes, *picked)
+                    continue
+                if not lanes.busy and self._nothing_left():
+                    return
+                if not lanes.busy and self._gives_up(lanes):
+                    return
+                self._wake.wait(self.idle_poll)
+                self._wake.clear()
+        finally:
+            lanes.join_jobs()
+
+    def _gives_up(self, lanes: Lanes) -> bool:
+        """With ``until_empty`` or `sdjobs run`'s own jobs, the jobs left wait for servers that have been
+        down for `JobSettings.wait_for_webui`: stop, leaving them queued (as one server's worker does)."""
+        if not (self.until_empty or self._ids is not None) or not lanes.down_for(self.runner.settings.wait_for_webui):
+            return False
+        log.warning("servers down for %g s: the worker stops; the jobs not run stay queued", self.runner.settings.wait_for_webui)
+        self.gave_up = True
+        return True
+
+    def _claimable(self) -> list[JobRecord]:
+        """The queued jobs this worker may claim, in queue order (as `Store.claim` would take them)."""
+        jobs = self.store.list()
+        if self._ids is not None:
+            return [job for job in jobs if job.id in self._ids and job.state is JobState.QUEUED and not job.paused]
+        if self.store.queue_paused():
+            return []
+        live = {worker.id for worker in self.store.workers()}
+        return [job for job in jobs if job.state is JobState.QUEUED and not job.paused
+                and (job.owner is None or job.owner == self._worker_id or job.owner not in live)]  # fmt: skip
+
+    def _nothing_left(self) -> bool:
+        """With ``until_empty`` or own jobs: none is left that this worker would run."""
+        if self._ids is not None:
+            return not any(job.id in self._ids and not job.ended for job in self.store.list())
+        return self.until_empty and self._empty()
+
+    def _start_on(self, lanes: Lanes, record: JobRecord, lane: Lane) -> None:
+        """Claim ``record`` for ``lane``'s server and run it there; taken by another worker meanwhile: nothing."""
+        worker_id = self._worker_id
+        try:
+            claimed = self.store.claim(worker_id, server=lane.server.url, ids=[record.id])
+        except NotHeld:
+            self._rejoin(worker_id)
+            return
+        if claimed is None:
+            return
+        self._announce(claimed)
+        self._last = claimed.id
+        lanes.start(lane, claimed, lambda runner, job: runner.run_held(self.store, worker_id, job), self._lane_ended)
+
+    def _lane_ended(self, lane: Lane, record: JobRecord, outcome: JobState | None) -> None:
+        """A lane's job ended (on its thread): recorded, or handed back to the queue when let go."""
+        if outcome is None:
+            self._hand_over(record.id, record.worker or self._worker_id)
+        else:
+            self._ended[record.id] = outcome
+        self._wake.set()
 
     def _wait_for_webui(self) -> bool:
         """The WebUI stayed unreachable through a whole job: ping it with backoff (on a thread of its
@@ -302,14 +401,19 @@ class Worker:
 
         Under `_switch`, so that a request read for one job never reaches the next one.
         """
+        if self.lanes is not None:
+            self.lanes.each_running(lambda runner, job: self._pass_request(runner, job.id))
+            return
         with self._switch:
-            if self._running is None:
-                return
-            job = self.store.get(self._running)
-            if job.recall:
-                self.runner.let_go()
-            elif stops_job(job.cancel):
-                self.runner.cancel(job.cancel)
+            if self._running is not None:
+                self._pass_request(self.runner, self._running)
+
+    def _pass_request(self, runner: Runner, job_id: str) -> None:
+        job = self.store.get(job_id)
+        if job.recall:
+            runner.let_go()
+        elif stops_job(job.cancel):
+            runner.cancel(job.cancel)
 
     def _show(self, shown: _Shown) -> None:
         """Tell the front ends what changed since the last look; a change wakes an idle worker."""
@@ -362,7 +466,8 @@ class Worker:
             try:
                 self.store.heartbeat(worker_id)
             except NotHeld:
-                self.runner.let_go()
+                for runner in self.runners:
+                    runner.let_go()
                 self._rejoin(worker_id)
             except StoreError as exc:  # locked a while: the next beat may get through
                 log.warning("heartbeat: %s", exc)

@@ -120,6 +120,14 @@ class HookLog(HookRecorder):
     def sdjobs_webui_unreachable(self, status, error, retry_in, waited):
         self._record("webui_unreachable", status=status, error=error, retry_in=retry_in, waited=waited)
 
+    @hookimpl
+    def sdjobs_server_up(self, server, url):
+        self._record("server_up", server=server, url=url)
+
+    @hookimpl
+    def sdjobs_server_down(self, server, url, error):
+        self._record("server_down", server=server, url=url, error=error)
+
     def wait_for(self, name: str, where: Where = any_call, timeout: float = 5.0) -> bool:
         """Wait until hook ``name`` was called with arguments ``where`` accepts; False on timeout."""
         with self._changed:

@@ -1,0 +1,237 @@
+"""One worker, several servers: each job goes to a server that has what it needs, one job per
+server at a time, the least busy first."""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+import pytest
+from process_helpers import Lines, start
+from runner_helpers import FAST, GENERATION_PATHS, Background, HookLog, job_spec
+from sdjobs import hookimpl
+from sdjobs.cli import exit_status
+from sdjobs.client import Timeouts, WebUIClient
+from sdjobs.hooks import Hooks, make_plugin_manager
+from sdjobs.lanes import Lane, Lanes, route
+from sdjobs.preflight import Choices, ServerCatalog
+from sdjobs.runner import Runner
+from sdjobs.servers import ServerConfig
+from sdjobs.sim import CatalogChoice, SimSettings, SimulatedWebUI
+from sdjobs.sqlite_store import SQLiteStore
+from sdjobs.status import JobState
+from sdjobs.worker import Worker
+
+SDXL = CatalogChoice(checkpoints=("sdxl.safetensors",), adetailer=False)
+ADETAILER = job_spec(("txt2img", "adetailer"), name="faces")
+ON_SDXL = attrs.evolve(job_spec(name="sdxl"), checkpoint="sdxl")
+
+
+@pytest.fixture
+def store(queue_file):
+    with SQLiteStore(queue_file) as store:
+        yield store
+
+
+def make_lanes(urls: dict[str, str], out_dir: Path, *, plugins: Sequence[object] = (), **lanes_options) -> tuple[Lanes, HookLog]:
+    """A lane per named server, their runners sharing one `HookLog`'s hooks; the clients' short
+    calls time out after 0.5 s, so a hung server is found at once."""
+    log = HookLog()
+    hooks = Hooks(make_plugin_manager(load_entry_points=False, plugins=[log, *plugins]))
+    lanes = [Lane(ServerConfig(name, url), Runner(specs=[], client=WebUIClient(url, timeouts=Timeouts(read=0.5)), hooks=hooks,
+                                                  out_dir=out_dir, settings=FAST))
+             for name, url in urls.items()]  # fmt: skip
+    return Lanes(lanes, **lanes_options), log
+
+
+@contextmanager
+def sim_process(*options: str) -> Iterator[tuple[object, str]]:
+    """`sdjobs sim` in a process of its own (so a test can kill it), and its URL."""
+    sim = start("sim", "--port", "0", *options)
+    try:
+        yield sim, re.search(r"http://\S+", sim.stdout.readline()).group(0)
+    finally:
+        sim.kill()
+        sim.wait(timeout=10)
+
+
+# -- routing, on catalogs alone -----------------------------------------------------------
+
+
+def _catalog(checkpoint: str, *, adetailer: bool) -> ServerCatalog:
+    return ServerCatalog(samplers=Choices(("Euler a",)), upscalers=Choices(("Lanczos",)), checkpoints=Choices((checkpoint,)),
+                         ad_models=("face_yolov8n.pt",) if adetailer else None)  # fmt: skip
+
+
+def _lane(name: str, catalog: ServerCatalog | None, *, up: bool = True, weight: float = 1.0, started: int = 0) -> Lane:
+    return Lane(ServerConfig(name, f"http://{name}:7860", weight=weight), runner=None, up=up, catalog=catalog, started=started)  # type: ignore[arg-type]
+
+
+def test_a_job_goes_to_the_server_that_has_its_checkpoint_and_adetailer() -> None:
+    plain, sdxl = _lane("plain", _catalog("empty", adetailer=True)), _lane("sdxl", _catalog("sdxl", adetailer=False))
+    assert route(ON_SDXL, [plain, sdxl]) is sdxl
+    assert route(ADETAILER, [plain, sdxl]) is plain
+
+
+def test_among_servers_that_fit_the_least_busy_for_its_weight_wins() -> None:
+    catalog = _catalog("empty", adetailer=True)
+    assert route(job_spec(), [_lane("a", catalog, started=2), _lane("b", catalog, started=1)]).server.name == "b"
+    assert route(job_spec(), [_lane("a", catalog, started=2, weight=4), _lane("b", catalog, started=1)]).server.name == "a"
+
+
+def test_a_job_waits_for_the_busy_or_down_server_it_needs() -> None:
+    plain, sdxl = _lane("plain", _catalog("empty", adetailer=True)), _lane("sdxl", _catalog("sdxl", adetailer=False))
+    sdxl.job = object()  # type: ignore[assignment]
+    assert route(ON_SDXL, [plain, sdxl]) is None
+    sdxl.job, sdxl.up = None, False
+    assert route(ON_SDXL, [plain, sdxl]) is None
+    assert route(ON_SDXL, [plain, _lane("unknown", None, up=False)]) is None  # it may have it once it answers
+
+
+def test_a_job_that_fits_no_server_goes_to_a_free_one_whose_checks_then_fail_it() -> None:
+    plain, sdxl = _lane("plain", _catalog("empty", adetailer=True)), _lane("sdxl", _catalog("sdxl", adetailer=False))
+    plain.job = object()  # type: ignore[assignment]
+    assert route(attrs.evolve(job_spec(), checkpoint="nowhere"), [plain, sdxl]) is sdxl
+
+
+# -- a worker with two real simulated servers ----------------------------------------------
+
+
+def test_each_server_runs_a_job_at_once_and_each_job_runs_where_it_fits(store, tmp_path) -> None:
+    with SimulatedWebUI(SimSettings(stepping=True)) as plain, SimulatedWebUI(SimSettings(stepping=True, catalog=SDXL)) as sdxl:
+        sdxl_job, faces_job = store.add([ON_SDXL, ADETAILER])
+        lanes, log = make_lanes({"plain": plain.url, "sdxl": sdxl.url}, tmp_path / "out")
+        worker = Worker(store, lanes=lanes, until_empty=True, idle_poll=0.05)
+        working = Background(worker.run)
+        # Both servers hold a step of their job at once: two jobs run side by side.
+        for sim in (plain, sdxl):
+            assert sim.wait_for(lambda state: state.awaiting_release, timeout=10)
+        for sim in (plain, sdxl):
+            sim.release(10_000)
+        working.join(timeout=30)
+        assert store.get(sdxl_job.id).server == sdxl.url and store.get(faces_job.id).server == plain.url
+    assert worker.outcomes == {sdxl_job.id: JobState.DONE, faces_job.id: JobState.DONE}
+    assert sorted(call["server"] for name, call in log.calls if name == "server_up") == ["plain", "sdxl"]
+
+
+def test_a_job_no_server_can_run_fails_saying_what_is_missing(store, tmp_path) -> None:
+    with SimulatedWebUI(SimSettings(step_time=0.001)) as plain, SimulatedWebUI(SimSettings(step_time=0.001, catalog=SDXL)) as sdxl:
+        [job] = store.add([attrs.evolve(job_spec(), checkpoint="nowhere")])
+        lanes, _ = make_lanes({"plain": plain.url, "sdxl": sdxl.url}, tmp_path / "out")
+        worker = Worker(store, lanes=lanes, until_empty=True, idle_poll=0.05)
+        Background(worker.run).join(timeout=30)
+    assert worker.outcomes == {job.id: JobState.FAILED}
+    assert "checkpoint 'nowhere' is not on the server" in store.get(job.id).error
+
+
+# -- failover ----------------------------------------------------------------------------------
+
+TWO_STAGES = job_spec(("txt2img", "img2img"), name="two", steps=20)
+
+
+class ServerEvents:
+    """Records `sdjobs_server_up` and `sdjobs_server_down` as a plugin does."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    @hookimpl
+    def sdjobs_server_up(self, server):
+        self.seen.append(("up", server))
+
+    @hookimpl
+    def sdjobs_server_down(self, server, url, error):
+        self.seen.append(("down", server))
+        assert url.startswith("http://127.0.0.1:") and error
+
+
+def _in_stage_two(kwargs) -> bool:
+    return kwargs["status"].stage_index == 1
+
+
+def start_on_first(store, lanes: Lanes, log: HookLog, spec) -> tuple[Worker, Background, object]:
+    """A worker on ``lanes`` that runs ``spec`` on the first server: it is queued once both are up,
+    and the second counts a job started already."""
+    worker = Worker(store, lanes=lanes, until_empty=False, idle_poll=0.05)
+    working = Background(worker.run)
+    for lane in lanes.lanes:
+        assert log.wait_for("server_up", lambda call, name=lane.server.name: call["server"] == name)
+    lanes.lanes[1].started = 1
+    [job] = store.add([spec])
+    worker.until_empty = True
+    return worker, working, job
+
+
+def test_a_server_killed_mid_job_hands_the_job_to_another_which_finishes_it_once(store, tmp_path) -> None:
+    events = ServerEvents()
+    with sim_process("--step-time", "0.05") as (doomed, doomed_url), SimulatedWebUI(SimSettings(step_time=0.001)) as spare:
+        lanes, log = make_lanes({"doomed": doomed_url, "spare": spare.url}, tmp_path / "out", plugins=[events], health_interval=0.1)
+        worker, working, job = start_on_first(store, lanes, log, TWO_STAGES)
+        assert log.wait_for("stage_started", _in_stage_two, timeout=20)
+        doomed.send_signal(signal.SIGKILL)
+        working.join(timeout=30)
+        generated = [path for _, _, path in spare.requests if path in GENERATION_PATHS]
+        record = store.get(job.id)
+        assert (record.server, record.attempts) == (spare.url, 2)
+    assert worker.outcomes == {job.id: JobState.DONE} and exit_status(worker) == 0
+    assert generated == ["/sdapi/v1/img2img"]  # stage 1 is never run again
+    assert sorted(path.relative_to(record.folder).as_posix() for path in record.folder.rglob("*.png")) == [
+        "01-txt2img/001.png", "02-img2img/001.png"]  # fmt: skip
+    assert ("down", "doomed") in events.seen and events.seen.count(("up", "spare")) == 1
+
+
+def test_a_hung_server_without_task_ids_is_marked_down_and_its_job_is_not_interrupted_there(store, tmp_path) -> None:
+    """Without task ids only a fresh sample could show that the running job is ours; a hung server gives none."""
+    with SimulatedWebUI(SimSettings(step_time=0.05, ui=False)) as hung, SimulatedWebUI(SimSettings(step_time=0.001)) as spare:
+        lanes, log = make_lanes({"hung": hung.url, "spare": spare.url}, tmp_path / "out", health_interval=0.1)
+        worker, working, job = start_on_first(store, lanes, log, TWO_STAGES)
+        assert log.wait_for("stage_started", _in_stage_two, timeout=20)
+        hung.hang()
+        assert log.wait_for("server_down", lambda call: call["server"] == "hung", timeout=10)
+        working.join(timeout=30)
+        hung.hang(False)
+        interrupts = [path for _, method, path in hung.requests if path == "/sdapi/v1/interrupt"]
+        assert store.get(job.id).server == spare.url
+    assert worker.outcomes == {job.id: JobState.DONE}
+    assert interrupts == []
+
+
+def test_a_server_that_comes_back_is_used_again(store, tmp_path) -> None:
+    with SimulatedWebUI(SimSettings(step_time=0.001, catalog=SDXL)) as other:
+        first = SimulatedWebUI(SimSettings(step_time=0.001)).start()
+        port = int(first.url.rsplit(":", 1)[1])
+        lanes, log = make_lanes({"faces": first.url, "sdxl": other.url}, tmp_path / "out", health_interval=0.1)
+        worker = Worker(store, lanes=lanes, idle_poll=0.05)
+        working = Background(worker.run)
+        try:
+            assert log.wait_for("server_up", lambda call: call["server"] == "faces")
+            first.stop()
+            assert log.wait_for("server_down", lambda call: call["server"] == "faces")
+            [job] = store.add([ADETAILER])  # only the server that is down has ADetailer: the job waits
+            with SimulatedWebUI(SimSettings(step_time=0.001), port=port) as back:
+                assert log.wait_for("job_finished", lambda call: call["status"].job_id == job.id, timeout=20)
+                assert store.get(job.id).server == back.url
+        finally:
+            worker.cancel(rest=True)
+            working.join(timeout=10)
+    assert worker.outcomes == {job.id: JobState.DONE}
+    assert [call["server"] for name, call in log.calls if name == "server_up"].count("faces") == 2
+
+
+def test_sdjobs_worker_on_two_servers_exits_0_when_one_dies_and_every_job_ends_done_once(store, tmp_path) -> None:
+    jobs = store.add([job_spec(("txt2img", "img2img"), name=f"job{n}", steps=10) for n in range(4)])
+    with sim_process("--step-time", "0.05") as (doomed, doomed_url), sim_process("--step-time", "0.02") as (_, spare_url):
+        worker = start("worker", "--until-empty", "--webui", doomed_url, "--webui", spare_url, "--health-interval", "0.2",
+                       "--frontend", "jsonl", "--out", tmp_path / "out")  # fmt: skip
+        events = Lines(worker.stdout)
+        assert events.wait_for('"event": "stage_finished"'), "".join(events.lines) + worker.stderr.read()
+        doomed.send_signal(signal.SIGKILL)
+        assert worker.wait(timeout=60) == 0, worker.stderr.read()
+    for job in map(store.get, (job.id for job in jobs)):
+        assert job.state is JobState.DONE
+        assert sorted(path.parent.name for path in job.folder.rglob("*.png")) == ["01-txt2img", "02-img2img"]
