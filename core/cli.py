@@ -528,7 +528,7 @@ def _work(args: argparse.Namespace, *, add: Sequence[JobSpec] = (), until_empty:
                 [client] = clients.values()
                 worker = Worker(store, _runner([], client, args), add=add, until_empty=until_empty, lease=store.lease)
             else:
-                lanes = Lanes([Lane(server, _runner([], client, args)) for server, client in clients.items()],
+                lanes = Lanes([Lane(server, _runner([], client, args, server.name)) for server, client in clients.items()],
                               health_interval=args.health_interval)
                 worker = Worker(store, add=add, until_empty=until_empty, lease=store.lease, lanes=lanes)
             status = _show(worker, shown)
@@ -758,10 +758,11 @@ def _frontend(args: argparse.Namespace) -> frontends.Frontend:
     return shown
 
 
-def _runner(specs: list[JobSpec], client: WebUIClient, args: argparse.Namespace) -> Runner:
+def _runner(specs: list[JobSpec], client: WebUIClient, args: argparse.Namespace, server: str | None = None) -> Runner:
     return Runner(
         specs=specs,
         client=client,
+        server=server,
         hooks=args.plugins.hooks,
         out_dir=args.out,
         settings=JobSettings(

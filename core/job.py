@@ -134,6 +134,7 @@ class Job:
             resumes after them, from the last one's images, and never runs them again.
         record: Called with each finished stage once its images are on disk, before its manifest is
             rewritten and the next stage starts (the runner records it in the store); raising fails the job.
+        server: The name of the server it runs on (`RuntimeStatus.server`), when there are several.
     """
 
     spec: JobSpec
@@ -145,6 +146,7 @@ class Job:
     wall_clock: Callable[[], float] = time.time
     finished_before: Sequence[StageResult] = ()
     record: Callable[[StageResult], None] | None = attrs.field(default=None, repr=False)
+    server: str | None = None
 
     folder: JobFolder | None = attrs.field(default=None, init=False)
     error: str | None = attrs.field(default=None, init=False)
@@ -168,6 +170,7 @@ class Job:
             stage_index=0,
             stage_count=len(self.spec.stages),
             seed=self.spec.seed,
+            server=self.server,
         )
         new_machine(self)
 

@@ -193,7 +193,8 @@ class _Held:
 
 @attrs.define(eq=False)
 class Runner:
-    """Runs ``specs`` in order against ``client``, writing under ``out_dir``.
+    """Runs ``specs`` in order against ``client``, writing under ``out_dir``; ``server``, when a
+    worker has several, names that server in every status its jobs report.
 
     Implements the front ends' `Session`: `run` blocks until the queue drained,
     `cancel` may be called from any thread, a signal handler included (it only
@@ -206,6 +207,7 @@ class Runner:
     out_dir: Path
     settings: JobSettings = JobSettings()
     clock: Callable[[], float] = time.monotonic
+    server: str | None = None
 
     outcomes: dict[str, JobState] = attrs.field(factory=dict, init=False)
     _events: queue.SimpleQueue = attrs.field(factory=queue.SimpleQueue, init=False)
@@ -317,7 +319,7 @@ class Runner:
         port = _Port(self.client, self._events, job_id, out_dir=self.out_dir, folder=folder, checks=self._checks,
                      patience=self.settings.probe_timeout)  # fmt: skip
         return Job(spec=spec, job_id=job_id, hooks=self.hooks, port=port, settings=self.settings, clock=self.clock,
-                   finished_before=finished_before, record=record)  # fmt: skip
+                   finished_before=finished_before, record=record, server=self.server)  # fmt: skip
 
     def _drive(self, job: Job) -> JobState:
         """Begin the job and feed it events until it ends."""

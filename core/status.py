@@ -247,6 +247,7 @@ class RuntimeStatus:
         pass_kind: What the current pass is, when not the main one: `hires` (hires
             fix's second pass) or `face` (ADetailer inpainting one face).
         face: `(k, n)`: ADetailer is on face k of the n it found in the image.
+        server: The name of the WebUI server the job runs on, when a worker has several; else None.
         eta: Seconds left in this stage, None while still calculating.
         job_eta: Seconds left in the whole job, None while still calculating.
         seed: The job's seed; known before the first request.
@@ -269,6 +270,7 @@ class RuntimeStatus:
     steps: int | None = None
     pass_kind: str | None = None
     face: tuple[int, int] | None = None
+    server: str | None = None
     eta: float | None = None
     job_eta: float | None = None
     seed: int | None = None

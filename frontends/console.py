@@ -1,7 +1,8 @@
 """The `console` front end: a live display per running job, for a person at a terminal.
 
 While a job runs, rich redraws (at most `REFRESH_PER_SECOND` times a second) its
-status line, a bar for the stage and one for the job; while the WebUI is down,
+status line, a bar for the stage and one for the job (with several servers
+running jobs at once: one status line per busy server instead); while the WebUI is down,
 a line under them counts down to the next ping (and a line is printed when it
 goes down).  Each finished stage leaves a line with its time and images; the
 end leaves a summary table.  The first Ctrl-C cancels the running job (its
@@ -14,6 +15,7 @@ codes: only the lines and the table.  Names and messages are shown
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -73,8 +75,9 @@ class ConsoleFrontend:
         self._guard = PipeGuard()
         self.console = console or GuardedConsole(self._guard)
         self._ledger = JobLedger()
-        self._status: RuntimeStatus | None = None
+        self._running: dict[str, RuntimeStatus] = {}  # by job id: several run at once on several servers
         self._live: Live | None = None
+        self._living = threading.Lock()  # jobs start and end on their servers' threads
         self._cancelling = False
         self._waiting: int | None = None  # jobs queued behind the running one; None outside a worker
         self._down: tuple[str, float, float] | None = None  # the WebUI's error, down since, next ping (monotonic)
@@ -92,10 +95,20 @@ class ConsoleFrontend:
         self._cancelling = True
 
     def view(self) -> RenderableType:
-        """What the live display shows now: the status line, the two bars, and whether the WebUI is down."""
-        status = self._status
-        if status is None:
+        """What the live display shows now: the status line, the two bars, and whether the WebUI is down;
+        with several servers, one line per busy server."""
+        running = list(self._running.values())
+        if not running:
             return Text("")
+        waiting = "" if self._waiting is None else f" · {self._waiting} queued"
+        if len(running) > 1 or running[0].server is not None:
+            lines: list[RenderableType] = [self._server_line(status) for status in running]
+            if waiting:
+                lines.append(Text(waiting.removeprefix(" · ")))
+            if self._cancelling:
+                lines.append(Text(CANCELLING, style="yellow"))
+            return Group(*lines)
+        [status] = running
         bars = Table.grid(padding=(0, 1))
         bars.add_row("stage", ProgressBar(total=1.0, completed=status.progress, width=BAR_WIDTH), f"{status.percent}%")
         bars.add_row(
@@ -103,8 +116,7 @@ class ConsoleFrontend:
             ProgressBar(total=1.0, completed=status.job_progress, width=BAR_WIDTH),
             f"{int(status.job_progress * 100)}% · ETA {format_eta(status.job_eta)}",
         )
-        waiting = "" if self._waiting is None else f" · {self._waiting} queued"
-        lines: list[RenderableType] = [Text.assemble((printable(status.name), "bold"), "  ", status_line(status), waiting), bars]
+        lines = [Text.assemble((printable(status.name), "bold"), "  ", status_line(status), waiting), bars]
         if (down := self._down) is not None:
             error, since, ping_at = down
             now = time.monotonic()
@@ -114,23 +126,33 @@ class ConsoleFrontend:
             lines.append(Text(CANCELLING, style="yellow"))
         return Group(*lines)
 
+    @staticmethod
+    def _server_line(status: RuntimeStatus) -> Text:
+        """`desk  lighthouse  Stage 2/3 img2img · 40% · ... · job 61% · ETA 12s`."""
+        job = f" · job {int(status.job_progress * 100)}% · ETA {format_eta(status.job_eta)}"
+        return Text.assemble((printable(status.server or ""), "cyan"), "  ", (printable(status.name), "bold"), "  ", status_line(status), job)
+
     def _say(self, text: Text) -> None:
         """One line above the live view; the terminal wraps it, so paths stay whole for copying."""
         self.console.print(text, soft_wrap=True)
 
     def _start_live(self) -> None:
-        self._live = Live(
-            get_renderable=self.view,
-            console=self.console,
-            refresh_per_second=REFRESH_PER_SECOND,
-            transient=True,
-        )
-        self._live.start()
+        with self._living:
+            if self._live is not None:
+                return
+            self._live = Live(
+                get_renderable=self.view,
+                console=self.console,
+                refresh_per_second=REFRESH_PER_SECOND,
+                transient=True,
+            )
+            self._live.start()
 
     def _stop_live(self) -> None:
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
+        with self._living:
+            if self._live is not None:
+                self._live.stop()
+                self._live = None
 
     @hookimpl
     def sdjobs_job_queued(self, job_id: str, spec: JobSpec) -> None:
@@ -140,17 +162,18 @@ class ConsoleFrontend:
     def sdjobs_job_started(self, status: RuntimeStatus) -> None:
         self._ledger.started(status.job_id)
         self._show(status)
+        on = "" if status.server is None else f" · on {printable(status.server)}"
         self._say(
             Text.assemble(
                 (printable(status.name), "bold"),
-                f" (job {self._ledger.number(status.job_id)}) · {plural(status.stage_count, 'stage')} · seed {status.seed}",
+                f" (job {self._ledger.number(status.job_id)}) · {plural(status.stage_count, 'stage')} · seed {status.seed}{on}",
             )
         )
         self._start_live()
 
-    def _show(self, status: RuntimeStatus | None) -> None:
+    def _show(self, status: RuntimeStatus) -> None:
         """A new status: the job moves again, so the WebUI is no longer shown as down."""
-        self._status, self._down = status, None
+        self._running[status.job_id], self._down = status, None
 
     @hookimpl
     def sdjobs_stage_started(self, status: RuntimeStatus) -> None:
@@ -184,8 +207,10 @@ class ConsoleFrontend:
     def sdjobs_job_finished(
         self, status: RuntimeStatus, outcome: JobState, error: str | None, results: tuple[StageResult, ...]
     ) -> None:
-        self._stop_live()
-        self._show(None)
+        self._running.pop(status.job_id, None)
+        self._down = None
+        if not self._running:
+            self._stop_live()
         entry = self._ledger.finished(status.job_id, outcome, results)
         line = outcome_line(status.name, outcome, error, entry.elapsed, results)
         self._say(Text(line, style=OUTCOME_STYLES[outcome]))
@@ -195,6 +220,14 @@ class ConsoleFrontend:
     @hookimpl
     def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...]) -> None:
         self._waiting = sum(job.state is JobState.QUEUED for job in jobs)  # one assignment: read by the live view's thread
+
+    @hookimpl
+    def sdjobs_server_up(self, server: str, url: str) -> None:
+        self._say(Text(printable(f"server {server} is up ({url})"), style="green"))
+
+    @hookimpl
+    def sdjobs_server_down(self, server: str, error: str) -> None:
+        self._say(Text(printable(f"server {server} is down ({error}); a job it ran goes back to the queue"), style="yellow"))
 
     @hookimpl
     def sdjobs_queue_drained(self, outcomes: Mapping[str, JobState]) -> None:

@@ -49,6 +49,7 @@ _STATUS_READERS: dict[str, Callable[[RuntimeStatus], Any]] = {
     "job_eta": lambda status: _seconds(status.job_eta),
     "seed": attrgetter("seed"),
     "queue_position": lambda status: None if status.queue_position is None else list(status.queue_position),
+    "server": attrgetter("server"),
 }
 
 #: The fields of every event that describes a running job.
@@ -68,6 +69,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "queue_changed": ("jobs",),
     "queue_paused": (),
     "queue_resumed": (),
+    "server_up": ("server", "url"),
+    "server_down": ("server", "url", "error"),
 }
 
 
@@ -156,6 +159,14 @@ class JsonlFrontend:
     @hookimpl
     def sdjobs_queue_resumed(self) -> None:
         self._write("queue_resumed")
+
+    @hookimpl
+    def sdjobs_server_up(self, server: str, url: str) -> None:
+        self._write("server_up", server=server, url=url)
+
+    @hookimpl
+    def sdjobs_server_down(self, server: str, url: str, error: str) -> None:
+        self._write("server_down", server=server, url=url, error=error)
 
 
 @hookimpl

@@ -39,6 +39,11 @@ from sdjobs.store import JobRecord
 
 log = logging.getLogger("sdjobs.jobs")
 
+
+def _who(status: RuntimeStatus) -> str:
+    """The job's name, and its server's when a worker has several: `"lighthouse [desk]"`."""
+    return status.name if status.server is None else f"{status.name} [{status.server}]"
+
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 DEFAULT_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
@@ -99,7 +104,7 @@ class LogFrontend:
         self.level = _level(options.log_level)
         self.formatter = _formatter(options.log_format)
         self._ledger = JobLedger()
-        self._next_percent = PROGRESS_STEP
+        self._next_percent: dict[str, int] = {}  # per running job: several run at once on several servers
         self._guard = PipeGuard()
         self._waiting: list[str] = []  # the ids of the jobs waiting, as last logged
 
@@ -147,38 +152,39 @@ class LogFrontend:
     @hookimpl
     def sdjobs_job_started(self, status: RuntimeStatus) -> None:
         self._ledger.started(status.job_id)
-        log.info("%s: started (job %s), seed %s", status.name, self._ledger.number(status.job_id), status.seed)
+        log.info("%s: started (job %s), seed %s", _who(status), self._ledger.number(status.job_id), status.seed)
 
     @hookimpl
     def sdjobs_stage_started(self, status: RuntimeStatus) -> None:
-        self._next_percent = PROGRESS_STEP
-        log.info("%s: Stage %s started", status.name, status.stage_label)
+        self._next_percent[status.job_id] = PROGRESS_STEP
+        log.info("%s: Stage %s started", _who(status), status.stage_label)
 
     @hookimpl
     def sdjobs_progress(self, status: RuntimeStatus) -> None:
-        if status.percent < self._next_percent:
+        if status.percent < self._next_percent.get(status.job_id, PROGRESS_STEP):
             return
-        self._next_percent = (status.percent // PROGRESS_STEP + 1) * PROGRESS_STEP
-        log.info("%s: %s", status.name, status_line(status))
+        self._next_percent[status.job_id] = (status.percent // PROGRESS_STEP + 1) * PROGRESS_STEP
+        log.info("%s: %s", _who(status), status_line(status))
 
     @hookimpl
     def sdjobs_job_stalled(self, status: RuntimeStatus, seconds: float) -> None:
-        log.warning("%s: no progress for %s in stage %s", status.name, format_duration(seconds), status.stage_label)
+        log.warning("%s: no progress for %s in stage %s", _who(status), format_duration(seconds), status.stage_label)
 
     @hookimpl
     def sdjobs_webui_unreachable(self, status: RuntimeStatus, error: str, retry_in: float) -> None:
-        log.warning("%s: %s", status.name, unreachable_line(error, retry_in))
+        log.warning("%s: %s", _who(status), unreachable_line(error, retry_in))
 
     @hookimpl
     def sdjobs_stage_finished(self, status: RuntimeStatus, result: StageResult) -> None:
-        log.info("%s: %s", status.name, stage_finished_line(status, result))
+        log.info("%s: %s", _who(status), stage_finished_line(status, result))
 
     @hookimpl
     def sdjobs_job_finished(
         self, status: RuntimeStatus, outcome: JobState, error: str | None, results: tuple[StageResult, ...]
     ) -> None:
         entry = self._ledger.finished(status.job_id, outcome, results)
-        log.log(_OUTCOME_LEVELS[outcome], "%s", outcome_line(status.name, outcome, error, entry.elapsed, results))
+        self._next_percent.pop(status.job_id, None)
+        log.log(_OUTCOME_LEVELS[outcome], "%s", outcome_line(_who(status), outcome, error, entry.elapsed, results))
 
     @hookimpl
     def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...]) -> None:
@@ -195,6 +201,14 @@ class LogFrontend:
     @hookimpl
     def sdjobs_queue_resumed(self) -> None:
         log.info("queue resumed")
+
+    @hookimpl
+    def sdjobs_server_up(self, server: str, url: str) -> None:
+        log.info("server %s: up at %s", server, url)
+
+    @hookimpl
+    def sdjobs_server_down(self, server: str, url: str, error: str) -> None:
+        log.warning("server %s: down (%s); a job it ran goes back to the queue", server, error)
 
     @hookimpl
     def sdjobs_queue_drained(self, outcomes: Mapping[str, JobState]) -> None:

@@ -252,14 +252,22 @@ class TkFrontend:
         number = self._ledger.number(status.job_id)
         self.call_soon(lambda panel: panel.show_job_started(status, number))
         self._show_queue()
+        self._show_on_server(status)
+
+    def _show_on_server(self, status: RuntimeStatus, *, ended: bool = False) -> None:
+        """With several servers: the row of the server the job runs on."""
+        if status.server is not None:
+            self.call_soon(lambda panel: panel.show_server_job(status, ended=ended))
 
     @hookimpl
     def sdjobs_stage_started(self, status: RuntimeStatus) -> None:
         self.call_soon(lambda panel: panel.show_progress(status))
+        self._show_on_server(status)
 
     @hookimpl
     def sdjobs_progress(self, status: RuntimeStatus) -> None:
         self.call_soon(lambda panel: panel.show_progress(status))
+        self._show_on_server(status)
 
     @hookimpl
     def sdjobs_job_stalled(self, status: RuntimeStatus, seconds: float) -> None:
@@ -272,6 +280,7 @@ class TkFrontend:
     @hookimpl
     def sdjobs_stage_finished(self, status: RuntimeStatus, result: StageResult) -> None:
         self.call_soon(lambda panel: panel.show_stage_finished(status, result))
+        self._show_on_server(status)
 
     @hookimpl
     def sdjobs_job_finished(
@@ -279,6 +288,7 @@ class TkFrontend:
     ) -> None:
         self._ledger.finished(status.job_id, outcome, results)
         self.call_soon(lambda panel: panel.show_job_finished(outcome, error))
+        self._show_on_server(status, ended=True)
 
     @hookimpl
     def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...]) -> None:
@@ -296,6 +306,14 @@ class TkFrontend:
     @hookimpl
     def sdjobs_queue_resumed(self) -> None:
         self.call_soon(lambda panel: panel.show_queue_paused(False))
+
+    @hookimpl
+    def sdjobs_server_up(self, server: str) -> None:
+        self.call_soon(lambda panel: panel.show_server(server, up=True))
+
+    @hookimpl
+    def sdjobs_server_down(self, server: str) -> None:
+        self.call_soon(lambda panel: panel.show_server(server, up=False))
 
     @hookimpl
     def sdjobs_queue_drained(self, outcomes: Mapping[str, JobState]) -> None:

@@ -52,7 +52,8 @@ def _list(master: tk.Misc, columns: dict[str, int], **options: object) -> ttk.Tr
 
 class JobPanel(ttk.Frame):
     """Job name, stage, progress bar and state, ETA, seed, image, step, preview, Cancel buttons; the
-    queue with Pause and Resume buttons; the history.
+    queue with Pause and Resume buttons; the history; with several servers, a row per server
+    with its running job's stage and progress.
 
     ``on_cancel`` is called with the `CancelMode` of the button pressed.  With
     ``preview``, the server's live preview is shown when a status carries one.
@@ -94,6 +95,8 @@ class JobPanel(ttk.Frame):
         self.queue_label = ttk.Label(queue_bar, text="Queue:")
         self.pause_button = ttk.Button(queue_bar, text="Pause queue", command=lambda: self._pause(True))
         self.resume_button = ttk.Button(queue_bar, text="Resume queue", command=lambda: self._pause(False))
+        self.servers = _list(self, {"Server": 90, "State": 50, "Job": 130, "Stage": 90, "Progress": 60}, selectmode="none")
+        self._server_rows: dict[str, str] = {}  # server name -> its row
         self.queued = _list(self, {"#": 40, "Name": 220, "State": 90}, selectmode="none")
         self.history = _list(self, {"Outcome": 90, "Name": 150, "Folder": 220}, selectmode="browse")
         self.history.bind("<Double-Button-1>", lambda event: self._open(self.history.identify_row(event.y)))
@@ -109,11 +112,13 @@ class JobPanel(ttk.Frame):
         ]
         if preview:
             rows.append(self.preview)
+        rows.append(self.servers)
         history_label = ttk.Label(self, text="History (double-click opens the folder):")
         rows += [queue_bar, self.queued, history_label, self.history, buttons]
         for row, widget in enumerate(rows):
             widget.grid(row=row, column=0, sticky="we", pady=2)
         self.preview.grid_remove()  # no blank gap in the window until a preview comes
+        self.servers.grid_remove()  # shown once a worker with several servers names one
         self.columnconfigure(0, weight=1)
         self.cancel_button.pack(side="left")
         self.cancel_after_stage_button.pack(side="left", padx=(8, 0))
@@ -157,6 +162,19 @@ class JobPanel(ttk.Frame):
         can = self._control is not None
         self.pause_button.state(["!disabled" if can and not paused else "disabled"])
         self.resume_button.state(["!disabled" if can and paused else "disabled"])
+
+    def show_server(self, server: str, up: bool) -> None:
+        """A server of a worker with several came up or went down; its row shows it."""
+        self._server_row(server, State="up" if up else "down")
+
+    def show_server_job(self, status: RuntimeStatus, *, ended: bool = False) -> None:
+        """The job running on ``status.server``, its stage and progress; idle once it ``ended``."""
+        if status.server is None:
+            return
+        if ended:
+            self._server_row(status.server, Job="-", Stage="-", Progress="-")
+        else:
+            self._server_row(status.server, Job=printable(status.name), Stage=status.stage_label, Progress=f"{status.percent}%")
 
     def show_job_started(self, status: RuntimeStatus, number: str) -> None:
         self.winfo_toplevel().title(f"sdjobs: {printable(status.name)} ({number})")
@@ -204,6 +222,15 @@ class JobPanel(ttk.Frame):
         self.state.configure(text="Closing: stopping the running job...")
 
     # -- inside --------------------------------------------------------------------------
+
+    def _server_row(self, server: str, **cells: str) -> None:
+        item = self._server_rows.get(server)
+        if item is None:
+            item = self._server_rows[server] = self.servers.insert("", "end", values=(printable(server), "up", "-", "-", "-"))
+            self.servers.configure(height=max(LIST_ROWS, len(self._server_rows)))
+            self.servers.grid()
+        for column, text in cells.items():
+            self.servers.set(item, column, text)
 
     def _show_status(self, status: RuntimeStatus) -> None:
         self.stage.configure(text=printable(f"Stage: {status.stage_label}"))

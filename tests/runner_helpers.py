@@ -1,7 +1,7 @@
 """Running real jobs against the simulated WebUI from tests.
 
-`job_spec` builds small jobs, `HookLog` records every hook (the queue's too) and
-lets a test wait for one, `Said` waits for a log record, and `Background` runs a blocking call (a runner's
+`job_spec` builds small jobs, `HookLog` records every hook (the queue's and the servers' too) and
+lets a test wait for one, `make_lanes` gives a worker several servers, `Said` waits for a log record, and `Background` runs a blocking call (a runner's
 `run`) on a thread that the test joins with a timeout.
 """
 
@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from sdjobs import hookimpl
-from sdjobs.client import WebUIClient
+from sdjobs.client import Timeouts, WebUIClient
 from sdjobs.hooks import Hooks, make_plugin_manager
 from sdjobs.job import JobSettings
+from sdjobs.lanes import Lane, Lanes
 from sdjobs.runner import Runner
+from sdjobs.servers import ServerConfig
 from sdjobs.sim import SimulatedWebUI
 from sdjobs.spec import JobSpec
 from sdjobs.status import RuntimeStatus
@@ -166,6 +168,17 @@ def make_runner(
     log = HookLog()
     pm = make_plugin_manager(load_entry_points=False, disabled=disabled, plugins=[log, *plugins])
     return Runner(specs=specs, client=client, hooks=Hooks(pm), out_dir=out_dir, settings=settings), log
+
+
+def make_lanes(urls: dict[str, str], out_dir: Path, *, plugins: Iterable[object] = (), **lanes_options: Any) -> tuple[Lanes, HookLog]:
+    """A lane per named server, their runners sharing one `HookLog`'s hooks; the clients' short
+    calls time out after 0.5 s, so a hung server is found at once."""
+    log = HookLog()
+    hooks = Hooks(make_plugin_manager(load_entry_points=False, plugins=[log, *plugins]))
+    lanes = [Lane(ServerConfig(name, url), Runner(specs=[], client=WebUIClient(url, timeouts=Timeouts(read=0.5)), hooks=hooks,
+                                                  out_dir=out_dir, settings=FAST, server=name))
+             for name, url in urls.items()]  # fmt: skip
+    return Lanes(lanes, **lanes_options), log
 
 
 class Said(logging.Handler):

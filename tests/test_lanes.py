@@ -3,24 +3,26 @@ server at a time, the least busy first."""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import re
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
-from collections.abc import Sequence
-from pathlib import Path
 
 import attrs
 import pytest
 from process_helpers import Lines, start
-from runner_helpers import FAST, GENERATION_PATHS, Background, HookLog, job_spec
+from runner_helpers import GENERATION_PATHS, Background, HookLog, job_spec, make_lanes
+from rich.console import Console
 from sdjobs import hookimpl
 from sdjobs.cli import exit_status
-from sdjobs.client import Timeouts, WebUIClient
-from sdjobs.hooks import Hooks, make_plugin_manager
+from sdjobs.frontend import FrontendOptions
+from sdjobs.frontends.console import ConsoleFrontend
+from sdjobs.frontends.log import LogFrontend
 from sdjobs.lanes import Lane, Lanes, route
 from sdjobs.preflight import Choices, ServerCatalog
-from sdjobs.runner import Runner
 from sdjobs.servers import ServerConfig
 from sdjobs.sim import CatalogChoice, SimSettings, SimulatedWebUI
 from sdjobs.sqlite_store import SQLiteStore
@@ -36,17 +38,6 @@ ON_SDXL = attrs.evolve(job_spec(name="sdxl"), checkpoint="sdxl")
 def store(queue_file):
     with SQLiteStore(queue_file) as store:
         yield store
-
-
-def make_lanes(urls: dict[str, str], out_dir: Path, *, plugins: Sequence[object] = (), **lanes_options) -> tuple[Lanes, HookLog]:
-    """A lane per named server, their runners sharing one `HookLog`'s hooks; the clients' short
-    calls time out after 0.5 s, so a hung server is found at once."""
-    log = HookLog()
-    hooks = Hooks(make_plugin_manager(load_entry_points=False, plugins=[log, *plugins]))
-    lanes = [Lane(ServerConfig(name, url), Runner(specs=[], client=WebUIClient(url, timeouts=Timeouts(read=0.5)), hooks=hooks,
-                                                  out_dir=out_dir, settings=FAST))
-             for name, url in urls.items()]  # fmt: skip
-    return Lanes(lanes, **lanes_options), log
 
 
 @contextmanager
@@ -102,21 +93,32 @@ def test_a_job_that_fits_no_server_goes_to_a_free_one_whose_checks_then_fail_it(
 # -- a worker with two real simulated servers ----------------------------------------------
 
 
-def test_each_server_runs_a_job_at_once_and_each_job_runs_where_it_fits(store, tmp_path) -> None:
+def test_each_server_runs_a_job_at_once_and_each_job_runs_where_it_fits(store, tmp_path, caplog) -> None:
+    console = ConsoleFrontend(FrontendOptions(), console=Console(file=io.StringIO()))
+    caplog.set_level(logging.INFO, logger="sdjobs.jobs")
     with SimulatedWebUI(SimSettings(stepping=True)) as plain, SimulatedWebUI(SimSettings(stepping=True, catalog=SDXL)) as sdxl:
         sdxl_job, faces_job = store.add([ON_SDXL, ADETAILER])
-        lanes, log = make_lanes({"plain": plain.url, "sdxl": sdxl.url}, tmp_path / "out")
+        lanes, log = make_lanes({"plain": plain.url, "sdxl": sdxl.url}, tmp_path / "out", plugins=[console, LogFrontend(FrontendOptions())])
         worker = Worker(store, lanes=lanes, until_empty=True, idle_poll=0.05)
         working = Background(worker.run)
-        # Both servers hold a step of their job at once: two jobs run side by side.
+        # Both servers hold a step of their job at once: two jobs run side by side, a line each on the console.
         for sim in (plain, sdxl):
             assert sim.wait_for(lambda state: state.awaiting_release, timeout=10)
+        assert log.wait_for("stage_started", lambda call: call["status"].server == "plain")
+        assert log.wait_for("stage_started", lambda call: call["status"].server == "sdxl")
+        screen = Console(file=io.StringIO(), width=200, record=True)
+        screen.print(console.view())
+        shown = screen.export_text().splitlines()
+        assert sorted(line.split()[:2] for line in shown if "Stage" in line) == [["plain", "faces"], ["sdxl", "sdxl"]]
         for sim in (plain, sdxl):
             sim.release(10_000)
         working.join(timeout=30)
         assert store.get(sdxl_job.id).server == sdxl.url and store.get(faces_job.id).server == plain.url
     assert worker.outcomes == {sdxl_job.id: JobState.DONE, faces_job.id: JobState.DONE}
     assert sorted(call["server"] for name, call in log.calls if name == "server_up") == ["plain", "sdxl"]
+    assert {status.server for status in log.statuses(None) if status.job_id == faces_job.id} == {"plain"}
+    logged = [record.getMessage() for record in caplog.records if record.name == "sdjobs.jobs"]
+    assert "faces [plain]: Stage 2/2 adetailer started" in logged and "sdxl [sdxl]: Stage 1/1 txt2img started" in logged
 
 
 def test_a_job_no_server_can_run_fails_saying_what_is_missing(store, tmp_path) -> None:
@@ -232,6 +234,10 @@ def test_sdjobs_worker_on_two_servers_exits_0_when_one_dies_and_every_job_ends_d
         assert events.wait_for('"event": "stage_finished"'), "".join(events.lines) + worker.stderr.read()
         doomed.send_signal(signal.SIGKILL)
         assert worker.wait(timeout=60) == 0, worker.stderr.read()
+    names = {url.split("://")[1] for url in (doomed_url, spare_url)}
+    job_events = [event for event in map(json.loads, events.text().splitlines()) if "job" in event and event["event"] != "job_queued"]
+    assert job_events and {event["server"] for event in job_events} <= names
+    assert any(event["event"] == "server_down" and event["url"] == doomed_url for event in map(json.loads, events.lines))
     for job in map(store.get, (job.id for job in jobs)):
         assert job.state is JobState.DONE
         assert sorted(path.parent.name for path in job.folder.rglob("*.png")) == ["01-txt2img", "02-img2img"]

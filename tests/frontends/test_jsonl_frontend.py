@@ -54,7 +54,7 @@ def test_one_object_per_event_in_the_documented_order_for_each_job(make_session)
 
 def test_every_event_carries_exactly_its_documented_fields(make_session):
     events, _ = run_jsonl(make_session, [job_spec("sea")], fail={0: "HTTP 500: out of memory"}, stall=(0, 0), unreachable=(0, 1))
-    events += queue_events()
+    events += queue_events() + server_events()
     assert {event["event"] for event in events} == set(FIELDS)
     for event in events:
         assert sorted(event) == sorted(["event", "t", *FIELDS[event["event"]]]), event["event"]
@@ -69,6 +69,20 @@ def queue_events() -> list[dict]:
     frontend.sdjobs_queue_changed(jobs)
     frontend.sdjobs_queue_resumed()
     return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def server_events() -> list[dict]:
+    """What a worker's health threads make the front end write (tests/test_lanes.py has real ones)."""
+    stream = FlushCountingStream()
+    frontend = JsonlFrontend(FrontendOptions(), stream=stream)
+    frontend.sdjobs_server_up("desk", "http://127.0.0.1:7860")
+    frontend.sdjobs_server_down("desk", "http://127.0.0.1:7860", "cannot reach http://127.0.0.1:7860: refused")
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_server_events_name_the_server_and_its_url():
+    assert [(event["event"], event["server"], event["url"]) for event in server_events()] == [
+        ("server_up", "desk", "http://127.0.0.1:7860"), ("server_down", "desk", "http://127.0.0.1:7860")]  # fmt: skip
 
 
 def test_queue_events_carry_no_job_and_the_ids_in_order():
