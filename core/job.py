@@ -435,21 +435,35 @@ class Job:
         source = stage.request.source
         fallback = read_parameters(source) if source else None
         seeds = result.seeds
-        for i, png in enumerate(result.images[first:] if self.folder is not None else ()):  # None: detached
+        images = result.images[first:] if self.folder is not None else ()  # None: detached
+        cut = self._cut() if self.state in ("interrupting", "stall_interrupting") else None
+        cut_from = len(images) - int(stage.request.payload.get("batch_size") or 1)  # the batch being sampled
+        for i, png in enumerate(images):
+            provenance = {"seed": seeds[i] if i < len(seeds) else self.spec.seed}
+            if cut is not None and i >= cut_from:
+                provenance["cut"] = cut
             path = self.folder.write_image(
                 stage.index,
                 stage.spec.type,
                 len(stage.paths) + 1,
                 png,
-                provenance={"seed": seeds[i] if i < len(seeds) else self.spec.seed},
+                provenance=provenance,
                 parameters_fallback=fallback,
             )
+            if "cut" in provenance:
+                stage.cut = {**cut, "images": [*(stage.cut or {}).get("images", ()), str(path)]}
             stage.paths.append(path)
             stage.outputs.append(png)
         if result.info:
             stage.infos.append(dict(result.info))
         stage.seeds.extend(seeds)
         stage.request = None
+
+    def _cut(self) -> dict[str, Any]:
+        """Where the interrupt cut the request, as the last sample showed it (`StageResult.cut`)."""
+        tracker = self.stage.tracker
+        kind, face = tracker.current_pass
+        return {"pass": kind or "main", "face": None if face is None else list(face), "step": tracker.step, "steps": tracker.steps}
 
     def finish_stage(self, event: EventData) -> None:
         """The stage's last request answered: the stage is complete."""

@@ -11,7 +11,9 @@ scratch file, which reopening the folder removes.  An image is flushed to disk
 before its rename (it cannot be made again, and the store records it next); the
 manifest, which the store can always rebuild, is flushed only when the job ends.
 Every PNG keeps the text chunks the server wrote (A1111's `parameters`
-infotext) and gains an `sdjobs` chunk: JSON with the job id, stage and seed.
+infotext) and gains an `sdjobs` chunk: JSON with the job id, stage and seed,
+and for an image an interrupt cut short, `cut`: the pass and the last step
+seen (its `parameters` still say the steps asked for).
 """
 
 from __future__ import annotations
@@ -217,6 +219,8 @@ class JobFolder:
     def _stage_record(self, result: StageResult) -> dict[str, Any]:
         record = result.to_dict()
         record["images"] = [_relative(image, self.path) for image in result.images]
+        if result.cut is not None:
+            record["cut"]["images"] = [_relative(Path(image), self.path) for image in result.cut["images"]]
         return record
 
 

@@ -74,6 +74,7 @@ class StageRun:
         seeds: Each image's seed, as the server reported it.
         preview: The latest live preview shown.
         retries: Requests sent again because the server went down under them.
+        cut: Where an interrupt cut its last request (`StageResult.cut`); None if none did.
     """
 
     index: int
@@ -91,6 +92,7 @@ class StageRun:
     seeds: list[int] = attrs.field(factory=list)
     preview: str | None = None
     retries: int = 0
+    cut: dict[str, Any] | None = None
 
     @property
     def request_number(self) -> int:
@@ -108,4 +110,5 @@ class StageRun:
             started_at=self.started_wall,
             elapsed=elapsed,
             partial=partial,
+            cut=self.cut,
         )

@@ -304,6 +304,11 @@ class StageResult:
         elapsed: Seconds the stage took.
         partial: True when the stage was cut short (a cancel, a failure, a failed check):
             its images, if any, are kept but are not all the stage was to make.
+        cut: Where an interrupt cut the stage's last request, when one did: `pass`
+            (`main`, `hires` or `face`), `face` (`[k, n]` or None), `step` and
+            `steps` (the last step seen before the interrupt: the server may
+            finish one more), and `images`, the paths of the images it cut (the
+            batch being sampled), which record the same in their PNG text.
     """
 
     stage: str
@@ -314,6 +319,7 @@ class StageResult:
     started_at: float = 0.0
     elapsed: float = 0.0
     partial: bool = False
+    cut: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The result as plain JSON-ready data (for the manifest and the store)."""
@@ -326,6 +332,7 @@ class StageResult:
             "started_at": self.started_at,
             "elapsed": self.elapsed,
             "partial": self.partial,
+            "cut": None if self.cut is None else dict(self.cut),
         }
 
     @classmethod
@@ -340,4 +347,5 @@ class StageResult:
             started_at=data["started_at"],
             elapsed=data["elapsed"],
             partial=data["partial"],
+            cut=data.get("cut"),  # None in a record written before cuts were recorded
         )

@@ -136,6 +136,12 @@ def test_cancel_now_mid_stage_ends_cleanly_and_keeps_the_partial_images(webui_si
     record = manifest(tmp_path)
     assert record["outcome"] == "cancelled"
     assert [s["partial"] for s in record["stages"]] == [False, True]
+    # the cut is recorded where the image's parameters still say the steps asked for ("Steps: 8": 5 at denoising 0.5)
+    cut = {"pass": "main", "face": None, "step": 1, "steps": 5}
+    assert read_provenance(result.images[0].read_bytes())["cut"] == cut
+    assert "Steps: 8," in read_parameters(result.images[0].read_bytes())
+    assert [s["cut"] for s in record["stages"]] == [None, {**cut, "images": ["02-img2img/001.png"]}]
+    assert "cut" not in read_provenance((result.images[0].parent.parent / "01-txt2img" / "001.png").read_bytes())
     assert interrupts(webui_sim) == 1
     assert requests_to(webui_sim, GENERATION_PATHS, after=cancelled_at) == []
     assert requests_to(webui_sim, PROGRESS_PATHS, after=log.time_of("job_finished")) == []
