@@ -131,7 +131,7 @@ def _add_run_options(parser: argparse.ArgumentParser, frontend_names: Collection
     show.add_argument("--log-file", type=Path, metavar="PATH", help="log front end: write here, not stderr")
     show.add_argument("--log-level", default=LOG_LEVEL, metavar="LEVEL", help=f"log front end: DEBUG, INFO, ... (default: {LOG_LEVEL})")
     show.add_argument("--log-format", metavar="FORMAT", help="log front end: a logging format string")
-    show.add_argument("--preview", action="store_true", help="show the live preview where the front end can")
+    show.add_argument("--preview", action="store_true", help="the live preview: in the tk window, else in preview.png in the running job's folder")
     show.add_argument("--close-when-done", action="store_true", help="tk: close the window when the queue has drained")
     jobs = parser.add_argument_group("running")
     jobs.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output folder (default: ./outputs)")

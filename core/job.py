@@ -271,14 +271,18 @@ class Job:
         self.port.prepare(self.spec, self.job_id)
 
     def fail_with_problems(self, event: EventData) -> None:
-        self.folder = event.kwargs.get("folder")
+        self._set_folder(event.kwargs.get("folder"))
         self.error = "; ".join(event.kwargs["problems"])
 
     def fail_unprepared(self, event: EventData) -> None:
         self.error = f"the WebUI did not answer sdjobs' checks within {self.settings.prepare_timeout:g} s"
 
     def take_folder(self, event: EventData) -> None:
-        self.folder = event.kwargs["folder"]
+        self._set_folder(event.kwargs["folder"])
+
+    def _set_folder(self, folder: JobFolder | None) -> None:
+        self.folder = folder
+        self.status = attrs.evolve(self.status, folder=None if folder is None else folder.path)
 
     def skip_finished_job(self, event: EventData) -> None:
         """Every stage finished in an earlier attempt: the job is complete as it stands."""

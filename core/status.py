@@ -255,6 +255,8 @@ class RuntimeStatus:
         state: Where the job is (`JobState`).
         queue_position: `(i, n)` while the server holds our request in its queue.
         preview: Base64 live preview, when the user asked for one and the server sent it.
+        folder: The job's output folder, once it is made (None before, and for a job
+            whose folder could not be made).
     """
 
     job_id: str
@@ -278,6 +280,7 @@ class RuntimeStatus:
     state: JobState = JobState.QUEUED
     queue_position: tuple[int, int] | None = None
     preview: str | None = attrs.field(default=None, repr=False)
+    folder: Path | None = None
 
     @property
     def stage_label(self) -> str:

@@ -2,7 +2,8 @@
 
 While a job runs, rich redraws (at most `REFRESH_PER_SECOND` times a second) its
 status line, a bar for the stage and one for the job (with several servers
-running jobs at once: one status line per busy server instead); while the WebUI is down,
+running jobs at once: one status line per busy server instead), and with
+`--preview` where the live preview is (`preview.png` in the job's folder); while the WebUI is down,
 a line under them counts down to the next ping (and a line is printed when it
 goes down).  Each finished stage leaves a line with its time and images; the
 end leaves a summary table.  The first Ctrl-C cancels the running job (its
@@ -40,6 +41,7 @@ from sdjobs.frontends.formatting import (
 from sdjobs.frontends.interrupt import run_with_ctrl_c
 from sdjobs.frontends.ledger import JobLedger
 from sdjobs.frontends.pipe import PipeGuard
+from sdjobs.frontends.preview import PreviewFiles
 from sdjobs.spec import JobSpec
 from sdjobs.status import JobState, RuntimeStatus, StageResult
 from sdjobs.store import JobRecord
@@ -81,6 +83,7 @@ class ConsoleFrontend:
         self._cancelling = False
         self._waiting: int | None = None  # jobs queued behind the running one; None outside a worker
         self._down: tuple[str, float, float] | None = None  # the WebUI's error, down since, next ping (monotonic)
+        self._preview = PreviewFiles(options.preview)
 
     def run(self, session: Session) -> int | None:
         self._guard.watch(session)
@@ -103,6 +106,7 @@ class ConsoleFrontend:
         waiting = "" if self._waiting is None else f" · {self._waiting} queued"
         if len(running) > 1 or running[0].server is not None:
             lines: list[RenderableType] = [self._server_line(status) for status in running]
+            lines += self._preview_lines(running)
             if waiting:
                 lines.append(Text(waiting.removeprefix(" · ")))
             if self._cancelling:
@@ -117,6 +121,7 @@ class ConsoleFrontend:
             f"{int(status.job_progress * 100)}% · ETA {format_eta(status.job_eta)}",
         )
         lines = [Text.assemble((printable(status.name), "bold"), "  ", status_line(status), waiting), bars]
+        lines += self._preview_lines(running)
         if (down := self._down) is not None:
             error, since, ping_at = down
             now = time.monotonic()
@@ -125,6 +130,16 @@ class ConsoleFrontend:
         if self._cancelling:
             lines.append(Text(CANCELLING, style="yellow"))
         return Group(*lines)
+
+    def _preview_lines(self, running: list[RuntimeStatus]) -> list[RenderableType]:
+        """`live preview: outputs/.../preview.png` for each running job that has one (`--preview`)."""
+        paths = [(status, self._preview.path(status.job_id)) for status in running]
+        name = len(running) > 1
+        return [
+            Text(printable(f"live preview{f' ({status.name})' if name else ''}: {path}"), style="dim")
+            for status, path in paths
+            if path is not None
+        ]
 
     @staticmethod
     def _server_line(status: RuntimeStatus) -> Text:
@@ -181,6 +196,7 @@ class ConsoleFrontend:
 
     @hookimpl
     def sdjobs_progress(self, status: RuntimeStatus) -> None:
+        self._preview.update(status)
         self._show(status)
 
     @hookimpl
@@ -208,6 +224,7 @@ class ConsoleFrontend:
         self, status: RuntimeStatus, outcome: JobState, error: str | None, results: tuple[StageResult, ...]
     ) -> None:
         self._running.pop(status.job_id, None)
+        self._preview.remove(status.job_id)
         self._down = None
         if not self._running:
             self._stop_live()

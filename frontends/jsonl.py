@@ -21,6 +21,7 @@ from sdjobs import hookimpl
 from sdjobs.frontend import FrontendOptions, Session
 from sdjobs.frontends.interrupt import run_with_ctrl_c
 from sdjobs.frontends.pipe import PipeGuard
+from sdjobs.frontends.preview import PreviewFiles
 from sdjobs.spec import JobSpec
 from sdjobs.status import JobState, RuntimeStatus, StageResult
 from sdjobs.store import JobRecord
@@ -60,7 +61,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "job_queued": ("job", "name", "stage_count", "seed"),
     "job_started": STATUS_FIELDS,
     "stage_started": STATUS_FIELDS,
-    "progress": STATUS_FIELDS,
+    "progress": (*STATUS_FIELDS, "preview"),
     "job_stalled": (*STATUS_FIELDS, "seconds"),
     "webui_unreachable": (*STATUS_FIELDS, "error", "retry_in", "waited"),
     "stage_finished": (*STATUS_FIELDS, "images", "partial", "elapsed"),
@@ -90,6 +91,7 @@ class JsonlFrontend:
         self._stream = stream
         self._guard = PipeGuard()
         self._writing = threading.Lock()  # queue events come on the worker's watch thread
+        self._preview = PreviewFiles(options.preview)
 
     def run(self, session: Session) -> int | None:
         self._guard.watch(session)
@@ -118,7 +120,8 @@ class JsonlFrontend:
 
     @hookimpl
     def sdjobs_progress(self, status: RuntimeStatus) -> None:
-        self._write("progress", **status_fields(status))
+        preview = self._preview.update(status)
+        self._write("progress", **status_fields(status), preview=None if preview is None else str(preview))
 
     @hookimpl
     def sdjobs_job_stalled(self, status: RuntimeStatus, seconds: float) -> None:
@@ -142,6 +145,7 @@ class JsonlFrontend:
 
     @hookimpl
     def sdjobs_job_finished(self, status: RuntimeStatus, outcome: JobState, error: str | None) -> None:
+        self._preview.remove(status.job_id)
         self._write("job_finished", **status_fields(status), outcome=outcome.value, error=error)
 
     @hookimpl

@@ -1,7 +1,8 @@
 """The `log` front end: standard `logging` records, for files, services and CI.
 
 One record when a job or stage starts and ends, a progress record at most every
-10 % of a stage, a warning for a stall, a cancel or each retry of a WebUI that is
+10 % of a stage, where the live preview is (with `--preview`, once a stage;
+`PreviewFiles`), a warning for a stall, a cancel or each retry of a WebUI that is
 down, an error with the server's message when a job fails.  Records go to the logger ``sdjobs.jobs``; while the
 session runs, one handler on the root logger writes them, the rest of sdjobs'
 own records and the plugins' (`FrontendOptions.loggers`), at the level asked
@@ -33,6 +34,7 @@ from sdjobs.frontends.formatting import (
 from sdjobs.frontends.interrupt import run_with_ctrl_c
 from sdjobs.frontends.ledger import JobLedger
 from sdjobs.frontends.pipe import PipeGuard
+from sdjobs.frontends.preview import PreviewFiles
 from sdjobs.spec import JobSpec
 from sdjobs.status import JobState, RuntimeStatus, StageResult
 from sdjobs.store import JobRecord
@@ -107,6 +109,8 @@ class LogFrontend:
         self._next_percent: dict[str, int] = {}  # per running job: several run at once on several servers
         self._guard = PipeGuard()
         self._waiting: list[str] = []  # the ids of the jobs waiting, as last logged
+        self._preview = PreviewFiles(options.preview)
+        self._preview_said: dict[str, set[int]] = {}  # by job id: the stages whose preview was logged
 
     def run(self, session: Session) -> int | None:
         stream = self._open_stream()
@@ -161,6 +165,11 @@ class LogFrontend:
 
     @hookimpl
     def sdjobs_progress(self, status: RuntimeStatus) -> None:
+        preview = self._preview.update(status)
+        said = self._preview_said.setdefault(status.job_id, set())
+        if preview is not None and status.stage_index not in said:
+            said.add(status.stage_index)
+            log.info("%s: live preview in %s (replaced as it changes)", _who(status), preview)
         if status.percent < self._next_percent.get(status.job_id, PROGRESS_STEP):
             return
         self._next_percent[status.job_id] = (status.percent // PROGRESS_STEP + 1) * PROGRESS_STEP
@@ -182,6 +191,8 @@ class LogFrontend:
     def sdjobs_job_finished(
         self, status: RuntimeStatus, outcome: JobState, error: str | None, results: tuple[StageResult, ...]
     ) -> None:
+        self._preview.remove(status.job_id)
+        self._preview_said.pop(status.job_id, None)
         entry = self._ledger.finished(status.job_id, outcome, results)
         self._next_percent.pop(status.job_id, None)
         log.log(_OUTCOME_LEVELS[outcome], "%s", outcome_line(_who(status), outcome, error, entry.elapsed, results))
