@@ -7,8 +7,9 @@ calls on a queue (`call_soon`) that the main thread drains every
 next one starts; "Cancel after this stage" lets the running stage finish.
 "Pause queue" and "Resume queue" work where the session is a `QueueControl`
 (a worker), on a thread of their own, as the store may wait for a lock; a
-double-click on a job of the history opens its folder with the desktop's
-opener (`open_path`).
+double-click on a job of the history, or "Open folder" under the running (or
+last) job, opens its folder with the desktop's opener (`open_path`; the button
+is disabled where the desktop has none).
 Closing the window (or Ctrl-C) while a job runs cancels everything, waits for
 the running job to stop while the window stays responsive, and closes.  When every job has ended,
 the window stays open showing how, until it is closed, or closes by itself with
@@ -21,6 +22,7 @@ import gc
 import logging
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -70,6 +72,11 @@ def open_path(path: Path) -> None:
             )  # fmt: skip
     except OSError as exc:
         log.warning("cannot open %s: %s", path, exc)
+
+
+def desktop_can_open() -> bool:
+    """Whether `open_path` has a command to run here: Windows and macOS do, Linux with `xdg-open`."""
+    return sys.platform in ("win32", "darwin") or shutil.which("xdg-open") is not None
 
 
 @attrs.frozen
@@ -225,7 +232,12 @@ class TkFrontend:
         root = open_window()
         control = _InBackground(session) if isinstance(session, QueueControl) else None
         panel = JobPanel(
-            root, on_cancel=session.cancel, on_open=self._opener, control=control, preview=self.options.preview
+            root,
+            on_cancel=session.cancel,
+            on_open=self._opener,
+            control=control,
+            preview=self.options.preview,
+            can_open=self._opener is not open_path or desktop_can_open(),
         )
         panel.pack(fill="both", expand=True)
         try:
@@ -286,8 +298,8 @@ class TkFrontend:
     def sdjobs_job_finished(
         self, status: RuntimeStatus, outcome: JobState, error: str | None, results: tuple[StageResult, ...]
     ) -> None:
-        self._ledger.finished(status.job_id, outcome, results)
-        self.call_soon(lambda panel: panel.show_job_finished(outcome, error))
+        images = self._ledger.finished(status.job_id, outcome, results).images
+        self.call_soon(lambda panel: panel.show_job_finished(status, outcome, error, images))
         self._show_on_server(status, ended=True)
 
     @hookimpl

@@ -51,15 +51,17 @@ def _list(master: tk.Misc, columns: dict[str, int], **options: object) -> ttk.Tr
 
 
 class JobPanel(ttk.Frame):
-    """Job name, stage, progress bar and state, ETA, seed, image, step, preview, Cancel buttons; the
-    queue with Pause and Resume buttons; the history; with several servers, a row per server
-    with its running job's stage and progress.
+    """Job name, stage, the stage's and the job's progress bars, state, ETA, seed, image, step,
+    preview, the output folder with Open folder, Cancel buttons; the queue with Pause and Resume
+    buttons; the history; with several servers, a row per server with its running job's stage
+    and progress.
 
     ``on_cancel`` is called with the `CancelMode` of the button pressed.  With
     ``preview``, the server's live preview is shown when a status carries one.
     ``control`` is what Pause and Resume call; without it they stay disabled.
-    A double-click (or Return) on a job of the history calls ``on_open`` with
-    its output folder.
+    Open folder (enabled once the job's folder exists, where ``can_open``), and a
+    double-click (or Return) on a job of the history, call ``on_open`` with the
+    job's output folder.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class JobPanel(ttk.Frame):
         on_open: Callable[[Path], object],
         control: QueueControl | None = None,
         preview: bool = False,
+        can_open: bool = True,
     ) -> None:
         super().__init__(master, padding=12)
         self._on_cancel = on_cancel
@@ -81,16 +84,24 @@ class JobPanel(ttk.Frame):
         self._preview_data: str | None = None
         self._preview_image: tk.PhotoImage | None = None
         self._cancelling: str | None = None  # what the state line adds once a Cancel was pressed
+        self._can_open = can_open
+        self._folder: Path | None = None  # the running (or last) job's output folder
 
         self.job_name = ttk.Label(self, text="Waiting for the first job...", font="TkHeadingFont")
         self.stage = ttk.Label(self, text="Stage: -")
         self.bar = ttk.Progressbar(self, maximum=100, length=360, mode="determinate")
+        job_row = ttk.Frame(self)
+        self.job_bar = ttk.Progressbar(job_row, maximum=100, length=200, mode="determinate")
+        self.job_text = ttk.Label(job_row, text=f"Job: 0% · ETA {CALCULATING}")
         self.state = ttk.Label(self, text="Waiting")
         self.eta = ttk.Label(self, text=f"ETA: {CALCULATING}")
         self.seed = ttk.Label(self, text=f"Seed: {CALCULATING}")
         self.image = ttk.Label(self, text="Image: -")
         self.step = ttk.Label(self, text="Step: -")
         self.preview = ttk.Label(self)
+        folder_row = ttk.Frame(self)
+        self.folder = ttk.Label(folder_row, text="Folder: -")
+        self.open_button = ttk.Button(folder_row, text="Open folder", command=self._open_folder)
         queue_bar = ttk.Frame(self)
         self.queue_label = ttk.Label(queue_bar, text="Queue:")
         self.pause_button = ttk.Button(queue_bar, text="Pause queue", command=lambda: self._pause(True))
@@ -108,11 +119,11 @@ class JobPanel(ttk.Frame):
         )
 
         rows: list[tk.Widget] = [
-            self.job_name, self.stage, self.bar, self.state, self.eta, self.seed, self.image, self.step
+            self.job_name, self.stage, self.bar, job_row, self.state, self.eta, self.seed, self.image, self.step
         ]
         if preview:
             rows.append(self.preview)
-        rows.append(self.servers)
+        rows += [folder_row, self.servers]
         history_label = ttk.Label(self, text="History (double-click opens the folder):")
         rows += [queue_bar, self.queued, history_label, self.history, buttons]
         for row, widget in enumerate(rows):
@@ -120,6 +131,11 @@ class JobPanel(ttk.Frame):
         self.preview.grid_remove()  # no blank gap in the window until a preview comes
         self.servers.grid_remove()  # shown once a worker with several servers names one
         self.columnconfigure(0, weight=1)
+        self.job_text.pack(side="left")
+        self.job_bar.pack(side="right", fill="x", expand=True, padx=(8, 0))
+        self.folder.pack(side="left", fill="x", expand=True)
+        self.open_button.pack(side="right", padx=(8, 0))
+        self.open_button.state(["disabled"])
         self.cancel_button.pack(side="left")
         self.cancel_after_stage_button.pack(side="left", padx=(8, 0))
         self.queue_label.pack(side="left")
@@ -202,12 +218,17 @@ class JobPanel(ttk.Frame):
         images = images_text(len(result.images), partial=result.partial)
         self.state.configure(text=printable(f"Stage {status.stage_label} {verb}: {images}"))
 
-    def show_job_finished(self, outcome: JobState, error: str | None) -> None:
+    def show_job_finished(self, status: RuntimeStatus, outcome: JobState, error: str | None, images: int) -> None:
+        """The outcome, the images and where they are (the folder stays shown until the next job's)."""
         self._enable_cancel(False)
-        self.state.configure(text=printable(f"{OUTCOME_TEXT[outcome]}: {error}") if error else OUTCOME_TEXT[outcome])
+        ended = f"{OUTCOME_TEXT[outcome]}: {images_text(images)}"
+        self.state.configure(text=printable(f"{ended} · {error}") if error else ended)
+        self._show_folder(status.folder)
         if outcome is JobState.DONE:
             self.bar.configure(value=100)
+            self.job_bar.configure(value=100)
             self.eta.configure(text=f"ETA: {format_duration(0)}")
+            self.job_text.configure(text=f"Job: 100% · ETA {format_duration(0)}")
 
     def show_drained(self, summary: str) -> None:
         """Every job ended: the window shows how, until it is closed."""
@@ -235,6 +256,10 @@ class JobPanel(ttk.Frame):
     def _show_status(self, status: RuntimeStatus) -> None:
         self.stage.configure(text=printable(f"Stage: {status.stage_label}"))
         self.bar.configure(value=status.percent)
+        job_percent = int(status.job_progress * 100)
+        self.job_bar.configure(value=job_percent)
+        self.job_text.configure(text=f"Job: {job_percent}% · ETA {format_eta(status.job_eta)}")
+        self._show_folder(status.folder)
         if status.queue_position is not None:
             position, length = status.queue_position
             self.state.configure(text=f"Waiting in the server's queue ({position}/{length})")
@@ -281,6 +306,15 @@ class JobPanel(ttk.Frame):
             self._control.pause_queue()
         else:
             self._control.resume_queue()
+
+    def _show_folder(self, folder: Path | None) -> None:
+        self._folder = folder
+        self.folder.configure(text=printable(f"Folder: {folder or '-'}"))
+        self.open_button.state(["!disabled" if folder is not None and self._can_open else "disabled"])
+
+    def _open_folder(self) -> None:
+        if self._folder is not None:
+            self._on_open(self._folder)
 
     def _open(self, item: str) -> None:
         if item in self._folders:

@@ -115,7 +115,7 @@ class ScriptedSession:
         count = len(spec.stages)
         status = RuntimeStatus(
             job_id, spec.name, spec.stages[0].type, 0, count, seed=spec.seed, started_at=time.time(),
-            state=JobState.RUNNING,
+            state=JobState.RUNNING, folder=self.out_dir / job_id,
         )  # fmt: skip
         self._fire(self.pm.hook.sdjobs_job_started, status, spec=spec)
         results: list[StageResult] = []

@@ -318,7 +318,7 @@ def test_the_window_follows_a_real_job_stage_by_stage(webui_client, tmp_path):
         assert bar == sorted(bar)
     assert [shown["state"] for shown in history.during("stage_finished")] == [f"Stage {stage} finished: 3 images" for stage in STAGES]
     [finished] = history.during("job_finished")
-    assert (finished["state"], finished["bar"], finished["cancel"]) == ("Done", 100.0, False)
+    assert (finished["state"], finished["bar"], finished["cancel"]) == ("Done: 12 images", 100.0, False)
     [drained] = history.during("queue_drained")
     assert (drained["name"], drained["state"]) == ("Finished", "1 job: 1 done")
 
@@ -348,8 +348,8 @@ def test_cancel_in_the_window_stops_the_job_mid_step_and_the_next_one_runs(webui
     assert list(runner.outcomes.values()) == [JobState.CANCELLED, JobState.DONE]
     assert ("POST", "/sdapi/v1/interrupt") in [(method, path) for _, method, path in webui_sim.requests]
     cancelled, done = history.during("job_finished")
-    assert (cancelled["name"], cancelled["state"]) == ("demo lighthouse", "Cancelled")
-    assert (done["name"], done["state"]) == ("harbour", "Done")
+    assert (cancelled["name"], cancelled["state"]) == ("demo lighthouse", "Cancelled: 1 image")
+    assert (done["name"], done["state"]) == ("harbour", "Done: 2 images")
     assert [shown["queued"] for shown in history.during("job_queued")] == [["demo lighthouse"], ["demo lighthouse", "harbour"]]
     assert [shown["queued"] for shown in history.during("job_started")] == [["harbour"], []]
     assert "Traceback" not in capfd.readouterr().err
@@ -424,15 +424,17 @@ SCREENSHOT_STEP = 1.2
 
 
 @pytest.mark.parametrize("sim_settings", [STEPPING], ids=["stepping"])
-def test_the_panel_mid_job_looks_right(webui_sim, webui_client, tmp_path, x_display):
+def test_the_panel_mid_job_looks_right(webui_sim, webui_client, tmp_path, x_display, monkeypatch):
     """Grabs the window of a real run mid-stage; with SDJOBS_UPDATE_SCREENSHOT=1 it becomes docs/tk-panel.png.
 
     Steps are released one by one while a fake clock moves, so the ETA reads
-    as on a real GPU at `SCREENSHOT_STEP` seconds a step.
+    as on a real GPU at `SCREENSHOT_STEP` seconds a step.  The output folder is
+    `outputs/`, relative, as `--out` makes it.
     """
     clock = FakeClock()
     specs = [demo(), load_job(ROOT / "examples" / "portrait.toml"), job_spec("harbour at night")]
-    frontend, history, runner = tk_session(FrontendOptions(), specs, webui_client, tmp_path / "out", clock=clock)
+    monkeypatch.chdir(tmp_path)
+    frontend, history, runner = tk_session(FrontendOptions(), specs, webui_client, Path("outputs"), clock=clock)
     seen: dict[str, Any] = {}
 
     def step(count: int) -> None:

@@ -100,7 +100,7 @@ def test_a_cancel_button_cancels_the_running_job_and_the_next_one_starts(make_se
     assert frontend.run(session) is None  # close_when_done: the window closed itself
     assert session.cancels == [(mode, False)]
     assert after_press[0]["state"].startswith("Cancelling")
-    assert finished == {"sea": "Cancelled", "sky": "Done"}
+    assert finished == {"sea": "Cancelled: 2 images", "sky": "Done: 4 images"}
     assert results == {"sea": sea_stages, "sky": 2}
     assert session_threads() == []
 
@@ -254,6 +254,59 @@ def test_the_queue_shows_each_job_s_position_and_the_history_its_outcome_and_fol
     assert seen["queue"] == [("1", "sea", "running"), ("2", "sky", "queued"), ("3", "moon", "paused")]
     assert seen["history"] == [("Done", "old", str(folder)), ("Failed", "bad", "-")]
     assert seen["opened"] == [folder]  # the failed job made no folder: nothing to open
+
+
+def end_screen(panel: JobPanel) -> dict[str, Any]:
+    return {
+        "state": str(panel.state["text"]),
+        "folder": str(panel.folder["text"]),
+        "open": panel.open_button.instate(["!disabled"]),
+        "job bar": float(panel.job_bar["value"]),
+        "job": str(panel.job_text["text"]),
+    }
+
+
+def test_the_job_bar_runs_beside_the_stage_bar_and_the_end_screen_opens_the_output_folder(make_session, tmp_path):
+    opened: list[Path] = []
+    frontend = TkFrontend(FrontendOptions(), opener=opened.append)
+    seen: dict[str, Any] = {}
+
+    def watch(hook, status):
+        if hook == "progress" and status.stage_index == 1 and status.eta is not None:
+            seen.setdefault("running", on_tk(frontend, end_screen))
+        elif hook == "job_finished" and status.name == "sea":
+            seen["sea"] = on_tk(frontend, end_screen)
+        elif hook == "queue_drained":
+            seen["end"] = on_tk(frontend, lambda panel: (panel.open_button.invoke(), end_screen(panel))[1])
+            frontend.call_soon(close_window)
+
+    session = make_session(frontend, [job_spec("sea"), job_spec("sky")], watch=watch, fail={1: "HTTP 500: out of memory"})
+    assert frontend.run(session) is None
+    out = tmp_path / "outputs"
+    assert seen["running"] == {
+        "state": "Running (50%)", "folder": f"Folder: {out / 'job-1'}", "open": True, "job bar": 75.0, "job": "Job: 75% · ETA 5s",
+    }  # fmt: skip
+    assert seen["sea"] == {
+        "state": "Done: 4 images", "folder": f"Folder: {out / 'job-1'}", "open": True, "job bar": 100.0, "job": "Job: 100% · ETA 0s",
+    }  # fmt: skip
+    assert seen["end"]["state"] == "2 jobs: 1 done, 1 failed"
+    assert seen["end"]["folder"] == f"Folder: {out / 'job-2'}"  # the last job's, failed or not
+    assert opened == [out / "job-2"]
+
+
+def test_without_an_opener_on_the_desktop_open_folder_stays_disabled(make_session, monkeypatch):
+    monkeypatch.setattr(tk_frontend.sys, "platform", "linux")
+    monkeypatch.setattr(tk_frontend.shutil, "which", lambda command: None)
+    frontend = TkFrontend(FrontendOptions())
+    seen: list[dict[str, Any]] = []
+
+    def watch(hook, status):
+        if hook == "queue_drained":
+            seen.append(on_tk(frontend, end_screen))
+            frontend.call_soon(close_window)
+
+    frontend.run(make_session(frontend, [job_spec("sea")], watch=watch))
+    assert seen[0]["folder"].startswith("Folder: ") and seen[0]["open"] is False
 
 
 @attrs.frozen
