@@ -362,7 +362,7 @@ def _checked_on_server(specs: list[JobSpec], args: argparse.Namespace) -> list[J
         print(f"sdjobs: note: {note}", file=sys.stderr)
     problems = check_against_server(specs, catalog)
     if problems:
-        raise UsageError(f"{len(problems)} name(s) the WebUI at {client.base_url} does not know:\n  " + "\n  ".join(problems))
+        raise UsageError(f"{plural(len(problems), 'name')} the WebUI at {client.base_url} does not know:\n  " + "\n  ".join(problems))
     return specs
 
 
@@ -378,7 +378,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps([_plan_record(spec) for spec in specs], indent=2, default=str))
         return 0
     images = sum(spec.plan()[-1].images for spec in specs)
-    print(f"{len(specs)} job(s), {images} final image(s)")
+    print(f"{plural(len(specs), 'job')}, {plural(images, 'final image')}")
     shown = specs if args.all else specs[:CHECK_SHOWN]
     random_seeds = {path for path in args.jobs if _draws_seeds(path)}
     for spec in shown:

@@ -193,7 +193,7 @@ def test_check_prints_the_plan():
     checked = sdjobs("check", EXAMPLES / "demo.toml")
     assert checked.returncode == 0
     summary, first, *stages = checked.stdout.splitlines()
-    assert summary == "1 job(s), 3 final image(s)"
+    assert summary == "1 job, 3 final images"
     # seed = -1: the seed check drew is not the one the run will use
     assert first == f"{EXAMPLES / 'demo.toml'}: 'demo lighthouse', seed random, drawn when queued"
     # each stage's steps per pass as the run will count them (step x/40): tests/test_numbers_agree.py runs them
@@ -211,7 +211,7 @@ def test_check_shows_what_a_file_expands_to_the_first_ones_or_all():
     first = sdjobs("check", EXAMPLES / "prompt-pack.toml")
     assert first.returncode == 0
     lines = first.stdout.splitlines()
-    assert lines[0] == "24 job(s), 24 final image(s)"
+    assert lines[0] == "24 jobs, 24 final images"
     named = [line for line in lines if line.startswith(str(EXAMPLES))]
     assert len(named) == 10 and lines[-1] == "... and 14 more (--all lists them)"
     assert named[0].endswith("seed 1234") and named[1].endswith("seed 1235")  # seed_policy increment

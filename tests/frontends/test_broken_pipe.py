@@ -58,7 +58,7 @@ def test_a_reader_that_closes_early_ends_sdjobs_check_quietly(tmp_path):
     command = [sys.executable, "-m", "sdjobs", "check", str(many), "--all"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        assert process.stdout.readline().startswith("3000 job(s)")
+        assert process.stdout.readline().startswith("3000 jobs")
         process.stdout.close()
         status = process.wait(timeout=60)
     finally:
