@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from sdjobs.client import WebUIError
+from sdjobs.die_at import die_at
 from sdjobs.hooks import Hooks, PluginError
 from sdjobs.machine import AWAITING_ANSWER, END_STATES, new_machine
 from sdjobs.outputs import JobFolder, read_parameters
@@ -348,6 +349,7 @@ class Job:
 
     def fold(self, event: EventData) -> None:
         """Fold a progress sample; fire `sdjobs_progress` when what is shown changed."""
+        die_at("sample")
         info, task = event.kwargs["info"], event.kwargs["task"]
         stage, now = self.stage, self.clock()
         changed = stage.tracker.fold(info, task, now, silent=event.kwargs.get("silent", False))
@@ -486,6 +488,7 @@ class Job:
         """The stage is complete; the next one starts from its images."""
         finished = self.stage
         self.finish_stage(event)
+        die_at("between-stages")
         self._start_stage(finished.index + 1, inputs=list(finished.outputs) or [None])
 
     def fail_with_answer(self, event: EventData) -> None:
@@ -559,6 +562,7 @@ class Job:
         result = stage.result(self.clock() - stage.started, partial=partial)
         self.results.append(result)
         if not partial:
+            die_at("stage-written")
             if self.record is not None:  # first: a job another worker holds now writes no manifest
                 self.record(result)
             self._write_manifest()

@@ -37,6 +37,7 @@ from typing import Any
 import attrs
 from PIL import Image
 
+from sdjobs.die_at import die_at
 from sdjobs.spec import JobSpec
 from sdjobs.status import JobState, StageResult
 
@@ -210,6 +211,7 @@ class JobFolder:
                     os.fsync(file.fileno())
             if not replace and path.exists():
                 raise FileExistsError(errno.EEXIST, "will not overwrite", str(path))
+            die_at(f"rename-{path.name}")
             os.replace(scratch, path)
         finally:
             Path(scratch).unlink(missing_ok=True)

@@ -179,13 +179,15 @@ class _Held:
     out_dir: Path
 
     def folder(self) -> JobFolder:
-        """Reopen the folder of an earlier attempt, or make one and record it (on a port's thread)."""
-        record = self.record
-        if record.folder is not None:
-            return JobFolder.open(record.folder, record.id, finished_stages=record.next_stage)
-        made = JobFolder.create(self.out_dir, record.id, folder=folder_name(record.id, record.spec.name, datetime.now(UTC)))
-        self.store.set_folder(record.id, self.worker_id, made.path)
-        return made
+        """Reopen the folder of an earlier attempt, or make one (on a port's thread).  Its path is
+        recorded before it is made, so a worker killed in between leaves the next one that path."""
+        record, path = self.record, self.record.folder
+        if path is None:
+            path = self.out_dir / folder_name(record.id, record.spec.name, datetime.now(UTC))
+            self.store.set_folder(record.id, self.worker_id, path)
+        if record.next_stage == 0 and not path.exists():
+            return JobFolder.create(path.parent, record.id, folder=path.name)
+        return JobFolder.open(path, record.id, finished_stages=record.next_stage)
 
     def stage_finished(self, result: StageResult) -> None:
         self.store.record_stage(self.record.id, self.worker_id, result)

@@ -4,9 +4,12 @@ and two workers on one queue never run a job twice."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 from process_helpers import Lines, start
 from runner_helpers import GENERATION_PATHS, requests_to
 from sdjobs.sim import SimSettings
+from sdjobs.spec import load_job
 from sdjobs.sqlite_store import SQLiteStore
 from sdjobs.status import JobState
 
@@ -133,60 +137,135 @@ def test_ctrl_c_records_the_jobs_run_never_started_as_cancelled(
 
 # -- kill -9 -------------------------------------------------------------------------------------
 
+FOUR_STAGES = [f"{i:02d}-{kind}" for i, kind in enumerate(("txt2img", "img2img", "adetailer", "upscale"), 1)]
 
-def test_a_worker_killed_in_stage_two_resumes_there_in_the_next_worker(
-    sim_process, tmp_path, queue_file
-):
+
+def worker_args(url: str, out: Path, *, until_empty: bool = True) -> list[str | Path]:
+    return ["worker", *["--until-empty"] * until_empty, "--webui", url, "--frontend", "log", "--poll-interval", "0.25",
+            "--out", out]  # fmt: skip
+
+
+def images_of(record) -> dict[Path, tuple[int, int]]:
+    """Each image of the job's stages recorded finished, with its inode and mtime (a stage run again changes them)."""
+    return {
+        image: (os.stat(image).st_ino, os.stat(image).st_mtime_ns)
+        for stage in record.stages if not stage.partial for image in stage.images
+    }  # fmt: skip
+
+
+def assert_done_once(record, kept: dict[Path, tuple[int, int]]) -> None:
+    """The 4-stage job ended done in one folder: every stage's one image once, on disk, in the store and in a
+    valid manifest; the images ``kept`` from before a kill untouched; no scratch file left."""
+    assert record.state is JobState.DONE, record.error
+    assert [len(stage.images) for stage in record.stages] == [1, 1, 1, 1]
+    assert sorted(path.relative_to(record.folder).as_posix() for path in record.folder.rglob("*")) == sorted(
+        [*FOUR_STAGES, *(f"{stage}/001.png" for stage in FOUR_STAGES), "manifest.json"]
+    )
+    manifest = json.loads((record.folder / "manifest.json").read_text())
+    assert (manifest["job_id"], manifest["outcome"]) == (record.id, "done")
+    assert [stage["images"] for stage in manifest["stages"]] == [[f"{stage}/001.png"] for stage in FOUR_STAGES]
+    assert {image: images_of(record)[image] for image in kept} == kept  # no finished stage ran again
+
+
+def test_a_worker_killed_in_stage_two_resumes_there_in_the_next_worker(sim_process, tmp_path, queue_file):
     out = tmp_path / "out"
     added = start("queue", "add", job_file(tmp_path, "four", stages=4))
     assert added.wait(timeout=30) == 0
     job_id = added.stdout.read().split()[0]
     store = SQLiteStore(queue_file)
-    worker = [
-        "worker",
-        "--until-empty",
-        "--webui",
-        sim_process,
-        "--frontend",
-        "log",
-        "--out",
-        out,
-    ]
 
-    first = start(*worker)
+    first = start(*worker_args(sim_process, out))
     try:
-        record = until(
-            lambda: (r := store.get(job_id)).stages and r, "stage 1 recorded"
-        )
+        record = until(lambda: (r := store.get(job_id)).stages and r, "stage 1 recorded")
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
     finally:
         first.kill()
     assert store.get(job_id).state is JobState.RUNNING  # as the dead worker left it
-    [stage_one] = record.stages[0].images
-    before = os.stat(stage_one)
+    kept = images_of(record)
 
-    status, errors = finish(start(*worker))
+    status, errors = finish(start(*worker_args(sim_process, out)))
 
     assert status == 0, errors
     record = store.get(job_id)
-    assert (record.state, record.attempts) == (JobState.DONE, 2)
-    assert [
-        len(list(record.folder.glob(f"{i:02d}-*/*.png"))) for i in (1, 2, 3, 4)
-    ] == [1, 1, 1, 1]
-    after = os.stat(stage_one)
-    assert (after.st_ino, after.st_mtime_ns) == (
-        before.st_ino,
-        before.st_mtime_ns,
-    )  # stage 1 not run again
-    manifest = json.loads((record.folder / "manifest.json").read_text())
-    assert manifest["outcome"] == "done"
-    assert [stage["images"] for stage in manifest["stages"]] == [
-        [f"{i:02d}-{kind}/001.png"]
-        for i, kind in enumerate(("txt2img", "img2img", "adetailer", "upscale"), 1)
-    ]
+    assert record.attempts == 2
+    assert_done_once(record, kept)
     assert [path.name for path in out.iterdir()] == [record.folder.name]
     store.close()
+
+
+#: Where a process dies (`sdjobs.die_at`), which command it is, and how many stages it recorded first.
+KILL_POINTS = [
+    ("sample", "run", 0),  # during stage 1's generation request
+    ("rename-001.png", "worker", 0),  # stage 1's image written to scratch, not renamed
+    ("stage-written@2", "run", 1),  # stage 2's image renamed, its store row not written
+    ("rename-manifest.json@2", "worker", 2),  # the manifest after stage 2: written to scratch, not renamed
+    ("between-stages@2", "run", 2),  # stage 2 recorded and its manifest written, stage 3 not started
+    ("rename-manifest.json@5", "worker", 4),  # the manifest of the job's end
+]
+
+
+@pytest.mark.parametrize(("point", "command", "recorded"), KILL_POINTS)
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.04, first_step_time=0.04)])
+def test_killed_at_a_chosen_point_the_job_resumes_and_nothing_is_lost(
+    webui_sim, tmp_path, queue_file, point, command, recorded
+):
+    out, four, one = tmp_path / "out", job_file(tmp_path, "four", stages=4), job_file(tmp_path, "one")
+    if command == "run":
+        dying = start("run", four, one, "--webui", webui_sim.url, "--poll-interval", "0.25", "--out", out,
+                      env={"SDJOBS_TEST_DIE_AT": point})  # fmt: skip
+    else:
+        with SQLiteStore(queue_file) as store:
+            store.add([load_job(four), load_job(one)])
+        dying = start(*worker_args(webui_sim.url, out), env={"SDJOBS_TEST_DIE_AT": point})
+    status, errors = finish(dying)
+    assert status == -signal.SIGKILL, errors
+    with SQLiteStore(queue_file) as store:
+        job, waiting = store.list()
+        assert (job.state, len(job.stages), waiting.state) == (JobState.RUNNING, recorded, JobState.QUEUED)
+        if recorded:
+            manifest = json.loads((job.folder / "manifest.json").read_text())  # the last one renamed: whole
+            assert manifest["outcome"] == "running"
+        kept = images_of(job)
+
+        status, errors = finish(start(*worker_args(webui_sim.url, out)))
+
+        assert status == 0, errors
+        assert [(record.state, record.attempts) for record in store.history()] == [(JobState.DONE, 1), (JobState.DONE, 2)]
+        resumed = store.get(job.id)
+    assert resumed.folder == job.folder  # recorded before the first request, however early the kill
+    assert_done_once(resumed, kept)
+    assert len(list(out.iterdir())) == 2
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.04, first_step_time=0.04)])
+def test_kill_9_at_twenty_random_moments_loses_nothing(webui_sim, tmp_path, queue_file):
+    seed = random.randrange(2**32)
+    moments = random.Random(seed)
+    out, spec = tmp_path / "out", load_job(job_file(tmp_path, "four", stages=4))
+    kept: dict[Path, tuple[int, int]] = {}
+    with SQLiteStore(queue_file) as store:
+        for _ in range(20):
+            if not store.list():
+                store.add([spec])
+            worker = start(*worker_args(webui_sim.url, out, until_empty=False))
+            errors = Lines(worker.stderr)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.wait(timeout=moments.uniform(0.2, 1.5))  # a random moment; it never ends by itself
+            worker.send_signal(signal.SIGKILL)
+            assert worker.wait(timeout=10) == -signal.SIGKILL, (seed, errors.text())
+            for record in [*store.list(), *store.history()]:
+                for image, stat in images_of(record).items():
+                    assert kept.setdefault(image, stat) == stat, f"seed {seed}: {image} written again"
+
+        status, errors = finish(start(*worker_args(webui_sim.url, out)))
+
+        assert status == 0, errors
+        assert store.list() == []
+        ended = store.history()
+    assert len(list(out.iterdir())) == len(ended)
+    for record in ended:
+        assert_done_once(record, {image: kept[image] for image in images_of(record) if image in kept})
 
 
 def test_two_workers_on_one_queue_run_each_job_once(webui_sim, tmp_path, queue_file):
