@@ -448,9 +448,10 @@ class WebUIClient:
 
     # -- control ------------------------------------------------------------
 
-    def interrupt(self) -> None:
-        """Stop whatever the server is generating, whoever started it."""
-        self._call("POST", "/sdapi/v1/interrupt")
+    def interrupt(self, *, timeout: float | None = None) -> None:
+        """Stop whatever the server is generating, whoever started it; ``timeout`` bounds the wait for
+        the answer (connecting included) instead of `Timeouts.short`."""
+        self._call("POST", "/sdapi/v1/interrupt", timeout=None if timeout is None else (timeout, timeout))
 
     def skip(self) -> None:
         """End the current iteration early; the request goes on with the next."""

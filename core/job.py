@@ -16,6 +16,7 @@ The triggers are methods that `transitions` adds to each job::
     job.returned(result=result)
     job.failed(error=error)
     job.reached()
+    job.unanswered(error=error)
     job.cancel(mode=CancelMode.NOW)
     job.tick()
     job.abort(error="OSError: disk full")
@@ -29,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
-from sdjobs.client import WebUIError
+from sdjobs.client import WebUIError, WebUITimeout
 from sdjobs.die_at import die_at
 from sdjobs.hooks import Hooks, PluginError
 from sdjobs.machine import AWAITING_ANSWER, END_STATES, new_machine
@@ -70,7 +71,8 @@ class WebUIPort(Protocol):
         """Start a generation request; its answer comes back as `Job.returned`/`Job.failed`."""
 
     def interrupt(self) -> None:
-        """Ask the server to interrupt what it runs; returns at once."""
+        """Ask the server to interrupt what it runs; returns at once.  An interrupt the server does
+        not answer within `JobSettings.probe_timeout` comes back as `Job.unanswered`."""
 
     def ping(self) -> None:
         """Ask whether the server is back; if it answers, that comes back as `Job.reached`
@@ -217,6 +219,11 @@ class Job:
         that it refused the request: worth waiting for."""
         error = event.kwargs["error"]
         return isinstance(error, WebUIError) and error.down
+
+    def unreachable(self, event: EventData) -> bool:
+        """At the checks a server that answers nothing in time (hung) is waited for as one that is down:
+        no request is out yet whose stall could be watched."""
+        return self.server_down(event) or isinstance(event.kwargs["error"], WebUITimeout)
 
     def waited_out(self, event: EventData) -> bool:
         return self.clock() - self._down[0] >= self.settings.wait_for_webui
@@ -501,6 +508,11 @@ class Job:
         """The stall interrupt was answered: with what the request had (200) or an error, which is told too."""
         error = event.kwargs.get("error")
         self.error = "stalled; interrupted" if error is None else f"stalled; interrupted, and the request failed: {error}"
+
+    def note_unanswered(self, event: EventData) -> None:
+        """A frozen server will not answer the request either: the cancel ends the job now, saying so."""
+        log.warning("%s: the WebUI did not answer the interrupt (%s); it may go on rendering the request",
+                    self.spec.name, event.kwargs["error"])  # fmt: skip
 
     def fail_unanswered(self, event: EventData) -> None:
         quiet = self.stage.tracker.quiet_for(self.clock())

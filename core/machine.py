@@ -2,8 +2,8 @@
 
 Read this table to learn what a job does.  The runner feeds a job the events
 of the world, one at a time on its own thread, as *triggers*: `begin`,
-`prepared`, `sample`, `probed`, `returned`, `failed`, `reached`, `cancel`,
-`tick` and `abort`.  *Conditions* decide where each trigger leads; *callbacks* do the
+`prepared`, `sample`, `probed`, `returned`, `failed`, `reached`, `unanswered`,
+`cancel`, `tick` and `abort`.  *Conditions* decide where each trigger leads; *callbacks* do the
 work and fire the hooks.  The conditions and callbacks are named here and
 written as methods of the model, `sdjobs.job.Job`.
 
@@ -12,14 +12,17 @@ The states::
     queued             waiting to start
     preparing          the server is checked (preflight lists, task ids), the folder made (or
                        reopened: a resumed job goes on at its first unfinished stage)
-    waiting_to_prepare the server was down for the checks; it is pinged with backoff until it
-                       answers (then `preparing` again) or `wait_for_webui` runs out (`failed`)
+    waiting_to_prepare the server was down or hung (no answer in time) for the checks; it is
+                       pinged with backoff until it answers (then `preparing` again) or
+                       `wait_for_webui` runs out (`failed`)
     requesting         the stage's next request is built (its payload amended by plugins)
     baseline           a sample of what the server runs before ours is taken (no task ids)
     generating         our request is out and its progress followed
     asking             a cancel came: is the request the server runs ours? (no task ids)
-    interrupting       our request was interrupted for a cancel; its answer is awaited
-    stall_interrupting our request was interrupted because nothing moved; its answer is awaited
+    interrupting       our request was interrupted for a cancel; its answer is awaited, unless
+                       the interrupt itself went unanswered (`unanswered`: a frozen server)
+    stall_interrupting our request was interrupted because nothing moved; its answer is awaited,
+                       unless the interrupt went unanswered
     waiting_for_webui  the server went down under our request (refused, dropped, a gateway's
                        502/503/504); it is pinged with backoff, and once it answers the stage
                        goes on with that request again (`requesting`); its answered requests stay
@@ -73,8 +76,8 @@ AWAITING_ANSWER = ("generating", "generating_then_stop", "asking", "interrupting
 WAITING = ("waiting_to_prepare", "waiting_for_webui", "waiting_for_webui_then_stop")
 
 #: What the runner feeds a job, and what the job fires itself from a callback (`ready`, `stall`).
-TRIGGERS = ("begin", "prepared", "ready", "sample", "probed", "returned", "failed", "reached", "cancel", "stall",
-            "tick", "abort")  # fmt: skip
+TRIGGERS = ("begin", "prepared", "ready", "sample", "probed", "returned", "failed", "reached", "unanswered",
+            "cancel", "stall", "tick", "abort")  # fmt: skip
 
 
 def _twin(state: str) -> str:
@@ -106,7 +109,7 @@ TRANSITIONS: list[dict[str, Any]] = [
     {"trigger": "prepared", "source": "preparing", "dest": "requesting",
      "before": "start_first_stage", "after": "request"},
     {"trigger": "tick", "source": "preparing", "dest": "failed", "conditions": "late", "before": "fail_unprepared"},
-    {"trigger": "failed", "source": "preparing", "dest": "waiting_to_prepare", "conditions": "server_down",
+    {"trigger": "failed", "source": "preparing", "dest": "waiting_to_prepare", "conditions": "unreachable",
      "after": "wait_for_webui"},
     {"trigger": "failed", "source": "preparing", "dest": "failed", "before": "fail_with_error"},
     {"trigger": "reached", "source": "waiting_to_prepare", "dest": "preparing", "after": "check"},
@@ -143,6 +146,9 @@ TRANSITIONS: list[dict[str, Any]] = [
      "before": "fail_with_error"},
     {"trigger": "failed", "source": "stall_interrupting", "dest": "failed", "before": "fail_stalled"},
     {"trigger": "failed", "source": ["asking", "interrupting"], "dest": "cancelled"},
+    # -- the interrupt itself got no answer (timed out, or refused): a frozen server answers nothing more
+    {"trigger": "unanswered", "source": "interrupting", "dest": "cancelled", "before": "note_unanswered"},
+    {"trigger": "unanswered", "source": "stall_interrupting", "dest": "failed", "before": "fail_unanswered"},
     # -- cancels: "after this job" changes nothing here; a later cancel may only stop sooner -------
     {"trigger": "cancel", "source": ["queued", "preparing", "waiting_to_prepare"], "dest": "cancelled",
      "unless": "after_job"},

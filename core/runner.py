@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from sdjobs.client import WebUIClient, WebUIError
+from sdjobs.client import WebUIClient, WebUIError, WebUITimeout
 from sdjobs.hooks import Hooks
 from sdjobs.job import Job, JobSettings
 from sdjobs.outputs import JobFolder, folder_name, random_job_id
@@ -116,7 +116,7 @@ class _Port:
             try:
                 problems = preflight(spec, self._checks.catalog(spec))
             except WebUIError as exc:
-                if exc.down:  # not the job's fault: it waits for the server
+                if exc.down or isinstance(exc, WebUITimeout):  # not the job's fault: it waits for the server
                     self._put("failed", error=exc)
                     return
                 problems = [str(exc)]
@@ -151,9 +151,12 @@ class _Port:
     def interrupt(self) -> None:
         def post() -> None:
             try:
-                self.client.interrupt()
+                self.client.interrupt(timeout=self._patience)
             except WebUIError as exc:
-                log.warning("could not interrupt: %s", exc)
+                if exc.down or isinstance(exc, WebUITimeout):
+                    self._put("unanswered", error=exc)
+                else:
+                    log.warning("could not interrupt: %s", exc)
 
         self._in_background("interrupt", post)
 

@@ -29,7 +29,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from PIL import Image, PngImagePlugin
 
 from sdjobs import hookimpl
-from sdjobs.client import GenerationResult, WebUIServerError, WebUIUnreachable
+from sdjobs.client import GenerationResult, WebUIServerError, WebUITimeout, WebUIUnreachable
 from sdjobs.clock import FakeClock
 
 from sdjobs.hooks import Hooks, make_plugin_manager
@@ -454,6 +454,13 @@ class JobRules(RuleBasedStateMachine):
         self.job.failed(error=error)
         assert self.job.state in WAITING_FOR_WEBUI, f"{self.job.state}: a down server failed the job"
         assert (len(self.webui.sent), self.recorder.names().count("stage_started")) == (sent, started)
+
+    @precondition(lambda self: self.job.state in ("interrupting", "stall_interrupting") and not self.calm)
+    @rule()
+    def interrupt_unanswered(self) -> None:
+        """The server answers not even the interrupt (frozen): the job ends at once, not after the grace."""
+        self.job.unanswered(error=WebUITimeout("http://webui/sdapi/v1/interrupt", 1.0, "timed out after 1 s"))
+        assert self.job.finished
 
     @precondition(lambda self: self.job.state in WAITING_FOR_WEBUI)
     @rule()

@@ -101,6 +101,24 @@ def test_a_cancel_on_a_hung_webui_ends_the_run_at_once(webui_sim, tmp_path, capl
     assert list(runner.outcomes.values()) == [JobState.CANCELLED]
 
 
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.05)])
+def test_a_cancel_in_the_first_moment_of_a_freeze_ends_the_run_within_2_s(webui_sim, tmp_path, caplog):
+    settings = attrs.evolve(QUICK, stall_interrupt_after=None, cancel_grace=30.0)
+    with hung_in_a_long_job(webui_sim, tmp_path, settings) as (runner, log, running):
+        runner.cancel(CancelMode.NOW)  # before any sample timed out: the server is not known to be silent yet
+        running.join(timeout=2)  # the interrupt goes unanswered (1 s), not the 30 s of grace
+    assert list(runner.outcomes.values()) == [JobState.CANCELLED]
+    assert "lighthouse: the WebUI did not answer the interrupt (" in caplog.text
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.05)])
+def test_an_unanswered_stall_interrupt_fails_the_job_without_waiting_for_the_grace(webui_sim, tmp_path):
+    with hung_in_a_long_job(webui_sim, tmp_path, attrs.evolve(QUICK, cancel_grace=30.0)) as (runner, log, running):
+        running.join(timeout=10)  # stall_interrupt_after (1 s) and the unanswered interrupt (1 s), not 30 s
+    assert list(runner.outcomes.values()) == [JobState.FAILED]
+    assert log.one("job_finished")["error"].endswith("s, interrupt unanswered)")
+
+
 # -- down --------------------------------------------------------------------------------------
 
 
@@ -137,6 +155,22 @@ def test_a_webui_down_when_the_job_starts_is_waited_for(tmp_path):
         finally:
             stop(sim)
     assert list(runner.outcomes.values()) == [JobState.DONE]
+    assert log.names().count("job_started") == 1
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(hang=True)])
+def test_a_webui_hung_when_the_job_starts_is_waited_for_as_one_that_is_down(webui_sim, tmp_path):
+    with WebUIClient(webui_sim.url, timeouts=Timeouts(read=0.5), retries=0) as client:
+        runner, log = make_runner(client, [job_spec()], tmp_path)
+        running = Background(runner.run)
+        try:
+            assert log.wait_for("webui_unreachable", timeout=10)  # not failed at the checks
+        finally:
+            webui_sim.hang(False)
+        running.join(timeout=30)
+    assert list(runner.outcomes.values()) == [JobState.DONE]
+    told = [kwargs["error"] for name, kwargs in log.calls if name == "webui_unreachable"]
+    assert "timed out after 0.5 s" in told[0]
     assert log.names().count("job_started") == 1
 
 
