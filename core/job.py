@@ -105,6 +105,12 @@ class JobSettings:
     preview: bool = False
 
 
+def task_id(job_id: str, stage_index: int, number: int, retries: int = 0) -> str:
+    """The task id of request ``number`` (1-based) of a stage, sent again ``retries`` times:
+    `sdjobs-<job id>-<stage>-<number>[-r<retries>]`, ours beyond doubt."""
+    return f"sdjobs-{job_id}-{stage_index + 1}-{number}{f'-r{retries}' if retries else ''}"
+
+
 #: Seconds between two pings of a server that is down: the first, and the most (doubling between).
 PING_BACKOFF = (1.0, 30.0)
 
@@ -323,8 +329,7 @@ class Job:
             self.abort(error=exc)
             return
         if request.polled and self.port.task_tracking:  # a request sent again gets an id of its own
-            retry = f"-r{stage.retries}" if stage.retries else ""
-            request.task_id = f"sdjobs-{self.job_id}-{stage.index + 1}-{number}{retry}"
+            request.task_id = task_id(self.job_id, stage.index, number, stage.retries)
         self.ready()
 
     def ask_baseline(self, event: EventData) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 from sdjobs.client import WebUIClient, WebUIError, WebUITimeout
 from sdjobs.hooks import Hooks
-from sdjobs.job import Job, JobSettings
+from sdjobs.job import Job, JobSettings, task_id
 from sdjobs.outputs import JobFolder, folder_name, random_job_id
 from sdjobs.preflight import CatalogError, ServerCatalog, ask_for_lists, lists_needed, preflight
 from sdjobs.spec import JobSpec
@@ -33,6 +33,9 @@ from sdjobs.status import CancelMode, JobState, ProgressInfo, StageResult, TaskP
 from sdjobs.store import JobRecord, NotHeld, Store, StoreError
 
 log = logging.getLogger(__name__)
+
+#: How often a lost request may have been sent again (a down server) and still be looked for.
+_LOST_RETRIES = 4
 
 # How long the runner sleeps between two looks at the clock when nothing happens.
 _TICK = 0.5
@@ -76,7 +79,7 @@ class _Port:
 
     def __init__(self, client: WebUIClient, events: queue.SimpleQueue, job_id: str, *,
                  out_dir: Path, folder: Callable[[], JobFolder], checks: _ServerChecks,
-                 patience: float) -> None:  # fmt: skip
+                 patience: float, lost: Sequence[str] = ()) -> None:  # fmt: skip
         self.client = client
         self._events = events
         self._job_id = job_id
@@ -84,6 +87,7 @@ class _Port:
         self._folder = folder
         self._checks = checks
         self._patience = patience
+        self._lost = lost  # the task ids a request left running on this server by a dead worker may have
         self._made: JobFolder | None = None  # once made, checking again (the server was down) keeps it
 
     @property
@@ -124,9 +128,33 @@ class _Port:
                 problems = [str(exc)]
             if detection is not None:
                 detection.join(self._patience)
+            if self._lost:
+                self._interrupt_lost_request()
+                self._lost = ()  # once: checking again (the server was down) finds it ended
             self._put("prepared", folder=folder, problems=problems)
 
         self._in_background("prepare", check)
+
+    def _interrupt_lost_request(self) -> None:
+        """A worker running this job died with a request out on this server: if the server still runs
+        it, interrupt it, so that the job's new request does not wait behind it.  Only a task id tells
+        it for ours; without them another client's job could be taken for it, so it is left alone."""
+        if self.client.get_progress() is None:
+            return  # idle: the lost request ended
+        if not self.client.follows_task_ids:
+            log.info("%s: the WebUI is busy, maybe with the request of a worker that died; without task ids "
+                     "it cannot be told from another client's job, so it is not interrupted", self._job_id)
+            return
+        for task in self._lost:
+            progress = self.client.internal_progress(task)
+            if progress is not None and progress.active:
+                log.warning("%s: the WebUI still runs the request of a worker that died (%s): interrupting it",
+                            self._job_id, task)  # fmt: skip
+                try:
+                    self.client.interrupt(timeout=self._patience)
+                except WebUIError as exc:
+                    log.warning("could not interrupt: %s", exc)
+                return
 
     def probe(self, task_id: str | None) -> None:
         def sample() -> None:
@@ -294,7 +322,7 @@ class Runner:
                 store.release(record.id, worker_id)
                 return None
             job = self._new_job(record.id, record.spec, held.folder, record.stages[: record.next_stage],
-                                held.stage_finished)  # fmt: skip
+                                held.stage_finished, lost=self._lost_requests(record))  # fmt: skip
             outcome = self._drive(job)
             if job.detached:
                 return None  # another worker's now
@@ -310,6 +338,16 @@ class Runner:
         self.outcomes[record.id] = outcome
         return outcome
 
+    def _lost_requests(self, record: JobRecord) -> list[str]:
+        """The task ids of the requests the job's worker may have left running on our server when it was
+        lost: the first unfinished stage's, each perhaps sent again a few times.  None if it ran elsewhere."""
+        stage = record.next_stage
+        if record.lost_server != self.client.base_url or stage >= len(record.spec.stages):
+            return []
+        requests = len(record.stages[stage - 1].images) if stage else max(1, len(record.spec.inputs))
+        return [task_id(record.id, stage, number, retries)
+                for number in range(1, requests + 1) for retries in range(_LOST_RETRIES)]  # fmt: skip
+
     def _run_one(self, job_id: str, spec: JobSpec, folder: Callable[[], JobFolder]) -> JobState:
         return self._drive(self._new_job(job_id, spec, folder))
 
@@ -320,9 +358,10 @@ class Runner:
         folder: Callable[[], JobFolder],
         finished_before: Sequence[StageResult] = (),
         record: Callable[[StageResult], None] | None = None,
+        lost: Sequence[str] = (),
     ) -> Job:
         port = _Port(self.client, self._events, job_id, out_dir=self.out_dir, folder=folder, checks=self._checks,
-                     patience=self.settings.probe_timeout)  # fmt: skip
+                     patience=self.settings.probe_timeout, lost=lost)  # fmt: skip
         return Job(spec=spec, job_id=job_id, hooks=self.hooks, port=port, settings=self.settings, clock=self.clock,
                    finished_before=finished_before, record=record, server=self.server)  # fmt: skip
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from process_helpers import Lines, start
-from runner_helpers import GENERATION_PATHS, requests_to
+from runner_helpers import GENERATION_PATHS, Background, requests_to
+from sdjobs.client import WebUIClient
 from sdjobs.sim import SimSettings
 from sdjobs.spec import load_job
 from sdjobs.sqlite_store import SQLiteStore
@@ -291,3 +292,56 @@ def test_two_workers_on_one_queue_run_each_job_once(webui_sim, tmp_path, queue_f
     )
     assert len(requests_to(webui_sim, GENERATION_PATHS)) == 4
     assert len(list((tmp_path / "out").iterdir())) == 4
+
+
+# -- the request a killed worker left on the WebUI ---------------------------------------------
+
+
+def kill_during_the_request(webui_sim, tmp_path: Path, out: Path) -> None:
+    """`sdjobs run` of a one-stage job, killed as the stepping simulator renders its request: still running there."""
+    dying = start("run", job_file(tmp_path, "one"), "--webui", webui_sim.url, "--poll-interval", "0.25", "--out", out,
+                  env={"SDJOBS_TEST_DIE_AT": "sample"})  # fmt: skip
+    status, errors = finish(dying)
+    assert status == -signal.SIGKILL, errors
+    assert webui_sim.snapshot().current_task is not None
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
+def test_the_request_of_a_killed_worker_is_interrupted_before_the_job_runs_again(webui_sim, tmp_path, queue_file):
+    out = tmp_path / "out"
+    kill_during_the_request(webui_sim, tmp_path, out)
+    resuming = start(*worker_args(webui_sim.url, out))
+    try:
+        until(lambda: requests_to(webui_sim, ["/sdapi/v1/interrupt"]), "the lost request interrupted")
+        webui_sim.release(1000)  # the job's new request may run
+        status, errors = finish(resuming)
+    finally:
+        webui_sim.release(1000)
+    assert status == 0, errors
+    assert "the WebUI still runs the request of a worker that died (sdjobs-" in errors
+    [interrupt] = requests_to(webui_sim, ["/sdapi/v1/interrupt"])
+    lost, again = requests_to(webui_sim, GENERATION_PATHS)
+    assert lost[0] < interrupt[0] < again[0]
+    with SQLiteStore(queue_file) as store:
+        assert [(job.state, job.attempts) for job in store.history()] == [(JobState.DONE, 2)]
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
+def test_another_clients_job_is_never_taken_for_the_request_of_a_killed_worker(webui_sim, tmp_path, queue_file):
+    out = tmp_path / "out"
+    kill_during_the_request(webui_sim, tmp_path, out)
+    webui_sim.release(8)  # the lost request's 8 steps: it ends; another client's job starts
+    assert webui_sim.wait_for(lambda state: state.current_task is None)
+    with WebUIClient(webui_sim.url) as other:
+        theirs = Background(other.txt2img, {"prompt": "theirs", "steps": 8, "width": 64, "height": 64},
+                            force_task_id="task(theirs)")  # fmt: skip
+        assert webui_sim.wait_for(lambda state: state.current_task == "task(theirs)")
+        resuming = start(*worker_args(webui_sim.url, out))
+        try:
+            until(lambda: len(requests_to(webui_sim, GENERATION_PATHS)) == 3, "the job's request sent, behind theirs")
+        finally:
+            webui_sim.release(1000)
+        status, errors = finish(resuming)
+        assert len(theirs.join().images) == 1
+    assert status == 0, errors
+    assert requests_to(webui_sim, ["/sdapi/v1/interrupt"]) == []
