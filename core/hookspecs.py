@@ -216,11 +216,12 @@ def sdjobs_job_finished(
     error: str | None,
     results: tuple[StageResult, ...],
 ) -> None:
-    """A job ended: ``outcome`` is ``done``, ``failed`` or ``cancelled``.
+    """A job ended: ``outcome`` is ``done``, ``failed`` or ``cancelled``, or ``handed_back``
+    when this attempt stopped and the job went back to the queue, to resume later.
 
     ``error`` says why a job failed (None otherwise); ``results`` holds every
-    finished stage, partial ones too.  This is the last hook of a job: none
-    follows for it.  The return value is ignored; raising is logged.
+    finished stage, partial ones too.  This is the last hook of a job (of its
+    attempt, when handed back).  The return value is ignored; raising is logged.
     """
 
 

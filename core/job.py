@@ -18,6 +18,7 @@ The triggers are methods that `transitions` adds to each job::
     job.reached()
     job.unanswered(error=error)
     job.cancel(mode=CancelMode.NOW)
+    job.hand_back()
     job.tick()
     job.abort(error="OSError: disk full")
 """
@@ -165,6 +166,7 @@ class Job:
     deadline: float | None = attrs.field(default=None, init=False)
     detached: bool = attrs.field(default=False, init=False)
     gave_up_on_webui: bool = attrs.field(default=False, init=False)
+    _handing_back: bool = attrs.field(default=False, init=False)  # `hand_back` came
     _down: tuple[float, str] | None = attrs.field(default=None, init=False)  # since when, and why
     _backoff: float = attrs.field(default=0.0, init=False)
     _jobs: JobTracker = attrs.field(init=False)
@@ -245,6 +247,10 @@ class Job:
     def ours_running(self, event: EventData) -> bool:
         """A sample said the job the server runs is ours: only then is it interrupted."""
         return self.stage.tracker.running
+
+    def handing_back(self, event: EventData) -> bool:
+        """`hand_back` came: where a cancel would end the job `cancelled`, it ends `handed_back`."""
+        return self._handing_back
 
     def now(self, event: EventData) -> bool:
         return event.kwargs["mode"] is CancelMode.NOW
@@ -422,6 +428,11 @@ class Job:
         self.error = f"the WebUI stayed unreachable for {self.settings.wait_for_webui:g} s: {self._down[1]}"
 
     # -- callbacks: cutting a request short -------------------------------------------------
+
+    def hand_back_now(self, event: EventData) -> None:
+        """Stop as a cancel "now" does; where that would end `cancelled`, the job ends `handed_back`."""
+        self._handing_back = True
+        self.cancel(mode=CancelMode.NOW)
 
     def interrupt(self, event: EventData) -> None:
         """Interrupt our running request; its answer is awaited for the grace time."""

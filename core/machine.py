@@ -3,7 +3,7 @@
 Read this table to learn what a job does.  The runner feeds a job the events
 of the world, one at a time on its own thread, as *triggers*: `begin`,
 `prepared`, `sample`, `probed`, `returned`, `failed`, `reached`, `unanswered`,
-`cancel`, `tick` and `abort`.  *Conditions* decide where each trigger leads; *callbacks* do the
+`cancel`, `hand_back`, `tick` and `abort`.  *Conditions* decide where each trigger leads; *callbacks* do the
 work and fire the hooks.  The conditions and callbacks are named here and
 written as methods of the model, `sdjobs.job.Job`.
 
@@ -27,6 +27,10 @@ The states::
                        502/503/504); it is pinged with backoff, and once it answers the stage
                        goes on with that request again (`requesting`); its answered requests stay
     done, failed, cancelled    the ends, absorbing
+    handed_back        the end of an attempt stopped as a cancel "now" stops it, but given back to
+                       the queue to resume later (SIGTERM, a second Ctrl-C, `queue pause --now`):
+                       every transition to `cancelled` has a twin to `handed_back`, taken instead
+                       once `hand_back` came (`handing_back`)
 
 and `requesting`, `baseline`, `generating`, `waiting_for_webui` each have a twin ending in
 ``_then_stop``: the same work, after a cancel "after this stage", so that the
@@ -59,7 +63,7 @@ __all__ = [
     "new_machine",
 ]
 
-END_STATES = ("done", "failed", "cancelled")
+END_STATES = ("done", "failed", "cancelled", "handed_back")
 
 #: The states where the stage goes on; each has a twin for "stop after this stage".
 WORKING = ("requesting", "baseline", "generating", "waiting_for_webui")
@@ -77,7 +81,7 @@ WAITING = ("waiting_to_prepare", "waiting_for_webui", "waiting_for_webui_then_st
 
 #: What the runner feeds a job, and what the job fires itself from a callback (`ready`, `stall`).
 TRIGGERS = ("begin", "prepared", "ready", "sample", "probed", "returned", "failed", "reached", "unanswered",
-            "cancel", "stall", "tick", "abort")  # fmt: skip
+            "cancel", "hand_back", "stall", "tick", "abort")  # fmt: skip
 
 
 def _twin(state: str) -> str:
@@ -97,7 +101,19 @@ def _ignore(trigger: str, sources: list[str]) -> dict[str, Any]:
     return {"trigger": trigger, "source": sources, "dest": None}
 
 
-TRANSITIONS: list[dict[str, Any]] = [
+def _or_handed_back(transitions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each transition to `cancelled` preceded by its twin to `handed_back`, taken for a job handed back."""
+    out = []
+    for transition in transitions:
+        if transition["dest"] == "cancelled":
+            conditions = transition.get("conditions", [])
+            conditions = [conditions] if isinstance(conditions, str) else conditions
+            out.append({**transition, "dest": "handed_back", "conditions": ["handing_back", *conditions]})
+        out.append(transition)
+    return out
+
+
+TRANSITIONS: list[dict[str, Any]] = _or_handed_back([
     # -- leaving the queue: job_started, then the server's answers to the checks ------------------
     {"trigger": "begin", "source": "queued", "dest": "preparing", "after": "prepare"},
     {"trigger": "prepared", "source": "preparing", "dest": "failed", "conditions": "has_problems",
@@ -167,6 +183,9 @@ TRANSITIONS: list[dict[str, Any]] = [
      "after": "await_interrupted"},
     _ignore("cancel", ["queued", "preparing", "waiting_to_prepare", *WORKING, *STOPPING, "asking", "interrupting",
                        "stall_interrupting"]),
+    # -- a hand-back: a cancel "now" whose end is `handed_back` ---------------------------------------
+    {"trigger": "hand_back", "source": [state for state in STATES if state not in END_STATES], "dest": None,
+     "after": "hand_back_now"},
     {"trigger": "probed", "source": "asking", "dest": "interrupting", "prepare": "fold_probe",
      "conditions": "ours_running", "after": "interrupt"},
     {"trigger": "probed", "source": "asking", "dest": "cancelled"},
@@ -183,7 +202,7 @@ TRANSITIONS: list[dict[str, Any]] = [
     _ignore("tick", ["queued", "preparing", *WAITING, "requesting", "requesting_then_stop", "baseline",
                      "baseline_then_stop", "asking", "interrupting", "stall_interrupting"]),
     _ignore("reached", [state for state in STATES if state not in (*WAITING, *END_STATES)]),
-]  # fmt: skip
+])  # fmt: skip
 
 
 def new_machine(model: object) -> Machine:

@@ -284,7 +284,9 @@ class Runner:
         (SIGTERM, a second Ctrl-C).  Our running request is interrupted if it is ours; no
         further job runs.  Safe from any thread, a signal handler included."""
         self._hand_back = True
-        self.cancel(CancelMode.NOW, rest=True)
+        if not self._drained:
+            self._stop_queue = True  # set before `_current` is read, as in `cancel`
+            self._events.put((self._current, "hand_back", {}))
 
     def let_go(self) -> None:
         """The store gave the held job to another worker: stop it, writing nothing more."""
@@ -326,7 +328,7 @@ class Runner:
             outcome = self._drive(job)
             if job.detached:
                 return None  # another worker's now
-            if self._hand_back and outcome is JobState.CANCELLED:
+            if outcome is JobState.HANDED_BACK:
                 store.release(record.id, worker_id)
                 return None
             store.finish(record.id, worker_id, outcome, job.error)
@@ -385,7 +387,7 @@ class Runner:
                 pass  # for a job that has ended, or between jobs
             elif trigger == "let_go":
                 job.detach()
-                self._handle(job, "cancel", {"mode": CancelMode.NOW})
+                self._handle(job, "hand_back", {})
             else:
                 self._handle(job, trigger, kwargs)
         # Also after an event: samples may keep coming while nothing moves (a stall).

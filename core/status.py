@@ -220,6 +220,9 @@ class JobState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    #: Stopped and given back to the queue (SIGTERM, a second Ctrl-C, `queue pause --now`): it resumes
+    #: later where it was.  An end for the running attempt and its hooks, never for the job in the store.
+    HANDED_BACK = "handed_back"
 
     @property
     def terminal(self) -> bool:

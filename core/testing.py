@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -385,6 +385,7 @@ class JobRules(RuleBasedStateMachine):
         self.sent_at_cancel = 0
         self.progress_at_cancel = 0
         self.stall_interrupted = False
+        self.handed_back = False  # a hand-back came (SIGTERM, `queue pause --now`)
         self.raising = False
         self.ticked_at = float("-inf")
         self.downs: list[tuple[int, int, int]] = []  # stage index, request number, images kept, at each down
@@ -487,13 +488,23 @@ class JobRules(RuleBasedStateMachine):
         if not self.job.finished:
             self._cancel(second)
 
-    def _cancel(self, mode: CancelMode) -> None:
+    @precondition(lambda self: self.job.state in STAGE_STATES and not self.handed_back and not self.calm)
+    @rule()
+    def hand_back(self) -> None:
+        """SIGTERM or `queue pause --now`: a cancel "now" whose end is `handed_back`."""
+        self.handed_back = True
+        self._cancel(CancelMode.NOW, fire=self.job.hand_back)
+
+    def _cancel(self, mode: CancelMode, fire: Callable[[], object] | None = None) -> None:
         self.cancels.append((mode, self.job.state, self.recorder.names().count("stage_started")))
         if mode is CancelMode.NOW and self.cancelled_at is None:
             self.cancelled_at = self.clock.now
             self.sent_at_cancel = len(self.webui.sent)
             self.progress_at_cancel = self.recorder.names().count("progress")
-        self.job.cancel(mode=mode)
+        if fire is None:
+            self.job.cancel(mode=mode)
+        else:
+            fire()
 
     # -- time and plugins ---------------------------------------------------------------------
 
@@ -583,7 +594,7 @@ class JobRules(RuleBasedStateMachine):
         if not self.job.awaiting_answer or grace_over:
             assert self.job.finished
         if self.job.finished and self._first(CancelMode.NOW)[1] not in ("queued", *END_STATES):
-            assert self.job.outcome is JobState.CANCELLED
+            assert self.job.outcome is (JobState.HANDED_BACK if self.handed_back else JobState.CANCELLED)
 
     @invariant()
     def a_cancel_after_this_stage_starts_no_further_stage(self) -> None:
@@ -627,7 +638,7 @@ class JobRules(RuleBasedStateMachine):
     def a_finished_job_says_how(self) -> None:
         if not self.job.finished:
             return
-        assert self.job.outcome in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+        assert self.job.outcome in (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.HANDED_BACK)
         assert self.job.status.state is self.job.outcome
         event(f"outcome: {self.job.outcome}")
         if self.job.outcome is JobState.DONE:

@@ -32,6 +32,7 @@ from sdjobs.frontends.formatting import (
     format_duration,
     format_eta,
     outcome_line,
+    outcome_text,
     plural,
     printable,
     stage_finished_line,
@@ -49,7 +50,8 @@ from sdjobs.store import JobRecord
 REFRESH_PER_SECOND = 10
 BAR_WIDTH = 40
 
-OUTCOME_STYLES = {JobState.DONE: "green", JobState.FAILED: "red", JobState.CANCELLED: "yellow"}
+OUTCOME_STYLES = {JobState.DONE: "green", JobState.FAILED: "red", JobState.CANCELLED: "yellow",
+                  JobState.HANDED_BACK: "yellow"}  # fmt: skip
 
 CANCELLING = "Ctrl-C: cancelling the running job, keeping its partial images; no further job runs. Ctrl-C again quits at once."
 
@@ -263,7 +265,7 @@ class ConsoleFrontend:
             else:
                 table.add_row(
                     Text(printable(entry.name)),
-                    Text(entry.outcome.value, style=OUTCOME_STYLES[entry.outcome]),
+                    Text(outcome_text(entry.outcome), style=OUTCOME_STYLES[entry.outcome]),
                     str(entry.images),
                     format_duration(entry.elapsed),
                 )

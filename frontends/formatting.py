@@ -138,14 +138,21 @@ def stage_finished_line(status: RuntimeStatus, result: StageResult) -> str:
     return printable(line)
 
 
+def outcome_text(outcome: JobState) -> str:
+    """How an outcome reads: `done`, `failed`, `cancelled`, `handed back`."""
+    return outcome.value.replace("_", " ")
+
+
 def outcome_line(
     name: str, outcome: JobState, error: str | None, elapsed: float, results: tuple[StageResult, ...]
 ) -> str:
-    """`"lighthouse: done in 1m 05s · 4 images"`, or why it failed, or that it was cancelled."""
+    """`"lighthouse: done in 1m 05s · 4 images"`, or why it failed, or that it was cancelled or handed back."""
     images = sum(len(result.images) for result in results)
     took = format_duration(elapsed)
-    ended = f"done in {took}" if outcome is JobState.DONE else f"{outcome.value} after {took}"
+    ended = f"done in {took}" if outcome is JobState.DONE else f"{outcome_text(outcome)} after {took}"
     line = f"{name}: {ended} · {images_text(images)}"
+    if outcome is JobState.HANDED_BACK:
+        line += " (back in the queue: it resumes at its first unfinished stage)"
     if outcome is JobState.CANCELLED and any(result.partial for result in results):
         line += " (the stage's partial images are kept)"
     if error:
@@ -155,10 +162,10 @@ def outcome_line(
 
 def drained_line(outcomes: Mapping[str, JobState], queued: int) -> str:
     """`"3 jobs: 1 done, 1 failed, 1 not run"`, outcomes in a fixed order."""
-    counts = {state: 0 for state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)}
+    counts = {state: 0 for state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.HANDED_BACK)}
     for outcome in outcomes.values():
         counts[outcome] += 1
-    parts = [f"{count} {state.value}" for state, count in counts.items() if count]
+    parts = [f"{count} {outcome_text(state)}" for state, count in counts.items() if count]
     if queued > len(outcomes):
         parts.append(f"{queued - len(outcomes)} not run")
     return f"{plural(queued, 'job')}: " + ", ".join(parts)

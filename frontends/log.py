@@ -53,7 +53,8 @@ DEFAULT_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
 #: A stage's progress is logged when it reaches the next multiple of this many percent.
 PROGRESS_STEP = 10
 
-_OUTCOME_LEVELS = {JobState.DONE: logging.INFO, JobState.CANCELLED: logging.WARNING, JobState.FAILED: logging.ERROR}
+_OUTCOME_LEVELS = {JobState.DONE: logging.INFO, JobState.CANCELLED: logging.WARNING, JobState.FAILED: logging.ERROR,
+                   JobState.HANDED_BACK: logging.WARNING}  # fmt: skip
 
 
 def _level(name: str) -> int:

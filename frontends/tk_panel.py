@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 #: The live preview is shrunk to fit a square of this many pixels.
 PREVIEW_SIZE = 256
 
-OUTCOME_TEXT = {JobState.DONE: "Done", JobState.FAILED: "Failed", JobState.CANCELLED: "Cancelled"}
+OUTCOME_TEXT = {JobState.DONE: "Done", JobState.FAILED: "Failed", JobState.CANCELLED: "Cancelled",
+                JobState.HANDED_BACK: "Handed back to the queue"}  # fmt: skip
 
 
 #: Rows each of the queue and history lists shows; more scroll.

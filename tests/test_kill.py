@@ -119,6 +119,9 @@ def test_sigterm_hands_the_running_job_back_and_the_rest_stay_queued(
         in logged.text()
     )
     assert "Traceback" not in logged.text()
+    assert "lighthouse: handed back after " in logged.text() and "cancelled" not in logged.text()
+    manifest = json.loads((first.folder / "manifest.json").read_text())
+    assert (manifest["outcome"], manifest["stages"][0]["partial"]) == ("handed_back", True)
     assert (
         len(requests_to(webui_sim, ["/sdapi/v1/interrupt"])) == 1
     )  # our request, cut short

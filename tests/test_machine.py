@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from sdjobs.machine import END_STATES, STATES, TRANSITIONS, TRIGGERS, MachineErr
 from sdjobs.outputs import JobFolder
 from sdjobs.spec import JobSpec, load_job
 from sdjobs.status import CancelMode, JobState
-from sdjobs.testing import FakeWebUI, HookRecorder
+from sdjobs.testing import FakeWebUI, HookRecorder, active_task
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo.toml"
@@ -175,6 +176,29 @@ def test_a_cancel_now_after_after_stage_stops_at_once(world):
     assert world.job.state == "baseline_then_stop"
     assert world.do("cancel", mode=CancelMode.NOW) == "cancelled"
     assert world.webui.sent == [] and world.webui.interrupts == 0
+
+
+def test_a_hand_back_interrupts_our_request_and_ends_handed_back(plugin_manager, tmp_path):
+    world = World(two_stages(), plugin_manager, tmp_path, task_tracking=True)
+    world.do("begin")
+    world.do("prepared", folder=world.webui.folder, problems=[])
+    world.do("sample", info=None, task=active_task(0.1))
+    assert world.do("hand_back") == "interrupting" and world.webui.interrupts == 1
+    assert world.answer() == "handed_back"
+    finished = world.recorder.calls[-1][1]
+    assert (finished["outcome"], finished["status"].state) == (JobState.HANDED_BACK, JobState.HANDED_BACK)
+    manifest = json.loads((world.webui.folder.path / "manifest.json").read_text())
+    assert manifest["outcome"] == "handed_back"
+
+
+def test_a_hand_back_during_a_cancel_ends_handed_back(world):
+    world.do("begin")
+    world.do("prepared", folder=world.webui.folder, problems=[])
+    world.do("probed", info=None, task=None)
+    assert world.do("cancel", mode=CancelMode.NOW) == "asking"
+    world.do("hand_back")
+    assert world.do("probed", info=None, task=None) == "handed_back"  # not ours: nothing interrupted
+    assert world.webui.interrupts == 0
 
 
 def test_a_cancel_after_this_job_changes_nothing(world):

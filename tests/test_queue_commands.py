@@ -154,6 +154,8 @@ def test_pause_now_hands_the_running_job_back_and_resume_runs_it_on(webui_sim, w
         back = until(lambda: store.get(job).state is JobState.QUEUED and store.get(job), "the job is back", timeout=10)
         assert (back.attempts, back.recall, back.next_stage) == (1, False, 0)
         assert lines.wait_for('"event": "queue_paused"'), lines.text(0)
+        finished = [json.loads(line) for line in lines.lines if '"event": "job_finished"' in line]
+        assert [event["outcome"] for event in finished] == ["handed_back"]  # not "cancelled": it went back
         assert sdjobs("queue", "resume").returncode == 0
         webui_sim.release(1000)
         ended = until(lambda: store.get(job).ended and store.get(job), "the job ended", timeout=20)
