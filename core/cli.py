@@ -251,6 +251,9 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run the jobs of the queue, waiting for more until stopped")
     worker.add_argument("--until-empty", action="store_true", help="stop when no job is queued or running")
+    worker.add_argument("--pause-after-crash", action="store_true",
+                        help="if a worker died with jobs running (kill -9, a crash), pause the queue instead of "
+                             "resuming them (sdjobs queue resume goes on)")  # fmt: skip
     _add_webui_options(worker, several=True)
     _add_health_interval(worker)
     _add_queue_option(worker)
@@ -513,10 +516,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    return _work(args, until_empty=args.until_empty)
+    return _work(args, until_empty=args.until_empty, pause_after_crash=args.pause_after_crash)
 
 
-def _work(args: argparse.Namespace, *, add: Sequence[JobSpec] = (), until_empty: bool = False) -> int:
+def _work(args: argparse.Namespace, *, add: Sequence[JobSpec] = (), until_empty: bool = False,
+          pause_after_crash: bool = False) -> int:  # fmt: skip
     clients = _server_clients(args)
     with contextlib.ExitStack() as closing:
         for client in clients.values():
@@ -526,11 +530,13 @@ def _work(args: argparse.Namespace, *, add: Sequence[JobSpec] = (), until_empty:
         with _open_store(args) as store:
             if len(clients) == 1:
                 [client] = clients.values()
-                worker = Worker(store, _runner([], client, args), add=add, until_empty=until_empty, lease=store.lease)
+                worker = Worker(store, _runner([], client, args), add=add, until_empty=until_empty, lease=store.lease,
+                                pause_after_crash=pause_after_crash)  # fmt: skip
             else:
                 lanes = Lanes([Lane(server, _runner([], client, args, server.name)) for server, client in clients.items()],
                               health_interval=args.health_interval)
-                worker = Worker(store, add=add, until_empty=until_empty, lease=store.lease, lanes=lanes)
+                worker = Worker(store, add=add, until_empty=until_empty, lease=store.lease, lanes=lanes,
+                                pause_after_crash=pause_after_crash)  # fmt: skip
             status = _show(worker, shown)
             if worker.handed_back is not None:
                 print(f"sdjobs: {worker.handed_back.describe()}", file=sys.stderr)

@@ -103,6 +103,8 @@ class Worker:
         add: Jobs to add for this worker alone (`sdjobs run`): it then runs only
             those, and stops when none of them is left queued.
         until_empty: Stop when no job is queued or running, instead of waiting for more.
+        pause_after_crash: On start, if a worker that died (`kill -9`, a crash) left jobs running,
+            pause the queue (`Store.pause`) rather than resume them: a person looks first.
         lease: The store's lease; the heartbeat beats four times in it.
         idle_poll: Seconds between two looks at an empty queue (a change the
             watch thread sees ends the wait sooner).
@@ -116,6 +118,7 @@ class Worker:
     runner: Runner = None  # type: ignore[assignment]  # with lanes: set from them
     add: Sequence[JobSpec] = ()
     until_empty: bool = False
+    pause_after_crash: bool = False
     lease: float = DEFAULT_LEASE
     idle_poll: float = DEFAULT_IDLE_POLL
     watch_interval: float = DEFAULT_WATCH_INTERVAL
@@ -216,6 +219,7 @@ class Worker:
         beating.start()
         watching = threading.Thread(target=self._watch, name="sdjobs-watch", daemon=True)
         try:
+            self._pause_after_crash()
             self._add_own()
             watching.start()  # after `sdjobs run`'s jobs are queued: its first look shows them
             if self.lanes is None:
@@ -233,6 +237,13 @@ class Worker:
                 self.lanes.join_health()
             self._leave()
             self.runner.hooks.queue_drained(dict(self.outcomes))
+
+    def _pause_after_crash(self) -> None:
+        if self.pause_after_crash and (lost := self.store.recover()):
+            self.store.pause()
+            names = ", ".join(f"{job.short_id} ({job.spec.name})" for job in lost)
+            log.warning("a worker died with jobs running (%s): the queue is paused; 'sdjobs queue resume' goes on",
+                        names)  # fmt: skip
 
     def _add_own(self) -> None:
         if self.add:

@@ -348,3 +348,25 @@ def test_another_clients_job_is_never_taken_for_the_request_of_a_killed_worker(w
         assert len(theirs.join().images) == 1
     assert status == 0, errors
     assert requests_to(webui_sim, ["/sdapi/v1/interrupt"]) == []
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.05, first_step_time=0.05)])
+def test_a_worker_started_with_pause_after_crash_pauses_the_queue_a_dead_worker_left(webui_sim, tmp_path, queue_file):
+    out = tmp_path / "out"
+    with SQLiteStore(queue_file) as store:
+        [job] = store.add([load_job(job_file(tmp_path, "one"))])
+    status, errors = finish(start(*worker_args(webui_sim.url, out), env={"SDJOBS_TEST_DIE_AT": "sample"}))
+    assert status == -signal.SIGKILL, errors
+
+    status, errors = finish(start(*worker_args(webui_sim.url, out), "--pause-after-crash"))
+
+    assert status == 0, errors
+    assert f"a worker died with jobs running ({job.short_id} (one)): the queue is paused" in errors
+    with SQLiteStore(queue_file) as store:
+        assert store.queue_paused()
+        assert (store.get(job.id).state, store.get(job.id).attempts) == (JobState.QUEUED, 1)
+        store.resume()
+    status, errors = finish(start(*worker_args(webui_sim.url, out), "--pause-after-crash"))  # nothing died since
+    assert status == 0, errors
+    with SQLiteStore(queue_file) as store:
+        assert (store.get(job.id).state, store.get(job.id).attempts) == (JobState.DONE, 2)
