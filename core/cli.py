@@ -218,7 +218,8 @@ def _add_webui_options(parser: argparse.ArgumentParser, *, several: bool = False
         parser.add_argument("--servers", type=Path, metavar="FILE", help=f"TOML listing the WebUIs as [[servers]] tables: name, url, auth_env, weight, tags (default: ${SERVERS_ENV})")
     else:
         parser.add_argument("--webui", metavar="URL", help=f"the WebUI (default: $SDJOBS_WEBUI, else {DEFAULT_URL})")
-    parser.add_argument("--auth", metavar="USER:PASS", help="HTTP Basic credentials (--api-auth) of the --webui servers; default $SDJOBS_WEBUI_AUTH")
+    whose = " of the servers that name no auth_env" if several else ""
+    parser.add_argument("--auth", metavar="USER:PASS", help=f"HTTP Basic credentials (--api-auth){whose}; default $SDJOBS_WEBUI_AUTH")
 
 
 def _add_health_interval(parser: argparse.ArgumentParser) -> None:

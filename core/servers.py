@@ -9,7 +9,7 @@ one `[[servers]]` table each:
     url = "http://127.0.0.1:7860"
     auth_env = "DESK_AUTH"          # optional: the variable holding USER:PASS
     weight = 2                      # optional (default 1): more jobs go to it
-    tags = ["sdxl", "fast"]         # optional: stages may ask for a tag
+    tags = ["sdxl", "fast"]         # optional: labels (stages cannot ask for them yet)
 
 The file names the variable that holds a server's credentials, never the
 credentials themselves, so it can be shared or committed.  A mistake is one
@@ -49,7 +49,7 @@ class ServerConfig:
         url: Its base URL, without credentials.
         auth_env: The environment variable holding its USER:PASS, if it needs any.
         weight: Its share of the jobs when several servers are free (higher: more).
-        tags: Words a stage may ask for (`server_tags`) to be run on it.
+        tags: Labels shown by `sdjobs servers`; meant for routing stages by tag, which is not built yet.
     """
 
     name: str

@@ -241,3 +241,31 @@ def test_sdjobs_worker_on_two_servers_exits_0_when_one_dies_and_every_job_ends_d
     for job in map(store.get, (job.id for job in jobs)):
         assert job.state is JobState.DONE
         assert sorted(path.parent.name for path in job.folder.rglob("*.png")) == ["01-txt2img", "02-img2img"]
+
+
+def test_sdjobs_run_s_own_jobs_run_on_both_servers_and_end_it(store, tmp_path) -> None:
+    with SimulatedWebUI(SimSettings(step_time=0.001)) as desk, SimulatedWebUI(SimSettings(step_time=0.001)) as rented:
+        [other] = store.add([job_spec(name="someone else's")])
+        lanes, _ = make_lanes({"desk": desk.url, "rented": rented.url}, tmp_path / "out")
+        worker = Worker(store, lanes=lanes, add=[job_spec(name=f"own{n}") for n in range(4)], idle_poll=0.05)
+        Background(worker.run).join(timeout=30)
+        assert {store.get(job_id).server for job_id in worker.outcomes} <= {desk.url, rented.url}
+    assert len(worker.outcomes) == 4 and set(worker.outcomes.values()) == {JobState.DONE}
+    assert store.get(other.id).state is JobState.QUEUED  # `sdjobs run` runs its own jobs alone
+
+
+def test_a_hand_back_returns_every_running_job_to_the_queue(store, tmp_path) -> None:
+    with SimulatedWebUI(SimSettings(stepping=True)) as desk, SimulatedWebUI(SimSettings(stepping=True)) as rented:
+        jobs = store.add([job_spec(name="sea"), job_spec(name="sky")])
+        lanes, log = make_lanes({"desk": desk.url, "rented": rented.url}, tmp_path / "out")
+        worker = Worker(store, lanes=lanes, idle_poll=0.05)
+        working = Background(worker.run)
+        for name in ("desk", "rented"):
+            assert log.wait_for("stage_started", lambda call, name=name: call["status"].server == name, timeout=10)
+        worker.hand_back()
+        for sim in (desk, rented):
+            sim.release(10_000)  # an interrupt, if any, finishes the step that waits
+        working.join(timeout=20)
+    assert worker.outcomes == {} and exit_status(worker) == 143
+    assert [(job.state, job.attempts) for job in map(store.get, (job.id for job in jobs))] == [(JobState.QUEUED, 1)] * 2
+    assert worker.handed_back is not None and worker.handed_back.waiting + (worker.handed_back.job is not None) == 2
