@@ -45,7 +45,8 @@ from transitions import EventData
 
 if TYPE_CHECKING:
     from sdjobs.client import GenerationResult, WebUIClient
-    from sdjobs.spec import JobSpec, StagePlan, StageSpec
+    from sdjobs.history import ServerHistory
+    from sdjobs.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,8 @@ class Job:
         record: Called with each finished stage once its images are on disk, before its manifest is
             rewritten and the next stage starts (the runner records it in the store); raising fails the job.
         server: The name of the server it runs on (`RuntimeStatus.server`), when there are several.
+        history: What the server's history says of its speed: the prior of each stage's ETA
+            and the price of the stages after the running one; None: none.
     """
 
     spec: JobSpec
@@ -157,6 +160,7 @@ class Job:
     finished_before: Sequence[StageResult] = ()
     record: Callable[[StageResult], None] | None = attrs.field(default=None, repr=False)
     server: str | None = None
+    history: ServerHistory | None = attrs.field(default=None, repr=False)
 
     folder: JobFolder | None = attrs.field(default=None, init=False)
     error: str | None = attrs.field(default=None, init=False)
@@ -173,7 +177,10 @@ class Job:
 
     def __attrs_post_init__(self) -> None:
         self.results = list(self.finished_before)
-        self._jobs = JobTracker(costs=tuple(plan.cost for plan in self.spec.plan()))
+        seconds = None
+        if self.history is not None:
+            seconds = tuple(self.history.stage_seconds(self.spec, index) for index in range(len(self.spec.stages)))
+        self._jobs = JobTracker(costs=tuple(plan.cost for plan in self.spec.plan()), seconds=seconds)
         self.status = RuntimeStatus(
             job_id=self.job_id,
             name=self.spec.name,
@@ -551,6 +558,10 @@ class Job:
 
     def _start_stage(self, index: int, inputs: list[bytes | None]) -> None:
         plan = self.spec.plan()[index]
+        shape = RequestShape.for_stage(self.spec.stages[index], plan)
+        prior = None if self.history is None else self.history.model_for(self.spec, index)
+        if shape is not None and prior is not None and prior.assumed_faces() is not None:
+            shape = attrs.evolve(shape, faces=prior.assumed_faces())
         self.stage = StageRun(
             index=index,
             spec=self.spec.stages[index],
@@ -561,7 +572,8 @@ class Job:
                 steps_per_request=plan.steps or None,
                 passes_per_request=plan.passes,
                 images_per_request=plan.iterations,
-                shape=_shape(self.spec.stages[index], plan),
+                shape=shape,
+                prior=prior,
             ),
             stalls=StallWatch(self.settings.stall_after, self.settings.stall_interrupt_after),
             started=self.clock(),
@@ -640,14 +652,3 @@ class Job:
             self.folder.write_manifest(self.spec, self.results, outcome=outcome, error=self.error)
         except OSError as exc:
             log.error("%s: cannot write the manifest in %s: %s", self.job_id, self.folder.path, exc)
-
-
-def _shape(stage: StageSpec, plan: StagePlan) -> RequestShape | None:
-    """The passes one request of ``stage`` samples, priced by their size; None for extras (not polled)."""
-    if stage.endpoint == "extra-single-image":
-        return None
-    settings = dict(stage.settings)
-    if stage.type != "txt2img":  # sampled at the size of its input, as the plan says
-        settings["width"], settings["height"] = plan.size
-    kind = "img2img" if stage.type == "upscale" else stage.type
-    return RequestShape.of(kind, settings, stage.adetailer or None)

@@ -41,7 +41,7 @@ from itertools import accumulate
 from typing import Any, Protocol
 
 import attrs
-from sdjobs.spec import ASSUMED_FACES, img2img_steps, multiple_of_8
+from sdjobs.spec import ASSUMED_FACES, StagePlan, StageSpec, img2img_steps, multiple_of_8
 from sdjobs.status import ProgressInfo, TaskProgress
 
 __all__ = [
@@ -293,6 +293,17 @@ class RequestShape:
         return cls(passes, int(get("n_iter") or 1), face)
 
     @classmethod
+    def for_stage(cls, stage: StageSpec, plan: StagePlan) -> RequestShape | None:
+        """The passes one request of `stage` samples, priced by their size; None for extras (not polled)."""
+        if stage.endpoint == "extra-single-image":
+            return None
+        settings = dict(stage.settings)
+        if stage.type != "txt2img":  # sampled at the size of its input, as the plan says
+            settings["width"], settings["height"] = plan.size
+        kind = "img2img" if stage.type == "upscale" else stage.type
+        return cls.of(kind, settings, stage.adetailer or None)
+
+    @classmethod
     def even(cls, steps: int | None, passes: int, iterations: int) -> RequestShape:
         """A shape from counts alone: `passes` passes of equal size sharing `steps`."""
         per_image = max(passes // iterations, 1)
@@ -365,6 +376,31 @@ class _Learned:
 
 
 @attrs.define
+class _Observed:
+    """What the stage's requests showed, kept for the server's history (`StageTracker.timing`).
+
+    Attributes:
+        rates: `[pixels, batch, seconds per step]` of each pass with two steps seen,
+            over all its steps seen.
+        warmups: Each request's seconds before its first step, beyond the steps' own time.
+        tails: `[pixels, batch, seconds]` after an image's last step until the next pass
+            began or the request answered (decode, save).
+        handoffs: The same after a pass whose image went on to hires.
+        detections: Seconds of each ADetailer detection seen.
+        faces: Faces ADetailer found in each image of the requests that answered.
+        requests: Seconds from each request sent to its answer.
+    """
+
+    rates: list[list[float]] = attrs.field(factory=list)
+    warmups: list[float] = attrs.field(factory=list)
+    tails: list[list[float]] = attrs.field(factory=list)
+    handoffs: list[list[float]] = attrs.field(factory=list)
+    detections: list[float] = attrs.field(factory=list)
+    faces: list[int] = attrs.field(factory=list)
+    requests: list[float] = attrs.field(factory=list)
+
+
+@attrs.define
 class _PassLog:
     """One pass of the request in flight as seen: when it began, its steps first seen."""
 
@@ -383,6 +419,13 @@ class _PassLog:
             if last_step - step >= _RECENT_STEPS:
                 break
         return (last_t - t) / (last_step - step)
+
+    def mean_rate(self) -> float | None:
+        """Seconds per step over every step seen; None before two marks."""
+        if len(self.marks) < 2:
+            return None
+        (first_step, first_t), (last_step, last_t) = self.marks[0], self.marks[-1]
+        return (last_t - first_t) / (last_step - first_step)
 
 
 def _late(expected_left: float, length: float) -> float:
@@ -491,6 +534,7 @@ class StageTracker:
     _returned: int = attrs.field(default=0, init=False)
     _request: _Request = attrs.field(factory=_Request, init=False)
     _learned: _Learned = attrs.field(factory=_Learned, init=False)
+    _observed: _Observed = attrs.field(factory=_Observed, init=False)
 
     @property
     def _shape(self) -> RequestShape:
@@ -533,6 +577,7 @@ class StageTracker:
         if not self._in_flight:
             return
         self._end_passes(self._request.job_no + 1, now, returned=True)
+        self._observe_request(now)
         self._in_flight, self.running, self.queue_position = False, False, None
         self._durations.append(now - self._sent_at)
         self._returned = min(self._returned + 1, self.requests)
@@ -544,6 +589,14 @@ class StageTracker:
         self._finished, self.progress = True, 1.0
 
     # -- what the outside reads -------------------------------------------------
+
+    def timing(self) -> dict[str, list] | None:
+        """What the stage's requests showed, as JSON-ready lists (`_Observed`), for the
+        server's history (`sdjobs.history.CostModel`); None when no step was timed."""
+        observed = self._observed
+        if not observed.rates:
+            return None
+        return attrs.asdict(observed)
 
     @property
     def seconds_per_step(self) -> float | None:
@@ -794,6 +847,20 @@ class StageTracker:
             sequence += [(attrs.evolve(last, kind=EXTRA, handoff=False), False)] * (count - len(sequence))
         return sequence
 
+    def _observe_request(self, now: float) -> None:
+        """Keep what the request that answered at `now` showed: its passes' rates, its faces."""
+        request, observed = self._request, self._observed
+        observed.requests.append(now - request.sent)
+        sequence = self._sequence()
+        for j, log in sorted(request.logs.items()):
+            rate = log.mean_rate()
+            if rate is not None and rate > 0 and j < len(sequence):
+                shape = sequence[j][0]
+                observed.rates.append([shape.pixels, shape.batch, rate])
+        face = self._shape.face
+        if face is not None and request.last is not None:  # an image whose count never rose had none
+            observed.faces += request.faces + [0] * max(self._shape.iterations - len(request.faces), 0)
+
     def _note_count(self, count: int, now: float) -> None:
         """The server's count of passes; a rise after an image is ADetailer's faces."""
         request, shape = self._request, self._shape
@@ -805,6 +872,7 @@ class StageTracker:
         request.faces.append(count - before)
         if request.image_end is not None:
             self._learned.detection = now - request.image_end
+            self._observed.detections.append(self._learned.detection)
             request.image_end = None
         request.logs[request.job_no] = _PassLog(begun=now)  # its first face begins now
 
@@ -823,6 +891,8 @@ class StageTracker:
         if log is not None and log.last_at is not None:
             shape = sequence[current][0]
             self._learned.tails[shape.handoff] = (shape.work, now - log.last_at)
+            kept = self._observed.handoffs if shape.handoff else self._observed.tails
+            kept.append([shape.pixels, shape.batch, now - log.last_at])
         if job_no < len(sequence) and sequence[job_no][1]:
             request.image_end = now  # ADetailer now looks for the faces of the image just made
 
@@ -858,6 +928,7 @@ class StageTracker:
             head = max(first_seen - log.begun - (first_step + 1) * rate, 0.0)
             if j == 0:
                 learned.warmup = head
+                self._observed.warmups.append(head)
             else:
                 learned.lead = head
 
@@ -952,9 +1023,13 @@ class JobTracker:
 
     Attributes:
         costs: Each stage's expected cost, in sampling steps (the plan's `cost`).
+        seconds: Each stage's expected seconds from the server's history, None
+            where it has none; the later stages' part of the ETA comes from here
+            when every later stage has a figure.
     """
 
     costs: tuple[float, ...] = attrs.field(converter=tuple, validator=_costs)
+    seconds: tuple[float | None, ...] | None = attrs.field(default=None, converter=attrs.converters.optional(tuple))
     _before: tuple[float, ...] = attrs.field(init=False)
     _highest: float = attrs.field(default=0.0, init=False)
     _seconds_per_step: float | None = attrs.field(default=None, init=False)
@@ -981,10 +1056,11 @@ class JobTracker:
     ) -> float | None:
         """Seconds left in the job: this stage's ETA plus the later stages' costs.
 
-        Later stages are timed at the latest observed `seconds_per_step` (a
-        stage without steps, such as an upscale, keeps the one before it).
+        Later stages take what the server's history expects of them (`seconds`),
+        else are timed at the latest observed `seconds_per_step` (a stage
+        without steps, such as an upscale, keeps the one before it).
         None while the stage's ETA is unknown, or while later stages are left
-        and no step has been timed yet.
+        and neither history nor a timed step prices them.
         """
         if seconds_per_step is not None and math.isfinite(seconds_per_step) and seconds_per_step > 0:
             self._seconds_per_step = seconds_per_step
@@ -993,6 +1069,9 @@ class JobTracker:
         later = self._before[-1] - self._before[stage_index + 1]
         if not later:
             return stage_eta
+        expected = None if self.seconds is None else self.seconds[stage_index + 1 :]
+        if expected and all(seconds is not None for seconds in expected):
+            return stage_eta + sum(expected)
         if self._seconds_per_step is None:
             return None
         return stage_eta + later * self._seconds_per_step

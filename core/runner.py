@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 from sdjobs.client import WebUIClient, WebUIError, WebUITimeout
 from sdjobs.hooks import Hooks
+from sdjobs.history import ServerHistory
 from sdjobs.job import Job, JobSettings, task_id
 from sdjobs.outputs import JobFolder, folder_name, random_job_id
 from sdjobs.preflight import CatalogError, ServerCatalog, ask_for_lists, lists_needed, preflight
@@ -324,7 +325,8 @@ class Runner:
                 store.release(record.id, worker_id)
                 return None
             job = self._new_job(record.id, record.spec, held.folder, record.stages[: record.next_stage],
-                                held.stage_finished, lost=self._lost_requests(record))  # fmt: skip
+                                held.stage_finished, lost=self._lost_requests(record),
+                                history=ServerHistory.load(store, self.client.base_url))  # fmt: skip
             outcome = self._drive(job)
             if job.detached:
                 return None  # another worker's now
@@ -361,11 +363,12 @@ class Runner:
         finished_before: Sequence[StageResult] = (),
         record: Callable[[StageResult], None] | None = None,
         lost: Sequence[str] = (),
+        history: ServerHistory | None = None,
     ) -> Job:
         port = _Port(self.client, self._events, job_id, out_dir=self.out_dir, folder=folder, checks=self._checks,
                      patience=self.settings.probe_timeout, lost=lost)  # fmt: skip
         return Job(spec=spec, job_id=job_id, hooks=self.hooks, port=port, settings=self.settings, clock=self.clock,
-                   finished_before=finished_before, record=record, server=self.server)  # fmt: skip
+                   finished_before=finished_before, record=record, server=self.server, history=history)  # fmt: skip
 
     def _drive(self, job: Job) -> JobState:
         """Begin the job and feed it events until it ends."""

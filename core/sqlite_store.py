@@ -452,18 +452,21 @@ class SQLiteStore(Store):
         since: float | None = None,
         until: float | None = None,
         limit: int | None = None,
+        server: str | None = None,
     ) -> list[JobRecord]:
         with self._read() as connection:
             rows = connection.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE ended_at IS NOT NULL"
                 " AND (:name IS NULL OR name = :name) AND (:outcome IS NULL OR state = :outcome)"
                 " AND (:since IS NULL OR ended_at >= :since) AND (:until IS NULL OR ended_at < :until)"
+                " AND (:server IS NULL OR server = :server)"
                 " ORDER BY ended_at DESC, position DESC LIMIT :limit",
                 {
                     "name": name,
                     "outcome": None if outcome is None else str(outcome),
                     "since": since,
                     "until": until,
+                    "server": server,
                     "limit": -1 if limit is None else limit,
                 },
             ).fetchall()

@@ -111,4 +111,5 @@ class StageRun:
             elapsed=elapsed,
             partial=partial,
             cut=self.cut,
+            timing=self.tracker.timing(),
         )

@@ -315,6 +315,8 @@ class StageResult:
             `steps` (the last step seen before the interrupt: the server may
             finish one more), and `images`, the paths of the images it cut (the
             batch being sampled), which record the same in their PNG text.
+        timing: What its requests showed of the server's speed (`StageTracker.timing`),
+            which the server's history learns from; None when no step was timed.
     """
 
     stage: str
@@ -326,6 +328,7 @@ class StageResult:
     elapsed: float = 0.0
     partial: bool = False
     cut: Mapping[str, Any] | None = None
+    timing: Mapping[str, Any] | None = attrs.field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The result as plain JSON-ready data (for the manifest and the store)."""
@@ -339,6 +342,7 @@ class StageResult:
             "elapsed": self.elapsed,
             "partial": self.partial,
             "cut": None if self.cut is None else dict(self.cut),
+            "timing": None if self.timing is None else dict(self.timing),
         }
 
     @classmethod
@@ -354,4 +358,5 @@ class StageResult:
             elapsed=data["elapsed"],
             partial=data["partial"],
             cut=data.get("cut"),  # None in a record written before cuts were recorded
+            timing=data.get("timing"),
         )

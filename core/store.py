@@ -233,8 +233,10 @@ class Store(Protocol):
         since: float | None = None,
         until: float | None = None,
         limit: int | None = None,
+        server: str | None = None,
     ) -> list[JobRecord]:
-        """Ended jobs, latest first: of this name, with this outcome, ended in `[since, until)`, at most `limit`."""
+        """Ended jobs, latest first: of this name, with this outcome, ended in `[since, until)`, last run
+        on this `server` (`JobRecord.server`: the server's history, `sdjobs.history`), at most `limit`."""
         ...
 
     def move(self, job_id: str, *, before: str | None = None, after: str | None = None) -> JobRecord:

@@ -130,7 +130,8 @@ def spec(name: str = "cat", *later: str, seed: int = 1234) -> JobSpec:
 def result(index: int, kind: str, *, partial: bool = False, folder: Path = Path("/out/job")) -> StageResult:
     image = folder / f"{index + 1:02d}-{kind}" / "001.png"
     info = {"seed": 1234, "all_seeds": [1234], "infotexts": ["a cat"]}
-    return StageResult(kind, index, (image,), (info,), (1234,), START + index, 2.5, partial)
+    timing = {"rates": [[512 * 512, 1, 0.03]], "warmups": [0.4], "faces": [2, 0]}  # what the history learns from
+    return StageResult(kind, index, (image,), (info,), (1234,), START + index, 2.5, partial, timing=timing)
 
 
 def ids(records: list[JobRecord]) -> list[str]:
@@ -530,6 +531,26 @@ def test_history_filters_by_name_outcome_time_and_count(store, worker, clock):
     assert store.history(name="cat", outcome=JobState.DONE, limit=1) == [ended[3]]
     assert store.history(since=START + 20, until=START + 40) == [ended[2], ended[1]]
     assert store.history(limit=0) == []
+
+
+def test_history_filters_by_the_server_a_job_last_ran_on(store, worker, clock):
+    store.add([spec("a"), spec("b"), spec("c")])
+    ended: dict[str, list[JobRecord]] = {}
+    for server in ("http://one:7860", "http://two:7860", "http://one:7860"):
+        clock.advance(10)
+        job = store.claim(worker.id, server=server)
+        ended.setdefault(server, []).append(store.finish(job.id, worker.id, JobState.DONE))
+    assert store.history(server="http://one:7860") == ended["http://one:7860"][::-1]
+    assert store.history(server="http://two:7860", limit=1) == ended["http://two:7860"]
+    assert store.history(server="http://three:7860") == []
+
+
+def test_a_stage_keeps_what_it_showed_of_the_servers_speed(store, worker):
+    [job] = store.add([spec()])
+    store.claim(worker.id)
+    recorded = result(0, "txt2img")
+    store.record_stage(job.id, worker.id, recorded)
+    assert store.get(job.id).stages[0].timing == recorded.timing
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,335 @@
+"""What a server's history says of its speed, before a run shows it.
+
+Every finished stage a worker records in the store carries what its requests
+showed (`StageResult.timing`): seconds per step at each size, the warm-up before
+the first step, the tail after the last (decode, save), ADetailer's detection
+time and faces per image.  `ServerHistory.load` learns a `CostModel` from the
+latest jobs run on one server (its URL), one per checkpoint, and:
+
+- prices a job before it starts (`sdjobs check`, `sdjobs queue list`): each
+  stage's requests, pass by pass, times the median ratio of what stages took to
+  what the model priced them at (which takes in what the parts miss: the HTTP
+  round trips, encoding images), plus what a job spends between its stages;
+- is the `Prior` of a running stage's tracker, for what the request has not shown
+  yet (its own timed steps, tails and detections always win).
+
+Step cost is neither constant nor proportional to pixels (a launch-bound floor on
+a fast GPU, faster than pixels past it), so no curve is assumed: the model
+interpolates between the sizes it has seen (log-log), and beyond them follows the
+slope of the nearest two.  It learns only from what it observed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from sdjobs.progress import PassShape, RequestShape
+from sdjobs.spec import JobSpec, StagePlan, StageSpec
+from sdjobs.status import JobState, StageResult
+from sdjobs.store import Store
+
+__all__ = ["HISTORY_JOBS", "CostModel", "Estimate", "ServerHistory", "duration"]
+
+#: The latest jobs of a server its history learns from.
+HISTORY_JOBS = 50
+
+#: How a step's (or a decode's) cost grows with the work in it beyond the one size seen:
+#: as work to this power (the in-run tracker's own assumption for steps; a decode is linear).
+_STEP_EXPONENT = 0.5
+_TAIL_EXPONENT = 1.0
+
+#: The steepest and flattest growth with work the model extrapolates with.
+_SLOPES = (0.0, 2.0)
+
+#: Below this many stages learned from, or for a size outside those seen by more than
+#: `_EXTRAPOLATED` times, an estimate is a range of ± `_UNSURE` of its value.
+_SURE_STAGES = 3
+_EXTRAPOLATED = 2.0
+_UNSURE = 0.3
+
+
+def _work(pixels: float, batch: float) -> float:
+    return max(float(pixels), 1.0) * max(float(batch), 1.0)
+
+
+def _curve(points: Iterable[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    """`(work, median value)` per distinct work, sorted by work; non-positive values left out."""
+    by_work: dict[float, list[float]] = defaultdict(list)
+    for work, value in points:
+        if value > 0 and math.isfinite(value):
+            by_work[work].append(value)
+    return tuple(sorted((work, statistics.median(values)) for work, values in by_work.items()))
+
+
+def _along(curve: Sequence[tuple[float, float]], work: float, exponent: float) -> float | None:
+    """The curve's value at `work`: log-log between the points around it; beyond them, the
+    slope of the nearest two (within `_SLOPES`), or `exponent` with only one point."""
+    if not curve:
+        return None
+    if len(curve) == 1:
+        (x, y), slope = curve[0], exponent
+    else:
+        i = min(max(next((k for k, (x, _) in enumerate(curve) if x >= work), len(curve)), 1), len(curve) - 1)
+        (x0, y0), (x, y) = curve[i - 1], curve[i]
+        slope = math.log(y / y0) / math.log(x / x0)
+        if work < x0 or work > x:
+            slope = min(max(slope, _SLOPES[0]), _SLOPES[1])
+    return y * (work / x) ** slope
+
+
+def _median(values: Iterable[float]) -> float | None:
+    kept = [value for value in values if value >= 0 and math.isfinite(value)]
+    return statistics.median(kept) if kept else None
+
+
+@attrs.frozen
+class CostModel:
+    """A server's costs with one checkpoint, learned from stages' `timing` (seconds).
+
+    Attributes:
+        rates: `(work, seconds per step)`, work being pixels × batch.
+        tails: `(work, seconds)` after an image's last step (decode, save).
+        handoffs: `(work, seconds)` between a pass and its hires pass.
+        warmup_s: Before a request's first step, beyond the steps' own time.
+        detection_s: ADetailer's detection of one image's faces.
+        faces: Faces ADetailer found per image, on average.
+        stages: Stages it learned from.
+    """
+
+    rates: tuple[tuple[float, float], ...]
+    tails: tuple[tuple[float, float], ...] = ()
+    handoffs: tuple[tuple[float, float], ...] = ()
+    warmup_s: float | None = None
+    detection_s: float | None = None
+    faces: float | None = None
+    stages: int = 0
+
+    @classmethod
+    def fit(cls, timings: Iterable[Mapping[str, Any]]) -> CostModel | None:
+        """Learn from stages' `timing` (`StageTracker.timing`); None when none timed a step."""
+        timings = [timing for timing in timings if timing and timing.get("rates")]
+        if not timings:
+            return None
+
+        def every(key: str) -> list:
+            return [entry for timing in timings for entry in timing.get(key) or ()]
+
+        faces = every("faces")
+        return cls(
+            rates=_curve((_work(p, b), s) for p, b, s in every("rates")),
+            tails=_curve((_work(p, b), s) for p, b, s in every("tails")),
+            handoffs=_curve((_work(p, b), s) for p, b, s in every("handoffs")),
+            warmup_s=_median(every("warmups")),
+            detection_s=_median(every("detections")),
+            faces=statistics.fmean(faces) if faces else None,
+            stages=len(timings),
+        )
+
+    # -- the `Prior` of a running stage -------------------------------------------
+
+    def seconds_per_step(self, pixels: int, batch: int) -> float | None:
+        return _along(self.rates, _work(pixels, batch), _STEP_EXPONENT)
+
+    def warmup(self) -> float | None:
+        return self.warmup_s
+
+    def tail(self, pixels: int, batch: int) -> float | None:
+        return _along(self.tails, _work(pixels, batch), _TAIL_EXPONENT)
+
+    def detection(self) -> float | None:
+        return self.detection_s
+
+    def assumed_faces(self) -> int | None:
+        """Faces to assume per image before the detection has run: the usual number here."""
+        return None if self.faces is None else round(self.faces)
+
+    # -- before a run ------------------------------------------------------------
+
+    def request_seconds(self, shape: RequestShape) -> float:
+        """One request of this shape: warm-up, every pass's steps and tail, detection and faces."""
+        faces = self.faces if self.faces is not None else shape.faces
+        total = self.warmup_s or 0.0
+        for _ in range(shape.iterations):
+            for sampled in shape.passes:
+                total += self._pass_seconds(sampled)
+            if shape.face is not None:
+                total += (self.detection_s or 0.0) + faces * self._pass_seconds(shape.face)
+        return total
+
+    def _pass_seconds(self, sampled: PassShape) -> float:
+        steps = sampled.steps or 0
+        if not steps:
+            return 0.0
+        rate = self.seconds_per_step(sampled.pixels, sampled.batch) or 0.0
+        after = _along(self.handoffs if sampled.handoff else self.tails, sampled.work, _TAIL_EXPONENT)
+        return steps * rate + (after or 0.0)
+
+    def covers(self, shape: RequestShape) -> bool:
+        """Whether every pass's size lies within (or near) the sizes this model has timed."""
+        if not self.rates:
+            return False
+        low, high = self.rates[0][0] / _EXTRAPOLATED, self.rates[-1][0] * _EXTRAPOLATED
+        return all(low <= sampled.work <= high for sampled in shape.passes)
+
+
+def _checkpoint_key(name: str | None) -> str | None:
+    """A checkpoint as a job names it or as the server reports it, reduced to compare the two:
+    `"sub/Model_v1.safetensors [6ce0161689]"` and `"Model_v1"` are both `"model_v1"`."""
+    if not name:
+        return None
+    name = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", name.strip())
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    return re.sub(r"\.(safetensors|ckpt|pt|bin|gguf)$", "", name, flags=re.IGNORECASE).lower() or None
+
+
+def _stage_checkpoint(spec: JobSpec, index: int, result: StageResult | None = None) -> str | None:
+    """The checkpoint a stage names (its own, else the job's), else the one the server reported using."""
+    stage = spec.stages[index]
+    named = stage.checkpoint or spec.checkpoint
+    if named is None and result is not None and result.infos:
+        named = result.infos[0].get("sd_model_name")
+    return _checkpoint_key(named)
+
+
+@attrs.frozen
+class Estimate:
+    """An expected duration in seconds; `low` < `high` when the model is unsure (few samples)."""
+
+    seconds: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, seconds: float, *, sure: bool) -> Estimate:
+        spread = 0.0 if sure else _UNSURE
+        return cls(seconds, seconds * (1 - spread), seconds * (1 + spread))
+
+    @property
+    def sure(self) -> bool:
+        return self.low == self.high
+
+    def __add__(self, other: Estimate) -> Estimate:
+        return Estimate(self.seconds + other.seconds, self.low + other.low, self.high + other.high)
+
+    def describe(self) -> str:
+        """`"about 1m 05s"`, or `"45s to 1m 25s"` when unsure."""
+        if self.sure:
+            return f"about {duration(self.seconds)}"
+        return f"{duration(self.low)} to {duration(self.high)}"
+
+
+def duration(seconds: float) -> str:
+    """`"45s"`, `"1m 05s"`, `"2h 03m"`."""
+    seconds = max(round(seconds), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+@attrs.frozen
+class ServerHistory:
+    """What the history of one server says: a cost model per checkpoint, and how its estimates fare.
+
+    Attributes:
+        server: The server's URL (no credentials).
+        models: A `CostModel` per checkpoint (`_checkpoint_key`); the key None pools them all.
+        latest: The checkpoint of the latest stage: the one a job that names none will likely get.
+        calibration: The median of what stages took over what the models priced them at.
+        extras: `(work, seconds)` of an extras upscale request, by its output size.
+        between: Seconds a job spends outside its stages (checks, folders), median.
+        stages: Stages learned from (timed or not).
+    """
+
+    server: str
+    models: Mapping[str | None, CostModel]
+    latest: str | None = None
+    calibration: float = 1.0
+    extras: tuple[tuple[float, float], ...] = ()
+    between: float = 0.0
+    stages: int = 0
+
+    @classmethod
+    def load(cls, store: Store, server: str, *, jobs: int = HISTORY_JOBS) -> ServerHistory | None:
+        """Learn from the latest `jobs` jobs that ended on `server`; None when none timed a step."""
+        return cls.from_records(server, store.history(server=server, limit=jobs))
+
+    @classmethod
+    def from_records(cls, server: str, records: Sequence[Any]) -> ServerHistory | None:
+        """Learn from these `JobRecord`s (latest first); None when no stage of theirs timed a step."""
+        stages = [(record, result) for record in records for result in record.stages if not result.partial]
+        by_checkpoint: dict[str | None, list[Mapping[str, Any]]] = defaultdict(list)
+        for record, result in stages:
+            if result.timing:
+                by_checkpoint[_stage_checkpoint(record.spec, result.stage_index, result)].append(result.timing)
+        pooled = CostModel.fit(timing for timings in by_checkpoint.values() for timing in timings)
+        if pooled is None:
+            return None
+        models = {key: model for key, timings in by_checkpoint.items() if (model := CostModel.fit(timings))}
+        models[None] = pooled
+        timed = next((_stage_checkpoint(r.spec, s.stage_index, s) for r, s in stages if s.timing), None)
+        history = cls(server, models, latest=timed, stages=len(stages))
+        ratios, extras, between = [], [], []
+        for record, result in stages:
+            plan = record.spec.plan()[result.stage_index]
+            if plan.endpoint == "extra-single-image":
+                extras.append((_work(*plan.size), result.elapsed / max(plan.requests, 1)))
+                continue
+            priced = history._priced(record.spec, result.stage_index, plan, calibrated=False)
+            if priced:
+                ratios.append(result.elapsed / priced)
+        for record in records:
+            if record.state is JobState.DONE and record.attempts == 1 and record.started_at and record.ended_at:
+                between.append(record.ended_at - record.started_at - sum(result.elapsed for result in record.stages))
+        return attrs.evolve(
+            history,
+            calibration=_median(ratios) or 1.0,
+            extras=_curve(extras),
+            between=max(_median(between) or 0.0, 0.0),
+        )
+
+    def model_for(self, spec: JobSpec, index: int) -> CostModel:
+        """The model for stage `index` of `spec`: its checkpoint's, else the latest one's, else all pooled."""
+        key = _stage_checkpoint(spec, index) or self.latest
+        return self.models.get(key, self.models[None])
+
+    def _priced(self, spec: JobSpec, index: int, plan: StagePlan, *, calibrated: bool = True) -> float | None:
+        """Seconds stage `index` should take; None for an extras upscale this server has no history of."""
+        stage = spec.stages[index]
+        if plan.endpoint == "extra-single-image":
+            per_request = _along(self.extras, _work(*plan.size), _TAIL_EXPONENT)
+            return None if per_request is None else per_request * plan.requests
+        seconds = plan.requests * self.model_for(spec, index).request_seconds(RequestShape.for_stage(stage, plan))
+        return seconds * (self.calibration if calibrated else 1.0)
+
+    def stage_seconds(self, spec: JobSpec, index: int) -> float | None:
+        """Seconds stage `index` of `spec` should take, as this server has run such stages."""
+        return self._priced(spec, index, spec.plan()[index])
+
+    def estimate(self, spec: JobSpec, *, from_stage: int = 0) -> Estimate:
+        """How long `spec` should take on this server from stage `from_stage` on (all of it by default).
+
+        A range when the model is unsure: few stages learned from, a size far from
+        those it has timed, or a stage it cannot price (an extras upscale never run here).
+        """
+        plans = spec.plan()
+        total, sure = (self.between if from_stage == 0 else 0.0), self.stages >= _SURE_STAGES
+        for index in range(from_stage, len(plans)):
+            seconds = self._priced(spec, index, plans[index])
+            if seconds is None:
+                sure = False
+                continue
+            total += seconds
+            if plans[index].endpoint != "extra-single-image":
+                model = self.model_for(spec, index)
+                shape = RequestShape.for_stage(spec.stages[index], plans[index])
+                sure = sure and model.stages >= _SURE_STAGES and model.covers(shape)
+        return Estimate.of(total, sure=sure)

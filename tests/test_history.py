@@ -1,0 +1,243 @@
+"""`sdjobs.history`: a server's costs learned from the stages in the store, the prior of a running
+stage and the price of a job before it starts.  Fake clocks for the model; a real SQLite file;
+the real simulator over HTTP where a job runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from runner_helpers import Background, job_spec, make_runner
+from sdjobs.clock import FakeClock
+from sdjobs.sim import SimSettings
+from sdjobs.history import CostModel, Estimate, ServerHistory, duration
+from sdjobs.progress import PassShape, RequestShape, StageTracker
+from sdjobs.spec import JobSpec
+from sdjobs.sqlite_store import SQLiteStore
+from sdjobs.status import JobState, StageResult
+from sdjobs.testing import idle_sample, sample
+from sdjobs.worker import Worker
+
+SERVER = "http://gpu-box:7860"
+START = 1_700_000_000.0
+MPX = 1024 * 1024
+
+
+def timing(*rates: tuple[int, float], warmup: float = 1.0, tail: float = 0.5, faces=(), detection=None) -> dict:
+    """A stage's `timing` with one pass per `(pixels, seconds per step)`, its tail after the last."""
+    return {
+        "rates": [[pixels, 1, rate] for pixels, rate in rates],
+        "warmups": [warmup],
+        "tails": [[rates[-1][0], 1, tail]],
+        "handoffs": [],
+        "detections": [] if detection is None else [detection],
+        "faces": list(faces),
+        "requests": [],
+    }
+
+
+# -- what a stage's tracker keeps for the history ---------------------------------------------
+
+
+def test_a_stage_keeps_its_step_rate_warm_up_and_the_tail_until_the_answer():
+    tracker = StageTracker(shape=RequestShape((PassShape(10, pixels=768 * 768, batch=2),)))
+    tracker.request_sent(0.0, baseline=idle_sample(), task_mode=False)
+    tracker.fold(sample(0, 10), None, 0.5)
+    for step in range(1, 10):  # step 1 shows at 4 s (3 s of warm-up, then 1 s a step), step 9 at 12 s
+        tracker.fold(sample(step, 10), None, 3.0 + step)
+    tracker.request_returned(14.5)  # decoded and saved 2.5 s after the last step showed
+    kept = tracker.timing()
+    assert kept["rates"] == [[768 * 768, 2, pytest.approx(1.0)]]
+    assert kept["warmups"] == [pytest.approx(1.5)]  # from the first sample (0.5 s) to step 1 (two steps' work) at 4 s
+    assert kept["tails"] == [[768 * 768, 2, pytest.approx(2.5)]]
+    assert kept["requests"] == [14.5]
+
+
+def test_a_stage_keeps_each_detection_and_the_faces_of_each_image_zero_where_the_count_never_rose():
+    face = PassShape(4, kind="face")
+    tracker = StageTracker(shape=RequestShape((PassShape(4),), iterations=2, face=face))
+    tracker.request_sent(0.0, baseline=idle_sample(), task_mode=False)
+    for step, now in ((1, 1.0), (2, 2.0), (3, 3.0)):
+        tracker.fold(sample(step, 4, job_count=2), None, now)
+    tracker.fold(sample(0, 4, job_no=1, job_count=2), None, 4.0)  # the first image ended
+    tracker.fold(sample(0, 4, job_no=1, job_count=4), None, 5.5)  # two faces found, 1.5 s later
+    for job_no, start in ((1, 6.0), (2, 10.0), (3, 14.0)):  # the faces, then the second image
+        for step in (1, 2, 3):
+            tracker.fold(sample(step, 4, job_no=job_no, job_count=4), None, start + step)
+    tracker.request_returned(19.0)  # no face in the second image: the count stayed at 4
+    kept = tracker.timing()
+    assert kept["detections"] == [pytest.approx(1.5)]
+    assert kept["faces"] == [2, 0]
+
+
+def test_a_stage_that_timed_no_step_keeps_nothing():
+    tracker = StageTracker()
+    tracker.request_sent(0.0, baseline=idle_sample(), task_mode=False)
+    tracker.fold(sample(1, 10), None, 1.0)
+    tracker.request_returned(2.0)
+    assert tracker.timing() is None
+
+
+# -- the cost model ----------------------------------------------------------------------------
+
+
+def test_step_cost_follows_the_sizes_seen_between_them_and_their_nearest_slope_beyond():
+    model = CostModel.fit([timing((MPX // 4, 0.025), (MPX, 0.040)), timing((4 * MPX, 0.309))])
+    assert model.seconds_per_step(MPX // 4, 1) == pytest.approx(0.025)  # the launch-bound floor, as seen
+    slope = math.log(0.309 / 0.040) / math.log(4)
+    assert model.seconds_per_step(2 * MPX, 1) == pytest.approx(0.040 * 2**slope)  # log-log between
+    assert model.seconds_per_step(16 * MPX, 1) == pytest.approx(0.309 * 4**slope)  # growing as it last grew
+    assert model.seconds_per_step(MPX, 4) == model.seconds_per_step(4 * MPX, 1)  # a batch is more work
+
+
+def test_the_model_takes_the_median_of_what_it_saw_at_one_size():
+    model = CostModel.fit([timing((MPX, rate), warmup=w) for rate, w in ((1.0, 2.0), (9.0, 3.0), (2.0, 4.0))])
+    assert model.seconds_per_step(MPX, 1) == 2.0
+    assert model.warmup() == 3.0
+    assert model.stages == 3
+
+
+def test_faces_per_image_are_averaged_and_assumed_rounded():
+    model = CostModel.fit([timing((MPX, 1.0), faces=(3, 2), detection=0.4), timing((MPX, 1.0), faces=(3,))])
+    assert model.faces == pytest.approx(8 / 3)
+    assert model.assumed_faces() == 3
+    assert model.detection() == 0.4
+
+
+def test_a_request_is_priced_pass_by_pass():
+    model = CostModel.fit([timing((MPX, 0.5), warmup=2.0, tail=1.0, faces=(2,), detection=0.5)])
+    face = PassShape(4, MPX, kind="face")
+    shape = RequestShape((PassShape(20, MPX),), iterations=2, face=face)
+    per_image = 20 * 0.5 + 1.0 + 0.5 + 2 * (4 * 0.5 + 1.0)  # steps, decode, detection, two faces
+    assert model.request_seconds(shape) == pytest.approx(2.0 + 2 * per_image)
+
+
+def test_nothing_timed_is_no_model():
+    assert CostModel.fit([None, {"rates": []}]) is None
+
+
+# -- the history of a server, from the store ---------------------------------------------------
+
+
+def four_steps(steps: int = 4, **stage_settings) -> JobSpec:
+    return JobSpec.from_mapping(
+        {
+            "name": "lighthouse",
+            "seed": 1,
+            "settings": {"steps": steps, "width": 1024, "height": 1024},
+            "stages": [{"type": "txt2img", **stage_settings}],
+        }
+    )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(START)
+
+
+@pytest.fixture
+def store(tmp_path, clock):
+    with SQLiteStore(tmp_path / "queue.db", clock=clock) as store:
+        yield store
+
+
+def ran(store, clock, spec: JobSpec, stage_timing: dict | None, *, elapsed: float, server: str = SERVER,
+        between: float = 0.0, infos=({},)) -> None:  # fmt: skip
+    """`spec` (one stage) run on `server`: the stage took `elapsed`, the job `between` more."""
+    worker = store.register_worker()
+    [record] = store.add([spec])
+    assert store.claim(worker.id, server=server).id == record.id
+    result = StageResult("txt2img", 0, infos=infos, started_at=clock(), elapsed=elapsed, timing=stage_timing)
+    store.record_stage(record.id, worker.id, result)
+    clock.advance(elapsed + between)
+    store.finish(record.id, worker.id, JobState.DONE)
+
+
+def test_a_server_with_no_timed_stage_has_no_history(store, clock):
+    ran(store, clock, four_steps(), None, elapsed=3.0)
+    assert ServerHistory.load(store, SERVER) is None
+
+
+def test_history_is_learned_per_server(store, clock):
+    ran(store, clock, four_steps(), timing((MPX, 1.0)), elapsed=5.0, server="http://other:7860")
+    ran(store, clock, four_steps(), timing((MPX, 0.25)), elapsed=3.0)
+    history = ServerHistory.load(store, SERVER)
+    assert history.model_for(four_steps(), 0).seconds_per_step(MPX, 1) == 0.25
+    assert ServerHistory.load(store, "http://never-used:7860") is None
+
+
+def test_a_job_is_priced_at_what_such_stages_took_with_the_time_between_stages(store, clock):
+    stage = timing((MPX, 0.5), warmup=1.0, tail=1.0)  # 4 steps: 1 + 2 + 1 = 4 s priced
+    for _ in range(3):
+        ran(store, clock, four_steps(), stage, elapsed=6.0, between=0.5)  # took 1.5 times the price
+    estimate = ServerHistory.load(store, SERVER).estimate(four_steps())
+    assert estimate.sure
+    assert estimate.seconds == pytest.approx(6.0 + 0.5)
+    assert ServerHistory.load(store, SERVER).estimate(four_steps(8)).seconds > estimate.seconds
+
+
+def test_few_stages_or_a_size_never_seen_give_a_range(store, clock):
+    ran(store, clock, four_steps(), timing((MPX, 0.5)), elapsed=4.0)
+    estimate = ServerHistory.load(store, SERVER).estimate(four_steps())
+    assert estimate.low < estimate.seconds < estimate.high
+    for _ in range(2):
+        ran(store, clock, four_steps(), timing((MPX, 0.5)), elapsed=4.0)
+    history = ServerHistory.load(store, SERVER)
+    assert history.estimate(four_steps()).sure
+    huge = JobSpec.from_mapping({"name": "huge", "seed": 1, "settings": {"steps": 4, "width": 4096, "height": 4096},
+                                 "stages": [{"type": "txt2img"}]})  # fmt: skip
+    assert not history.estimate(huge).sure
+
+
+def test_each_checkpoint_has_its_costs_and_a_job_naming_none_gets_the_latest_used(store, clock):
+    ran(store, clock, four_steps(checkpoint="sdxl_base.safetensors [31e35c80fc]"), timing((MPX, 0.06)), elapsed=1.0)
+    ran(store, clock, four_steps(), timing((MPX, 0.04)), elapsed=1.0, infos=({"sd_model_name": "dreamshaper_8"},))
+    history = ServerHistory.load(store, SERVER)
+    assert history.model_for(four_steps(checkpoint="sdxl_base"), 0).seconds_per_step(MPX, 1) == 0.06
+    assert history.model_for(four_steps(), 0).seconds_per_step(MPX, 1) == 0.04
+    assert history.model_for(four_steps(checkpoint="never_used"), 0).seconds_per_step(MPX, 1) == 0.05  # pooled
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"), [(0.4, "0s"), (45.2, "45s"), (65, "1m 05s"), (3600 + 180 + 20, "1h 03m")]
+)
+def test_durations_read_as_a_person_says_them(seconds, shown):
+    assert duration(seconds) == shown
+
+
+def test_an_unsure_estimate_reads_as_a_range():
+    assert Estimate.of(65, sure=True).describe() == "about 1m 05s"
+    unsure = Estimate.of(100, sure=False)
+    assert unsure.describe() == f"{duration(unsure.low)} to {duration(unsure.high)}"
+    assert unsure.low < 100 < unsure.high
+
+
+# -- a real run: the first job's stages teach the second job's ETA -----------------------------
+
+
+@pytest.fixture
+def sim_settings() -> SimSettings:
+    """Steps slow enough for the poller (every 0.02 s) to time them."""
+    return SimSettings(step_time=0.05, first_step_time=0.05)
+
+
+def first_eta_step(statuses) -> int | None:
+    """The step of the first progress status that showed an ETA."""
+    return next((status.step for status in statuses if status.eta is not None), None)
+
+
+def test_a_job_run_on_a_server_is_its_history_and_the_next_job_has_an_eta_before_two_steps(webui_client, queue_file, tmp_path):
+    with SQLiteStore(queue_file) as store:
+        [first] = store.add([job_spec(name="first", steps=8)])
+        runner, log = make_runner(webui_client, [], tmp_path / "out")
+        Background(Worker(store, runner, until_empty=True).run).join(timeout=30)
+        assert store.get(first.id).stages[0].timing["rates"]
+        history = ServerHistory.load(store, webui_client.base_url)
+        assert history is not None and history.estimate(job_spec(steps=8)).seconds > 0
+        assert first_eta_step(log.statuses()) >= 2  # no history yet: "calculating..." until two steps were timed
+
+        [second] = store.add([job_spec(name="second", steps=8)])
+        runner, log = make_runner(webui_client, [], tmp_path / "out")
+        Background(Worker(store, runner, until_empty=True).run).join(timeout=30)
+        assert store.get(second.id).state is JobState.DONE
+        assert first_eta_step(log.statuses()) < 2
