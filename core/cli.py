@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from importlib.metadata import version
@@ -29,6 +30,7 @@ from sdjobs.expand import DEFAULT_LIMIT, load_jobs
 from sdjobs.exits import EXIT_BROKEN_PIPE, EXIT_CANCELLED, EXIT_FAILED, EXIT_TERMINATED, EXIT_USAGE
 from sdjobs.frontends.formatting import format_duration, plural, printable
 from sdjobs.frontends.pipe import silence
+from sdjobs.history import Estimate, ServerHistory, plan_queue
 from sdjobs.hooks import Hooks, describe_plugins, make_plugin_manager, plugin_loggers
 from sdjobs.job import JobSettings
 from sdjobs.lanes import DEFAULT_HEALTH_INTERVAL, Lane, Lanes
@@ -279,6 +281,9 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
         shown = queue_commands.add_parser(name, help=text)
         if name == "show":
             _add_job_id(shown)
+        else:
+            shown.add_argument("--webui", metavar="URL", help="the WebUI whose history prices the jobs "
+                               f"(default: $SDJOBS_WEBUI, else {DEFAULT_URL})")  # fmt: skip
         shown.add_argument("--json", action="store_true", help="print JSON")
         _add_queue_option(shown)
     cancel = queue_commands.add_parser("cancel", help="cancel a job; a running one is stopped by its worker within a second")
@@ -378,14 +383,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     specs = _load_jobs(args)
     if args.webui or os.environ.get("SDJOBS_WEBUI"):
         specs = _checked_on_server(specs, args)
+    history = _history(args, create=False)
+    estimates = [None if history is None else history.estimate(spec) for spec in specs]
     if args.json:
-        print(json.dumps([_plan_record(spec) for spec in specs], indent=2, default=str))
+        print(json.dumps([{**_plan_record(spec), "expected": _estimate_json(estimate)}
+                          for spec, estimate in zip(specs, estimates, strict=True)], indent=2, default=str))  # fmt: skip
         return 0
     images = sum(spec.plan()[-1].images for spec in specs)
     print(f"{plural(len(specs), 'job')}, {plural(images, 'final image')}")
+    if len(specs) > 1:
+        print(f"expected duration of them all: {_expected_text(None if history is None else sum(estimates[1:], estimates[0]))}")
     shown = specs if args.all else specs[:CHECK_SHOWN]
     random_seeds = {path for path in args.jobs if _draws_seeds(path)}
-    for spec in shown:
+    for spec, estimate in zip(shown, estimates, strict=False):
         seed = "random, drawn when queued" if spec.source in random_seeds else spec.seed
         print(f"{spec.source}: {spec.name!r}, seed {seed}")
         for index, step in enumerate(spec.plan()):
@@ -393,6 +403,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"  {index + 1}. {step.type:<9} {step.endpoint:<18} "
                 f"{plural(step.requests, 'request')}, {plural(step.images, 'image')}, {_shown_steps(step)}"
             )
+        print(f"  expected duration: {_expected_text(estimate)}")
     if len(shown) < len(specs):
         print(f"... and {len(specs) - len(shown)} more (--all lists them)")
     return 0
@@ -406,6 +417,35 @@ def _shown_steps(plan: StagePlan) -> str:
         return f"ADetailer step x/{plan.shown_steps[0][1]} per face found"
     passes = " then ".join(f"{'' if kind == 'main' else kind + ' '}x/{steps}" for kind, steps in plan.shown_steps)
     return f"step {passes} per image"
+
+
+def _server(args: argparse.Namespace) -> str:
+    """The WebUI of ``--webui`` / ``$SDJOBS_WEBUI`` (else the default) as the store names it: no credentials."""
+    url = args.webui or os.environ.get("SDJOBS_WEBUI") or DEFAULT_URL
+    try:
+        with WebUIClient(url) as client:
+            return client.base_url
+    except ValueError as exc:  # the message shows the URL without credentials
+        raise UsageError(f"--webui / SDJOBS_WEBUI: {exc}") from None
+
+
+def _history(args: argparse.Namespace, *, create: bool = True) -> ServerHistory | None:
+    """What the store of ``--queue`` knows of the server of ``--webui``; None: nothing yet
+    (without ``create``, a queue file that does not exist is not made)."""
+    if not create and not queue_path(args.queue).exists():
+        return None
+    with _open_store(args) as store:
+        return ServerHistory.load(store, _server(args))
+
+
+def _expected_text(estimate: Estimate | None, *, short: bool = False) -> str:
+    if estimate is None:
+        return "unknown" if short else "unknown: no history for this server yet"
+    return estimate.describe()
+
+
+def _estimate_json(estimate: Estimate | None) -> dict[str, float] | None:
+    return None if estimate is None else attrs.asdict(estimate)
 
 
 def _draws_seeds(path: Path) -> bool:
@@ -608,18 +648,36 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 def _queue_list(store: Store, args: argparse.Namespace) -> int:
     jobs, paused = store.list(), store.queue_paused()
+    now = time.time()
+    planned = plan_queue(jobs, ServerHistory.load(store, _server(args)), now=now, paused=paused)
     if args.json:
-        print(json.dumps({"paused": paused, "jobs": [{"position": n, **_job_json(job)} for n, job in enumerate(jobs, 1)]}, indent=2))
+        print(json.dumps({"paused": paused, "jobs": [
+            {"position": n, **_job_json(job.record), "expected": _estimate_json(job.estimate),
+             "expected_start": job.start, "expected_end": job.end} for n, job in enumerate(planned, 1)]}, indent=2))  # fmt: skip
         return 0
     if paused:
         print("The queue is paused: no job starts until `sdjobs queue resume`.")
     if not jobs:
         print("The queue is empty.")
         return 0
-    rows = [[str(n), job.short_id, printable(job.spec.name), f"{job.next_stage}/{len(job.spec.stages)}", job.shown_state, str(job.attempts)]
-            for n, job in enumerate(jobs, 1)]  # fmt: skip
-    _print_table(["#", "id", "name", "stages", "state", "attempts"], rows)
+    rows = [[str(n), job.short_id, printable(job.spec.name), f"{job.next_stage}/{len(job.spec.stages)}", job.shown_state, str(job.attempts),
+             _expected_text(plan.estimate, short=True), _clock_time(plan.start, now), _clock_time(plan.end, now)]
+            for n, (job, plan) in enumerate(((plan.record, plan) for plan in planned), 1)]  # fmt: skip
+    _print_table(["#", "id", "name", "stages", "state", "attempts", "expected", "start", "end"], rows)
+    ends = [plan.end for plan in planned if plan.start is not None or plan.record.state is JobState.RUNNING]
+    if ends and None not in ends:
+        print(f"The last job should end at {_clock_time(max(ends), now)} (in {format_duration(max(ends) - now)}).")
+    elif ends:
+        print("When the last job ends: unknown: no history for this server yet")
     return 0
+
+
+def _clock_time(moment: float | None, now: float) -> str:
+    """`"14:05"` today, `"Tue 02:10"` on another day; `"-"` for none."""
+    if moment is None:
+        return "-"
+    local = datetime.fromtimestamp(moment)
+    return local.strftime("%H:%M" if local.date() == datetime.fromtimestamp(now).date() else "%a %H:%M")
 
 
 def _queue_show(store: Store, args: argparse.Namespace) -> int:

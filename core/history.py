@@ -30,12 +30,13 @@ from typing import Any
 
 import attrs
 
+from sdjobs.frontends.formatting import format_duration
 from sdjobs.progress import PassShape, RequestShape
 from sdjobs.spec import JobSpec, StagePlan, StageSpec
 from sdjobs.status import JobState, StageResult
-from sdjobs.store import Store
+from sdjobs.store import JobRecord, Store
 
-__all__ = ["HISTORY_JOBS", "CostModel", "Estimate", "ServerHistory", "duration"]
+__all__ = ["HISTORY_JOBS", "CostModel", "Estimate", "Planned", "ServerHistory", "plan_queue"]
 
 #: The latest jobs of a server its history learns from.
 HISTORY_JOBS = 50
@@ -221,18 +222,8 @@ class Estimate:
     def describe(self) -> str:
         """`"about 1m 05s"`, or `"45s to 1m 25s"` when unsure."""
         if self.sure:
-            return f"about {duration(self.seconds)}"
-        return f"{duration(self.low)} to {duration(self.high)}"
-
-
-def duration(seconds: float) -> str:
-    """`"45s"`, `"1m 05s"`, `"2h 03m"`."""
-    seconds = max(round(seconds), 0)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m {seconds % 60:02d}s"
-    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+            return f"about {format_duration(self.seconds)}"
+        return f"{format_duration(self.low)} to {format_duration(self.high)}"
 
 
 @attrs.frozen
@@ -333,3 +324,41 @@ class ServerHistory:
                 shape = RequestShape.for_stage(spec.stages[index], plans[index])
                 sure = sure and model.stages >= _SURE_STAGES and model.covers(shape)
         return Estimate.of(total, sure=sure)
+
+
+@attrs.frozen
+class Planned:
+    """A job of the queue with its expected duration (None: unknown), start and end (Unix time;
+    None: unknown, or held back: a paused job or queue)."""
+
+    record: JobRecord
+    estimate: Estimate | None
+    start: float | None
+    end: float | None
+
+
+def plan_queue(records: Sequence[JobRecord], history: ServerHistory | None, *, now: float, paused: bool) -> list[Planned]:
+    """When each job of the queue (`Store.list`, in order) should start and end, run one after another.
+
+    A running job ends when its start plus its estimate says (at the earliest now; a
+    resumed one: now plus its stages left); the queued ones follow in order.  A held
+    job (paused, or every queued one while the queue is paused) gets no start; after a
+    job of unknown duration, no later job has one.
+    """
+    planned, clock = [], now
+    for record in records:
+        estimate = None if history is None else history.estimate(record.spec, from_stage=record.next_stage)
+        if record.state is JobState.RUNNING:
+            start = record.started_at
+            end = None if estimate is None else now + estimate.seconds
+            if estimate is not None and record.attempts == 1 and start is not None:
+                end = max(now, start + history.estimate(record.spec).seconds)
+        elif record.paused or paused:
+            planned.append(Planned(record, estimate, None, None))
+            continue
+        else:
+            start = clock
+            end = None if clock is None or estimate is None else clock + estimate.seconds
+        clock = None if clock is None or end is None else max(clock, end)
+        planned.append(Planned(record, estimate, start, end))
+    return planned

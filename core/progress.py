@@ -852,11 +852,18 @@ class StageTracker:
         request, observed = self._request, self._observed
         observed.requests.append(now - request.sent)
         sequence = self._sequence()
+        timed = False
         for j, log in sorted(request.logs.items()):
             rate = log.mean_rate()
             if rate is not None and rate > 0 and j < len(sequence):
                 shape = sequence[j][0]
                 observed.rates.append([shape.pixels, shape.batch, rate])
+                timed = True
+        steps = sum(self._steps_of(shape, request.logs.get(j)) for j, (shape, _) in enumerate(sequence))
+        if not timed and request.last is not None and sequence and steps:
+            # steps too quick for the polls to time two of one pass: the whole request, per step
+            first = sequence[0][0]
+            observed.rates.append([first.pixels, first.batch, (now - request.sent) / steps])
         face = self._shape.face
         if face is not None and request.last is not None:  # an image whose count never rose had none
             observed.faces += request.faces + [0] * max(self._shape.iterations - len(request.faces), 0)

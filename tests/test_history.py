@@ -4,19 +4,24 @@ the real simulator over HTTP where a job runs."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
+from process_helpers import sdjobs
 from runner_helpers import Background, job_spec, make_runner
 from sdjobs.clock import FakeClock
 from sdjobs.sim import SimSettings
-from sdjobs.history import CostModel, Estimate, ServerHistory, duration
+from sdjobs.frontends.formatting import format_duration
+from sdjobs.history import CostModel, Estimate, ServerHistory
 from sdjobs.progress import PassShape, RequestShape, StageTracker
 from sdjobs.spec import JobSpec
 from sdjobs.sqlite_store import SQLiteStore
 from sdjobs.status import JobState, StageResult
 from sdjobs.testing import idle_sample, sample
 from sdjobs.worker import Worker
+from test_kill import job_file
 
 SERVER = "http://gpu-box:7860"
 START = 1_700_000_000.0
@@ -70,10 +75,18 @@ def test_a_stage_keeps_each_detection_and_the_faces_of_each_image_zero_where_the
     assert kept["faces"] == [2, 0]
 
 
-def test_a_stage_that_timed_no_step_keeps_nothing():
+def test_steps_too_quick_to_time_two_are_kept_as_the_whole_request_per_step():
+    tracker = StageTracker(shape=RequestShape((PassShape(10, pixels=512 * 512),)))
+    tracker.request_sent(0.0, baseline=idle_sample(), task_mode=False)
+    tracker.fold(sample(4, 10), None, 1.0)  # the one sample the polls caught
+    tracker.request_returned(2.0)
+    assert tracker.timing()["rates"] == [[512 * 512, 1, pytest.approx(0.2)]]
+
+
+def test_a_stage_that_never_showed_its_job_keeps_nothing():
     tracker = StageTracker()
     tracker.request_sent(0.0, baseline=idle_sample(), task_mode=False)
-    tracker.fold(sample(1, 10), None, 1.0)
+    tracker.fold(idle_sample(), None, 1.0)
     tracker.request_returned(2.0)
     assert tracker.timing() is None
 
@@ -198,17 +211,10 @@ def test_each_checkpoint_has_its_costs_and_a_job_naming_none_gets_the_latest_use
     assert history.model_for(four_steps(checkpoint="never_used"), 0).seconds_per_step(MPX, 1) == 0.05  # pooled
 
 
-@pytest.mark.parametrize(
-    ("seconds", "shown"), [(0.4, "0s"), (45.2, "45s"), (65, "1m 05s"), (3600 + 180 + 20, "1h 03m")]
-)
-def test_durations_read_as_a_person_says_them(seconds, shown):
-    assert duration(seconds) == shown
-
-
 def test_an_unsure_estimate_reads_as_a_range():
     assert Estimate.of(65, sure=True).describe() == "about 1m 05s"
     unsure = Estimate.of(100, sure=False)
-    assert unsure.describe() == f"{duration(unsure.low)} to {duration(unsure.high)}"
+    assert unsure.describe() == f"{format_duration(unsure.low)} to {format_duration(unsure.high)}"
     assert unsure.low < 100 < unsure.high
 
 
@@ -241,3 +247,34 @@ def test_a_job_run_on_a_server_is_its_history_and_the_next_job_has_an_eta_before
         Background(Worker(store, runner, until_empty=True).run).join(timeout=30)
         assert store.get(second.id).state is JobState.DONE
         assert first_eta_step(log.statuses()) < 2
+
+
+# -- what the commands say: `sdjobs check` and `sdjobs queue list` -------------------------------
+
+
+def test_check_and_queue_list_price_jobs_by_the_servers_history(webui_client, queue_file, tmp_path):
+    job = job_file(tmp_path, "sea", stages=2)
+    url = webui_client.base_url
+    before = sdjobs("check", job, "--webui", url)
+    assert before.returncode == 0, before.stderr
+    assert "  expected duration: unknown: no history for this server yet\n" in before.stdout
+    assert not queue_file.exists()  # checking made no queue
+
+    with SQLiteStore(queue_file) as store:
+        store.add([job_spec(name="first", steps=8, denoising_strength=0.5) for _ in range(1)])
+        runner, _ = make_runner(webui_client, [], tmp_path / "out")
+        Background(Worker(store, runner, until_empty=True).run).join(timeout=30)
+    after = sdjobs("check", job, "--webui", url)
+    assert re.search(r"\n  expected duration: (about \d+s|\d+s to \d+s)\n", after.stdout), after.stdout
+    [checked] = json.loads(sdjobs("check", job, "--webui", url, "--json").stdout)
+    assert 0 < checked["expected"]["low"] <= checked["expected"]["seconds"] <= checked["expected"]["high"]
+
+    assert sdjobs("queue", "add", job, job, job).returncode == 0
+    jobs = json.loads(sdjobs("queue", "list", "--webui", url, "--json").stdout)["jobs"]
+    assert [job["expected"] for job in jobs] == [checked["expected"]] * 3
+    for earlier, later in zip(jobs, jobs[1:]):
+        assert earlier["expected_start"] < earlier["expected_end"] == later["expected_start"]
+    table = sdjobs("queue", "list", "--webui", url).stdout
+    assert re.search(r"\nThe last job should end at \d\d:\d\d \(in \d+s\)\.\n$", table), table
+    elsewhere = sdjobs("queue", "list", "--webui", "http://127.0.0.1:9").stdout
+    assert elsewhere.endswith("\nWhen the last job ends: unknown: no history for this server yet\n")

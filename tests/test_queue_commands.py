@@ -45,8 +45,8 @@ def test_queue_commands_change_the_queue_and_each_names_what_it_changed(queue, t
     assert sdjobs("queue", "retry", b).stdout == f"queued job {b[:8]} (sky) again, last; it starts at stage 1 of 2\n"
     assert sdjobs("queue", "pause", a).stdout == f"paused job {a[:8]} (sea)\n"
     table = sdjobs("queue", "list").stdout.splitlines()
-    assert table[0].split() == ["#", "id", "name", "stages", "state", "attempts"]
-    assert [line.split()[1:] for line in table[1:]] == [
+    assert table[0].split() == ["#", "id", "name", "stages", "state", "attempts", "expected", "start", "end"]
+    assert [line.split()[1:6] for line in table[1:4]] == [
         [c[:8], "sun", "0/2", "queued", "0"], [a[:8], "sea", "0/2", "paused", "0"], [b[:8], "sky", "0/2", "queued", "0"]
     ]  # fmt: skip
     assert sdjobs("queue", "resume", a).stdout == f"resumed job {a[:8]} (sea)\n"
