@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from sdjobs.history import CostModel
 from sdjobs.progress import RequestShape, StageTracker
 from sdjobs.spec import StagePlan, StageSpec
 from sdjobs.status import ProgressInfo, TaskProgress
@@ -66,8 +67,9 @@ class Run:
     baseline: ProgressInfo | None
     samples: tuple[Sample, ...]
 
-    def tracker(self) -> StageTracker:
-        """A tracker planned as sdjobs plans this request: its passes, their sizes, one face assumed."""
+    def tracker(self, prior: CostModel | None = None) -> StageTracker:
+        """A tracker planned as sdjobs plans this request: its passes, their sizes, one face assumed
+        (or as many as the server's history usually finds, with a `prior`)."""
         settings = {key: value for key, value in self.request.items() if key != "alwayson_scripts"}
         scripts = {name.lower(): script for name, script in self.request.get("alwayson_scripts", {}).items()}
         ad_args = scripts.get("adetailer", {}).get("args", [])
@@ -76,6 +78,8 @@ class Run:
         if tab is not None and len(ad_args) > 1 and ad_args[1] is True and kind == "img2img":
             kind = "adetailer"  # skip_img2img: only the faces are sampled
         shape = RequestShape.of(kind, settings, tab)
+        if prior is not None and prior.assumed_faces() is not None:
+            shape = attrs.evolve(shape, faces=prior.assumed_faces())
         plan = StagePlan.of(StageSpec(type=self.endpoint, settings=settings), None)
         steps = sum(p.steps or 0 for p in shape.passes) * shape.iterations
         passes = len(shape.passes) * shape.iterations
@@ -88,6 +92,7 @@ class Run:
             passes_per_request=passes,
             images_per_request=plan.iterations,
             shape=shape,
+            prior=prior,
         )
 
     def at(self, share: float) -> float:
@@ -165,14 +170,14 @@ def all_runs() -> list[Run]:
     return runs
 
 
-def replay(run: Run) -> Iterator[tuple[Sample, StageTracker]]:
+def replay(run: Run, tracker: StageTracker | None = None) -> Iterator[tuple[Sample, StageTracker]]:
     """Feed the run's samples to a tracker as the runner would; yield after each fold.
 
     Samples from before the request was sent are folded too (and must count for
     nothing); the tracker sees the request sent at its recorded time and
     returned after the last sample before the answer.
     """
-    tracker = run.tracker()
+    tracker = tracker or run.tracker()
     sent = False
     for sample in run.samples:
         if sample.t > run.returned:
@@ -185,12 +190,29 @@ def replay(run: Run) -> Iterator[tuple[Sample, StageTracker]]:
     tracker.request_returned(run.returned)
 
 
-def etas_at(run: Run, shares: tuple[float, ...] = POINTS) -> list[tuple[float | None, float | None]]:
+def timing_of(run: Run) -> dict | None:
+    """What the run showed of its server's speed, as a recorded stage keeps it (`StageTracker.timing`)."""
+    tracker = run.tracker()
+    for _ in replay(run, tracker):
+        pass
+    return tracker.timing()
+
+
+def leave_one_out(runs: list[Run]) -> list[CostModel | None]:
+    """Each run's history: a `CostModel` learned from the other runs on its server (other traces,
+    or the other scenarios of its profile), never from its own."""
+    timings = [(run.trace, timing_of(run)) for run in runs]
+    return [CostModel.fit(timing for trace, timing in timings if trace != run.trace) for run in runs]
+
+
+def etas_at(
+    run: Run, shares: tuple[float, ...] = POINTS, prior: CostModel | None = None
+) -> list[tuple[float | None, float | None]]:
     """`(ours, A1111's)` ETA at each share of the run, from the samples seen by then."""
     moments = [run.at(share) for share in shares]
     ours: list[float | None] = [None] * len(moments)
     theirs: list[float | None] = [None] * len(moments)
-    for sample, tracker in replay(run):
+    for sample, tracker in replay(run, run.tracker(prior)):
         for i, moment in enumerate(moments):
             if sample.t <= moment:
                 ours[i] = tracker.eta(moment)
@@ -208,14 +230,18 @@ INTERRUPTED = ("05_txt2img_20steps_interrupt_at_40pct.jsonl",)
 
 
 def errors_of(runs: list[Run]) -> tuple[list[str], dict[str, list[list[float]]], int]:
-    """Table rows and absolute % errors per point: `ours`, `a1111` (all its points), `paired`
-    (A1111 where sdjobs has an estimate too); and how many points had two timed steps but no estimate."""
-    errors: dict[str, list[list[float]]] = {who: [[] for _ in POINTS] for who in ("ours", "a1111", "paired")}
+    """Table rows and absolute % errors per point: `ours`, `history` (ours with the server's other
+    runs as history), `a1111` (all its points), `paired` (A1111 where sdjobs has an estimate too);
+    and how many points had two timed steps but no estimate."""
+    errors: dict[str, list[list[float]]] = {who: [[] for _ in POINTS] for who in ("ours", "history", "a1111", "paired")}
     rows, missing = [], 0
-    for run in runs:
+    for run, prior in zip(runs, leave_one_out(runs), strict=True):
         cells = []
+        with_history = [ours for ours, _ in etas_at(run, prior=prior)]
         for i, (ours, theirs) in enumerate(etas_at(run)):
             truth = run.returned - run.at(POINTS[i])
+            if with_history[i] is not None:
+                errors["history"][i].append(100 * abs(with_history[i] - truth) / truth)
             if ours is not None:
                 errors["ours"][i].append(100 * abs(ours - truth) / truth)
             elif _timed_steps(run, run.at(POINTS[i])) >= 2:
@@ -224,7 +250,7 @@ def errors_of(runs: list[Run]) -> tuple[list[str], dict[str, list[list[float]]],
                 errors["a1111"][i].append(100 * abs(theirs - truth) / truth)
                 if ours is not None:
                     errors["paired"][i].append(100 * abs(theirs - truth) / truth)
-            cells.append(f"{_cell(ours, truth)} / {_cell(theirs, truth)}")
+            cells.append(f"{_cell(ours, truth)} / {_cell(with_history[i], truth)} / {_cell(theirs, truth)}")
         name = run.trace.removesuffix(".jsonl") + (f" ({run.request['force_task_id']})" if run.task_mode else "")
         mode = "task" if run.task_mode else "global"
         rows.append(f"| {name} | {mode} | {run.returned - run.sent:.1f} | " + " | ".join(cells) + " |")
@@ -244,7 +270,8 @@ def _timed_steps(run: Run, moment: float) -> int:
 
 def _summary(label: str, errors: dict[str, list[list[float]]], missing: int) -> list[str]:
     out = []
-    for who, name in (("ours", "sdjobs"), ("paired", "A1111, same points"), ("a1111", "A1111, all points")):
+    named = (("ours", "sdjobs"), ("history", "sdjobs, with history"), ("paired", "A1111, same points"), ("a1111", "A1111, all points"))
+    for who, name in named:
         cells = []
         for point in errors[who]:
             cells.append(f"{statistics.median(point):.0f} / {max(point):.0f}" if point else "—")
@@ -256,7 +283,7 @@ def _summary(label: str, errors: dict[str, list[list[float]]], missing: int) -> 
 
 
 def main(simulated: bool = True) -> None:
-    print("| run | mode | length s | " + " | ".join(f"{p:.0%}: sdjobs / A1111" for p in POINTS) + " |")
+    print("| run | mode | length s | " + " | ".join(f"{p:.0%}: sdjobs / with history / A1111" for p in POINTS) + " |")
     print("| --- | --- | ---: |" + " ---: |" * len(POINTS))
     sets = [("traces", [run for run in all_runs() if run.trace not in INTERRUPTED])]
     if simulated:

@@ -439,9 +439,12 @@ def _history(args: argparse.Namespace, *, create: bool = True) -> ServerHistory 
 
 
 def _expected_text(estimate: Estimate | None, *, short: bool = False) -> str:
+    """`"about 1m 05s"`, `"45s to 1m 25s"` when the history is unsure, or unknown."""
     if estimate is None:
         return "unknown" if short else "unknown: no history for this server yet"
-    return estimate.describe()
+    if estimate.sure:
+        return f"about {format_duration(estimate.seconds)}"
+    return f"{format_duration(estimate.low)} to {format_duration(estimate.high)}"
 
 
 def _estimate_json(estimate: Estimate | None) -> dict[str, float] | None:

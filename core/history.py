@@ -30,7 +30,6 @@ from typing import Any
 
 import attrs
 
-from sdjobs.frontends.formatting import format_duration
 from sdjobs.progress import PassShape, RequestShape
 from sdjobs.spec import JobSpec, StagePlan, StageSpec
 from sdjobs.status import JobState, StageResult
@@ -218,12 +217,6 @@ class Estimate:
 
     def __add__(self, other: Estimate) -> Estimate:
         return Estimate(self.seconds + other.seconds, self.low + other.low, self.high + other.high)
-
-    def describe(self) -> str:
-        """`"about 1m 05s"`, or `"45s to 1m 25s"` when unsure."""
-        if self.sure:
-            return f"about {format_duration(self.seconds)}"
-        return f"{format_duration(self.low)} to {format_duration(self.high)}"
 
 
 @attrs.frozen
