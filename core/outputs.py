@@ -223,6 +223,7 @@ class JobFolder:
         record["images"] = [_relative(image, self.path) for image in result.images]
         if result.cut is not None:
             record["cut"]["images"] = [_relative(Path(image), self.path) for image in result.cut["images"]]
+        del record["timing"]  # the server's speed is the queue's history, not the job's record
         return record
 
 
