@@ -70,7 +70,9 @@ def _curve(points: Iterable[tuple[float, float]]) -> tuple[tuple[float, float], 
 
 def _along(curve: Sequence[tuple[float, float]], work: float, exponent: float) -> float | None:
     """The curve's value at `work`: log-log between the points around it; beyond them, the
-    slope of the nearest two (within `_SLOPES`), or `exponent` with only one point."""
+    slope of the nearest two (within `_SLOPES`; above them, at least `exponent`: past the sizes
+    seen a GPU leaves its launch-bound floor, and a flat, noisy stretch must not price a pass
+    four times the size like those seen), or `exponent` with only one point."""
     if not curve:
         return None
     if len(curve) == 1:
@@ -79,8 +81,10 @@ def _along(curve: Sequence[tuple[float, float]], work: float, exponent: float) -
         i = min(max(next((k for k, (x, _) in enumerate(curve) if x >= work), len(curve)), 1), len(curve) - 1)
         (x0, y0), (x, y) = curve[i - 1], curve[i]
         slope = math.log(y / y0) / math.log(x / x0)
-        if work < x0 or work > x:
-            slope = min(max(slope, _SLOPES[0]), _SLOPES[1])
+        if work < x0:
+            (x, y), slope = (x0, y0), min(max(slope, _SLOPES[0]), _SLOPES[1])
+        elif work > x:
+            slope = min(max(slope, exponent), _SLOPES[1])
     return y * (work / x) ** slope
 
 
@@ -98,6 +102,7 @@ class CostModel:
         tails: `(work, seconds)` after an image's last step (decode, save).
         handoffs: `(work, seconds)` between a pass and its hires pass.
         warmup_s: Before a request's first step, beyond the steps' own time.
+        leads: The same before a later pass's first step, by its kind (`PassShape.kind`).
         detection_s: ADetailer's detection of one image's faces.
         faces: Faces ADetailer found per image, on average.
         stages: Stages it learned from.
@@ -107,6 +112,7 @@ class CostModel:
     tails: tuple[tuple[float, float], ...] = ()
     handoffs: tuple[tuple[float, float], ...] = ()
     warmup_s: float | None = None
+    leads: Mapping[str, float] = attrs.field(factory=dict)
     detection_s: float | None = None
     faces: float | None = None
     stages: int = 0
@@ -122,11 +128,15 @@ class CostModel:
             return [entry for timing in timings for entry in timing.get(key) or ()]
 
         faces = every("faces")
+        leads: dict[str, list[float]] = defaultdict(list)
+        for kind, seconds in every("leads"):
+            leads[kind].append(seconds)
         return cls(
             rates=_curve((_work(p, b), s) for p, b, s in every("rates")),
             tails=_curve((_work(p, b), s) for p, b, s in every("tails")),
             handoffs=_curve((_work(p, b), s) for p, b, s in every("handoffs")),
             warmup_s=_median(every("warmups")),
+            leads={kind: median for kind, seconds in leads.items() if (median := _median(seconds)) is not None},
             detection_s=_median(every("detections")),
             faces=statistics.fmean(faces) if faces else None,
             stages=len(timings),
@@ -146,6 +156,9 @@ class CostModel:
     def detection(self) -> float | None:
         return self.detection_s
 
+    def lead(self, kind: str) -> float | None:
+        return self.leads.get(kind)
+
     def assumed_faces(self) -> int | None:
         """Faces to assume per image before the detection has run: the usual number here."""
         return None if self.faces is None else round(self.faces)
@@ -153,23 +166,24 @@ class CostModel:
     # -- before a run ------------------------------------------------------------
 
     def request_seconds(self, shape: RequestShape) -> float:
-        """One request of this shape: warm-up, every pass's steps and tail, detection and faces."""
+        """One request of this shape: warm-up, every pass's lead, steps and tail, detection and faces."""
         faces = self.faces if self.faces is not None else shape.faces
         total = self.warmup_s or 0.0
-        for _ in range(shape.iterations):
-            for sampled in shape.passes:
-                total += self._pass_seconds(sampled)
+        for image in range(shape.iterations):
+            for number, sampled in enumerate(shape.passes):
+                total += self._pass_seconds(sampled, first=image == number == 0)
             if shape.face is not None:
-                total += (self.detection_s or 0.0) + faces * self._pass_seconds(shape.face)
+                total += (self.detection_s or 0.0) + faces * self._pass_seconds(shape.face, first=False)
         return total
 
-    def _pass_seconds(self, sampled: PassShape) -> float:
+    def _pass_seconds(self, sampled: PassShape, *, first: bool) -> float:
         steps = sampled.steps or 0
         if not steps:
             return 0.0
         rate = self.seconds_per_step(sampled.pixels, sampled.batch) or 0.0
         after = _along(self.handoffs if sampled.handoff else self.tails, sampled.work, _TAIL_EXPONENT)
-        return steps * rate + (after or 0.0)
+        lead = None if first else self.lead(sampled.kind)
+        return (lead or 0.0) + steps * rate + (after or 0.0)
 
     def covers(self, shape: RequestShape) -> bool:
         """Whether every pass's size lies within (or near) the sizes this model has timed."""

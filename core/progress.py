@@ -353,6 +353,9 @@ class Prior(Protocol):
     def detection(self) -> float | None:
         """ADetailer's detection of one image's faces."""
 
+    def lead(self, kind: str) -> float | None:
+        """Before the first step of a later pass of this kind (`hires`, `face`, `main` of the next image)."""
+
 
 @attrs.define
 class _Learned:
@@ -363,7 +366,8 @@ class _Learned:
             being sampled is updated as its steps come).
         tails: `handoff -> (work, seconds)` of the latest pass ended: after the last
             step showed, until the next pass began (or the request returned).
-        lead: Seconds before a later pass's first step beyond its steps (conditioning).
+        lead: Seconds before a later pass's first step beyond its steps (conditioning,
+            the hires upscale, a face's mask), the latest seen; `leads` by pass kind.
         warmup: The same for a request's first pass (the model warming up).
         detection: Seconds of ADetailer's detection of one image.
     """
@@ -371,6 +375,7 @@ class _Learned:
     rates: list[tuple[float, float]] = attrs.field(factory=list)
     tails: dict[bool, tuple[float, float]] = attrs.field(factory=dict)
     lead: float | None = None
+    leads: dict[str, float] = attrs.field(factory=dict)
     warmup: float | None = None
     detection: float | None = None
 
@@ -383,6 +388,7 @@ class _Observed:
         rates: `[pixels, batch, seconds per step]` of each pass with two steps seen,
             over all its steps seen.
         warmups: Each request's seconds before its first step, beyond the steps' own time.
+        leads: `[kind, seconds]` the same before each later pass's first step.
         tails: `[pixels, batch, seconds]` after an image's last step until the next pass
             began or the request answered (decode, save).
         handoffs: The same after a pass whose image went on to hires.
@@ -393,6 +399,7 @@ class _Observed:
 
     rates: list[list[float]] = attrs.field(factory=list)
     warmups: list[float] = attrs.field(factory=list)
+    leads: list[list] = attrs.field(factory=list)
     tails: list[list[float]] = attrs.field(factory=list)
     handoffs: list[list[float]] = attrs.field(factory=list)
     detections: list[float] = attrs.field(factory=list)
@@ -921,7 +928,7 @@ class StageTracker:
             log.last_at = now
         rate = log.recent_rate()
         if rate is None and j > 0:  # a later pass's first steps, timed from its start
-            rate = (now - log.begun - (learned.lead or 0.0)) / (step + 1)
+            rate = (now - log.begun - self._lead(j)) / (step + 1)
         if rate is None or rate <= 0:
             return
         entry = (shape.pixels, shape.batch, rate)
@@ -937,7 +944,8 @@ class StageTracker:
                 learned.warmup = head
                 self._observed.warmups.append(head)
             else:
-                learned.lead = head
+                learned.lead = learned.leads[shape.kind] = head
+                self._observed.leads.append([shape.kind, head])
 
     def _steps_of(self, shape: PassShape, log: _PassLog | None) -> int:
         if log is not None and log.steps:
@@ -982,6 +990,13 @@ class StageTracker:
                 return learned.warmup
             prior = None if self.prior is None else self.prior.warmup()
             return prior or 0.0
+        sequence = self._sequence()
+        kind = sequence[job_no][0].kind if job_no < len(sequence) else EXTRA
+        if kind in learned.leads:
+            return learned.leads[kind]
+        prior = None if self.prior is None else self.prior.lead(kind)
+        if prior is not None:
+            return prior
         return learned.lead or 0.0
 
     def _detection(self) -> float:

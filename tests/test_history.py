@@ -27,11 +27,12 @@ START = 1_700_000_000.0
 MPX = 1024 * 1024
 
 
-def timing(*rates: tuple[int, float], warmup: float = 1.0, tail: float = 0.5, faces=(), detection=None) -> dict:
+def timing(*rates: tuple[int, float], warmup: float = 1.0, tail: float = 0.5, faces=(), detection=None, leads=()) -> dict:
     """A stage's `timing` with one pass per `(pixels, seconds per step)`, its tail after the last."""
     return {
         "rates": [[pixels, 1, rate] for pixels, rate in rates],
         "warmups": [warmup],
+        "leads": [list(lead) for lead in leads],
         "tails": [[rates[-1][0], 1, tail]],
         "handoffs": [],
         "detections": [] if detection is None else [detection],
@@ -65,13 +66,15 @@ def test_a_stage_keeps_each_detection_and_the_faces_of_each_image_zero_where_the
         tracker.fold(sample(step, 4, job_count=2), None, now)
     tracker.fold(sample(0, 4, job_no=1, job_count=2), None, 4.0)  # the first image ended
     tracker.fold(sample(0, 4, job_no=1, job_count=4), None, 5.5)  # two faces found, 1.5 s later
-    for job_no, start in ((1, 6.0), (2, 10.0), (3, 14.0)):  # the faces, then the second image
+    for job_no, start in ((1, 7.0), (2, 11.0), (3, 15.0)):  # the faces, then the second image
         for step in (1, 2, 3):
             tracker.fold(sample(step, 4, job_no=job_no, job_count=4), None, start + step)
-    tracker.request_returned(19.0)  # no face in the second image: the count stayed at 4
+    tracker.request_returned(20.0)  # no face in the second image: the count stayed at 4
     kept = tracker.timing()
     assert kept["detections"] == [pytest.approx(1.5)]
     assert kept["faces"] == [2, 0]
+    # the first face began at 5.5 s and showed step 1 (two steps of 1 s done) at 8 s: 0.5 s more
+    assert kept["leads"][0] == ["face", pytest.approx(0.5)]
 
 
 def test_steps_too_quick_to_time_two_are_kept_as_the_whole_request_per_step():
@@ -102,6 +105,12 @@ def test_step_cost_follows_the_sizes_seen_between_them_and_their_nearest_slope_b
     assert model.seconds_per_step(MPX, 4) == model.seconds_per_step(4 * MPX, 1)  # a batch is more work
 
 
+def test_a_flat_stretch_of_sizes_seen_does_not_price_a_far_larger_pass_as_cheap():
+    model = CostModel.fit([timing((MPX // 4, 0.030), (MPX, 0.029))])  # a launch-bound floor, noisy
+    assert model.seconds_per_step(4 * MPX, 1) > model.seconds_per_step(MPX, 1)
+    assert model.seconds_per_step(MPX // 16, 1) == pytest.approx(0.030)  # below: the floor
+
+
 def test_the_model_takes_the_median_of_what_it_saw_at_one_size():
     model = CostModel.fit([timing((MPX, rate), warmup=w) for rate, w in ((1.0, 2.0), (9.0, 3.0), (2.0, 4.0))])
     assert model.seconds_per_step(MPX, 1) == 2.0
@@ -117,11 +126,12 @@ def test_faces_per_image_are_averaged_and_assumed_rounded():
 
 
 def test_a_request_is_priced_pass_by_pass():
-    model = CostModel.fit([timing((MPX, 0.5), warmup=2.0, tail=1.0, faces=(2,), detection=0.5)])
+    leads = (("face", 0.3), ("main", 0.2))
+    model = CostModel.fit([timing((MPX, 0.5), warmup=2.0, tail=1.0, faces=(2,), detection=0.5, leads=leads)])
     face = PassShape(4, MPX, kind="face")
     shape = RequestShape((PassShape(20, MPX),), iterations=2, face=face)
-    per_image = 20 * 0.5 + 1.0 + 0.5 + 2 * (4 * 0.5 + 1.0)  # steps, decode, detection, two faces
-    assert model.request_seconds(shape) == pytest.approx(2.0 + 2 * per_image)
+    per_image = 20 * 0.5 + 1.0 + 0.5 + 2 * (0.3 + 4 * 0.5 + 1.0)  # steps, decode, detection, two faces
+    assert model.request_seconds(shape) == pytest.approx(2.0 + 2 * per_image + 0.2)  # the second image's lead
 
 
 def test_nothing_timed_is_no_model():

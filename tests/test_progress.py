@@ -608,6 +608,9 @@ class _History:
     def detection(self) -> None:
         return None
 
+    def lead(self, kind: str) -> None:
+        return None
+
 
 def test_a_prior_gives_an_estimate_before_any_step_and_the_run_overrides_it():
     tracker = sent(StageTracker(shape=RequestShape((PassShape(10),)), prior=_History()))
