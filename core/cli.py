@@ -37,7 +37,8 @@ from sdjobs.lanes import DEFAULT_HEALTH_INTERVAL, Lane, Lanes
 from sdjobs.polling import DEFAULT_POLL_INTERVAL, POLL_INTERVAL_RANGE
 from sdjobs.preflight import CatalogError, ServerCatalog, check_against_server, split_sampler_names
 from sdjobs.runner import Runner
-from sdjobs.queues import migrate_queue, open_store
+from sdjobs.postgres_store import is_postgres_url
+from sdjobs.queues import migrate_queue, open_store, queue_location
 from sdjobs.servers import SERVERS_ENV, ServerConfig, ServerReport, ServersError, ask_all, read_servers, servers_from_urls
 from sdjobs.spec import JobFileError, JobSpec, StagePlan, load_job, read_toml
 from sdjobs.sqlite_store import QUEUE_ENV
@@ -432,7 +433,8 @@ def _server(args: argparse.Namespace) -> str:
 def _history(args: argparse.Namespace, *, create: bool = True) -> ServerHistory | None:
     """What the store of ``--queue`` knows of the server of ``--webui``; None: nothing yet
     (without ``create``, a queue file that does not exist is not made)."""
-    if not create and not queue_path(args.queue).exists():
+    location = queue_location(args.queue)
+    if not create and not is_postgres_url(location) and not Path(location).exists():
         return None
     with _open_store(args) as store:
         return ServerHistory.load(store, _server(args))

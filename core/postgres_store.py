@@ -397,10 +397,12 @@ class PostgresStore(Store):
         since: float | None = None,
         until: float | None = None,
         limit: int | None = None,
+        server: str | None = None,
     ) -> list[JobRecord]:
         with self._read() as connection:
             rows = connection.execute(
                 f"SELECT {_JOB_COLUMNS} FROM sdjobs_jobs WHERE ended_at IS NOT NULL"
+                " AND (%(server)s::text IS NULL OR server = %(server)s)"
                 " AND (%(name)s::text IS NULL OR name = %(name)s) AND (%(outcome)s::text IS NULL OR state = %(outcome)s)"
                 " AND (%(since)s::float8 IS NULL OR ended_at >= %(since)s)"
                 " AND (%(until)s::float8 IS NULL OR ended_at < %(until)s)"
@@ -410,6 +412,7 @@ class PostgresStore(Store):
                     "outcome": None if outcome is None else str(outcome),
                     "since": since,
                     "until": until,
+                    "server": server,
                     "limit": limit,
                 },
             ).fetchall()
