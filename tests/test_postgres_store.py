@@ -53,7 +53,7 @@ def test_a_database_without_the_queue_is_refused_until_queue_migrate_makes_it(po
         assert connection.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL").fetchone() == (True,)
     [line] = sdjobs("queue", "add", job_file(tmp_path, "sea")).stdout.splitlines()
     assert line.split()[1:] == ["sea"]
-    header, *rows, _ = sdjobs("queue", "list").stdout.splitlines()  # the last line: when the last job ends
+    _, *rows, _ = sdjobs("queue", "list").stdout.splitlines()  # the last line: when the last job ends
     assert [row.split()[2] for row in rows] == ["sea"]
 
 
