@@ -168,7 +168,15 @@ def _add_run_options(parser: argparse.ArgumentParser, frontend_names: Collection
     )
 
 
-def _add_queue_option(parser: argparse.ArgumentParser) -> None:
+def _add_queue_option(parser: argparse.ArgumentParser, *, lease: bool = False) -> None:
+    if lease:
+        parser.add_argument(
+            "--lease",
+            type=_positive_seconds,
+            metavar="SECONDS",
+            help="count a worker gone, its job resumed by another, after this long without a heartbeat; the"
+            " same for every worker of a queue (default: 60 for a queue file, 30 for PostgreSQL)",
+        )
     parser.add_argument(
         "--queue",
         metavar="PATH|URL",
@@ -250,7 +258,7 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
     _add_job_files(run)
     _add_webui_options(run, several=True)
     _add_health_interval(run)
-    _add_queue_option(run)
+    _add_queue_option(run, lease=True)
     _add_run_options(run, frontend_names)
 
     worker = commands.add_parser("worker", help="run the jobs of the queue, waiting for more until stopped")
@@ -260,7 +268,7 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
                              "resuming them (sdjobs queue resume goes on)")  # fmt: skip
     _add_webui_options(worker, several=True)
     _add_health_interval(worker)
-    _add_queue_option(worker)
+    _add_queue_option(worker, lease=True)
     _add_run_options(worker, frontend_names)
 
     servers = commands.add_parser("servers", help="list the WebUIs: up or not, what each offers, what each runs")
@@ -487,7 +495,7 @@ def _make_out_dir(path: Path) -> None:
 
 def _open_store(args: argparse.Namespace) -> Store:
     """The queue of ``--queue`` or ``$SDJOBS_QUEUE``; one that cannot be used is a `StoreError`."""
-    return open_store(args.queue)
+    return open_store(args.queue, lease=getattr(args, "lease", None))
 
 
 def _client(args: argparse.Namespace) -> WebUIClient:

@@ -38,7 +38,6 @@ from sdjobs.spec import JobSpec
 from sdjobs.sqlite_store import _json
 from sdjobs.status import CancelMode, JobState, StageResult
 from sdjobs.store import (
-    DEFAULT_LEASE,
     MIN_PREFIX,
     InvalidState,
     JobRecord,
@@ -61,6 +60,10 @@ SCHEMES = ("postgresql", "postgres")
 
 #: What to install for a PostgreSQL queue.
 EXTRA = "sdjobs[postgres]"
+
+#: Seconds without a heartbeat after which a worker counts as gone: shorter than a queue file's,
+#: as on a farm most workers run on other hosts, whose pids cannot be checked from here.
+DEFAULT_LEASE = 30.0
 
 #: Seconds a call waits for another process's lock (or for the server to answer a connect).
 DEFAULT_TIMEOUT = 10.0
@@ -212,7 +215,9 @@ class PostgresStore(Store):
                 connect_timeout=max(1, round(self.timeout)),
                 application_name=f"sdjobs pid {os.getpid()} on {self.host}"[:63],
             )
-            connection.execute(f"SET lock_timeout = {int(self.timeout * 1000)}")
+            # A client stopped inside a transaction (a frozen host) holds the write lock: ended after the timeout.
+            milliseconds = int(self.timeout * 1000)
+            connection.execute(f"SET lock_timeout = {milliseconds}; SET idle_in_transaction_session_timeout = {milliseconds}")
         return connection
 
     def _check_schema(self) -> None:

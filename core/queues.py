@@ -25,10 +25,15 @@ def queue_location(option: str | None = None, environ: Mapping[str, str] = os.en
     return option if is_postgres_url(option) else str(queue_path(option, environ))
 
 
-def open_store(option: str | None = None, environ: Mapping[str, str] = os.environ) -> Store:
-    """The queue `--queue` / `$SDJOBS_QUEUE` names; one that cannot be used is a `StoreError`."""
+def open_store(option: str | None = None, environ: Mapping[str, str] = os.environ, *, lease: float | None = None) -> Store:
+    """The queue `--queue` / `$SDJOBS_QUEUE` names; one that cannot be used is a `StoreError`.
+
+    ``lease``: seconds without a heartbeat after which a worker counts as gone
+    (None: the backend's default, 60 s for a file, 30 s for PostgreSQL).
+    """
     location = queue_location(option, environ)
-    return PostgresStore(location) if is_postgres_url(location) else SQLiteStore(location)
+    backend = PostgresStore if is_postgres_url(location) else SQLiteStore
+    return backend(location) if lease is None else backend(location, lease=lease)
 
 
 def migrate_queue(option: str | None = None, environ: Mapping[str, str] = os.environ) -> str:

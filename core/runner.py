@@ -27,7 +27,7 @@ from sdjobs.client import WebUIClient, WebUIError, WebUITimeout
 from sdjobs.hooks import Hooks
 from sdjobs.history import ServerHistory
 from sdjobs.job import Job, JobSettings, task_id
-from sdjobs.outputs import JobFolder, folder_name, random_job_id
+from sdjobs.outputs import SHORT_ID_LENGTH, JobFolder, folder_name, random_job_id
 from sdjobs.preflight import CatalogError, ServerCatalog, ask_for_lists, lists_needed, preflight
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState, ProgressInfo, StageResult, TaskProgress
@@ -224,6 +224,19 @@ class _Held:
     def stage_finished(self, result: StageResult) -> None:
         self.store.record_stage(self.record.id, self.worker_id, result)
 
+    def check(self) -> None:
+        """Raise `NotHeld` unless this worker still holds the job: asked before an answer's images are
+        written, so that a worker the store counted gone (silent past its lease, then back) writes
+        nothing into the folder that another worker fills now.  A store it cannot reach says nothing
+        here (recording the stage will)."""
+        try:
+            job = self.store.get(self.record.id)
+        except StoreError as exc:
+            log.warning("cannot check that the job is still ours: %s", exc)
+            return
+        if job.state is not JobState.RUNNING or job.worker != self.worker_id:
+            raise NotHeld(f"job {job.short_id} is not held by worker {self.worker_id[:SHORT_ID_LENGTH]} ({job.state})")
+
 
 @attrs.define(eq=False)
 class Runner:
@@ -246,6 +259,7 @@ class Runner:
     outcomes: dict[str, JobState] = attrs.field(factory=dict, init=False)
     _events: queue.SimpleQueue = attrs.field(factory=queue.SimpleQueue, init=False)
     _current: str | None = attrs.field(default=None, init=False)
+    _held: _Held | None = attrs.field(default=None, init=False)
     _stop_queue: bool = attrs.field(default=False, init=False)
     _hand_back: bool = attrs.field(default=False, init=False)
     _drained: bool = attrs.field(default=False, init=False)
@@ -319,7 +333,7 @@ class Runner:
         then nothing more is written).
         """
         held = _Held(store, worker_id, record, self.out_dir.absolute())  # paths in the store outlive the cwd
-        self._current = record.id
+        self._current, self._held = record.id, held
         try:
             if self._stop_queue:  # read after `_current` is set: see `cancel`
                 store.release(record.id, worker_id)
@@ -338,7 +352,7 @@ class Runner:
             log.warning("%s", exc)
             return None
         finally:
-            self._current = None
+            self._current = self._held = None
         self.outcomes[record.id] = outcome
         return outcome
 
@@ -400,8 +414,10 @@ class Runner:
     def _handle(self, job: Job, trigger: str, kwargs: dict[str, Any]) -> None:
         """Fire ``trigger``; an error that is not the WebUI's fails the job, not the run."""
         try:
+            if trigger == "returned" and self._held is not None and not job.detached:
+                self._held.check()  # before the answer's images are written
             job.trigger(trigger, **kwargs)
-        except NotHeld as exc:  # recording a stage: the store gave the job to another worker
+        except NotHeld as exc:  # the store gave the job to another worker
             log.warning("%s: %s; stopping it, writing nothing more", job.job_id, exc)
             job.detach()
             if not job.finished:

@@ -18,6 +18,7 @@ import pytest
 from process_helpers import Lines, start
 from runner_helpers import GENERATION_PATHS, Background, requests_to
 from sdjobs.client import WebUIClient
+from sdjobs.queues import open_store
 from sdjobs.sim import SimSettings
 from sdjobs.spec import load_job
 from sdjobs.sqlite_store import SQLiteStore
@@ -171,12 +172,12 @@ def assert_done_once(record, kept: dict[Path, tuple[int, int]]) -> None:
     assert {image: images_of(record)[image] for image in kept} == kept  # no finished stage ran again
 
 
-def test_a_worker_killed_in_stage_two_resumes_there_in_the_next_worker(sim_process, tmp_path, queue_file):
+def test_a_worker_killed_in_stage_two_resumes_there_in_the_next_worker(sim_process, tmp_path, queue):
     out = tmp_path / "out"
     added = start("queue", "add", job_file(tmp_path, "four", stages=4))
     assert added.wait(timeout=30) == 0
     job_id = added.stdout.read().split()[0]
-    store = SQLiteStore(queue_file)
+    store = open_store(queue)
 
     first = start(*worker_args(sim_process, out))
     try:
@@ -272,7 +273,7 @@ def test_kill_9_at_twenty_random_moments_loses_nothing(webui_sim, tmp_path, queu
         assert_done_once(record, {image: kept[image] for image in images_of(record) if image in kept})
 
 
-def test_two_workers_on_one_queue_run_each_job_once(webui_sim, tmp_path, queue_file):
+def test_two_workers_on_one_queue_run_each_job_once(webui_sim, tmp_path, queue):
     added = start("queue", "add", *(job_file(tmp_path, f"job{i}") for i in range(4)))
     assert added.wait(timeout=30) == 0
     worker = [
@@ -288,7 +289,7 @@ def test_two_workers_on_one_queue_run_each_job_once(webui_sim, tmp_path, queue_f
     workers = [start(*worker), start(*worker)]
     results = [finish(process) for process in workers]
     assert [status for status, _ in results] == [0, 0], results
-    with SQLiteStore(queue_file) as store:
+    with open_store(queue) as store:
         ended = store.history()
     assert (
         sorted((job.state, job.attempts) for job in ended) == [(JobState.DONE, 1)] * 4

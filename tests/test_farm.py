@@ -1,0 +1,59 @@
+"""Workers on several hosts sharing a PostgreSQL queue, as real processes: a worker that falls
+silent (SIGSTOP: a frozen or cut-off host, whose pid no other host can check) loses its job to
+another worker after the lease, which resumes it at its first unfinished stage; when the silent
+one wakes, it records nothing more of that job.  (Two workers sharing a job list, kill -9 and a
+cancel from a third process run on both backends in test_kill.py and test_queue_commands.py.)"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+from process_helpers import Lines, start
+from runner_helpers import GENERATION_PATHS, STEPS, job_spec, requests_to
+from sdjobs.postgres_store import PostgresStore
+from sdjobs.sim import SimSettings
+from sdjobs.status import JobState
+from test_kill import finish, until
+
+LEASE = "2"
+
+
+def worker(webui_sim, out, *more: str):
+    """`sdjobs worker` on the test's queue with a short lease; the process and its log lines."""
+    process = start("worker", "--webui", webui_sim.url, "--lease", LEASE, "--frontend", "log",
+                    "--poll-interval", "0.25", "--out", out, *more)  # fmt: skip
+    return process, Lines(process.stderr)
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
+def test_a_silent_worker_loses_its_job_after_the_lease_and_records_nothing_when_it_wakes(postgres_queue, webui_sim, tmp_path):
+    out = tmp_path / "out"
+    with PostgresStore(postgres_queue) as store:
+        [job] = store.add([job_spec(("txt2img", "img2img"), name="sea")])
+        silent, silent_log = worker(webui_sim, out)
+        try:
+            webui_sim.release(STEPS)  # stage 1; stage 2's request then waits in the WebUI
+            first = until(lambda: (record := store.get(job.id)).stages and record, "stage 1 recorded")
+            silent.send_signal(signal.SIGSTOP)
+            rescuer, _ = worker(webui_sim, out, "--until-empty")
+            claimed = until(lambda: (record := store.get(job.id)).worker not in (None, first.worker) and record,
+                            "claimed by the other worker", timeout=60)  # fmt: skip
+            assert (claimed.attempts, claimed.next_stage) == (2, 1)  # resumed at stage 2
+            webui_sim.release(1000)  # the silent worker's stage 2 request, then the rescuer's
+            status, errors = finish(rescuer)
+            assert status == 0, errors
+            done = store.get(job.id)
+            silent.send_signal(signal.SIGCONT)
+            assert silent_log.wait_for("this worker was counted gone; it registers again"), silent_log.text()
+            assert store.get(job.id) == done, "the woken worker changed nothing"
+        finally:
+            silent.send_signal(signal.SIGCONT)
+            silent.terminate()
+            finish(silent)
+    assert (done.state, done.attempts, [stage.partial for stage in done.stages]) == (JobState.DONE, 2, [False, False])
+    assert [len(list(done.folder.glob(f"{i:02d}-*/*.png"))) for i in (1, 2)] == [1, 1]
+    assert json.loads((done.folder / "manifest.json").read_text())["outcome"] == "done"
+    assert "Traceback" not in silent_log.text() + errors
+    assert 2 <= len(requests_to(webui_sim, GENERATION_PATHS)) <= 3  # stage 1 once; stage 2 by the rescuer, maybe also by the silent one
