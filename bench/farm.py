@@ -1,11 +1,11 @@
-"""A farm on one PostgreSQL queue: worker processes, each with its own simulated WebUI.
+"""A farm on one PostgreSQL queue: worker processes, each with simulated WebUIs of its own.
 
 Starts a throwaway PostgreSQL server on loopback (`sdjobs.postgres_server`) and
 the simulators in this process, then measures:
 
 - enqueue: `sdjobs queue add`'s store call for 5,000 jobs (target ≥ 2,000 jobs/s);
-- throughput: --jobs one-stage jobs through --workers `sdjobs worker` processes,
-  against what the servers alone can do (one bare txt2img timed on each, summed;
+- throughput: --jobs one-stage jobs through --workers `sdjobs worker` processes
+  of --servers simulators each, against what the servers alone can do (one bare txt2img timed on each, summed;
   target ≥ 0.9 ×), timed from the queue's resume once every worker waits on it;
 - cancel-to-interrupt: `request_cancel` of a running job (as `sdjobs queue cancel`
   from any host) until the simulator receives the interrupt (target ≤ 1 s);
@@ -13,7 +13,7 @@ the simulators in this process, then measures:
   host sees the pid gone) and after SIGSTOP (a silent host: only the heartbeat
   lease tells; target ≤ lease + 5 s); the job must end done with every stage once.
 
-Run: python bench/farm.py [--workers 4] [--jobs 400] [--steps 8] [--step-time 0.05] [--lease 30]
+Run: python bench/farm.py [--workers 4] [--servers 2] [--jobs 400] [--steps 8] [--step-time 0.05] [--lease 30]
 """
 
 from __future__ import annotations
@@ -64,15 +64,18 @@ def server_seconds(sim: SimulatedWebUI, spec: JobSpec, runs: int = 5) -> float:
         return (time.monotonic() - started) / runs
 
 
-def start_worker(url: str, sim: SimulatedWebUI, out: Path, lease: float) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "sdjobs", "worker", "--queue", url, "--webui", sim.url, "--lease", str(lease),
+def start_worker(url: str, sims: list[SimulatedWebUI], out: Path, lease: float) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "sdjobs", "worker", "--queue", url, "--lease", str(lease),
                "--frontend", "log", "--log-level", "WARNING", "--out", str(out)]  # fmt: skip
+    for sim in sims:
+        command += ["--webui", sim.url]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main() -> None:
     options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     options.add_argument("--workers", type=int, default=4)
+    options.add_argument("--servers", type=int, default=2, help="simulated WebUIs per worker")
     options.add_argument("--jobs", type=int, default=400)
     options.add_argument("--steps", type=int, default=8)
     options.add_argument("--step-time", type=float, default=0.05)
@@ -83,7 +86,8 @@ def main() -> None:
         raise SystemExit("bench/farm.py: needs PostgreSQL's server binaries (initdb)")
     server = ThrowawayPostgres(binaries)
     sims = [SimulatedWebUI(SimSettings(step_time=args.step_time, first_step_time=args.step_time)).start()
-            for _ in range(args.workers)]  # fmt: skip
+            for _ in range(args.workers * args.servers)]  # fmt: skip
+    own = [sims[number * args.servers : (number + 1) * args.servers] for number in range(args.workers)]
     workers: list[subprocess.Popen[bytes]] = []
     rows: list[tuple[str, str, str]] = []
 
@@ -108,7 +112,7 @@ def main() -> None:
         store.pause()
         store.add([spec] * args.jobs)
         with tempfile.TemporaryDirectory() as out:
-            workers = [start_worker(url, sim, Path(out), args.lease) for sim in sims]
+            workers = [start_worker(url, mine, Path(out), args.lease) for mine in own]
             until(lambda: len(store.workers()) == len(workers), 60)
             time.sleep(1)  # every worker past its start-up, waiting on the paused queue
             started = time.monotonic()
@@ -116,7 +120,7 @@ def main() -> None:
             until(lambda: not store.list(), 3600)
             throughput = args.jobs / (time.monotonic() - started)
             done = store.history(outcome=JobState.DONE, limit=args.jobs + 1)
-            measured((f"throughput, {args.jobs} jobs, {len(workers)} workers × 1 server",
+            measured((f"throughput, {args.jobs} jobs, {len(workers)} workers × {args.servers} servers",
                          f"{throughput:.2f} jobs/s = {throughput / capacity:.2f} × servers ({capacity:.2f}); {len(done)} done",
                          "≥ 0.9 × servers"))  # fmt: skip
 
@@ -150,7 +154,7 @@ def main() -> None:
                 index = workers.index(victim)
                 victim.kill()
                 victim.wait(timeout=30)
-                workers[index] = start_worker(url, sims[index], Path(out), args.lease)  # a replacement on its server
+                workers[index] = start_worker(url, own[index], Path(out), args.lease)  # a replacement on its servers
         store.close()
     finally:
         for worker in workers:
