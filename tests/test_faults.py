@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import attrs
 import pytest
-from process_helpers import start
+from process_helpers import Lines, start
 from runner_helpers import (
     DROPPED_IN_STAGE_TWO,
     FAST,
@@ -109,6 +109,24 @@ def test_a_cancel_in_the_first_moment_of_a_freeze_ends_the_run_within_2_s(webui_
         running.join(timeout=2)  # the interrupt goes unanswered (1 s), not the 30 s of grace
     assert list(runner.outcomes.values()) == [JobState.CANCELLED]
     assert "lighthouse: the WebUI did not answer the interrupt (" in caplog.text
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.05)])
+def test_ctrl_c_on_a_frozen_webui_ends_sdjobs_run_without_waiting_for_the_grace(webui_sim, tmp_path):
+    job = tmp_path / "frozen.toml"
+    job.write_text('name = "frozen"\nprompt = "a lighthouse"\n[settings]\nsteps = 400\nwidth = 64\nheight = 64\n'
+                   '[[stages]]\ntype = "txt2img"\n')
+    run = start("run", job, "--webui", webui_sim.url, "--frontend", "log", "--out", tmp_path / "out")
+    logged = Lines(run.stderr)
+    try:
+        assert logged.wait_for(" · step "), logged.text(0)
+        webui_sim.hang()
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=10) == 130  # not the 30 s cancel grace (the 2 s bound is timed in process above)
+    finally:
+        run.kill()
+        webui_sim.hang(False)
+    assert "frozen: the WebUI did not answer the interrupt (" in logged.text()
 
 
 @pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.05)])
