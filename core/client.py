@@ -450,8 +450,10 @@ class WebUIClient:
 
     def interrupt(self, *, timeout: float | None = None) -> None:
         """Stop whatever the server is generating, whoever started it; ``timeout`` bounds the wait for
-        the answer (connecting included) instead of `Timeouts.short`."""
-        self._call("POST", "/sdapi/v1/interrupt", timeout=None if timeout is None else (timeout, timeout))
+        the answer, once connected, instead of `Timeouts.read` (a frozen server takes the connection
+        and answers nothing; a busy machine may be slow to take it)."""
+        wait = None if timeout is None else (self.timeouts.connect, timeout)
+        self._call("POST", "/sdapi/v1/interrupt", timeout=wait)
 
     def skip(self) -> None:
         """End the current iteration early; the request goes on with the next."""
