@@ -269,3 +269,16 @@ def test_a_hand_back_returns_every_running_job_to_the_queue(store, tmp_path) -> 
     assert worker.outcomes == {} and exit_status(worker) == 143
     assert [(job.state, job.attempts) for job in map(store.get, (job.id for job in jobs))] == [(JobState.QUEUED, 1)] * 2
     assert worker.handed_back is not None and worker.handed_back.waiting + (worker.handed_back.job is not None) == 2
+
+
+def test_until_empty_stops_when_the_jobs_left_wait_for_a_server_down_past_the_wait(store, tmp_path, closed_port_url) -> None:
+    with SimulatedWebUI(SimSettings(step_time=0.001, catalog=SDXL)) as sdxl:
+        [job] = store.add([ADETAILER])  # only a server with ADetailer can run it; the one that might is down
+        lanes, log = make_lanes({"gone": closed_port_url, "sdxl": sdxl.url}, tmp_path / "out", health_interval=0.1)
+        for lane in lanes.lanes:
+            lane.runner.settings = attrs.evolve(lane.runner.settings, wait_for_webui=0.5)
+        worker = Worker(store, lanes=lanes, until_empty=True, idle_poll=0.05)
+        Background(worker.run).join(timeout=10)
+    assert worker.gave_up and exit_status(worker) == 1 and worker.outcomes == {}
+    assert store.get(job.id).state is JobState.QUEUED and store.get(job.id).attempts == 0
+    assert [call["server"] for name, call in log.calls if name == "server_down"] == ["gone"]
