@@ -310,7 +310,10 @@ class Worker:
         return True
 
     def _claimable(self) -> list[JobRecord]:
-        """The queued jobs this worker may claim, in queue order (as `Store.claim` would take them)."""
+        """The queued jobs this worker may claim, in queue order (as `Store.claim` would take them),
+        after taking back the jobs of workers that are gone (as every `Store.claim` does first): a
+        lost worker's job is queued again even when no other job is queued to claim."""
+        self.store.recover()
         jobs = self.store.list()
         if self._ids is not None:
             return [job for job in jobs if job.id in self._ids and job.state is JobState.QUEUED and not job.paused]

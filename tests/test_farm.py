@@ -15,7 +15,7 @@ from runner_helpers import GENERATION_PATHS, STEPS, job_spec, requests_to
 from sdjobs.postgres_store import PostgresStore
 from sdjobs.sim import SimSettings
 from sdjobs.status import JobState
-from test_kill import finish, until
+from test_kill import finish, sim_process, until  # noqa: F401  (sim_process: a fixture)
 
 LEASE = "2"
 
@@ -28,7 +28,10 @@ def worker(webui_sim, out, *more: str):
 
 
 @pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
-def test_a_silent_worker_loses_its_job_after_the_lease_and_records_nothing_when_it_wakes(postgres_queue, webui_sim, tmp_path):
+@pytest.mark.parametrize("servers", [1, 2], ids=["one server", "two servers"])
+def test_a_silent_worker_loses_its_job_after_the_lease_and_records_nothing_when_it_wakes(
+    postgres_queue, webui_sim, sim_process, tmp_path, servers
+):
     out = tmp_path / "out"
     with PostgresStore(postgres_queue) as store:
         [job] = store.add([job_spec(("txt2img", "img2img"), name="sea")])
@@ -37,7 +40,7 @@ def test_a_silent_worker_loses_its_job_after_the_lease_and_records_nothing_when_
             webui_sim.release(STEPS)  # stage 1; stage 2's request then waits in the WebUI
             first = until(lambda: (record := store.get(job.id)).stages and record, "stage 1 recorded")
             silent.send_signal(signal.SIGSTOP)
-            rescuer, _ = worker(webui_sim, out, "--until-empty")
+            rescuer, _ = worker(webui_sim, out, "--until-empty", *["--webui", sim_process] * (servers - 1))
             claimed = until(lambda: (record := store.get(job.id)).worker not in (None, first.worker) and record,
                             "claimed by the other worker", timeout=60)  # fmt: skip
             assert (claimed.attempts, claimed.next_stage) == (2, 1)  # resumed at stage 2
@@ -56,4 +59,4 @@ def test_a_silent_worker_loses_its_job_after_the_lease_and_records_nothing_when_
     assert [len(list(done.folder.glob(f"{i:02d}-*/*.png"))) for i in (1, 2)] == [1, 1]
     assert json.loads((done.folder / "manifest.json").read_text())["outcome"] == "done"
     assert "Traceback" not in silent_log.text() + errors
-    assert 2 <= len(requests_to(webui_sim, GENERATION_PATHS)) <= 3  # stage 1 once; stage 2 by the rescuer, maybe also by the silent one
+    assert 2 <= len(requests_to(webui_sim, GENERATION_PATHS)) <= 3  # stage 1; stage 2 by the silent one, maybe by the rescuer
