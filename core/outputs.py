@@ -5,9 +5,10 @@ is named `<UTC yyyymmdd-HHMMSS>-<slug of name>-<short id>` (`folder_name`),
 readable and sorted by time, and is created exclusively, so a rerun never
 overwrites anything.  A resumed job reopens its folder (`JobFolder.open`).
 
-Every file is written whole or not at all: into a scratch file beside it
-(`.<name>.<random>.partial`), then renamed into place; a crash leaves at most a
-scratch file, which reopening the folder removes.  An image is flushed to disk
+Every file is written whole or not at all: into a scratch file at the top of the
+job folder (`.01-txt2img-001.png.<random>.partial`: a stage folder only ever holds
+finished images), then renamed into place; a crash leaves at most a scratch file,
+which reopening the folder removes.  An image is flushed to disk
 before its rename (it cannot be made again, and the store records it next); the
 manifest, which the store can always rebuild, is flushed only when the job ends.
 Every PNG keeps the text chunks the server wrote (A1111's `parameters`
@@ -43,7 +44,7 @@ from sdjobs.status import JobState, StageResult
 
 MANIFEST = "manifest.json"
 
-#: How a file being written is named until it is renamed into place (`.001.png.k3x9.partial`).
+#: How a file being written ends its name until it is renamed into place (`.01-txt2img-001.png.k3x9.partial`).
 SCRATCH_SUFFIX = ".partial"
 
 #: The PNG text key sdjobs writes its provenance under.
@@ -124,7 +125,7 @@ class JobFolder:
         """
         if not path.is_dir():
             raise FileNotFoundError(errno.ENOENT, "the job's folder is gone", str(path))
-        for scratch in path.glob(f"**/.*{SCRATCH_SUFFIX}"):
+        for scratch in path.glob(f".*{SCRATCH_SUFFIX}"):
             scratch.unlink()
         for child in path.iterdir():
             match = _STAGE_FOLDER.fullmatch(child.name)
@@ -200,9 +201,10 @@ class JobFolder:
         return path
 
     def _write_whole(self, path: Path, data: bytes, *, replace: bool, durable: bool) -> None:
-        """Put `data` at `path` whole or not at all: a scratch file beside it, renamed into place;
-        `durable`: flushed to disk before the rename, and the rename after it."""
-        descriptor, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=SCRATCH_SUFFIX)
+        """Put `data` at `path` whole or not at all: a scratch file at the top of the job folder,
+        renamed into place; `durable`: flushed to disk before the rename, and the rename after it."""
+        name = path.relative_to(self.path).as_posix().replace("/", "-")
+        descriptor, scratch = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=SCRATCH_SUFFIX)
         try:
             with os.fdopen(descriptor, "wb") as file:
                 file.write(data)

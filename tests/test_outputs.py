@@ -117,7 +117,7 @@ def test_a_reopened_folder_keeps_the_finished_stages_and_clears_what_an_interrup
     folder.write_image(1, "img2img", 1, png(), provenance={"seed": 1})
     folder.write_image(2, "upscale", 1, png(), provenance={"seed": 1})
     (folder.path / f".manifest.json.x1{SCRATCH_SUFFIX}").write_text("half a manifest")
-    (kept.parent / f".002.png.x2{SCRATCH_SUFFIX}").write_bytes(b"half an image")
+    (folder.path / f".02-img2img-002.png.x2{SCRATCH_SUFFIX}").write_bytes(b"half an image")
     (folder.path / "notes").mkdir()
     reopened = JobFolder.open(folder.path, "the-id", finished_stages=1)
     assert reopened == JobFolder(folder.path, "the-id")
@@ -245,12 +245,14 @@ def test_the_manifest_is_replaced_whole_and_leaves_no_scratch_file(folder):
 
 def test_an_image_and_the_last_manifest_reach_the_disk_before_their_names_do(folder, monkeypatch):
     """A power cut cannot be made in a test, so which writes are flushed is watched instead:
-    an image (it cannot be made again) and the manifest of an ended job, each before its
-    rename and the rename after; a manifest between stages is not (the store has it all)."""
+    an image (it cannot be made again) and the manifest of an ended job, each written at the
+    top of the job folder (a stage folder holds only finished images) and flushed before its
+    rename, the rename after; a manifest between stages is not (the store has it all)."""
     flushed = []
 
     def fsync(descriptor, real=os.fsync):
-        flushed.append(re.sub(r"\.[^.]+\.partial$", ".partial", Path(os.readlink(f"/proc/self/fd/{descriptor}")).name))
+        path = Path(os.readlink(f"/proc/self/fd/{descriptor}")).relative_to(folder.path)
+        flushed.append(re.sub(r"\.[^.]+\.partial$", ".partial", path.as_posix()))
         real(descriptor)
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -258,4 +260,4 @@ def test_an_image_and_the_last_manifest_reach_the_disk_before_their_names_do(fol
     folder.write_image(0, "txt2img", 1, png(), provenance={"seed": 1})
     folder.write_manifest(spec, [], outcome="running")
     folder.write_manifest(spec, [], outcome=JobState.DONE)
-    assert flushed == [".001.png.partial", "01-txt2img", ".manifest.json.partial", folder.path.name]
+    assert flushed == [".01-txt2img-001.png.partial", "01-txt2img", ".manifest.json.partial", "."]
