@@ -99,7 +99,8 @@ class CostModel:
 
     Attributes:
         rates: `(work, seconds per step)`, work being pixels × batch.
-        tails: `(work, seconds)` after an image's last step (decode, save).
+        tails: `(work, seconds)` after a request's last step until its answer (decode, save, encode).
+        betweens: `(work, seconds)` after an earlier pass until the next began (a decode).
         handoffs: `(work, seconds)` between a pass and its hires pass.
         warmup_s: Before a request's first step, beyond the steps' own time.
         leads: The same before a later pass's first step, by its kind (`PassShape.kind`).
@@ -110,6 +111,7 @@ class CostModel:
 
     rates: tuple[tuple[float, float], ...]
     tails: tuple[tuple[float, float], ...] = ()
+    betweens: tuple[tuple[float, float], ...] = ()
     handoffs: tuple[tuple[float, float], ...] = ()
     warmup_s: float | None = None
     leads: Mapping[str, float] = attrs.field(factory=dict)
@@ -134,6 +136,7 @@ class CostModel:
         return cls(
             rates=_curve((_work(p, b), s) for p, b, s in every("rates")),
             tails=_curve((_work(p, b), s) for p, b, s in every("tails")),
+            betweens=_curve((_work(p, b), s) for p, b, s in every("betweens")),
             handoffs=_curve((_work(p, b), s) for p, b, s in every("handoffs")),
             warmup_s=_median(every("warmups")),
             leads={kind: median for kind, seconds in leads.items() if (median := _median(seconds)) is not None},
@@ -174,6 +177,10 @@ class CostModel:
                 total += self._pass_seconds(sampled, first=image == number == 0)
             if shape.face is not None:
                 total += (self.detection_s or 0.0) + faces * self._pass_seconds(shape.face, first=False)
+        last = shape.face if shape.face is not None and faces else next((p for p in reversed(shape.passes) if p.steps), None)
+        if last is not None:  # its decode was priced as one between passes: the answer's instead
+            between = _along(self.betweens, last.work, _TAIL_EXPONENT) or 0.0
+            total += (_along(self.tails, last.work, _TAIL_EXPONENT) or 0.0) - between
         return total
 
     def _pass_seconds(self, sampled: PassShape, *, first: bool) -> float:
@@ -181,7 +188,7 @@ class CostModel:
         if not steps:
             return 0.0
         rate = self.seconds_per_step(sampled.pixels, sampled.batch) or 0.0
-        after = _along(self.handoffs if sampled.handoff else self.tails, sampled.work, _TAIL_EXPONENT)
+        after = _along(self.handoffs if sampled.handoff else self.betweens, sampled.work, _TAIL_EXPONENT)
         lead = None if first else self.lead(sampled.kind)
         return (lead or 0.0) + steps * rate + (after or 0.0)
 

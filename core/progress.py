@@ -213,6 +213,14 @@ _QUIET_ALLOWANCE = 2.0
 
 MAIN, HIRES, FACE, EXTRA = "main", "hires", "face", "extra"
 
+#: What follows a pass's last step: the hand-over to hires, a decode before the next pass,
+#: or the request's end (decode, save, encode the answer).
+HANDOFF, BETWEEN, FINAL = "handoff", "between", "final"
+
+
+def _tail_kind(shape: PassShape, *, final: bool) -> str:
+    return HANDOFF if shape.handoff else FINAL if final else BETWEEN
+
 
 @attrs.frozen
 class PassShape:
@@ -364,7 +372,7 @@ class _Learned:
     Attributes:
         rates: `(work, seconds per step)` of each timed pass, latest last (the pass
             being sampled is updated as its steps come).
-        tails: `handoff -> (work, seconds)` of the latest pass ended: after the last
+        tails: `HANDOFF|BETWEEN|FINAL -> (work, seconds)` of the latest pass ended: after the last
             step showed, until the next pass began (or the request returned).
         lead: Seconds before a later pass's first step beyond its steps (conditioning,
             the hires upscale, a face's mask), the latest seen; `leads` by pass kind.
@@ -373,7 +381,7 @@ class _Learned:
     """
 
     rates: list[tuple[float, float]] = attrs.field(factory=list)
-    tails: dict[bool, tuple[float, float]] = attrs.field(factory=dict)
+    tails: dict[str, tuple[float, float]] = attrs.field(factory=dict)
     lead: float | None = None
     leads: dict[str, float] = attrs.field(factory=dict)
     warmup: float | None = None
@@ -389,8 +397,9 @@ class _Observed:
             over all its steps seen.
         warmups: Each request's seconds before its first step, beyond the steps' own time.
         leads: `[kind, seconds]` the same before each later pass's first step.
-        tails: `[pixels, batch, seconds]` after an image's last step until the next pass
-            began or the request answered (decode, save).
+        tails: `[pixels, batch, seconds]` after the request's last step until its answer
+            (decode, save, encode).
+        betweens: The same after an earlier pass until the next one began (a decode).
         handoffs: The same after a pass whose image went on to hires.
         detections: Seconds of each ADetailer detection seen.
         faces: Faces ADetailer found in each image of the requests that answered.
@@ -402,6 +411,7 @@ class _Observed:
     leads: list[list] = attrs.field(factory=list)
     tails: list[list[float]] = attrs.field(factory=list)
     handoffs: list[list[float]] = attrs.field(factory=list)
+    betweens: list[list[float]] = attrs.field(factory=list)
     detections: list[float] = attrs.field(factory=list)
     faces: list[int] = attrs.field(factory=list)
     requests: list[float] = attrs.field(factory=list)
@@ -804,7 +814,7 @@ class StageTracker:
             if not sequence or self._rate_at(sequence[-1][0]) is None:
                 return None
             last = request.logs.get(len(sequence) - 1)
-            tail = self._tail(sequence[-1][0])
+            tail = self._tail(sequence[-1][0], len(sequence) - 1)
             return _late((last.last_at if last and last.last_at is not None else now) + tail - now, tail)
         shape, detect = sequence[j]
         rate = self._rate_at(shape)
@@ -818,7 +828,7 @@ class StageTracker:
         elif log is not None and log.marks:
             steps = self._steps_of(shape, log)
             step, seen = log.marks[-1]
-            tail = self._tail(shape)
+            tail = self._tail(shape, j)
             if step < steps - 1:
                 left = _late(seen + (steps - 1 - step) * rate - now, rate) + tail
             else:
@@ -830,7 +840,7 @@ class StageTracker:
             else:
                 begun = log.begun if log is not None else now
                 head = self._lead(j) + min(steps, 2) * rate
-                left = _late(begun + head - now, rate) + max(steps - 2, 0) * rate + self._tail(shape)
+                left = _late(begun + head - now, rate) + max(steps - 2, 0) * rate + self._tail(shape, j)
         for later, (shape, detect) in enumerate(sequence[j + 1 :], start=j + 1):
             left += (self._detection() if detect else 0.0) + self._pass_cost(shape, later)
         return left
@@ -904,8 +914,9 @@ class StageTracker:
         log = request.logs.get(current)
         if log is not None and log.last_at is not None:
             shape = sequence[current][0]
-            self._learned.tails[shape.handoff] = (shape.work, now - log.last_at)
-            kept = self._observed.handoffs if shape.handoff else self._observed.tails
+            kind = _tail_kind(shape, final=returned)
+            self._learned.tails[kind] = (shape.work, now - log.last_at)
+            kept = {HANDOFF: self._observed.handoffs, FINAL: self._observed.tails, BETWEEN: self._observed.betweens}[kind]
             kept.append([shape.pixels, shape.batch, now - log.last_at])
         if job_no < len(sequence) and sequence[job_no][1]:
             request.image_end = now  # ADetailer now looks for the faces of the image just made
@@ -970,16 +981,20 @@ class StageTracker:
                 return rate * here / there
         return rate * (shape.work / (max(pixels, 1) * max(batch, 1))) ** _WORK_EXPONENT
 
-    def _tail(self, shape: PassShape) -> float:
-        """The decode and save after a pass's last step (or the hand-over to hires)."""
-        seen = self._learned.tails.get(shape.handoff)
-        if seen is not None:
-            work, seconds = seen
-            return seconds * shape.work / work
-        if not shape.handoff and self.prior is not None:
+    def _tail(self, shape: PassShape, job_no: int) -> float:
+        """After a pass's last step: the hand-over to hires, the decode before the next pass,
+        or (the request's last pass) the decode, save and answer.  As seen in this stage, else
+        (the answer's) as the history says, else as the other of the two was seen."""
+        kind = _tail_kind(shape, final=job_no >= len(self._sequence()) - 1)
+        tails = self._learned.tails
+        if kind == FINAL and FINAL not in tails and self.prior is not None:
             prior = self.prior.tail(shape.pixels, shape.batch)
             if prior is not None:
                 return prior
+        seen = tails.get(kind) or (None if kind == HANDOFF else tails.get(BETWEEN if kind == FINAL else FINAL))
+        if seen is not None:
+            work, seconds = seen
+            return seconds * shape.work / work
         return _UNSEEN_TAIL_STEPS * (self._rate_at(shape) or 0.0)
 
     def _lead(self, job_no: int) -> float:
@@ -1014,7 +1029,7 @@ class StageTracker:
         if steps == 0:
             return 0.0
         rate = self._rate_at(shape) or 0.0
-        return self._lead(job_no) + steps * rate + self._tail(shape)
+        return self._lead(job_no) + steps * rate + self._tail(shape, job_no)
 
     def _quiet_expected(self) -> float:
         """How long the run expects the phase it is in to show nothing: a tail or a detection."""
@@ -1030,7 +1045,7 @@ class StageTracker:
             return self._detection()
         log = request.logs.get(j)
         if log is not None and log.last_at is not None:
-            return self._tail(shape)
+            return self._tail(shape, j)
         return 0.0
 
 

@@ -27,14 +27,17 @@ START = 1_700_000_000.0
 MPX = 1024 * 1024
 
 
-def timing(*rates: tuple[int, float], warmup: float = 1.0, tail: float = 0.5, faces=(), detection=None, leads=()) -> dict:
-    """A stage's `timing` with one pass per `(pixels, seconds per step)`, its tail after the last."""
+def timing(*rates: tuple[int, float], warmup: float = 1.0, tail: float = 0.5, between: float = 0.1, faces=(),
+           detection=None, leads=()) -> dict:  # fmt: skip
+    """A stage's `timing` with one pass per `(pixels, seconds per step)`: a decode `between` passes, the `tail`
+    after the last until the answer."""
     return {
         "rates": [[pixels, 1, rate] for pixels, rate in rates],
         "warmups": [warmup],
         "leads": [list(lead) for lead in leads],
         "tails": [[rates[-1][0], 1, tail]],
         "handoffs": [],
+        "betweens": [[pixels, 1, between] for pixels, _ in rates[:-1]] or [[rates[-1][0], 1, between]],
         "detections": [] if detection is None else [detection],
         "faces": list(faces),
         "requests": [],
@@ -127,11 +130,12 @@ def test_faces_per_image_are_averaged_and_assumed_rounded():
 
 def test_a_request_is_priced_pass_by_pass():
     leads = (("face", 0.3), ("main", 0.2))
-    model = CostModel.fit([timing((MPX, 0.5), warmup=2.0, tail=1.0, faces=(2,), detection=0.5, leads=leads)])
+    model = CostModel.fit([timing((MPX, 0.5), warmup=2.0, tail=1.0, between=0.25, faces=(2,), detection=0.5, leads=leads)])
     face = PassShape(4, MPX, kind="face")
     shape = RequestShape((PassShape(20, MPX),), iterations=2, face=face)
-    per_image = 20 * 0.5 + 1.0 + 0.5 + 2 * (0.3 + 4 * 0.5 + 1.0)  # steps, decode, detection, two faces
-    assert model.request_seconds(shape) == pytest.approx(2.0 + 2 * per_image + 0.2)  # the second image's lead
+    per_image = 20 * 0.5 + 0.25 + 0.5 + 2 * (0.3 + 4 * 0.5 + 0.25)  # steps, decode, detection, two faces
+    last = 1.0 - 0.25  # the last face ends with the answer, not a decode between passes
+    assert model.request_seconds(shape) == pytest.approx(2.0 + 2 * per_image + 0.2 + last)  # the second image's lead
 
 
 def test_nothing_timed_is_no_model():
