@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +14,9 @@ from hypothesis import settings
 
 settings.register_profile("ci", max_examples=200, deadline=None)
 settings.register_profile("dev", max_examples=50, deadline=None)
-settings.load_profile("ci" if __import__("os").environ.get("CI") else "dev")
+# `./dev mutate` runs the tests once per mutant: fewer examples, so a full run fits its time.
+settings.register_profile("mutate", max_examples=20, deadline=None)
+settings.load_profile(os.environ.get("SDJOBS_HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 TRACES = Path(__file__).parent / "data" / "traces"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -116,9 +117,9 @@ def test_each_payload_is_fresh_and_json_ready():
     json.dumps(build_payload(job, 1, png()))
 
 
-@pytest.mark.parametrize(("index", "image"), [(0, png()), (1, None)])
-def test_only_the_first_stage_goes_without_an_input_image(index, image):
-    with pytest.raises(ValueError, match="input image"):
+@pytest.mark.parametrize(("index", "image", "named"), [(0, png(), "stage 1 (txt2img)"), (1, None, "stage 2 (img2img)")])
+def test_only_the_first_stage_goes_without_an_input_image(index, image, named):
+    with pytest.raises(ValueError, match=rf"^{re.escape(named)} needs an input image"):
         build_payload(spec({"type": "img2img"}), index, image)
 
 
@@ -147,5 +148,12 @@ def test_adetailer_applied_reads_the_recorded_infotexts(trace, applied):
     assert [adetailer_applied(text) for text in infotexts(trace)] == [applied]
 
 
-def test_adetailer_applied_ignores_the_words_in_the_prompt():
-    assert not adetailer_applied("ADetailer model: x\nSteps: 8, Sampler: Euler a, Seed: 1")
+@pytest.mark.parametrize(
+    "infotext",
+    [
+        "ADetailer model: x\nSteps: 8, Sampler: Euler a, Seed: 1",
+        "a cat\nNegative prompt: ADetailer model: x\nSteps: 8, Sampler: Euler a, Seed: 1",
+    ],
+)
+def test_adetailer_applied_ignores_the_words_in_the_prompts(infotext):
+    assert not adetailer_applied(infotext)

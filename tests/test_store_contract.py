@@ -193,6 +193,13 @@ def test_a_job_id_is_random_hex_and_found_by_a_unique_prefix(store):
         store.get("0" * 32 if job.id != "0" * 32 else "1" * 32)
 
 
+def test_a_thousand_jobs_added_in_the_same_instant_get_a_thousand_ids(store):
+    """Under a clock-based id (second + name + 16 random bits) 1000 ids collide with p > 0.999."""
+    added = store.add([spec()] * 1000)
+    assert len(set(ids(added))) == 1000
+    assert [store.get(job.id) for job in added[::100]] == added[::100]
+
+
 def test_a_second_store_on_the_same_location_sees_the_same_jobs(store, connect):
     added = store.add([spec(), spec("dog")])
     assert connect().list() == added

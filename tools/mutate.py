@@ -1,0 +1,136 @@
+"""`./dev mutate [GROUP...]`: mutation testing of the core's logic with mutmut.
+
+mutmut needs the package where its import name says (``src/sdjobs/...``), while sdjobs maps the
+folder core/ onto the package.  So each group runs in a copy of its own under .mutate/GROUP,
+laid out as ``src/sdjobs`` (core/, with plugins/ and frontends/ inside as in the installed
+package) plus the tests; the working tree is never touched.  Each group runs only the test files
+that exercise its modules (GROUPS below); within those, mutmut runs for each mutant only the
+tests that call the mutated function, fastest first, stopping at the first failure, each under
+a timeout of 15 times the test's clean duration plus a second.
+
+Prints one line per group, then, last, the raw score: killed / all mutants, where a mutant the
+tests kill by running into the timeout counts as killed and one no test reaches as not killed.
+Survivors are listed in .mutate/survivors.txt; ``cd .mutate/GROUP && mutmut show NAME`` shows one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".mutate"
+
+#: group -> (the modules mutated, as paths inside the package; the test files run for them)
+GROUPS: dict[str, tuple[list[str], list[str]]] = {
+    "progress": (
+        ["progress.py"],
+        ["tests/test_progress.py", "tests/test_request_shape.py", "tests/test_progress_traces.py"],
+    ),
+    "job": (
+        ["job.py", "machine.py", "stage.py"],
+        ["tests/test_machine.py", "tests/test_job_properties.py", "tests/test_job_start.py", "tests/test_hook_sequence.py"],
+    ),
+    "polling": (["plugins/progress_poller.py"], ["tests/test_polling.py"]),
+    "preflight": (["preflight.py"], ["tests/test_preflight.py"]),
+    "client": (["client.py"], ["tests/test_client.py", "tests/test_client_messages.py", "tests/test_hostile_answers.py"]),
+    "payloads": (["payloads.py"], ["tests/test_payloads.py"]),
+    "outputs": (["outputs.py"], ["tests/test_outputs.py"]),
+    "store": (["store.py", "sqlite_store.py"], ["tests/test_store_contract.py", "tests/test_sqlite_store.py"]),
+}
+
+#: mutmut's exit codes that mean the tests noticed the mutant (a failure, an error, a timeout).
+KILLED = {1, 3, 24, -24, 36, 152, 255}
+SURVIVED = 0
+
+
+def lay_out(group: str, modules: list[str], tests: list[str]) -> Path:
+    """A fresh copy of the package in src/ layout, the tests, and mutmut's settings."""
+    copy = WORK / group
+    shutil.rmtree(copy, ignore_errors=True)
+    skip = shutil.ignore_patterns("__pycache__", ".hypothesis")
+    package = copy / "src" / "sdjobs"
+    shutil.copytree(ROOT / "core", package, ignore=skip)
+    shutil.copytree(ROOT / "plugins", package / "plugins", ignore=skip)
+    shutil.copytree(ROOT / "frontends", package / "frontends", ignore=skip)
+    for name in ("tests", "examples", "docs", "bench"):
+        shutil.copytree(ROOT / name, copy / name, ignore=skip)
+    settings = [
+        "[tool.mutmut]",
+        'source_paths = ["src"]',
+        f"only_mutate = {json.dumps([f'src/sdjobs/{m}' for m in modules])}",
+        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
+        'also_copy = ["examples", "docs", "bench", "README.md"]',
+    ]
+    shutil.copy2(ROOT / "README.md", copy / "README.md")
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (copy / "pyproject.toml").write_text(pyproject + "\n" + "\n".join(settings) + "\n")
+    return copy
+
+
+def results(copy: Path, modules: list[str]) -> dict[str, int | None]:
+    """Each mutant's exit code, from mutmut's files beside the mutated modules."""
+    codes: dict[str, int | None] = {}
+    for module in modules:
+        meta = copy / "mutants" / "src" / "sdjobs" / f"{module}.meta"
+        codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    return codes
+
+
+def run_group(group: str, mutmut: Path, children: int) -> tuple[dict[str, int | None], float]:
+    modules, tests = GROUPS[group]
+    copy = lay_out(group, modules, tests)
+    started = time.monotonic()
+    log = copy / "mutmut.log"
+    with log.open("w") as out:
+        done = subprocess.run(
+            [str(mutmut), "run", "--max-children", str(children)],
+            cwd=copy,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "SDJOBS_HYPOTHESIS_PROFILE": "mutate"},
+        )
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        sys.exit(f"mutate: mutmut failed for {group} (exit {done.returncode}); its output: {log}")
+    return results(copy, modules), seconds
+
+
+def main(argv: list[str]) -> int:
+    unknown = [g for g in argv if g not in GROUPS]
+    if unknown:
+        print(f"mutate: unknown group {', '.join(unknown)}; the groups: {', '.join(GROUPS)}", file=sys.stderr)
+        return 2
+    mutmut = Path(sys.executable).parent / "mutmut"
+    children = os.cpu_count() or 2
+    WORK.mkdir(exist_ok=True)
+    all_codes: dict[str, int | None] = {}
+    survivors: list[str] = []
+    started = time.monotonic()
+    for group in argv or list(GROUPS):
+        codes, seconds = run_group(group, mutmut, children)
+        killed = sum(code in KILLED for code in codes.values())
+        survived = [name for name, code in codes.items() if code == SURVIVED]
+        other = len(codes) - killed - len(survived)
+        survivors += [f"{group} {name}" for name in sorted(survived)]
+        all_codes.update(codes)
+        print(
+            f"{group:<10} {len(codes):5} mutants {killed:5} killed {len(survived):4} survived"
+            f" {other:3} not run or no test  {seconds:6.0f} s",
+            flush=True,
+        )
+    (WORK / "survivors.txt").write_text("".join(f"{line}\n" for line in survivors))
+    killed = sum(code in KILLED for code in all_codes.values())
+    total = len(all_codes)
+    print(f"{len(survivors)} survivors listed in {WORK / 'survivors.txt'}; {time.monotonic() - started:.0f} s in all")
+    print(f"{100 * killed / total:.1f} % killed ({killed} of {total} mutants)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
