@@ -36,7 +36,7 @@ from sdjobs.hooks import Hooks, make_plugin_manager
 from sdjobs.job import Job, JobSettings
 from sdjobs.machine import END_STATES, IN_STAGE, STOPPING, TRIGGERS, WORKING, MachineError
 from sdjobs.machine import WAITING as WAITING_FOR_WEBUI
-from sdjobs.outputs import JobFolder
+from sdjobs.outputs import JobFolder, read_provenance
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState, ProgressInfo, RuntimeStatus, TaskProgress
 
@@ -45,10 +45,12 @@ __all__ = [
     "FakeWebUI",
     "HookRecorder",
     "JobRules",
+    "Quirks",
     "follows_documented_order",
     "job_specs",
     "progress_samples",
     "progress_streams",
+    "quirks",
     "stage_chains",
     "task_samples",
 ]
@@ -242,14 +244,49 @@ class FakeWebUI:
         self.pollers.append(FakePoller())
         return self.pollers[-1]
 
-    def answer(self, spec: JobSpec) -> GenerationResult:
-        """A 200 answer to the last request: images as the spec asks, with ADetailer's marks."""
+    def answer(self, spec: JobSpec, quirks: Quirks | None = None) -> GenerationResult:
+        """A 200 answer to the last request: images as the spec asks, each with its own seed in
+        its infotext, with ADetailer's mark; `quirks` bend it as real servers do."""
+        quirks = quirks or Quirks()
         endpoint, payload, _ = self.sent[-1]
         count = payload.get("n_iter", 1) * payload.get("batch_size", 1) if endpoint == "txt2img" else 1
-        text = f"{spec.prompt}\nSteps: 1, Seed: {spec.seed}, ADetailer model: face_yolov8n.pt"
-        images = tuple(png(spec.seed + i, parameters=text) for i in range(count))
-        info = {"seed": spec.seed, "all_seeds": [spec.seed + i for i in range(count)], "infotexts": [text] * count}
-        return GenerationResult(images=images, info=info if endpoint != "extra-single-image" else {})
+        extras = endpoint == "extra-single-image"  # its answer carries no seed and no grid
+        seed = spec.seed if extras else (spec.seed + quirks.seed_shift) % 2**32
+        mark = ", ADetailer model: face_yolov8n.pt" if quirks.adetailer_mark else ""
+        texts = [f"{spec.prompt}\nSteps: 1, Seed: {seed + i}{mark}" for i in range(count)]
+        grids = [png(seed, GRID_SIZE, parameters=texts[0]) for _ in range(0 if extras else quirks.grids)]
+        images = (*grids, *(png(seed + i, parameters=text) for i, text in enumerate(texts)))
+        info = {
+            "seed": seed,
+            "all_seeds": [seed + i for i in range(count)],
+            "infotexts": texts[:1] * len(grids) + texts,  # A1111 puts a grid's infotext first too
+            "index_of_first_image": len(grids),
+        }
+        return GenerationResult(images=images, info={} if extras else info)
+
+
+#: The size of the grid image a `Quirks` answer puts first (the pictures are 64 x 64).
+GRID_SIZE = (96, 96)
+
+
+@attrs.frozen
+class Quirks:
+    """How a server's answer differs from the plain one.
+
+    Attributes:
+        seed_shift: The server used the job's seed plus this (0: the job's seed).
+        adetailer_mark: The infotexts carry ADetailer's settings (it ran).
+        grids: Grid images before the pictures (`index_of_first_image`).
+    """
+
+    seed_shift: int = 0
+    adetailer_mark: bool = True
+    grids: int = 0
+
+
+def quirks() -> st.SearchStrategy[Quirks]:
+    """Mostly plain answers; now and then another seed, no ADetailer mark, or a grid first."""
+    return st.sampled_from([Quirks()] * 5 + [Quirks(seed_shift=7), Quirks(adetailer_mark=False), Quirks(grids=1)])
 
 
 class HookRecorder:
@@ -389,23 +426,43 @@ class JobRules(RuleBasedStateMachine):
         self.raising = False
         self.ticked_at = float("-inf")
         self.downs: list[tuple[int, int, int]] = []  # stage index, request number, images kept, at each down
+        self.wrong_answers = 0  # answers with another seed in stage 1, or no ADetailer mark
         self.job.begin()
         self.job.prepared(folder=self.webui.folder, problems=[] if calm else list(problems))
 
     def teardown(self) -> None:
+        if hasattr(self, "job") and not self.job.finished:
+            event("outcome: not finished")
         if hasattr(self, "_tmp"):
             self._tmp.cleanup()
 
     # -- the server ---------------------------------------------------------------------
 
     @precondition(lambda self: not self.job.finished)
-    @rule()
-    def serve(self) -> None:
+    @rule(bent=quirks())
+    def serve(self, bent: Quirks) -> None:
         """The server does what the job waits for: a probe's sample, a request's answer."""
         if self.job.awaiting_probe:
             self.job.probed(info=None, task=None)
         elif self.job.awaiting_answer:
-            self.job.returned(result=self.webui.answer(self.spec))
+            stage = self.job.stage.spec.type
+            wrong = (bent.seed_shift and self.job.stage.index == 0) or (not bent.adetailer_mark and stage == "adetailer")
+            event(f"answer: {'wrong' if wrong else 'grid first' if bent.grids else 'as asked'}")
+            self.wrong_answers += bool(wrong)
+            quiet = not self.cancels and not self.stall_interrupted and self.job.state in WORKING
+            self.job.returned(result=self.webui.answer(self.spec, bent))
+            if wrong and quiet:
+                assert self.job.outcome is JobState.FAILED, f"{self.job.state}: a wrong answer was taken"
+                assert ("seed" if bent.seed_shift else "ADetailer did not run") in self.job.error
+
+    @precondition(lambda self: not self.job.finished)
+    @rule(times=st.integers(2, 12))
+    def serve_a_while(self, times: int) -> None:
+        """The server answers `times` things in a row as asked: jobs get to their end often."""
+        for _ in range(times):
+            if self.job.finished:
+                return
+            self.serve(Quirks())
 
     @precondition(lambda self: not self.job.finished)
     @rule(info=progress_samples(), task=task_samples())
@@ -516,6 +573,7 @@ class JobRules(RuleBasedStateMachine):
         self.job.tick()
         if self.webui.interrupts > interrupts and self.cancelled_at is None:
             self.stall_interrupted = True
+            event("stall interrupt")
 
     @precondition(lambda self: not self.raising and not self.job.finished)
     @rule()
@@ -644,8 +702,20 @@ class JobRules(RuleBasedStateMachine):
         if self.job.outcome is JobState.DONE:
             assert self.recorder.names().count("stage_finished") == len(self.spec.stages)
             assert self.job.status.job_progress == 1.0
+            assert not self.wrong_answers, "done on an answer with another seed or without ADetailer's mark"
+            self._check_saved_images()
         if self.job.outcome is JobState.FAILED:
             assert self.job.error
+
+    def _check_saved_images(self) -> None:
+        """Every picture saved is one of the answers' pictures, never a grid, and its provenance
+        names its own seed (the one in its infotext), not the job's."""
+        for path in sorted(self.webui.folder.path.rglob("*.png")):
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as image:
+                assert image.size != GRID_SIZE, f"{path.name}: a grid was saved as a picture"
+                own_seed = int(image.text["parameters"].rpartition("Seed: ")[2].split(",")[0])
+            assert read_provenance(data)["seed"] == own_seed, f"{path.name}: provenance seed is not the image's"
 
     def _first(self, wanted: CancelMode) -> tuple[CancelMode | None, str | None, int]:
         """The first cancel of mode ``wanted``: the mode, the job's state then, stages started then."""
