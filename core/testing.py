@@ -47,11 +47,14 @@ __all__ = [
     "JobRules",
     "Quirks",
     "follows_documented_order",
+    "hostile_json",
     "job_specs",
+    "progress_bodies",
     "progress_samples",
     "progress_streams",
     "quirks",
     "stage_chains",
+    "task_bodies",
     "task_samples",
 ]
 
@@ -124,17 +127,86 @@ def idle_sample(stamp: str | None = TIMESTAMPS[2]) -> ProgressInfo:
     return sample(0, 8, job_no=1, job_count=0, stamp=stamp, eta=0.0)
 
 
+def hostile_json() -> st.SearchStrategy[Any]:
+    """What a broken or hostile server may put where a value belongs: huge and non-finite
+    numbers, values of the wrong type, and nesting up to thousands of levels deep."""
+    scalars = (
+        st.none() | st.booleans() | st.integers() | st.sampled_from([10**400, -(10**400), 2**63, 2**31])
+        | st.floats() | st.text(max_size=6)
+    )  # fmt: skip
+    nested = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=8)
+    return nested | st.integers(100, 5000).map(_deeply_nested)
+
+
+def _deeply_nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _or_hostile(strategy: st.SearchStrategy[Any], share: int = 6) -> st.SearchStrategy[Any]:
+    """`strategy`, but one time in `share` hostile JSON instead."""
+    return st.integers(1, share).flatmap(lambda n: hostile_json() if n == 1 else strategy)
+
+
+def progress_bodies() -> st.SearchStrategy[Any]:
+    """Decoded `/sdapi/v1/progress` bodies: A1111's fields, each now and then hostile; sometimes
+    the whole body is."""
+    state = st.fixed_dictionaries(
+        {},
+        optional={
+            "sampling_step": _or_hostile(st.integers(0, 40)),
+            "sampling_steps": _or_hostile(st.integers(0, 40)),
+            "job_no": _or_hostile(st.integers(0, 6)),
+            "job_count": _or_hostile(st.integers(-1, 6)),
+            "job_timestamp": _or_hostile(st.sampled_from(TIMESTAMPS)),
+            "interrupted": _or_hostile(st.booleans()),
+        },
+    )
+    body = st.fixed_dictionaries(
+        {"progress": _or_hostile(st.floats(0, 1))},
+        optional={"eta_relative": _or_hostile(st.floats(0, 100)), "state": _or_hostile(state), "textinfo": _or_hostile(st.text(max_size=6))},
+    )
+    return _or_hostile(body)
+
+
+def task_bodies() -> st.SearchStrategy[Any]:
+    """Decoded `/internal/progress` bodies, likewise."""
+    body = st.fixed_dictionaries(
+        {"active": _or_hostile(st.booleans()), "queued": _or_hostile(st.booleans()), "completed": _or_hostile(st.booleans())},
+        optional={
+            "progress": _or_hostile(st.floats(0, 1)),
+            "eta": _or_hostile(st.floats(0, 100)),
+            "id_live_preview": _or_hostile(st.integers(-1, 100)),
+            "live_preview": _or_hostile(st.just("data:image/png;base64,")),
+            "textinfo": _or_hostile(st.sampled_from(["Waiting...", "In queue: 2/3", "In queue: x/3"])),
+        },
+    )
+    return _or_hostile(body)
+
+
+def _parsed(parse: Any, body: Any) -> Any:
+    try:
+        return parse(body)
+    except ValueError:  # not a sample at all: the poller hands over None
+        return None
+
+
 @st.composite
 def progress_samples(draw: st.DrawFn) -> ProgressInfo | None:
     """One global progress answer as a real server may give it, or None (error, timeout).
 
     Regressions, a stale idle state, `job_count` -1 at a job's start, other
-    jobs' timestamps, and junk (NaN, infinities, negative or oversized values).
+    jobs' timestamps, junk (NaN, infinities, negative or oversized values), and what
+    the client makes of a hostile body (`progress_bodies`).
     """
-    kind = draw(st.sampled_from(["running", "running", "running", "none", "idle", "starting", "junk"]))
+    kind = draw(st.sampled_from(["running", "running", "running", "none", "idle", "starting", "junk", "hostile"]))
     stamp = draw(st.sampled_from(TIMESTAMPS))
     if kind == "none":
         return None
+    if kind == "hostile":
+        return _parsed(ProgressInfo.from_response, draw(progress_bodies()))
     if kind == "idle":
         return idle_sample(stamp)
     if kind == "starting":
@@ -168,9 +240,11 @@ def active_task(progress: float | None = 0.0, eta: float | None = None) -> TaskP
 @st.composite
 def task_samples(draw: st.DrawFn) -> TaskProgress | None:
     """One `/internal/progress` answer about our task: active, queued, waiting, completed, or None."""
-    kind = draw(st.sampled_from(["active", "active", "queued", "waiting", "completed", "none"]))
+    kind = draw(st.sampled_from(["active", "active", "queued", "waiting", "completed", "none", "hostile"]))
     if kind == "none":
         return None
+    if kind == "hostile":
+        return _parsed(TaskProgress.from_response, draw(task_bodies()))
     if kind == "active":
         return active_task(draw(st.none() | _ANY_FLOAT), draw(st.none() | _ANY_FLOAT))
     return {"queued": QUEUED, "waiting": WAITING, "completed": COMPLETED}[kind]
