@@ -34,7 +34,14 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "job": (
         ["job.py", "machine.py", "stage.py"],
-        ["tests/test_machine.py", "tests/test_job_properties.py", "tests/test_job_start.py", "tests/test_hook_sequence.py"],
+        [
+            "tests/test_machine.py",
+            "tests/test_job_properties.py",
+            "tests/test_job_start.py",
+            "tests/test_hook_sequence.py",
+            "tests/test_resume.py",
+            "tests/test_runner.py",
+        ],
     ),
     "polling": (["plugins/progress_poller.py"], ["tests/test_polling.py"]),
     "preflight": (["preflight.py"], ["tests/test_preflight.py"]),
