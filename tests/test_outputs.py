@@ -92,6 +92,24 @@ def test_a_name_of_only_dots_or_slashes_still_gets_a_slug():
     assert slugify("../..") == slugify("///") == slugify("") == "job"
 
 
+@pytest.mark.parametrize(
+    ("name", "slug"),
+    [
+        ("--A cat--", "a-cat"),  # no dash at either end
+        ("a" * 39 + " b", "a" * 39),  # cut at 40 characters, then no dash left at the end
+        ("Ünïcødé cat", "unicde-cat"),  # accents dropped, letters kept
+    ],
+)
+def test_a_slug_has_no_dash_at_either_end_even_once_cut(name, slug):
+    assert slugify(name) == slug
+
+
+def test_a_job_folder_is_made_with_the_folders_above_it(tmp_path):
+    job_id = random_job_id()
+    folder = JobFolder.create(tmp_path / "not" / "yet", job_id, folder="x")
+    assert folder.path == tmp_path / "not" / "yet" / "x" and folder.path.is_dir()
+
+
 def test_a_job_folder_is_never_reused(tmp_path, folder):
     assert folder.path == tmp_path / "outputs" / "20240226-130509-cat-00ff"
     assert folder.job_id == "20240226-130509-cat-00ff"
