@@ -11,6 +11,7 @@ a timeout of 15 times the test's clean duration plus a second.
 Prints one line per group, then, last, the raw score: killed / all mutants, where a mutant the
 tests kill by running into the timeout counts as killed and one no test reaches as not killed.
 Survivors are listed in .mutate/survivors.txt; ``cd .mutate/GROUP && mutmut show NAME`` shows one.
+$SDJOBS_MUTATE_CHILDREN sets how many mutants run at once (default: one per CPU).
 """
 
 from __future__ import annotations
@@ -40,12 +41,16 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_job_start.py",
             "tests/test_hook_sequence.py",
             "tests/test_resume.py",
-            "tests/test_runner.py",
         ],
     ),
     "polling": (["plugins/progress_poller.py"], ["tests/test_polling.py"]),
     "preflight": (["preflight.py"], ["tests/test_preflight.py"]),
-    "client": (["client.py"], ["tests/test_client.py", "tests/test_client_messages.py", "tests/test_hostile_answers.py"]),
+    "client": (
+        ["client.py"],
+        # less the end-to-end run through a hostile proxy: it needs every route asked in time,
+        # which the slower mutated code does not always manage
+        ["tests/test_client.py", "tests/test_client_messages.py", "tests/test_hostile_answers.py", "-k", "not ends_done"],
+    ),
     "payloads": (["payloads.py"], ["tests/test_payloads.py"]),
     "outputs": (["outputs.py"], ["tests/test_outputs.py"]),
     "store": (["store.py", "sqlite_store.py"], ["tests/test_store_contract.py", "tests/test_sqlite_store.py"]),
@@ -114,7 +119,7 @@ def main(argv: list[str]) -> int:
         print(f"mutate: unknown group {', '.join(unknown)}; the groups: {', '.join(GROUPS)}", file=sys.stderr)
         return 2
     mutmut = Path(sys.executable).parent / "mutmut"
-    children = os.cpu_count() or 2
+    children = int(os.environ.get("SDJOBS_MUTATE_CHILDREN") or os.cpu_count() or 2)
     WORK.mkdir(exist_ok=True)
     all_codes: dict[str, int | None] = {}
     survivors: list[str] = []
