@@ -283,3 +283,21 @@ def test_a_job_that_names_no_checkpoint_vae_or_lora_needs_only_the_lists_of_what
     assert lists_needed([spec({"type": "adetailer", "ad_model": "face_yolov8n.pt"}, {"type": "upscale", "upscaler": "Lanczos"}, settings={"sampler_name": "Euler a"})]) == {
         "samplers", "schedulers", "upscalers", "adetailer_models", "adetailer_schema"
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("job", "named"),
+    [
+        (spec(settings={"hr_scheduler": "Karas"}), "stage 1 (txt2img): hr_scheduler 'Karas'"),
+        (spec(settings={"hr_checkpoint_name": "sdxl"}), "stage 1 (txt2img): hr_checkpoint_name 'sdxl'"),
+        (spec(settings={"refiner_checkpoint": "sdxl"}), "stage 1 (txt2img): refiner_checkpoint 'sdxl'"),
+        (spec(settings={"override_settings": {"sd_vae": "kl.pt"}}), "stage 1 (txt2img): override_settings.sd_vae 'kl.pt'"),
+        (spec({"type": "adetailer", "ad_model": "face_yolov8n.pt", "ad_scheduler": "Karas"}), "stage 2 (adetailer): ad_scheduler 'Karas'"),
+        (spec({"type": "adetailer", "ad_model": "face_yolov8n.pt", "ad_checkpoint": "sdxl"}), "stage 2 (adetailer): ad_checkpoint 'sdxl'"),
+        (spec({"type": "adetailer", "ad_model": "face_yolov8n.pt", "ad_vae": "kl.pt"}), "stage 2 (adetailer): ad_vae 'kl.pt'"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_a_bad_name_is_reported_under_its_own_key(job, named, webui_client):
+    (problem,) = preflight(job, ServerCatalog.from_client(webui_client))
+    assert problem.startswith(f"{named} is not on the server; choose one of: ")
