@@ -44,6 +44,7 @@ from sdjobs.spec import JobFileError, JobSpec, StagePlan, load_job, read_toml
 from sdjobs.sqlite_store import QUEUE_ENV
 from sdjobs.status import CancelMode, JobState
 from sdjobs.store import JobRecord, Store, StoreError
+from sdjobs.watch import Watcher
 from sdjobs.worker import Worker
 
 DEMO_JOB = Path(__file__).resolve().parent / "demo.toml"
@@ -123,6 +124,12 @@ def _credentials(text: str | None) -> tuple[str, str] | None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser, frontend_names: Collection[str]) -> None:
+    show = _add_display_options(parser, frontend_names)
+    show.add_argument("--preview", action="store_true", help="the live preview: in the tk window, else in preview.png in the running job's folder")
+    _add_running_options(parser)
+
+
+def _add_display_options(parser: argparse.ArgumentParser, frontend_names: Collection[str]) -> argparse._ArgumentGroup:
     names = ", ".join(frontend_names) or "none installed"
     show = parser.add_argument_group("display")
     show.add_argument(
@@ -134,8 +141,12 @@ def _add_run_options(parser: argparse.ArgumentParser, frontend_names: Collection
     show.add_argument("--log-file", type=Path, metavar="PATH", help="log front end: write here, not stderr")
     show.add_argument("--log-level", default=LOG_LEVEL, metavar="LEVEL", help=f"log front end: DEBUG, INFO, ... (default: {LOG_LEVEL})")
     show.add_argument("--log-format", metavar="FORMAT", help="log front end: a logging format string")
-    show.add_argument("--preview", action="store_true", help="the live preview: in the tk window, else in preview.png in the running job's folder")
     show.add_argument("--close-when-done", action="store_true", help="tk: close the window when the queue has drained")
+    parser.set_defaults(preview=False)
+    return show
+
+
+def _add_running_options(parser: argparse.ArgumentParser) -> None:
     jobs = parser.add_argument_group("running")
     jobs.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output folder (default: ./outputs)")
     jobs.add_argument(
@@ -270,6 +281,11 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
     _add_health_interval(worker)
     _add_queue_option(worker, lease=True)
     _add_run_options(worker, frontend_names)
+
+    watch = commands.add_parser("watch", help="show every worker's jobs live, from any host that reaches the queue")
+    watch.add_argument("--until-empty", action="store_true", help="stop when no job is queued or running")
+    _add_queue_option(watch)
+    _add_display_options(watch, frontend_names)
 
     servers = commands.add_parser("servers", help="list the WebUIs: up or not, what each offers, what each runs")
     _add_webui_options(servers, several=True)
@@ -597,6 +613,20 @@ def _work(args: argparse.Namespace, *, add: Sequence[JobSpec] = (), until_empty:
             return status
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Show the queue's running jobs, whichever worker runs them, until Ctrl-C (0) or, with --until-empty, until
+    nothing is left to run."""
+    shown = _frontend(args)
+    with _open_store(args) as store:
+        watcher = Watcher(store, args.plugins.hooks, until_empty=args.until_empty)
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: watcher.stop())
+        try:
+            status = shown.run(watcher)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return 0 if status in (None, EXIT_CANCELLED) else status  # a second Ctrl-C (130) stops watching too
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     if args.queue_command == "migrate":
         print(migrate_queue(args.queue))
@@ -912,5 +942,6 @@ COMMANDS = {
     "run": cmd_run,
     "servers": cmd_servers,
     "sim": cmd_sim,
+    "watch": cmd_watch,
     "worker": cmd_worker,
 }

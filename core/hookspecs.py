@@ -98,7 +98,7 @@ def sdjobs_queue_changed(jobs: tuple[JobRecord, ...]) -> None:
 def sdjobs_history_changed(jobs: tuple[JobRecord, ...]) -> None:
     """A job ended (or was retried or removed): ``jobs`` are the latest ended ones, latest first.
 
-    At most `sdjobs.worker.HISTORY_SHOWN` jobs.  Fires as `sdjobs_queue_changed`
+    At most `sdjobs.queue_view.HISTORY_SHOWN` jobs.  Fires as `sdjobs_queue_changed`
     does, on the worker's watch thread.  The return value is ignored; raising is
     logged and changes nothing.
     """

@@ -27,8 +27,9 @@ import json
 import os
 import socket
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -38,7 +39,9 @@ from sdjobs.spec import JobSpec
 from sdjobs.sqlite_store import _json
 from sdjobs.status import CancelMode, JobState, StageResult
 from sdjobs.store import (
+    FEED_BATCH,
     MIN_PREFIX,
+    FeedEvent,
     InvalidState,
     JobRecord,
     NotHeld,
@@ -70,6 +73,13 @@ DEFAULT_TIMEOUT = 10.0
 
 #: The advisory lock every write takes: "sdjq" as a number.
 WRITE_LOCK = 0x73646A71
+
+#: The advisory lock `publish` takes (not the write lock: the queue never waits for the feed).
+#: Held to the commit, so events become visible in the order of their numbers.
+FEED_LOCK = WRITE_LOCK + 1
+
+#: The channel `publish` notifies and `wait_feed` listens on.
+FEED_CHANNEL = "sdjobs_feed"
 
 #: `MIGRATIONS[i]` takes the schema from version i to i + 1.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -112,6 +122,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             heartbeat_at DOUBLE PRECISION NOT NULL
         )""",
         "CREATE TABLE sdjobs_settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
+    (
+        """CREATE TABLE sdjobs_feed (
+            seq BIGSERIAL PRIMARY KEY,
+            job_id TEXT NOT NULL,
+            worker TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL,
+            body TEXT NOT NULL
+        )""",
+        "CREATE INDEX sdjobs_feed_at ON sdjobs_feed (at)",
     ),
 )
 
@@ -185,6 +206,7 @@ class PostgresStore(Store):
         self._lock = threading.RLock()
         self._psycopg = _import_psycopg(self.location)
         self._connection = self._connect()
+        self._listener: psycopg.Connection[Any] | None = None  # made by the first `wait_feed`
         try:
             self._check_schema()
         except BaseException:
@@ -201,6 +223,8 @@ class PostgresStore(Store):
     def close(self) -> None:
         with self._lock:
             self._connection.close()
+            if self._listener is not None:
+                self._listener.close()
 
     # -- connecting and the schema ---------------------------------------------
 
@@ -660,6 +684,59 @@ class PostgresStore(Store):
         with self._write() as connection:
             job = self._held(connection, job_id, worker_id)
             return self._take_back(connection, job.id, lost=False)
+
+
+    # -- the progress feed ---------------------------------------------------------
+
+    def publish(self, worker: str, events: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
+        if not events:
+            return
+        with self._transaction("SELECT pg_advisory_xact_lock(%s)", FEED_LOCK) as connection:
+            now = self._now(connection)
+            with connection.cursor() as cursor:
+                cursor.executemany(
+                    "INSERT INTO sdjobs_feed (job_id, worker, kind, at, body) VALUES (%s, %s, %s, %s, %s)",
+                    [(job_id, worker, kind, now, _json(body)) for job_id, kind, body in events],
+                )
+            connection.execute("SELECT pg_notify(%s, '')", (FEED_CHANNEL,))
+
+    def feed(self, after: int = 0, *, limit: int = FEED_BATCH) -> list[FeedEvent]:
+        with self._read() as connection:
+            rows = connection.execute(
+                "SELECT seq, job_id, worker, kind, body, at FROM sdjobs_feed WHERE seq > %s ORDER BY seq LIMIT %s",
+                (after, limit),
+            ).fetchall()
+        return [FeedEvent(row["seq"], row["job_id"], row["worker"], row["kind"], json.loads(row["body"]), row["at"]) for row in rows]
+
+    def wait_feed(self, after: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._errors():
+            listener = self._listening()
+            while True:
+                with self._read() as connection:
+                    last = connection.execute("SELECT coalesce(max(seq), 0) AS last FROM sdjobs_feed").fetchone()["last"]
+                left = deadline - time.monotonic()
+                if last > after or left <= 0:
+                    return last > after
+                for _ in listener.notifies(timeout=left, stop_after=1):
+                    pass  # a notice may be of events read already, or of another schema's: look again
+
+    def _listening(self) -> psycopg.Connection[Any]:
+        """The connection that listens on `FEED_CHANNEL` (made again after a lost one); LISTEN comes
+        before `wait_feed` looks, so an event published in between still wakes it."""
+        with self._lock:
+            if self._listener is None or self._listener.closed:
+                self._listener = self._psycopg.connect(self._url, autocommit=True, connect_timeout=max(1, round(self.timeout)))
+                self._listener.execute(f"LISTEN {FEED_CHANNEL}")
+            return self._listener
+
+    def prune_feed(self, keep: float) -> int:
+        with self._transaction("SELECT pg_advisory_xact_lock(%s)", FEED_LOCK) as connection:
+            return connection.execute(
+                "DELETE FROM sdjobs_feed WHERE at < %s"
+                " AND (kind = 'progress' OR job_id NOT IN (SELECT id FROM sdjobs_jobs WHERE state = 'running'))",
+                (self._now(connection) - keep,),
+            ).rowcount
 
 
 def migrate(url: str) -> int:

@@ -36,7 +36,10 @@ from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState, StageResult
 from sdjobs.store import (
     DEFAULT_LEASE,
+    FEED_BATCH,
+    FEED_POLL,
     MIN_PREFIX,
+    FeedEvent,
     InvalidState,
     JobRecord,
     NotHeld,
@@ -100,6 +103,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
     ("ALTER TABLE jobs ADD COLUMN recall INTEGER NOT NULL DEFAULT 0",),
+    (
+        """CREATE TABLE feed (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id TEXT NOT NULL,
+            worker TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            at REAL NOT NULL,
+            body TEXT NOT NULL
+        )""",
+        "CREATE INDEX feed_at ON feed (at)",
+    ),
 )
 
 #: The schema version this sdjobs writes.
@@ -700,6 +714,43 @@ class SQLiteStore(Store):
         with self._write() as connection:
             job = self._held(connection, job_id, worker_id)
             return self._take_back(connection, job.id, lost=False)
+
+
+    # -- the progress feed ---------------------------------------------------------
+
+    def publish(self, worker: str, events: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
+        if not events:
+            return
+        now = self._clock()
+        with self._write() as connection:
+            connection.executemany(
+                "INSERT INTO feed (job_id, worker, kind, at, body) VALUES (?, ?, ?, ?, ?)",
+                [(job_id, worker, kind, now, _json(body)) for job_id, kind, body in events],
+            )
+
+    def feed(self, after: int = 0, *, limit: int = FEED_BATCH) -> list[FeedEvent]:
+        with self._read() as connection:
+            rows = connection.execute(
+                "SELECT seq, job_id, worker, kind, body, at FROM feed WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+            ).fetchall()
+        return [FeedEvent(row["seq"], row["job_id"], row["worker"], row["kind"], json.loads(row["body"]), row["at"]) for row in rows]
+
+    def wait_feed(self, after: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._read() as connection:
+                (last,) = connection.execute("SELECT coalesce(max(seq), 0) FROM feed").fetchone()
+            left = deadline - time.monotonic()
+            if last > after or left <= 0:
+                return last > after
+            time.sleep(min(FEED_POLL, left))
+
+    def prune_feed(self, keep: float) -> int:
+        with self._write() as connection:
+            return connection.execute(
+                "DELETE FROM feed WHERE at < ? AND (kind = 'progress' OR job_id NOT IN (SELECT id FROM jobs WHERE state = 'running'))",
+                (self._clock() - keep,),
+            ).rowcount
 
 
 def _worker(row: sqlite3.Row) -> WorkerInfo:

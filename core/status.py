@@ -250,7 +250,8 @@ class RuntimeStatus:
         pass_kind: What the current pass is, when not the main one: `hires` (hires
             fix's second pass) or `face` (ADetailer inpainting one face).
         face: `(k, n)`: ADetailer is on face k of the n it found in the image.
-        server: The name of the WebUI server the job runs on, when a worker has several; else None.
+        server: The name of the WebUI server the job runs on, when a worker has several; else None
+            (in `sdjobs watch`: that name, else the server's URL).
         eta: Seconds left in this stage, None while still calculating.
         job_eta: Seconds left in the whole job, None while still calculating.
         seed: The job's seed; known before the first request.
@@ -260,6 +261,8 @@ class RuntimeStatus:
         preview: Base64 live preview, when the user asked for one and the server sent it.
         folder: The job's output folder, once it is made (None before, and for a job
             whose folder could not be made).
+        worker: The worker running the job, `"3fa2b1c0 on gpu1"`: set in what `sdjobs watch`
+            shows (the same hooks, from every worker of the queue); None in a worker's own hooks.
     """
 
     job_id: str
@@ -284,6 +287,7 @@ class RuntimeStatus:
     queue_position: tuple[int, int] | None = None
     preview: str | None = attrs.field(default=None, repr=False)
     folder: Path | None = None
+    worker: str | None = None
 
     @property
     def stage_label(self) -> str:
@@ -294,6 +298,20 @@ class RuntimeStatus:
     def percent(self) -> int:
         """The stage's progress as a whole percentage, rounded down."""
         return int(self.progress * 100)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The status as plain JSON-ready data, without its preview (for the store's feed)."""
+        data = attrs.asdict(self, recurse=False, filter=lambda field, _: field.name != "preview")
+        return data | {"state": str(self.state), "folder": None if self.folder is None else str(self.folder)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RuntimeStatus:
+        """The status `to_dict` made, rebuilt equal but for the preview (for `sdjobs watch`); a field
+        this sdjobs does not know (a newer worker's) is left out."""
+        known = {name: value for name, value in data.items() if name in attrs.fields_dict(cls)}
+        pairs = {name: None if data.get(name) is None else tuple(data[name]) for name in ("face", "queue_position")}
+        folder = None if data.get("folder") is None else Path(data["folder"])
+        return cls(**{**known, **pairs, "state": JobState(data["state"]), "folder": folder})
 
 
 @attrs.frozen

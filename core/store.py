@@ -17,9 +17,9 @@ unchanged.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 import attrs
 
@@ -32,6 +32,12 @@ DEFAULT_LEASE = 60.0
 
 #: The shortest id prefix `Store.get` accepts in place of a whole id.
 MIN_PREFIX = 4
+
+#: The most events `Store.feed` returns at once.
+FEED_BATCH = 1000
+
+#: Seconds between two looks of `Store.wait_feed` where the store cannot wake it (SQLite).
+FEED_POLL = 0.1
 
 
 class StoreError(Exception):
@@ -195,6 +201,27 @@ class JobRecord:
             )
 
 
+@attrs.frozen
+class FeedEvent:
+    """One event of a running job in the store's feed (`Store.publish`), as `sdjobs watch` reads it.
+
+    Attributes:
+        seq: Its place in the feed: larger for every later event, never used again.
+        job_id: The job.
+        worker: The worker that published it, as it names itself (`"3fa2b1c0 on gpu1"`).
+        kind: The hook it stands for, without ``sdjobs_`` (`job_started`, `progress`, ...).
+        body: The hook's arguments, as JSON-ready data.
+        at: Unix time it was published, from the store's clock.
+    """
+
+    seq: int
+    job_id: str
+    worker: str
+    kind: str
+    body: Mapping[str, Any]
+    at: float
+
+
 class Store(Protocol):
     """The durable queue: jobs from `add` to their end, and the workers that run them.
 
@@ -347,6 +374,34 @@ class Store(Protocol):
 
         A job with a cancel that stops it ends `cancelled` instead.
         """
+        ...
+
+    # -- the progress feed: what workers run, for watchers on any host ----------
+
+    def publish(self, worker: str, events: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
+        """Append ``worker``'s events, each `(job id, kind, body)`, to the feed, in order, in one transaction.
+
+        Two publishers' events never interleave, and a reader never sees a
+        later one without the earlier ones.  On PostgreSQL this takes a lock of
+        its own, not the queue's, and wakes every `wait_feed` at once.
+        """
+        ...
+
+    def feed(self, after: int = 0, *, limit: int = FEED_BATCH) -> list[FeedEvent]:
+        """The events published after the one numbered ``after`` (`FeedEvent.seq`), oldest first, at most ``limit``."""
+        ...
+
+    def wait_feed(self, after: int, timeout: float) -> bool:
+        """Wait until an event after ``after`` is in the feed (True) or ``timeout`` seconds passed (False).
+
+        PostgreSQL wakes at once (LISTEN/NOTIFY); SQLite looks every `FEED_POLL`
+        seconds.  One thread at a time.
+        """
+        ...
+
+    def prune_feed(self, keep: float) -> int:
+        """Drop the events older than ``keep`` seconds, but those of a running job that are not
+        progress (so a watcher started late still sees it start); returns how many it dropped."""
         ...
 
     def close(self) -> None:

@@ -32,18 +32,26 @@ on within a second: a cancel of the running job reaches the runner; a recall
 (`JobRecord.recall`) lets the job go and hands it back to the queue; and the
 front ends hear of the queue's changes (`sdjobs_queue_changed`,
 `sdjobs_history_changed`, `sdjobs_queue_paused`, `sdjobs_queue_resumed`).
+
+Its jobs' hooks also go into the store's progress feed (a `feed.Publisher`
+among the plugins while it runs), where `sdjobs watch` on any host reads them.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Sequence
 
 import attrs
 from sdjobs.client import WebUIError
+from sdjobs.feed import PLUGIN_NAME as PUBLISHER_NAME
+from sdjobs.feed import Publisher
 from sdjobs.job import PING_BACKOFF
 from sdjobs.lanes import Lane, Lanes
+from sdjobs.outputs import SHORT_ID_LENGTH
+from sdjobs.queue_view import QueueView, nothing_to_run
 from sdjobs.runner import Runner
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState
@@ -56,18 +64,6 @@ DEFAULT_IDLE_POLL = 1.0
 
 #: Seconds between two looks of the watch thread at the store.
 DEFAULT_WATCH_INTERVAL = 0.25
-
-#: How many ended jobs `sdjobs_history_changed` carries.
-HISTORY_SHOWN = 50
-
-
-@attrs.define
-class _Shown:
-    """What the front ends were last told of the queue (None: nothing yet)."""
-
-    queue: tuple[JobRecord, ...] | None = None
-    history: tuple[JobRecord, ...] | None = None
-    paused: bool | None = None
 
 
 @attrs.frozen
@@ -130,6 +126,7 @@ class Worker:
     _announced: set[str] = attrs.field(factory=set, init=False)
     _last: str | None = attrs.field(default=None, init=False)
     _worker_id: str = attrs.field(default="", init=False)
+    _host: str = attrs.field(factory=socket.gethostname, init=False)
     _rejoining: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     _stop: threading.Event = attrs.field(factory=threading.Event, init=False)
     _wake: threading.Event = attrs.field(factory=threading.Event, init=False)
@@ -218,6 +215,9 @@ class Worker:
         )
         beating.start()
         watching = threading.Thread(target=self._watch, name="sdjobs-watch", daemon=True)
+        publisher = Publisher(self.store, self._name)
+        self.runner.hooks.pm.register(publisher, name=f"{PUBLISHER_NAME}:{self._worker_id[:SHORT_ID_LENGTH]}")
+        publisher.start()
         try:
             self._pause_after_crash()
             self._add_own()
@@ -235,8 +235,14 @@ class Worker:
                 watching.join()
             if self.lanes is not None:
                 self.lanes.join_health()
+            publisher.stop()
+            self.runner.hooks.pm.unregister(publisher)
             self._leave()
             self.runner.hooks.queue_drained(dict(self.outcomes))
+
+    def _name(self) -> str:
+        """`"3fa2b1c0 on gpu1"`: this worker as `sdjobs watch` names it."""
+        return f"{self._worker_id[:SHORT_ID_LENGTH]} on {self._host}"
 
     def _pause_after_crash(self) -> None:
         if self.pause_after_crash and (lost := self.store.recover()):
@@ -263,7 +269,7 @@ class Worker:
                 self._rejoin(worker_id)
                 continue
             if record is None:
-                if self._ids is not None or (self.until_empty and self._empty()):
+                if self._ids is not None or (self.until_empty and nothing_to_run(self.store)):
                     return
                 self._wake.wait(self.idle_poll)
                 self._wake.clear()
@@ -327,7 +333,7 @@ class Worker:
         """With ``until_empty`` or own jobs: none is left that this worker would run."""
         if self._ids is not None:
             return not any(job.id in self._ids and not job.ended for job in self.store.list())
-        return self.until_empty and self._empty()
+        return self.until_empty and nothing_to_run(self.store)
 
     def _start_on(self, lanes: Lanes, record: JobRecord, lane: Lane) -> None:
         """Claim ``record`` for ``lane``'s server and run it there; taken by another worker meanwhile: nothing."""
@@ -396,16 +402,17 @@ class Worker:
 
     def _watch(self) -> None:
         """Look at the store every `watch_interval` until the worker stops (see the module's doc)."""
-        shown = _Shown()
+        shown = QueueView(self.runner.hooks)
         self._look(shown)
         while not self._stop.wait(self.watch_interval):
             self._look(shown)
         self._look(shown)  # the queue as the worker leaves it, before `sdjobs_queue_drained`
 
-    def _look(self, shown: _Shown) -> None:
+    def _look(self, shown: QueueView) -> None:
         try:
             self._act_on_requests()
-            self._show(shown)
+            if shown.look(self.store, self._ids):  # a change wakes an idle worker
+                self._wake.set()
         except StoreError as exc:  # locked a while: the next look may get through
             log.warning("watching the queue: %s", exc)
 
@@ -429,26 +436,6 @@ class Worker:
         elif stops_job(job.cancel):
             runner.cancel(job.cancel)
 
-    def _show(self, shown: _Shown) -> None:
-        """Tell the front ends what changed since the last look; a change wakes an idle worker."""
-        queue = tuple(job for job in self.store.list() if self._ids is None or job.id in self._ids)
-        history = tuple(self.store.history(limit=HISTORY_SHOWN))
-        paused = self.store.queue_paused()
-        if queue != shown.queue:
-            shown.queue = queue
-            self.runner.hooks.queue_changed(queue)
-            self._wake.set()
-        if history != shown.history:
-            shown.history = history
-            self.runner.hooks.history_changed(history)
-        if paused != shown.paused:
-            if paused:
-                self.runner.hooks.queue_paused()
-            elif shown.paused is not None:
-                self.runner.hooks.queue_resumed()
-                self._wake.set()
-            shown.paused = paused
-
     def _rejoin(self, gone: str) -> None:
         """The store counted worker ``gone`` (this one) gone: register anew, once, whichever thread saw it first."""
         with self._rejoining:
@@ -463,14 +450,6 @@ class Worker:
         if record.id not in self._announced:
             self._announced.add(record.id)
             self.runner.hooks.job_queued(record.id, record.spec)
-
-    def _empty(self) -> bool:
-        """No job is running, and none is queued that a worker could claim."""
-        jobs = self.store.list()
-        paused = self.store.queue_paused()
-        return not any(
-            job.state is JobState.RUNNING or not (paused or job.paused) for job in jobs
-        )
 
     def _heartbeat(self) -> None:
         """Beat until the worker stops; if the store counted it gone, its running job is let go

@@ -38,6 +38,7 @@ from sdjobs.frontends.formatting import (
     stage_finished_line,
     status_line,
     unreachable_line,
+    where,
 )
 from sdjobs.frontends.interrupt import run_with_ctrl_c
 from sdjobs.frontends.ledger import JobLedger
@@ -106,7 +107,7 @@ class ConsoleFrontend:
         if not running:
             return Text("")
         waiting = "" if self._waiting is None else f" · {self._waiting} queued"
-        if len(running) > 1 or running[0].server is not None:
+        if len(running) > 1 or where(running[0]) is not None:
             lines: list[RenderableType] = [self._server_line(status) for status in running]
             lines += self._preview_lines(running)
             if waiting:
@@ -147,7 +148,7 @@ class ConsoleFrontend:
     def _server_line(status: RuntimeStatus) -> Text:
         """`desk  lighthouse  Stage 2/3 img2img · 40% · ... · job 61% · ETA 12s`."""
         job = f" · job {int(status.job_progress * 100)}% · ETA {format_eta(status.job_eta)}"
-        return Text.assemble((printable(status.server or ""), "cyan"), "  ", (printable(status.name), "bold"), "  ", status_line(status), job)
+        return Text.assemble((printable(where(status) or ""), "cyan"), "  ", (printable(status.name), "bold"), "  ", status_line(status), job)
 
     def _say(self, text: Text) -> None:
         """One line above the live view; the terminal wraps it, so paths stay whole for copying."""
@@ -179,7 +180,7 @@ class ConsoleFrontend:
     def sdjobs_job_started(self, status: RuntimeStatus) -> None:
         self._ledger.started(status.job_id)
         self._show(status)
-        on = "" if status.server is None else f" · on {printable(status.server)}"
+        on = "" if where(status) is None else f" · on {printable(where(status) or '')}"
         self._say(
             Text.assemble(
                 (printable(status.name), "bold"),

@@ -169,3 +169,10 @@ def drained_line(outcomes: Mapping[str, JobState], queued: int) -> str:
     if queued > len(outcomes):
         parts.append(f"{queued - len(outcomes)} not run")
     return f"{plural(queued, 'job')}: " + ", ".join(parts)
+
+
+def where(status: RuntimeStatus) -> str | None:
+    """Where the job runs, when there is a choice: its server (a worker with several, or `sdjobs watch`),
+    and in `sdjobs watch` its worker: `"desk, worker 3fa2b1c0 on gpu1"`; None for a worker's one server."""
+    parts = [status.server, None if status.worker is None else f"worker {status.worker}"]
+    return ", ".join(part for part in parts if part) or None

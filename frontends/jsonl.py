@@ -51,6 +51,7 @@ _STATUS_READERS: dict[str, Callable[[RuntimeStatus], Any]] = {
     "seed": attrgetter("seed"),
     "queue_position": lambda status: None if status.queue_position is None else list(status.queue_position),
     "server": attrgetter("server"),
+    "worker": attrgetter("worker"),
 }
 
 #: The fields of every event that describes a running job.

@@ -30,6 +30,7 @@ from sdjobs.frontends.formatting import (
     stage_finished_line,
     status_line,
     unreachable_line,
+    where,
 )
 from sdjobs.frontends.interrupt import run_with_ctrl_c
 from sdjobs.frontends.ledger import JobLedger
@@ -43,8 +44,9 @@ log = logging.getLogger("sdjobs.jobs")
 
 
 def _who(status: RuntimeStatus) -> str:
-    """The job's name, and its server's when a worker has several: `"lighthouse [desk]"`."""
-    return status.name if status.server is None else f"{status.name} [{status.server}]"
+    """The job's name, and where it runs when there is a choice (`where`): `"lighthouse [desk]"`."""
+    place = where(status)
+    return status.name if place is None else f"{status.name} [{place}]"
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 

@@ -637,6 +637,86 @@ def test_a_worker_is_gone_when_silent_past_its_lease_or_dead_on_this_machine():
 
 
 # --------------------------------------------------------------------------
+# The progress feed: what workers publish, every store on the location reads
+# --------------------------------------------------------------------------
+
+
+def events(job_id: str, *kinds: str, tag: str = "") -> list[tuple[str, str, dict[str, Any]]]:
+    return [(job_id, kind, {"n": number, "tag": tag, "nested": [1.5, None]}) for number, kind in enumerate(kinds)]
+
+
+def test_published_events_are_read_by_another_store_in_order_and_after_a_number(store, connect):
+    [job] = store.add([spec()])
+    published = events(job.id, "job_started", "stage_started", "progress", "progress")
+    store.publish("3fa2b1c0 on gpu1", published[:1])
+    store.publish("3fa2b1c0 on gpu1", published[1:])
+    read = connect().feed()
+    assert [(event.job_id, event.kind, event.body) for event in read] == published
+    assert all(event.worker == "3fa2b1c0 on gpu1" and event.at == START for event in read)
+    numbers = [event.seq for event in read]
+    assert numbers == sorted(set(numbers))
+    assert connect().feed(numbers[1]) == read[2:]
+    assert connect().feed(numbers[0], limit=2) == read[1:3]
+    assert connect().feed(numbers[-1]) == []
+
+
+def test_two_publishers_events_never_interleave(store, connect):
+    [job] = store.add([spec()])
+    others = connect()
+    batches = {name: events(job.id, *["progress"] * 5, tag=name) for name in ("a", "b")}
+
+    def publish(publisher: Store, tag: str) -> None:
+        for _ in range(10):
+            publisher.publish(tag, batches[tag])
+
+    threads = [threading.Thread(target=publish, args=pair) for pair in ((store, "a"), (others, "b"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    read = connect().feed()
+    assert len(read) == 100
+    for start in range(0, 100, 5):
+        batch = read[start : start + 5]
+        assert [event.body for event in batch] == [body for _, _, body in batches[batch[0].worker]]
+
+
+def test_wait_feed_returns_when_another_store_publishes(store, connect):
+    [job] = store.add([spec()])
+    store.publish("w", events(job.id, "job_started"))
+    [seen] = store.feed()
+    assert not store.wait_feed(seen.seq, timeout=0.05), "nothing new"
+    assert store.wait_feed(0, timeout=0.05), "an event after 0 is there already"
+    publisher = threading.Thread(target=connect().publish, args=("w", events(job.id, "progress")))
+    publisher.start()
+    assert store.wait_feed(seen.seq, timeout=30)
+    publisher.join(timeout=30)
+    assert [event.kind for event in store.feed(seen.seq)] == ["progress"]
+
+
+def test_pruning_keeps_a_running_jobs_events_but_progress_and_drops_what_is_old(store, worker, clock):
+    running, ended = store.add([spec("cat"), spec("dog")])
+    store.claim(worker.id)
+    store.publish("w", events(running.id, "job_started", "progress") + events(ended.id, "job_started", "job_finished"))
+    store.request_cancel(ended.id)
+    clock.advance(100)
+    store.publish("w", events(running.id, "progress", tag="new") + events(ended.id, "job_started", tag="new"))
+    assert store.prune_feed(keep=50) == 3
+    left = store.feed()
+    assert [(event.job_id, event.kind, event.body["tag"]) for event in left] == [
+        (running.id, "job_started", ""),
+        (running.id, "progress", "new"),
+        (ended.id, "job_started", "new"),
+    ]
+    clock.advance(100)
+    store.finish(running.id, worker.id, JobState.DONE)
+    assert store.prune_feed(keep=50) == 3
+    store.publish("w", events(running.id, "job_started"))
+    [after] = store.feed()
+    assert after.seq > left[-1].seq, "a number is never used again"
+
+
+# --------------------------------------------------------------------------
 # The store against a reference model
 # --------------------------------------------------------------------------
 
