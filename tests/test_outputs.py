@@ -218,6 +218,41 @@ def test_an_image_without_text_reads_as_having_none():
     assert read_provenance(png()) is None
 
 
+_keys = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=20)
+
+
+@given(texts=st.lists(st.tuples(_keys, st.text(max_size=60), st.sampled_from(["tEXt", "zTXt", "iTXt", "zipped iTXt"])),
+                      max_size=4, unique_by=lambda item: item[0]))  # fmt: skip
+def test_text_chunks_read_as_pillow_reads_them(texts):
+    """Read from the chunks alone, every kind of text chunk Pillow writes reads back as Pillow reads it."""
+    info = PngImagePlugin.PngInfo()
+    for key, text, kind in texts:
+        if kind in ("tEXt", "zTXt") and text.isascii():
+            info.add_text(key, text, zip=kind == "zTXt")
+        else:
+            info.add_itxt(key, text, zip=kind == "zipped iTXt")
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, "PNG", pnginfo=info)
+    with Image.open(io.BytesIO(buffer.getvalue())) as image:
+        assert read_text_chunks(buffer.getvalue()) == dict(image.text) == {key: text for key, text, _ in texts}
+
+
+def test_text_after_the_pixels_is_read_too():
+    source = png("before")
+    end = source.rindex(b"IEND") - 4  # IEND's length field
+    after = with_text_chunks(b"\x89PNG\r\n\x1a\n" + source[end:], {"late": "after the pixels"})[8:-12]
+    assert read_text_chunks(source[:end] + after + source[end:]) == {"parameters": "before", "late": "after the pixels"}
+
+
+def test_what_is_not_a_whole_png_reads_as_having_the_text_before_it_breaks():
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpeg, "JPEG")
+    assert read_parameters(jpeg.getvalue()) is None
+    whole = png(INFOTEXT)
+    assert read_parameters(whole[: whole.index(b"IDAT") + 10]) == INFOTEXT  # cut in the pixels
+    assert read_parameters(whole[: whole.index(b"parameters") + 5]) is None  # cut in the text chunk
+
+
 # --------------------------------------------------------------------------
 # The manifest
 # --------------------------------------------------------------------------
