@@ -23,16 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from sdjobs.client import WebUIClient, WebUIError
+from sdjobs.client import WebUIClient, WebUIError, WebUITimeout
 from sdjobs.hooks import Hooks
-from sdjobs.job import Job, JobSettings
-from sdjobs.outputs import JobFolder, folder_name, random_job_id
-from sdjobs.preflight import CatalogError, ServerCatalog, preflight
+from sdjobs.history import ServerHistory
+from sdjobs.job import Job, JobSettings, task_id
+from sdjobs.outputs import SHORT_ID_LENGTH, JobFolder, folder_name, random_job_id
+from sdjobs.preflight import CatalogError, ServerCatalog, ask_for_lists, lists_needed, preflight
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState, ProgressInfo, StageResult, TaskProgress
 from sdjobs.store import JobRecord, NotHeld, Store, StoreError
 
 log = logging.getLogger(__name__)
+
+#: How often a lost request may have been sent again (a down server) and still be looked for.
+_LOST_RETRIES = 4
 
 # How long the runner sleeps between two looks at the clock when nothing happens.
 _TICK = 0.5
@@ -45,15 +49,15 @@ class _ServerChecks:
     def __init__(self, client: WebUIClient) -> None:
         self._client = client
         self._lock = threading.Lock()
-        self._catalog: ServerCatalog | None = None
+        self._answers: dict[str, Any] = {}
         self._detection: threading.Thread | None = None
 
-    def catalog(self) -> ServerCatalog:
-        """The server's lists, asked for the first time they are needed."""
+    def catalog(self, spec: JobSpec) -> ServerCatalog:
+        """The server's lists that `spec` names things from, each asked for the first time a job needs it."""
         with self._lock:
-            if self._catalog is None:
-                self._catalog = ServerCatalog.from_client(self._client)
-            return self._catalog
+            missing = lists_needed([spec]) - self._answers.keys()
+            self._answers.update(ask_for_lists(self._client, missing))
+            return ServerCatalog.from_answers(self._answers)
 
     def detect_task_ids(self) -> threading.Thread | None:
         """Start finding out whether the server follows task ids, unless known or under way."""
@@ -76,7 +80,7 @@ class _Port:
 
     def __init__(self, client: WebUIClient, events: queue.SimpleQueue, job_id: str, *,
                  out_dir: Path, folder: Callable[[], JobFolder], checks: _ServerChecks,
-                 patience: float) -> None:  # fmt: skip
+                 patience: float, lost: Sequence[str] = ()) -> None:  # fmt: skip
         self.client = client
         self._events = events
         self._job_id = job_id
@@ -84,6 +88,7 @@ class _Port:
         self._folder = folder
         self._checks = checks
         self._patience = patience
+        self._lost = lost  # the task ids a request left running on this server by a dead worker may have
         self._made: JobFolder | None = None  # once made, checking again (the server was down) keeps it
 
     @property
@@ -94,7 +99,17 @@ class _Port:
         self._events.put((self._job_id, trigger, kwargs))
 
     def _in_background(self, name: str, call: Callable[[], None]) -> None:
-        threading.Thread(target=call, name=f"sdjobs-{name}", daemon=True).start()
+        """Run `call` on a thread of its own; an error it did not expect (a bug) fails the job at
+        once, as one on the runner's thread does, rather than at the job's next deadline."""
+
+        def guarded() -> None:
+            try:
+                call()
+            except Exception as exc:
+                log.debug("%s failed in %s", self._job_id, name, exc_info=True)
+                self._put("abort", error=f"{type(exc).__name__}: {exc}")
+
+        threading.Thread(target=guarded, name=f"sdjobs-{name}", daemon=True).start()
 
     def report(self, info: ProgressInfo | None, task: TaskProgress | None) -> None:
         """A poller's sample; called on its thread, right after its progress calls, so the client
@@ -114,9 +129,9 @@ class _Port:
                 self._put("prepared", folder=None, problems=[f"cannot create the job's folder in {self._out_dir}: {exc}"])
                 return
             try:
-                problems = preflight(spec, self._checks.catalog())
+                problems = preflight(spec, self._checks.catalog(spec))
             except WebUIError as exc:
-                if exc.down:  # not the job's fault: it waits for the server
+                if exc.down or isinstance(exc, WebUITimeout):  # not the job's fault: it waits for the server
                     self._put("failed", error=exc)
                     return
                 problems = [str(exc)]
@@ -124,9 +139,33 @@ class _Port:
                 problems = [str(exc)]
             if detection is not None:
                 detection.join(self._patience)
+            if self._lost:
+                self._interrupt_lost_request()
+                self._lost = ()  # once: checking again (the server was down) finds it ended
             self._put("prepared", folder=folder, problems=problems)
 
         self._in_background("prepare", check)
+
+    def _interrupt_lost_request(self) -> None:
+        """A worker running this job died with a request out on this server: if the server still runs
+        it, interrupt it, so that the job's new request does not wait behind it.  Only a task id tells
+        it for ours; without them another client's job could be taken for it, so it is left alone."""
+        if self.client.get_progress() is None:
+            return  # idle: the lost request ended
+        if not self.client.follows_task_ids:
+            log.info("%s: the WebUI is busy, maybe with the request of a worker that died; without task ids "
+                     "it cannot be told from another client's job, so it is not interrupted", self._job_id)
+            return
+        for task in self._lost:
+            progress = self.client.internal_progress(task)
+            if progress is not None and progress.active:
+                log.warning("%s: the WebUI still runs the request of a worker that died (%s): interrupting it",
+                            self._job_id, task)  # fmt: skip
+                try:
+                    self.client.interrupt(timeout=self._patience)
+                except WebUIError as exc:
+                    log.warning("could not interrupt: %s", exc)
+                return
 
     def probe(self, task_id: str | None) -> None:
         def sample() -> None:
@@ -151,9 +190,12 @@ class _Port:
     def interrupt(self) -> None:
         def post() -> None:
             try:
-                self.client.interrupt()
+                self.client.interrupt(timeout=self._patience)
             except WebUIError as exc:
-                log.warning("could not interrupt: %s", exc)
+                if exc.down or isinstance(exc, WebUITimeout):
+                    self._put("unanswered", error=exc)
+                else:
+                    log.warning("could not interrupt: %s", exc)
 
         self._in_background("interrupt", post)
 
@@ -179,21 +221,37 @@ class _Held:
     out_dir: Path
 
     def folder(self) -> JobFolder:
-        """Reopen the folder of an earlier attempt, or make one and record it (on a port's thread)."""
-        record = self.record
-        if record.folder is not None:
-            return JobFolder.open(record.folder, record.id, finished_stages=record.next_stage)
-        made = JobFolder.create(self.out_dir, record.id, folder=folder_name(record.id, record.spec.name, datetime.now(UTC)))
-        self.store.set_folder(record.id, self.worker_id, made.path)
-        return made
+        """Reopen the folder of an earlier attempt, or make one (on a port's thread).  Its path is
+        recorded before it is made, so a worker killed in between leaves the next one that path."""
+        record, path = self.record, self.record.folder
+        if path is None:
+            path = self.out_dir / folder_name(record.id, record.spec.name, datetime.now(UTC))
+            self.store.set_folder(record.id, self.worker_id, path)
+        if record.next_stage == 0 and not path.exists():
+            return JobFolder.create(path.parent, record.id, folder=path.name)
+        return JobFolder.open(path, record.id, finished_stages=record.next_stage)
 
     def stage_finished(self, result: StageResult) -> None:
         self.store.record_stage(self.record.id, self.worker_id, result)
 
+    def check(self) -> None:
+        """Raise `NotHeld` unless this worker still holds the job: asked before an answer's images are
+        written, so that a worker the store counted gone (silent past its lease, then back) writes
+        nothing into the folder that another worker fills now.  A store it cannot reach says nothing
+        here (recording the stage will)."""
+        try:
+            job = self.store.get(self.record.id)
+        except StoreError as exc:
+            log.warning("cannot check that the job is still ours: %s", exc)
+            return
+        if job.state is not JobState.RUNNING or job.worker != self.worker_id:
+            raise NotHeld(f"job {job.short_id} is not held by worker {self.worker_id[:SHORT_ID_LENGTH]} ({job.state})")
+
 
 @attrs.define(eq=False)
 class Runner:
-    """Runs ``specs`` in order against ``client``, writing under ``out_dir``.
+    """Runs ``specs`` in order against ``client``, writing under ``out_dir``; ``server``, when a
+    worker has several, names that server in every status its jobs report.
 
     Implements the front ends' `Session`: `run` blocks until the queue drained,
     `cancel` may be called from any thread, a signal handler included (it only
@@ -206,10 +264,12 @@ class Runner:
     out_dir: Path
     settings: JobSettings = JobSettings()
     clock: Callable[[], float] = time.monotonic
+    server: str | None = None
 
     outcomes: dict[str, JobState] = attrs.field(factory=dict, init=False)
     _events: queue.SimpleQueue = attrs.field(factory=queue.SimpleQueue, init=False)
     _current: str | None = attrs.field(default=None, init=False)
+    _held: _Held | None = attrs.field(default=None, init=False)
     _stop_queue: bool = attrs.field(default=False, init=False)
     _hand_back: bool = attrs.field(default=False, init=False)
     _drained: bool = attrs.field(default=False, init=False)
@@ -249,7 +309,9 @@ class Runner:
         (SIGTERM, a second Ctrl-C).  Our running request is interrupted if it is ours; no
         further job runs.  Safe from any thread, a signal handler included."""
         self._hand_back = True
-        self.cancel(CancelMode.NOW, rest=True)
+        if not self._drained:
+            self._stop_queue = True  # set before `_current` is read, as in `cancel`
+            self._events.put((self._current, "hand_back", {}))
 
     def let_go(self) -> None:
         """The store gave the held job to another worker: stop it, writing nothing more."""
@@ -281,17 +343,18 @@ class Runner:
         then nothing more is written).
         """
         held = _Held(store, worker_id, record, self.out_dir.absolute())  # paths in the store outlive the cwd
-        self._current = record.id
+        self._current, self._held = record.id, held
         try:
             if self._stop_queue:  # read after `_current` is set: see `cancel`
                 store.release(record.id, worker_id)
                 return None
             job = self._new_job(record.id, record.spec, held.folder, record.stages[: record.next_stage],
-                                held.stage_finished)  # fmt: skip
+                                held.stage_finished, lost=self._lost_requests(record),
+                                history=ServerHistory.load(store, self.client.base_url))  # fmt: skip
             outcome = self._drive(job)
             if job.detached:
                 return None  # another worker's now
-            if self._hand_back and outcome is JobState.CANCELLED:
+            if outcome is JobState.HANDED_BACK:
                 store.release(record.id, worker_id)
                 return None
             store.finish(record.id, worker_id, outcome, job.error)
@@ -299,9 +362,19 @@ class Runner:
             log.warning("%s", exc)
             return None
         finally:
-            self._current = None
+            self._current = self._held = None
         self.outcomes[record.id] = outcome
         return outcome
+
+    def _lost_requests(self, record: JobRecord) -> list[str]:
+        """The task ids of the requests the job's worker may have left running on our server when it was
+        lost: the first unfinished stage's, each perhaps sent again a few times.  None if it ran elsewhere."""
+        stage = record.next_stage
+        if record.lost_server != self.client.base_url or stage >= len(record.spec.stages):
+            return []
+        requests = len(record.stages[stage - 1].images) if stage else max(1, len(record.spec.inputs))
+        return [task_id(record.id, stage, number, retries)
+                for number in range(1, requests + 1) for retries in range(_LOST_RETRIES)]  # fmt: skip
 
     def _run_one(self, job_id: str, spec: JobSpec, folder: Callable[[], JobFolder]) -> JobState:
         return self._drive(self._new_job(job_id, spec, folder))
@@ -313,11 +386,13 @@ class Runner:
         folder: Callable[[], JobFolder],
         finished_before: Sequence[StageResult] = (),
         record: Callable[[StageResult], None] | None = None,
+        lost: Sequence[str] = (),
+        history: ServerHistory | None = None,
     ) -> Job:
         port = _Port(self.client, self._events, job_id, out_dir=self.out_dir, folder=folder, checks=self._checks,
-                     patience=self.settings.probe_timeout)  # fmt: skip
+                     patience=self.settings.probe_timeout, lost=lost)  # fmt: skip
         return Job(spec=spec, job_id=job_id, hooks=self.hooks, port=port, settings=self.settings, clock=self.clock,
-                   finished_before=finished_before, record=record)  # fmt: skip
+                   finished_before=finished_before, record=record, server=self.server, history=history)  # fmt: skip
 
     def _drive(self, job: Job) -> JobState:
         """Begin the job and feed it events until it ends."""
@@ -339,7 +414,7 @@ class Runner:
                 pass  # for a job that has ended, or between jobs
             elif trigger == "let_go":
                 job.detach()
-                self._handle(job, "cancel", {"mode": CancelMode.NOW})
+                self._handle(job, "hand_back", {})
             else:
                 self._handle(job, trigger, kwargs)
         # Also after an event: samples may keep coming while nothing moves (a stall).
@@ -349,8 +424,10 @@ class Runner:
     def _handle(self, job: Job, trigger: str, kwargs: dict[str, Any]) -> None:
         """Fire ``trigger``; an error that is not the WebUI's fails the job, not the run."""
         try:
+            if trigger == "returned" and self._held is not None and not job.detached:
+                self._held.check()  # before the answer's images are written
             job.trigger(trigger, **kwargs)
-        except NotHeld as exc:  # recording a stage: the store gave the job to another worker
+        except NotHeld as exc:  # the store gave the job to another worker
             log.warning("%s: %s; stopping it, writing nothing more", job.job_id, exc)
             job.detach()
             if not job.finished:
