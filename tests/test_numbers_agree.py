@@ -41,6 +41,7 @@ def test_each_pass_shows_the_steps_check_announced_and_its_label(webui_client, t
     for index, plan in enumerate(PORTRAIT.plan()):
         shown = {(status.pass_kind or "main", status.steps) for status in log.statuses() if status.stage_index == index and status.step}
         assert shown == set(plan.shown_steps), f"stage {index + 1} ({plan.type})"
-    faces = [status.face for status in log.statuses() if status.pass_kind == "face"]
-    assert faces[0] == (1, 2) and set(faces) == {(1, 2), (2, 2)}
+    # A poll may land while ADetailer detects, before the server has counted the faces: no count yet.
+    counted = [status.face for status in log.statuses() if status.pass_kind == "face" and status.face is not None]
+    assert counted[0] == (1, 2) and set(counted) == {(1, 2), (2, 2)}
     assert all(status.face is None for status in log.statuses() if status.pass_kind != "face")
