@@ -39,8 +39,9 @@ from sdjobs.preflight import CatalogError, ServerCatalog, check_against_server, 
 from sdjobs.runner import Runner
 from sdjobs.postgres_store import is_postgres_url
 from sdjobs.queues import migrate_queue, open_store, queue_location
-from sdjobs.servers import SERVERS_ENV, ServerConfig, ServerReport, ServersError, ask_all, read_servers, servers_from_urls
-from sdjobs.spec import JobFileError, JobSpec, StagePlan, load_job, read_toml
+from sdjobs.servers import (SERVERS_ENV, ServerConfig, ServerReport, ServersError, ask_all, check_routes, read_servers,
+                            servers_from_urls)
+from sdjobs.spec import JobFileError, JobSpec, StagePlan, StageSpec, load_job, read_toml
 from sdjobs.sqlite_store import QUEUE_ENV
 from sdjobs.status import CancelMode, JobState
 from sdjobs.store import JobRecord, Store, StoreError
@@ -244,6 +245,11 @@ def _add_webui_options(parser: argparse.ArgumentParser, *, several: bool = False
     parser.add_argument("--auth", metavar="USER:PASS", help=f"HTTP Basic credentials (--api-auth){whose}; default $SDJOBS_WEBUI_AUTH")
 
 
+def _add_servers_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--servers", type=Path, metavar="FILE", help=f"the workers' servers file (default: ${SERVERS_ENV}): "
+                        "every stage that names a server or tags must have one that fits, and check shows where each stage runs")
+
+
 def _add_health_interval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--health-interval", type=_positive_seconds, default=DEFAULT_HEALTH_INTERVAL, metavar="SECONDS",
                         help=f"with several servers: seconds between two pings of each; one that does not answer is marked down and its job runs elsewhere (default: {DEFAULT_HEALTH_INTERVAL:g})")
@@ -298,6 +304,7 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
     _add_job_files(add)
     add.add_argument("--check", action="store_true", help="check every name against the WebUI first (--webui)")
     _add_webui_options(add)
+    _add_servers_file(add)
     add.add_argument("--priority", type=int, default=0, metavar="N", help="higher runs sooner (default: 0)")
     add.add_argument("--paused", action="store_true", help="held back until resumed")
     _add_queue_option(add)
@@ -346,6 +353,7 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
     check.add_argument("--all", action="store_true", help="list every job, not only the first ones")
     check.add_argument("--json", action="store_true", help="print the jobs as JSON")
     _add_webui_options(check)
+    _add_servers_file(check)
     _add_queue_option(check)
 
     sim = commands.add_parser("sim", help="serve the simulated WebUI")
@@ -404,8 +412,36 @@ def _checked_on_server(specs: list[JobSpec], args: argparse.Namespace) -> list[J
 CHECK_SHOWN = 10
 
 
+def _servers_file(args: argparse.Namespace) -> tuple[ServerConfig, ...] | None:
+    """The servers of ``--servers`` or $SDJOBS_SERVERS; None when neither is given."""
+    path = args.servers or os.environ.get(SERVERS_ENV)
+    try:
+        return None if not path else read_servers(Path(path))
+    except ServersError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _routed(specs: list[JobSpec], servers: Sequence[ServerConfig] | None) -> list[JobSpec]:
+    """The jobs, once every stage that names a server or tags has one among ``servers`` (None: not known)."""
+    if servers is not None:
+        check_routes(specs, servers)
+    return specs
+
+
+def _runs_on(stage: StageSpec, servers: Sequence[ServerConfig] | None) -> str:
+    """`" · on desk or rented"`: where `sdjobs check` says a stage runs; "" when it may run anywhere."""
+    if servers is not None:
+        names = [server.name for server in servers if server.takes(stage)]
+        return "" if len(names) == len(servers) else f" · on {' or '.join(map(printable, names))}"
+    tagged = f"tagged {', '.join(stage.tags)}" if stage.tags else ""
+    if stage.server is None:
+        return printable(f" · on a server {tagged}") if tagged else ""
+    return printable(f" · on {stage.server}{', ' + tagged if tagged else ''}")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    specs = _load_jobs(args)
+    servers = _servers_file(args)
+    specs = _routed(_load_jobs(args), servers)
     if args.webui or os.environ.get("SDJOBS_WEBUI"):
         specs = _checked_on_server(specs, args)
     history = _history(args, create=False)
@@ -423,10 +459,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     for spec, estimate in zip(shown, estimates, strict=False):
         seed = "random, drawn when queued" if spec.source in random_seeds else spec.seed
         print(f"{spec.source}: {spec.name!r}, seed {seed}")
-        for index, step in enumerate(spec.plan()):
+        for index, (step, stage) in enumerate(zip(spec.plan(), spec.stages, strict=True)):
             print(
                 f"  {index + 1}. {step.type:<9} {step.endpoint:<18} "
                 f"{plural(step.requests, 'request')}, {plural(step.images, 'image')}, {_shown_steps(step)}"
+                f"{_runs_on(stage, servers)}"
             )
         print(f"  expected duration: {_expected_text(estimate)}")
     if len(shown) < len(specs):
@@ -582,7 +619,7 @@ def _print_server(report: ServerReport) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Queue the files for this process alone and run them, as a worker that runs only its own jobs."""
-    return _work(args, add=_load_jobs(args))
+    return _work(args, add=_routed(_load_jobs(args), _servers(args)))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -636,7 +673,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def _queue_add(store: Store, args: argparse.Namespace) -> int:
-    specs = _load_jobs(args)
+    specs = _routed(_load_jobs(args), _servers_file(args))
     if args.check:
         specs = _checked_on_server(specs, args)
     for record in store.add(specs, priority=args.priority, paused=args.paused):

@@ -148,6 +148,8 @@ class Job:
         server: The name of the server it runs on (`RuntimeStatus.server`), when there are several.
         history: What the server's history says of its speed: the prior of each stage's ETA
             and the price of the stages after the running one; None: none.
+        stop: With several servers, the stage (0-based) that runs elsewhere: the job runs the
+            stages before it here, then ends `handed_back`, to go on on another server; None: all.
     """
 
     spec: JobSpec
@@ -161,6 +163,7 @@ class Job:
     record: Callable[[StageResult], None] | None = attrs.field(default=None, repr=False)
     server: str | None = None
     history: ServerHistory | None = attrs.field(default=None, repr=False)
+    stop: int | None = None
 
     folder: JobFolder | None = attrs.field(default=None, init=False)
     error: str | None = attrs.field(default=None, init=False)
@@ -284,6 +287,10 @@ class Job:
 
     def last_stage(self, event: EventData) -> bool:
         return self.stage.index == len(self.spec.stages) - 1
+
+    def passed_on(self, event: EventData) -> bool:
+        """The next stage runs on another server (`stop`): the job goes back to the queue for it."""
+        return self.stage.index + 1 == self.stop
 
     # -- callbacks: leaving the queue ------------------------------------------------------
 
@@ -599,7 +606,7 @@ class Job:
     def _end_stage(self, *, partial: bool) -> None:
         """Record the stage's result and fire `sdjobs_stage_finished`; the job is between stages after."""
         stage, self.stage = self.stage, None
-        result = stage.result(self.clock() - stage.started, partial=partial)
+        result = stage.result(self.clock() - stage.started, partial=partial, server=self.server)
         self.results.append(result)
         if not partial:
             die_at("stage-written")

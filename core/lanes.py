@@ -10,15 +10,22 @@ whether it is up, what it offers (its `ServerCatalog`) and the job it runs.
   and lets its running job go (`Runner.let_go`), which the worker hands back to
   the queue at its first unfinished stage; a down lane is pinged with backoff
   (`PING_BACKOFF`) and, once it answers, marked up again (`sdjobs_server_up`)
-  with its lists asked anew.  Letting a job go never interrupts a request that
+  with its lists asked anew (`Runner.ask_lists`: its jobs' checks use them, and
+  ask again on a miss).  Letting a job go never interrupts a request that
   cannot be shown to be ours: the job's cancel asks the server first, and a
   server that does not answer is not interrupted.
-- **routing**: `pick` takes the first queued job that a free, up lane can run:
-  its checkpoint, samplers, upscalers and ADetailer are on that server
-  (`preflight` finds nothing).  Among the lanes that fit, the least busy wins:
-  fewest jobs started for its weight.  A job that fits a busy or down lane
-  waits for it; a job that fits no server at all (every server's lists known)
-  goes to any free one, whose preflight then fails it saying why.
+- **routing**: `pick` takes the first queued job that a free, up lane can run
+  from its first unfinished stage: the stage may run there (`ServerConfig.takes`:
+  its `server` and `tags`), and so may the stages after it that the lane would
+  run too (up to the first that must run elsewhere: the job then goes back to
+  the queue after them, its images passed on through its folder), and their
+  checkpoints, samplers, upscalers and ADetailer are on that server (`preflight`
+  finds nothing).  Among the free lanes that fit, the one whose history says it
+  runs the stage soonest wins (`ServerHistory.stage_seconds`), when every one's
+  history knows; else the least busy: fewest jobs started for its weight.  A job
+  that fits a busy or down lane waits for it; a job that fits no server at all
+  (every server's lists known) goes to any free one, whose checks then fail it
+  saying why.
 
 The worker (`sdjobs.worker.Worker`) claims what `pick` chose and runs it with
 `start`; everything about the queue (claims, heartbeat, hand-back) stays there.
@@ -33,13 +40,14 @@ from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 from sdjobs.client import WebUIError
+from sdjobs.history import ServerHistory
 from sdjobs.job import PING_BACKOFF
 from sdjobs.preflight import CatalogError, ServerCatalog, preflight
 from sdjobs.runner import Runner
-from sdjobs.servers import ServerConfig
+from sdjobs.servers import ServerConfig, route_problem
 from sdjobs.spec import JobSpec
 from sdjobs.status import JobState
-from sdjobs.store import JobRecord
+from sdjobs.store import JobRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,7 @@ class Lane:
         job: The job it runs now, if any.
         started: How many jobs it started, for the least-busy choice.
         down_since: `time.monotonic()` when it was found down, while it is.
+        history: What the server's history says of its speed; None: nothing yet.
     """
 
     server: ServerConfig
@@ -68,28 +77,57 @@ class Lane:
     job: JobRecord | None = None
     started: int = 0
     down_since: float | None = None
+    history: ServerHistory | None = None
 
     @property
     def free(self) -> bool:
         """Up and running nothing: it may take a job."""
         return self.up is True and self.job is None
 
-    def fits(self, spec: JobSpec) -> bool:
-        """Its lists are known and have every name ``spec`` uses."""
-        return self.catalog is not None and not preflight(spec, self.catalog)
+    def stages(self, spec: JobSpec, start: int) -> range:
+        """The stages from ``start`` on that may run here one after another (their `server` and `tags`)."""
+        stop = start
+        while stop < len(spec.stages) and self.server.takes(spec.stages[stop]):
+            stop += 1
+        return range(start, stop)
+
+    def fits(self, spec: JobSpec, start: int = 0) -> bool:
+        """It may run stage ``start`` of ``spec``, and its lists have every name of the stages it would run."""
+        stages = self.stages(spec, start)
+        if self.catalog is None or not stages and start < len(spec.stages):
+            return False
+        return not preflight(spec, self.catalog, stages)
 
     def load(self) -> float:
         """Jobs started per weight: the lower, the sooner it gets the next job."""
         return self.started / self.server.weight
 
+    def seconds(self, spec: JobSpec, start: int) -> float | None:
+        """How long its history says stage ``start`` of ``spec`` takes here; None: it does not know."""
+        return None if self.history is None else self.history.stage_seconds(spec, start)
 
-def route(spec: JobSpec, lanes: Sequence[Lane]) -> Lane | None:
-    """The free lane ``spec`` should run on now, or None when it must wait (see the module's doc)."""
-    known = [lane for lane in lanes if lane.catalog is not None]
-    fitting = [lane for lane in known if lane.fits(spec)]
-    if not fitting and len(known) == len(lanes):
-        fitting = known  # it fits nowhere: one server's preflight fails it, saying why
-    return min((lane for lane in fitting if lane.free), key=Lane.load, default=None)
+
+def route(spec: JobSpec, lanes: Sequence[Lane], start: int = 0) -> Lane | None:
+    """The free lane ``spec`` should run on now from stage ``start``, or None when it must wait (see
+    the module's doc)."""
+    takers = [lane for lane in lanes if lane.stages(spec, start)] or list(lanes)
+    known = [lane for lane in takers if lane.catalog is not None]
+    fitting = [lane for lane in known if lane.fits(spec, start)]
+    if not fitting and len(known) == len(takers):
+        fitting = known  # it fits nowhere: one server's checks fail it, saying why
+    free = [lane for lane in fitting if lane.free]
+    seconds = {lane: lane.seconds(spec, start) for lane in free}
+    if None in seconds.values():
+        return min(free, key=Lane.load, default=None)
+    return min(free, key=lambda lane: (seconds[lane], lane.load()), default=None)
+
+
+def problems(spec: JobSpec, start: int, lanes: Sequence[Lane]) -> list[str]:
+    """Why stage ``start`` of ``spec`` can run on no server of ``lanes`` by its `server` and `tags`; [] when it can."""
+    if start == len(spec.stages):
+        return []  # every stage finished: any server ends the job
+    problem = route_problem(spec.stages[start], [lane.server for lane in lanes])
+    return [] if problem is None else [f"stage {start + 1} ({spec.stages[start].type}): {problem[0]}: {problem[1]}"]
 
 
 @attrs.define(eq=False)
@@ -140,10 +178,17 @@ class Lanes:
         """The first of ``queued`` (in queue order) that a free lane should run now, with that lane."""
         with self._lock:
             for record in queued:
-                lane = route(record.spec, self.lanes)
+                lane = route(record.spec, self.lanes, record.next_stage)
                 if lane is not None:
                     return record, lane
         return None
+
+    def run_held(self, lane: Lane, store: Store, worker_id: str, record: JobRecord) -> JobState | None:
+        """`Runner.run_held` of ``record`` on ``lane``: the stages from its first unfinished one that may
+        run there; fails it, saying why, when its stage may run on no server of these."""
+        stages = lane.stages(record.spec, record.next_stage)
+        return lane.runner.run_held(store, worker_id, record, stop=stages.stop,
+                                    problems=problems(record.spec, record.next_stage, self.lanes))  # fmt: skip
 
     def start(self, lane: Lane, record: JobRecord, run: Callable[[Runner, JobRecord], JobState | None],
               ended: Callable[[Lane, JobRecord, JobState | None], None]) -> None:  # fmt: skip
@@ -187,7 +232,7 @@ class Lanes:
         while not stop.wait(wait):
             try:
                 lane.runner.client.ping()
-                catalog = lane.catalog if lane.up else ServerCatalog.from_client(lane.runner.client)
+                catalog = (lane.up and lane.runner.lists) or lane.runner.ask_lists()  # a job's checks may have asked anew
             except (WebUIError, CatalogError) as exc:
                 wait = PING_BACKOFF[0] if lane.up or wait == 0.0 else min(wait * 2, PING_BACKOFF[1])
                 self._went_down(lane, exc)

@@ -30,7 +30,8 @@ The states::
     handed_back        the end of an attempt stopped as a cancel "now" stops it, but given back to
                        the queue to resume later (SIGTERM, a second Ctrl-C, `queue pause --now`):
                        every transition to `cancelled` has a twin to `handed_back`, taken instead
-                       once `hand_back` came (`handing_back`)
+                       once `hand_back` came (`handing_back`); also the end of an attempt whose next
+                       stage runs on another server (`passed_on`), back in the queue for it
 
 and `requesting`, `baseline`, `generating`, `waiting_for_webui` each have a twin ending in
 ``_then_stop``: the same work, after a cancel "after this stage", so that the
@@ -152,6 +153,8 @@ TRANSITIONS: list[dict[str, Any]] = _or_handed_back([
                  after="request"),
     {"trigger": "returned", "source": ["generating", "generating_then_stop"], "dest": "done",
      "conditions": "last_stage", "before": ["keep", "finish_stage"]},
+    {"trigger": "returned", "source": "generating", "dest": "handed_back", "conditions": "passed_on",
+     "before": ["keep", "finish_stage"]},
     {"trigger": "returned", "source": "generating", "dest": "requesting",
      "before": ["keep", "next_stage"], "after": "request"},
     {"trigger": "returned", "source": "generating_then_stop", "dest": "cancelled",

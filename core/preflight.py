@@ -240,15 +240,23 @@ def _some(names: Sequence[str]) -> str:
     return shown if len(names) <= 3 else f"{shown} and {len(names) - 3} more"
 
 
-def preflight(job: JobSpec, catalog: ServerCatalog) -> list[str]:
-    """Every name in `job` that the server does not know, as one message each; [] when all is well."""
+def preflight(job: JobSpec, catalog: ServerCatalog, stages: Sequence[int] | None = None) -> list[str]:
+    """Every name in `job` that the server does not know, as one message each; [] when all is well.
+
+    With `stages` (0-based indexes), only what those stages use: the stages one server runs
+    of a job whose stages run on several.
+    """
     problems = []
-    if job.checkpoint is not None and job.checkpoint not in catalog.checkpoints:
+    indexes = range(len(job.stages)) if stages is None else stages
+    uses_job_checkpoint = any(job.stages[index].checkpoint is None and job.stages[index].endpoint != "extra-single-image"
+                              for index in indexes)  # fmt: skip
+    if job.checkpoint is not None and uses_job_checkpoint and job.checkpoint not in catalog.checkpoints:
         problems.append(_not_on_server("checkpoint", job.checkpoint, catalog.checkpoints))
     if catalog.loras is not None:
         for key, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
             problems.extend(_lora_problems(key, text, catalog.loras))
-    for index, stage in enumerate(job.stages):
+    for index in indexes:
+        stage = job.stages[index]
         where = f"stage {index + 1} ({stage.type})"
         problems.extend(f"{where}: {problem}" for problem in _stage_problems(stage, catalog))
     return problems

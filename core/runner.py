@@ -28,7 +28,7 @@ from sdjobs.hooks import Hooks
 from sdjobs.history import ServerHistory
 from sdjobs.job import Job, JobSettings, task_id
 from sdjobs.outputs import SHORT_ID_LENGTH, JobFolder, folder_name, random_job_id
-from sdjobs.preflight import CatalogError, ServerCatalog, ask_for_lists, lists_needed, preflight
+from sdjobs.preflight import LISTS, CatalogError, ServerCatalog, ask_for_lists, lists_needed, preflight
 from sdjobs.spec import JobSpec
 from sdjobs.status import CancelMode, JobState, ProgressInfo, StageResult, TaskProgress
 from sdjobs.store import JobRecord, NotHeld, Store, StoreError
@@ -44,7 +44,7 @@ _TICK = 0.5
 
 class _ServerChecks:
     """What a run asks the server once, for every job: its lists for preflight, and whether
-    it follows task ids.  Called on the ports' threads, never the runner's."""
+    it follows task ids.  Called on the ports' and health checks' threads, never the runner's."""
 
     def __init__(self, client: WebUIClient) -> None:
         self._client = client
@@ -52,12 +52,32 @@ class _ServerChecks:
         self._answers: dict[str, Any] = {}
         self._detection: threading.Thread | None = None
 
-    def catalog(self, spec: JobSpec) -> ServerCatalog:
-        """The server's lists that `spec` names things from, each asked for the first time a job needs it."""
+    def problems(self, spec: JobSpec, stages: Sequence[int] | None = None) -> list[str]:
+        """`preflight` of ``spec`` (its ``stages``) against the server's lists, each asked for the first
+        time a job needs it; on a miss the lists known from before are asked again, so that a checkpoint
+        added to a running server is found."""
         with self._lock:
-            missing = lists_needed([spec]) - self._answers.keys()
-            self._answers.update(ask_for_lists(self._client, missing))
-            return ServerCatalog.from_answers(self._answers)
+            needed = lists_needed([spec])
+            asked = needed - self._answers.keys()
+            self._answers.update(ask_for_lists(self._client, asked))
+            problems = preflight(spec, ServerCatalog.from_answers(self._answers), stages)
+            if problems and asked != needed:
+                self._answers.update(ask_for_lists(self._client, needed))
+                problems = preflight(spec, ServerCatalog.from_answers(self._answers), stages)
+            return problems
+
+    def everything(self) -> ServerCatalog:
+        """Ask the server for all its lists anew (it came up); jobs are checked against them after."""
+        answers = ask_for_lists(self._client, LISTS)
+        catalog = ServerCatalog.from_answers(answers)
+        with self._lock:
+            self._answers = answers
+        return catalog
+
+    def known(self) -> ServerCatalog | None:
+        """The catalog of the lists as last asked, without asking; None unless every list was asked."""
+        with self._lock:
+            return ServerCatalog.from_answers(self._answers) if self._answers.keys() >= set(LISTS) else None
 
     def detect_task_ids(self) -> threading.Thread | None:
         """Start finding out whether the server follows task ids, unless known or under way."""
@@ -80,7 +100,8 @@ class _Port:
 
     def __init__(self, client: WebUIClient, events: queue.SimpleQueue, job_id: str, *,
                  out_dir: Path, folder: Callable[[], JobFolder], checks: _ServerChecks,
-                 patience: float, lost: Sequence[str] = ()) -> None:  # fmt: skip
+                 patience: float, lost: Sequence[str] = (), stages: Sequence[int] | None = None,
+                 problems: Sequence[str] = ()) -> None:  # fmt: skip
         self.client = client
         self._events = events
         self._job_id = job_id
@@ -89,6 +110,8 @@ class _Port:
         self._checks = checks
         self._patience = patience
         self._lost = lost  # the task ids a request left running on this server by a dead worker may have
+        self._stages = stages  # the stages this server runs (None: all)
+        self._problems = problems  # found before: the job cannot run here
         self._made: JobFolder | None = None  # once made, checking again (the server was down) keeps it
 
     @property
@@ -129,7 +152,7 @@ class _Port:
                 self._put("prepared", folder=None, problems=[f"cannot create the job's folder in {self._out_dir}: {exc}"])
                 return
             try:
-                problems = preflight(spec, self._checks.catalog(spec))
+                problems = [*self._problems, *self._checks.problems(spec, self._stages)]
             except WebUIError as exc:
                 if exc.down or isinstance(exc, WebUITimeout):  # not the job's fault: it waits for the server
                     self._put("failed", error=exc)
@@ -317,6 +340,15 @@ class Runner:
         """The store gave the held job to another worker: stop it, writing nothing more."""
         self._events.put((self._current, "let_go", {}))
 
+    def ask_lists(self) -> ServerCatalog:
+        """Ask the server for all its lists anew (a health check found it up): the next jobs' checks use them."""
+        return self._checks.everything()
+
+    @property
+    def lists(self) -> ServerCatalog | None:
+        """The server's lists as last asked (by `ask_lists`, or by a job's checks, which ask again on a miss)."""
+        return self._checks.known()
+
     @property
     def stopped(self) -> bool:
         """A cancel asked to run no further job."""
@@ -333,7 +365,8 @@ class Runner:
         """`hand_back` was asked: the held job goes back to the queue."""
         return self._hand_back
 
-    def run_held(self, store: Store, worker_id: str, record: JobRecord) -> JobState | None:
+    def run_held(self, store: Store, worker_id: str, record: JobRecord, *, stop: int | None = None,
+                 problems: Sequence[str] = ()) -> JobState | None:  # fmt: skip
         """Run a job that ``worker_id`` claimed from ``store``, from its first unfinished stage.
 
         Each finished stage is recorded in the store before the next starts; the
@@ -341,6 +374,10 @@ class Runner:
         ended, or None when it went back to the queue (`hand_back`, or a cancel
         that came before it started) or when another worker holds it now (`NotHeld`;
         then nothing more is written).
+
+        With ``stop`` (a job whose stages run on several servers) it runs the stages
+        before ``stop`` here and goes back to the queue after them, for another server
+        to run the next.  ``problems`` (found by the caller) fail the job at its checks.
         """
         held = _Held(store, worker_id, record, self.out_dir.absolute())  # paths in the store outlive the cwd
         self._current, self._held = record.id, held
@@ -350,7 +387,8 @@ class Runner:
                 return None
             job = self._new_job(record.id, record.spec, held.folder, record.stages[: record.next_stage],
                                 held.stage_finished, lost=self._lost_requests(record),
-                                history=ServerHistory.load(store, self.client.base_url))  # fmt: skip
+                                history=ServerHistory.load(store, self.client.base_url), stop=stop,
+                                problems=problems)  # fmt: skip
             outcome = self._drive(job)
             if job.detached:
                 return None  # another worker's now
@@ -388,11 +426,15 @@ class Runner:
         record: Callable[[StageResult], None] | None = None,
         lost: Sequence[str] = (),
         history: ServerHistory | None = None,
+        stop: int | None = None,
+        problems: Sequence[str] = (),
     ) -> Job:
+        stages = None if stop is None else range(len(finished_before), stop)
         port = _Port(self.client, self._events, job_id, out_dir=self.out_dir, folder=folder, checks=self._checks,
-                     patience=self.settings.probe_timeout, lost=lost)  # fmt: skip
+                     patience=self.settings.probe_timeout, lost=lost, stages=stages, problems=problems)  # fmt: skip
         return Job(spec=spec, job_id=job_id, hooks=self.hooks, port=port, settings=self.settings, clock=self.clock,
-                   finished_before=finished_before, record=record, server=self.server, history=history)  # fmt: skip
+                   finished_before=finished_before, record=record, server=self.server, history=history,
+                   stop=stop)  # fmt: skip
 
     def _drive(self, job: Job) -> JobState:
         """Begin the job and feed it events until it ends."""

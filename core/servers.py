@@ -9,18 +9,22 @@ one `[[servers]]` table each:
     url = "http://127.0.0.1:7860"
     auth_env = "DESK_AUTH"          # optional: the variable holding USER:PASS
     weight = 2                      # optional (default 1): more jobs go to it
-    tags = ["sdxl", "fast"]         # optional: labels (stages cannot ask for them yet)
+    tags = ["sdxl", "fast"]         # optional: labels a job's stage may ask for
 
 The file names the variable that holds a server's credentials, never the
 credentials themselves, so it can be shared or committed.  A mistake is one
 `ServersError` line naming the file and the key.
+
+A job's stage may name the server it must run on (`server = "desk"`) or the
+tags that server must have (`tags = ["sdxl"]`); `check_routes` refuses a job
+file whose stage no server takes, naming the file and the key.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,7 @@ from typing import Any
 import attrs
 from sdjobs.client import WebUIClient, WebUIError, parse_base_url
 from sdjobs.preflight import CatalogError, ServerCatalog
+from sdjobs.spec import JobFileError, JobSpec, StageSpec
 
 #: The environment variable naming the servers file when `--servers` is not given.
 SERVERS_ENV = "SDJOBS_SERVERS"
@@ -49,7 +54,7 @@ class ServerConfig:
         url: Its base URL, without credentials.
         auth_env: The environment variable holding its USER:PASS, if it needs any.
         weight: Its share of the jobs when several servers are free (higher: more).
-        tags: Labels shown by `sdjobs servers`; meant for routing stages by tag, which is not built yet.
+        tags: Labels a job's stage may ask for (`StageSpec.tags`).
     """
 
     name: str
@@ -69,6 +74,40 @@ class ServerConfig:
                 raise ServersError(f"server {self.name!r}: ${self.auth_env} must look like USER:PASSWORD")
             auth = (user, password)
         return WebUIClient(self.url, auth=auth)
+
+    def takes(self, stage: StageSpec) -> bool:
+        """Whether ``stage`` may run here: it names this server, or none, and asks for no tag it lacks."""
+        return stage.server in (None, self.name) and self.tags.issuperset(stage.tags)
+
+
+def route_problem(stage: StageSpec, servers: Sequence[ServerConfig]) -> tuple[str, str] | None:
+    """Why no server of ``servers`` takes ``stage``, as ``(key, message)``; None when one does."""
+    if any(server.takes(stage) for server in servers):
+        return None
+    names = ", ".join(server.name for server in servers)
+    if stage.server is not None and all(server.name != stage.server for server in servers):
+        return "server", f"no server is named {stage.server!r}; the servers: {names}"
+    missing = sorted(set(stage.tags) - {tag for server in servers for tag in server.tags})
+    if missing:
+        return "tags", f"no server has the tag {', '.join(map(repr, missing))}; the servers' tags: {_tags(servers)}"
+    if stage.server is not None:
+        [named] = (server for server in servers if server.name == stage.server)
+        lacks = ", ".join(map(repr, sorted(set(stage.tags) - named.tags)))
+        return "tags", f"server {stage.server!r} (named by server) does not have the tag {lacks}; the servers' tags: {_tags(servers)}"
+    return "tags", f"no server has all of {', '.join(map(repr, stage.tags))}; the servers' tags: {_tags(servers)}"
+
+
+def _tags(servers: Sequence[ServerConfig]) -> str:
+    return "; ".join(f"{server.name}: {', '.join(sorted(server.tags)) or '-'}" for server in servers)
+
+
+def check_routes(specs: Iterable[JobSpec], servers: Sequence[ServerConfig]) -> None:
+    """Raise `JobFileError` (file and key) for the first stage of ``specs`` that no server of ``servers`` takes."""
+    for spec in specs:
+        for index, stage in enumerate(spec.stages):
+            if (problem := route_problem(stage, servers)) is not None:
+                key, message = problem
+                raise JobFileError(spec.source, f"stages[{index + 1}].{key}", message)
 
 
 def servers_from_urls(urls: Sequence[str]) -> tuple[ServerConfig, ...]:

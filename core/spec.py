@@ -168,6 +168,8 @@ class StageSpec:
         scale: The factor of an `upscale` stage.
         via: How an `upscale` stage runs: `"extras"` or `"img2img"`; None for other stages.
         checkpoint: A checkpoint for this stage alone (beats the job's).
+        server: With several servers, the one this stage must run on (its `name`); None: any.
+        tags: With several servers, the tags the server running this stage must have (all of them).
     """
 
     type: str = attrs.field(validator=attrs.validators.in_(STAGE_TYPES))
@@ -178,6 +180,8 @@ class StageSpec:
     scale: float | None = None
     via: str | None = attrs.field(default=None, validator=attrs.validators.in_((None, *UPSCALE_VIAS)))
     checkpoint: str | None = None
+    server: str | None = None
+    tags: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     @property
     def endpoint(self) -> str:
@@ -509,7 +513,16 @@ class _JobReader:
             scale=float(scale) if stage_type == "upscale" else None,
             via=via,
             checkpoint=self.text(raw, "checkpoint", f"{where}.checkpoint"),
+            server=self.text(raw, "server", f"{where}.server"),
+            tags=self.tags(raw, f"{where}.tags"),
         )
+
+    def tags(self, raw: Mapping[str, Any], path: str) -> tuple[str, ...]:
+        """A stage's `tags`: a list of non-empty strings."""
+        tags = self.value(raw, "tags", path, list, default=[])
+        if not all(isinstance(tag, str) and tag.strip() for tag in tags):
+            raise self.fail(path, f"must be a list of non-empty strings, got {_shown(tags)}")
+        return tuple(tags)
 
     def stage_type(self, raw: Mapping[str, Any], where: str, *, first: bool, from_images: bool) -> str:
         stage_type = self.value(raw, "type", f"{where}.type", str, default=None)
@@ -546,7 +559,7 @@ class _JobReader:
 
     @staticmethod
     def sdjobs_keys(stage_type: str, endpoint: str) -> tuple[str, ...]:
-        keys = ("type", "extra")
+        keys = ("type", "extra", "server", "tags")
         if endpoint != "extra-single-image":
             keys += ("checkpoint",)
         if stage_type == "upscale":

@@ -99,8 +99,8 @@ class StageRun:
         """1-based number of the request being sent: how many inputs were taken so far."""
         return self.tracker.requests - len(self.inputs)
 
-    def result(self, elapsed: float, *, partial: bool) -> StageResult:
-        """The stage's `StageResult`, with what it has so far."""
+    def result(self, elapsed: float, *, partial: bool, server: str | None = None) -> StageResult:
+        """The stage's `StageResult`, with what it has so far; ``server`` ran it (with several)."""
         return StageResult(
             stage=self.spec.type,
             stage_index=self.index,
@@ -112,4 +112,5 @@ class StageRun:
             partial=partial,
             cut=self.cut,
             timing=self.tracker.timing(),
+            server=server,
         )

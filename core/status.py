@@ -335,6 +335,7 @@ class StageResult:
             batch being sampled), which record the same in their PNG text.
         timing: What its requests showed of the server's speed (`StageTracker.timing`),
             which the server's history learns from; None when no step was timed.
+        server: The name of the server that ran it, when the worker had several; else None.
     """
 
     stage: str
@@ -347,6 +348,7 @@ class StageResult:
     partial: bool = False
     cut: Mapping[str, Any] | None = None
     timing: Mapping[str, Any] | None = attrs.field(default=None, repr=False)
+    server: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The result as plain JSON-ready data (for the manifest and the store)."""
@@ -361,6 +363,7 @@ class StageResult:
             "partial": self.partial,
             "cut": None if self.cut is None else dict(self.cut),
             "timing": None if self.timing is None else dict(self.timing),
+            "server": self.server,
         }
 
     @classmethod
@@ -377,4 +380,5 @@ class StageResult:
             partial=data["partial"],
             cut=data.get("cut"),  # None in a record written before cuts were recorded
             timing=data.get("timing"),
+            server=data.get("server"),  # None in a record written before servers were recorded
         )

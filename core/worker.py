@@ -48,6 +48,7 @@ import attrs
 from sdjobs.client import WebUIError
 from sdjobs.feed import PLUGIN_NAME as PUBLISHER_NAME
 from sdjobs.feed import Publisher
+from sdjobs.history import ServerHistory
 from sdjobs.job import PING_BACKOFF
 from sdjobs.lanes import Lane, Lanes
 from sdjobs.outputs import SHORT_ID_LENGTH
@@ -282,7 +283,7 @@ class Worker:
             with self._switch:
                 self._running = None
             if outcome is None:
-                self._hand_over(record.id, worker_id)
+                self._hand_over(record, worker_id)
             elif outcome is JobState.FAILED and self.runner.webui_down and not self._wait_for_webui():
                 return
 
@@ -290,6 +291,8 @@ class Worker:
         """Start on each free server the job `Lanes.pick` chose for it, until stopped (or, with
         ``until_empty`` or `sdjobs run`'s own jobs, until none is left to run)."""
         lanes.changed = self._wake.set
+        for lane in lanes.lanes:
+            lane.history = ServerHistory.load(self.store, lane.server.url)
         lanes.check_health(self._stop)
         try:
             while not self.runner.stopped:
@@ -347,14 +350,19 @@ class Worker:
             return
         self._announce(claimed)
         self._last = claimed.id
-        lanes.start(lane, claimed, lambda runner, job: runner.run_held(self.store, worker_id, job), self._lane_ended)
+        lanes.start(lane, claimed, lambda runner, job: lanes.run_held(lane, self.store, worker_id, job), self._lane_ended)
 
     def _lane_ended(self, lane: Lane, record: JobRecord, outcome: JobState | None) -> None:
-        """A lane's job ended (on its thread): recorded, or handed back to the queue when let go."""
+        """A lane's job ended (on its thread): recorded, or handed back to the queue when let go (or
+        passed on, for its next stage to run elsewhere); the server's history learns from it."""
         if outcome is None:
-            self._hand_over(record.id, record.worker or self._worker_id)
+            self._hand_over(record, record.worker or self._worker_id)
         else:
             self._ended[record.id] = outcome
+        try:
+            lane.history = ServerHistory.load(self.store, lane.server.url)
+        except StoreError as exc:  # locked a while: the lane keeps what it knew
+            log.warning("reading the history of server %s: %s", lane.server.name, exc)
         self._wake.set()
 
     def _wait_for_webui(self) -> bool:
@@ -389,14 +397,19 @@ class Worker:
                 self._wake.set()
                 return
 
-    def _hand_over(self, job_id: str, worker_id: str) -> None:
+    def _hand_over(self, record: JobRecord, worker_id: str) -> None:
         """The runner let a job go (a recall) that the store may still count as ours: back to the queue.
 
-        Any other way a job ends without an outcome (a hand-back, another worker
-        holding it now) has left it out of our hands already: `NotHeld`.
+        Any other way a job ends without an outcome (a hand-back, a stage passed on
+        to another server, another worker holding it now) has left it out of our
+        hands already: it is queued, or claimed again since (more attempts; maybe by
+        another lane of this worker, with the same worker id), or `NotHeld`.
         """
+        job = self.store.get(record.id)
+        if job.state is not JobState.RUNNING or job.attempts != record.attempts:
+            return
         try:
-            self.store.release(job_id, worker_id)
+            self.store.release(record.id, worker_id)
         except NotHeld:
             pass
 

@@ -14,20 +14,25 @@ from contextlib import contextmanager
 import attrs
 import pytest
 from process_helpers import Lines, start
-from runner_helpers import GENERATION_PATHS, Background, HookLog, job_spec, make_lanes
+from runner_helpers import GENERATION_PATHS, Background, HookLog, job_spec, make_lanes, make_runner
 from rich.console import Console
 from sdjobs import hookimpl
 from sdjobs.cli import exit_status
+from sdjobs.client import WebUIClient
 from sdjobs.frontend import FrontendOptions
 from sdjobs.frontends.console import ConsoleFrontend
+from sdjobs.clock import FakeClock
 from sdjobs.frontends.log import LogFrontend
+from sdjobs.history import ServerHistory
 from sdjobs.lanes import Lane, Lanes, route
 from sdjobs.preflight import Choices, ServerCatalog
 from sdjobs.servers import ServerConfig
 from sdjobs.sim import CatalogChoice, SimSettings, SimulatedWebUI
 from sdjobs.sqlite_store import SQLiteStore
-from sdjobs.status import JobState
+from sdjobs.status import JobState, StageResult
+from sdjobs.store import JobRecord
 from sdjobs.worker import Worker
+from test_history import ran, timing
 
 SDXL = CatalogChoice(checkpoints=("sdxl.safetensors",), adetailer=False)
 ADETAILER = job_spec(("txt2img", "adetailer"), name="faces")
@@ -90,7 +95,48 @@ def test_a_job_that_fits_no_server_goes_to_a_free_one_whose_checks_then_fail_it(
     assert route(attrs.evolve(job_spec(), checkpoint="nowhere"), [plain, sdxl]) is sdxl
 
 
+def test_a_server_whose_history_says_it_runs_the_stage_sooner_wins_when_every_one_s_history_knows() -> None:
+    catalog = _catalog("empty", adetailer=True)
+    slow, fast, new = _lane("slow", catalog), _lane("fast", catalog, started=5), _lane("new", catalog)
+    slow.history, fast.history = (ServerHistory.from_records(lane.server.url, [record]) for lane, record in
+                                  ((slow, _ran(slow, rate=0.3, elapsed=3.0)), (fast, _ran(fast, rate=0.1, elapsed=1.0))))  # fmt: skip
+    assert fast.seconds(job_spec(), 0) == pytest.approx(slow.seconds(job_spec(), 0) / 3)
+    assert route(job_spec(), [slow, fast]) is fast  # though it started more jobs
+    assert route(job_spec(), [slow, fast, new]) is slow  # one knows nothing: the least busy
+
+
+def _ran(lane: Lane, *, rate: float, elapsed: float) -> JobRecord:
+    """A done `job_spec()` whose stage took ``elapsed`` on ``lane``'s server at ``rate`` seconds a step."""
+    result = StageResult("txt2img", 0, elapsed=elapsed, timing=timing((64 * 64, rate)))
+    return JobRecord(id=lane.server.name, spec=job_spec(), state=JobState.DONE, position=0, attempts=1, server=lane.server.url,
+                     stages=(result,))
+
+
 # -- a worker with two real simulated servers ----------------------------------------------
+
+
+def test_with_history_saying_one_server_is_three_times_faster_the_first_job_goes_there(store, tmp_path) -> None:
+    with SimulatedWebUI(SimSettings(stepping=True)) as slow, SimulatedWebUI(SimSettings(stepping=True)) as fast:
+        for url, rate in ((slow.url, 0.3), (fast.url, 0.1)):
+            for _ in range(3):
+                ran(store, FakeClock(0.0), job_spec(), timing((64 * 64, rate)), elapsed=rate * 10, server=url)
+        lanes, log = make_lanes({"slow": slow.url, "fast": fast.url}, tmp_path / "out")
+        worker = Worker(store, lanes=lanes, idle_poll=0.05)
+        working = Background(worker.run)
+        try:
+            for name in ("slow", "fast"):
+                assert log.wait_for("server_up", lambda call, name=name: call["server"] == name)
+            first, second = store.add([job_spec(name="first"), job_spec(name="second")])  # both servers free
+            for name in ("fast", "slow"):
+                assert log.wait_for("stage_started", lambda call, name=name: call["status"].server == name, timeout=10)
+            assert (store.get(first.id).server, store.get(second.id).server) == (fast.url, slow.url)
+        finally:
+            worker.cancel(rest=True)
+            for sim in (slow, fast):
+                sim.release(10_000)
+            working.join(timeout=20)
+
+
 
 
 def test_each_server_runs_a_job_at_once_and_each_job_runs_where_it_fits(store, tmp_path, caplog) -> None:
@@ -119,6 +165,47 @@ def test_each_server_runs_a_job_at_once_and_each_job_runs_where_it_fits(store, t
     assert {status.server for status in log.statuses(None) if status.job_id == faces_job.id} == {"plain"}
     logged = [record.getMessage() for record in caplog.records if record.name == "sdjobs.jobs"]
     assert "faces [plain]: Stage 2/2 adetailer started" in logged and "sdxl [sdxl]: Stage 1/1 txt2img started" in logged
+
+
+def test_each_server_is_asked_its_lists_once_for_its_health_check_and_its_jobs(store, tmp_path) -> None:
+    lists = ["/sdapi/v1/samplers", "/sdapi/v1/sd-models"]
+    with SimulatedWebUI(SimSettings(step_time=0.001)) as desk, SimulatedWebUI(SimSettings(step_time=0.001)) as rented:
+        lanes, log = make_lanes({"desk": desk.url, "rented": rented.url}, tmp_path / "out")
+        worker = Worker(store, lanes=lanes, idle_poll=0.05)
+        working = Background(worker.run)
+        for name in ("desk", "rented"):
+            assert log.wait_for("server_up", lambda call, name=name: call["server"] == name)
+        jobs = store.add([attrs.evolve(job_spec(name=f"job{n}"), checkpoint="empty") for n in range(4)])
+        for job in jobs:
+            assert log.wait_for("job_finished", lambda call, job=job: call["status"].job_id == job.id, timeout=20)
+        worker.cancel(rest=True)
+        working.join(timeout=10)
+        asked = [sorted(path for _, _, path in sim.requests if path in lists) for sim in (desk, rented)]
+        assert {store.get(job.id).server for job in jobs} == {desk.url, rented.url}
+    assert asked == [lists, lists]
+
+
+def test_a_checkpoint_added_to_a_running_server_is_found_by_the_next_job_that_names_it(store, tmp_path) -> None:
+    """The lists are asked once and kept; a job that names what they lack has them asked again."""
+    first = SimulatedWebUI(SimSettings(step_time=0.001)).start()
+    port = int(first.url.rsplit(":", 1)[1])
+    runner, log = make_runner(WebUIClient(first.url), [], tmp_path / "out")
+    worker = Worker(store, runner, idle_poll=0.05)
+    working = Background(worker.run)
+    try:
+        [plain] = store.add([attrs.evolve(job_spec(name="plain"), checkpoint="empty")])
+        assert log.wait_for("job_finished", lambda call: call["status"].job_id == plain.id, timeout=20)
+        first.stop()
+        added = CatalogChoice(checkpoints=("empty.pt", "sdxl.safetensors"))
+        with SimulatedWebUI(SimSettings(step_time=0.001, catalog=added), port=port) as same:
+            [new] = store.add([ON_SDXL])  # the lists as first asked have no sdxl
+            assert log.wait_for("job_finished", lambda call: call["status"].job_id == new.id, timeout=20)
+            asked = [path for _, _, path in same.requests if path == "/sdapi/v1/sd-models"]
+    finally:
+        worker.cancel(rest=True)
+        working.join(timeout=10)
+    assert worker.outcomes == {plain.id: JobState.DONE, new.id: JobState.DONE}
+    assert asked == ["/sdapi/v1/sd-models"]
 
 
 def test_a_job_no_server_can_run_fails_saying_what_is_missing(store, tmp_path) -> None:
