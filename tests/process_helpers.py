@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from sdjobs.sqlite_store import QUEUE_ENV
@@ -50,6 +52,17 @@ def start(
         text=True,
         env=environment() | dict(env or {}),
     )
+
+
+@contextmanager
+def killable_sim(*options: str | Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`sdjobs sim` in a process of its own (so a test can kill it), and its URL."""
+    sim = start("sim", "--port", "0", *options)
+    try:
+        yield sim, re.search(r"http://\S+", sim.stdout.readline()).group(0)
+    finally:
+        sim.kill()
+        sim.wait(timeout=10)
 
 
 class Lines:

@@ -6,14 +6,11 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import attrs
 import pytest
-from process_helpers import Lines, start
+from process_helpers import Lines, killable_sim, start
 from runner_helpers import GENERATION_PATHS, Background, HookLog, job_spec, make_lanes, make_runner
 from rich.console import Console
 from sdjobs import hookimpl
@@ -43,17 +40,6 @@ ON_SDXL = attrs.evolve(job_spec(name="sdxl"), checkpoint="sdxl")
 def store(queue_file):
     with SQLiteStore(queue_file) as store:
         yield store
-
-
-@contextmanager
-def sim_process(*options: str) -> Iterator[tuple[object, str]]:
-    """`sdjobs sim` in a process of its own (so a test can kill it), and its URL."""
-    sim = start("sim", "--port", "0", *options)
-    try:
-        yield sim, re.search(r"http://\S+", sim.stdout.readline()).group(0)
-    finally:
-        sim.kill()
-        sim.wait(timeout=10)
 
 
 # -- routing, on catalogs alone -----------------------------------------------------------
@@ -258,7 +244,7 @@ def start_on_first(store, lanes: Lanes, log: HookLog, spec) -> tuple[Worker, Bac
 
 def test_a_server_killed_mid_job_hands_the_job_to_another_which_finishes_it_once(store, tmp_path) -> None:
     events = ServerEvents()
-    with sim_process("--step-time", "0.05") as (doomed, doomed_url), SimulatedWebUI(SimSettings(step_time=0.001)) as spare:
+    with killable_sim("--step-time", "0.05") as (doomed, doomed_url), SimulatedWebUI(SimSettings(step_time=0.001)) as spare:
         lanes, log = make_lanes({"doomed": doomed_url, "spare": spare.url}, tmp_path / "out", plugins=[events], health_interval=0.1)
         worker, working, job = start_on_first(store, lanes, log, TWO_STAGES)
         assert log.wait_for("stage_started", _in_stage_two, timeout=20)
@@ -314,7 +300,7 @@ def test_a_server_that_comes_back_is_used_again(store, tmp_path) -> None:
 
 def test_sdjobs_worker_on_two_servers_exits_0_when_one_dies_and_every_job_ends_done_once(store, tmp_path) -> None:
     jobs = store.add([job_spec(("txt2img", "img2img"), name=f"job{n}", steps=10) for n in range(4)])
-    with sim_process("--step-time", "0.05") as (doomed, doomed_url), sim_process("--step-time", "0.02") as (_, spare_url):
+    with killable_sim("--step-time", "0.05") as (doomed, doomed_url), killable_sim("--step-time", "0.02") as (_, spare_url):
         worker = start("worker", "--until-empty", "--webui", doomed_url, "--webui", spare_url, "--health-interval", "0.2",
                        "--frontend", "jsonl", "--out", tmp_path / "out")  # fmt: skip
         events = Lines(worker.stdout)

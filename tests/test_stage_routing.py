@@ -10,7 +10,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from process_helpers import sdjobs, start
+from process_helpers import killable_sim, sdjobs, start
 from runner_helpers import Background, job_spec, make_lanes
 from sdjobs import hookimpl
 from sdjobs.lanes import Lane, route
@@ -22,7 +22,6 @@ from sdjobs.sqlite_store import SQLiteStore
 from sdjobs.status import JobState
 from sdjobs.worker import Worker
 
-from test_lanes import sim_process
 
 #: Stage 1 on server "a"; stage 2 needs the tag "sdxl" and a checkpoint only "b" has.
 JOB_FILE = """\
@@ -151,8 +150,8 @@ def test_sdjobs_worker_runs_each_stage_on_its_server_of_a_servers_file(tmp_path)
     job = tmp_path / "job.toml"
     job.write_text(JOB_FILE)
     queue = tmp_path / "queue.db"
-    with sim_process("--step-time", "0.01") as (_, a_url), \
-            sim_process("--step-time", "0.01", "--catalog", tmp_path / "sdxl.toml") as (_, b_url):  # fmt: skip
+    with killable_sim("--step-time", "0.01") as (_, a_url), \
+            killable_sim("--step-time", "0.01", "--catalog", tmp_path / "sdxl.toml") as (_, b_url):  # fmt: skip
         servers = servers_file(tmp_path / "servers.toml", a_url, b_url)
         added = sdjobs("queue", "add", job, "--servers", servers, "--queue", queue)
         assert added.returncode == 0, added.stderr
