@@ -104,7 +104,9 @@ class Lane:
 
     def seconds(self, spec: JobSpec, start: int) -> float | None:
         """How long its history says stage ``start`` of ``spec`` takes here; None: it does not know."""
-        return None if self.history is None else self.history.stage_seconds(spec, start)
+        if self.history is None or start == len(spec.stages):
+            return None
+        return self.history.stage_seconds(spec, start)
 
 
 def route(spec: JobSpec, lanes: Sequence[Lane], start: int = 0) -> Lane | None:
@@ -122,7 +124,7 @@ def route(spec: JobSpec, lanes: Sequence[Lane], start: int = 0) -> Lane | None:
     return min(free, key=lambda lane: (seconds[lane], lane.load()), default=None)
 
 
-def problems(spec: JobSpec, start: int, lanes: Sequence[Lane]) -> list[str]:
+def unroutable(spec: JobSpec, start: int, lanes: Sequence[Lane]) -> list[str]:
     """Why stage ``start`` of ``spec`` can run on no server of ``lanes`` by its `server` and `tags`; [] when it can."""
     if start == len(spec.stages):
         return []  # every stage finished: any server ends the job
@@ -188,7 +190,7 @@ class Lanes:
         run there; fails it, saying why, when its stage may run on no server of these."""
         stages = lane.stages(record.spec, record.next_stage)
         return lane.runner.run_held(store, worker_id, record, stop=stages.stop,
-                                    problems=problems(record.spec, record.next_stage, self.lanes))  # fmt: skip
+                                    problems=unroutable(record.spec, record.next_stage, self.lanes))  # fmt: skip
 
     def start(self, lane: Lane, record: JobRecord, run: Callable[[Runner, JobRecord], JobState | None],
               ended: Callable[[Lane, JobRecord, JobState | None], None]) -> None:  # fmt: skip

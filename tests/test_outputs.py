@@ -266,7 +266,7 @@ def test_the_manifest_records_spec_stages_and_outcome(folder):
     cut_image = folder.write_image(1, "upscale", 1, png(INFOTEXT), provenance={"seed": 1234})
     cut = {"pass": "main", "face": None, "step": 3, "steps": 10}
     results = [
-        StageResult("txt2img", 0, (image,), ({"seed": 1234, "all_seeds": [1234]},), (1234,), 100.0, 2.5),
+        StageResult("txt2img", 0, (image,), ({"seed": 1234, "all_seeds": [1234]},), (1234,), 100.0, 2.5, server="desk"),
         StageResult("upscale", 1, (cut_image,), (), (), 102.5, 0.1, partial=True, cut={**cut, "images": [str(cut_image)]}),
     ]
     path = folder.write_manifest(spec, results, outcome=JobState.CANCELLED, error=None)
@@ -278,11 +278,12 @@ def test_the_manifest_records_spec_stages_and_outcome(folder):
         {
             "stage": "txt2img", "stage_index": 0, "images": ["01-txt2img/001.png"],
             "infos": [{"seed": 1234, "all_seeds": [1234]}], "seeds": [1234],
-            "started_at": 100.0, "elapsed": 2.5, "partial": False, "cut": None,
+            "started_at": 100.0, "elapsed": 2.5, "partial": False, "cut": None, "server": "desk",
         },
         {
             "stage": "upscale", "stage_index": 1, "images": ["02-upscale/001.png"], "infos": [], "seeds": [],
             "started_at": 102.5, "elapsed": 0.1, "partial": True, "cut": {**cut, "images": ["02-upscale/001.png"]},
+            "server": None,
         },
     ]  # fmt: skip
 

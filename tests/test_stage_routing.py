@@ -74,6 +74,7 @@ def test_each_stage_goes_to_a_server_it_names_or_whose_tags_it_asks_for() -> Non
         assert route(spec, [b, a]) is a and a.stages(spec, 0) == range(0, 1)  # then back to the queue
         assert route(spec, [a, b], start=1) is b and b.stages(spec, 1) == range(1, 2)
     assert b.stages(by_tag, 0) == range(0) and a.stages(by_tag, 1) == range(1, 1)
+    assert route(by_tag, [a, b], start=2) is a  # every stage finished (its worker died before the end): anywhere
     b.job = object()  # type: ignore[assignment]
     assert route(by_tag, [a, b], start=1) is None  # stage 2 waits for the busy server it needs
 
@@ -141,6 +142,20 @@ def test_stage_two_runs_on_the_other_server_from_the_image_stage_one_wrote(tmp_p
     assert "init_images" not in first
     manifest = json.loads((record.folder / "manifest.json").read_text())
     assert manifest["outcome"] == "done" and [stage["server"] for stage in manifest["stages"]] == ["a", "b"]
+
+
+def test_a_job_whose_stage_no_server_of_the_worker_takes_fails_saying_so(tmp_path) -> None:
+    """Queued where no servers file was known: the worker's servers are the first to see it."""
+    with SimulatedWebUI(SimSettings(step_time=0.001)) as a, SimulatedWebUI(SimSettings(step_time=0.001)) as b, \
+            SQLiteStore(tmp_path / "queue.db") as store:  # fmt: skip
+        [job] = store.add([two_stages(server="c")])
+        lanes, _ = make_lanes({"a": a.url, "b": b.url}, tmp_path / "out")
+        worker = Worker(store, lanes=lanes, until_empty=True, idle_poll=0.05)
+        Background(worker.run).join(timeout=30)
+        record = store.get(job.id)
+    assert worker.outcomes == {job.id: JobState.FAILED}
+    assert record.error == "stage 2 (img2img): server: no server is named 'c'; the servers: a, b"
+    assert [stage.server for stage in record.stages] == ["a"]  # stage 1 ran where it was asked to
 
 
 def test_sdjobs_worker_runs_each_stage_on_its_server_of_a_servers_file(tmp_path) -> None:
