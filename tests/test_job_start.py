@@ -29,7 +29,7 @@ def test_an_unexpected_error_while_preparing_fails_the_job_at_once_with_its_mess
     """A bug on a port's thread is not left to the job's deadline (60 s): it fails the job as one on
     the runner's thread does, naming the error.  (A bug cannot be made real: `preflight` is replaced.)"""
 
-    def broken(spec, catalog):
+    def broken(*args):
         raise KeyError("a list the check did not expect")
 
     monkeypatch.setattr("sdjobs.runner.preflight", broken)
