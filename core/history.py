@@ -45,6 +45,9 @@ HISTORY_JOBS = 50
 _STEP_EXPONENT = 0.5
 _TAIL_EXPONENT = 1.0
 
+#: What a part too quick to measure counts as (seconds).
+_LEAST_SECONDS = 0.001
+
 #: The steepest and flattest growth with work the model extrapolates with.
 _SLOPES = (0.0, 2.0)
 
@@ -99,7 +102,8 @@ class CostModel:
 
     Attributes:
         rates: `(work, seconds per step)`, work being pixels × batch.
-        tails: `(work, seconds)` after a request's last step until its answer (decode, save, encode).
+        tails: `(work, seconds)` after a request's last step until its answer beyond the decode (as
+            between passes): saving and encoding its images, work being the pixels of them all.
         betweens: `(work, seconds)` after an earlier pass until the next began (a decode).
         handoffs: `(work, seconds)` between a pass and its hires pass.
         warmup_s: Before a request's first step, beyond the steps' own time.
@@ -129,14 +133,22 @@ class CostModel:
         def every(key: str) -> list:
             return [entry for timing in timings for entry in timing.get(key) or ()]
 
+        betweens = _curve((_work(p, b), s) for p, b, s in every("betweens"))
+
+        def answer(pixels: float, batch: float, seconds: float, images: float | None = None) -> tuple[float, float]:
+            """A request's tail after its last step, less the decode as between passes: what saving and
+            encoding its images took, by their pixels."""
+            decode = _along(betweens, _work(pixels, batch), _TAIL_EXPONENT) or 0.0
+            return _work(pixels, images or batch), max(seconds - decode, _LEAST_SECONDS)
+
         faces = every("faces")
         leads: dict[str, list[float]] = defaultdict(list)
         for kind, seconds in every("leads"):
             leads[kind].append(seconds)
         return cls(
             rates=_curve((_work(p, b), s) for p, b, s in every("rates")),
-            tails=_curve((_work(p, b), s) for p, b, s in every("tails")),
-            betweens=_curve((_work(p, b), s) for p, b, s in every("betweens")),
+            tails=_curve(answer(*tail) for tail in every("tails")),
+            betweens=betweens,
             handoffs=_curve((_work(p, b), s) for p, b, s in every("handoffs")),
             warmup_s=_median(every("warmups")),
             leads={kind: median for kind, seconds in leads.items() if (median := _median(seconds)) is not None},
@@ -153,8 +165,11 @@ class CostModel:
     def warmup(self) -> float | None:
         return self.warmup_s
 
-    def tail(self, pixels: int, batch: int) -> float | None:
-        return _along(self.tails, _work(pixels, batch), _TAIL_EXPONENT)
+    def tail(self, pixels: int, batch: int, images: int) -> float | None:
+        answer = _along(self.tails, _work(pixels, images), _TAIL_EXPONENT)
+        if answer is None:
+            return None
+        return answer + (_along(self.betweens, _work(pixels, batch), _TAIL_EXPONENT) or 0.0)
 
     def detection(self) -> float | None:
         return self.detection_s
@@ -177,10 +192,8 @@ class CostModel:
                 total += self._pass_seconds(sampled, first=image == number == 0)
             if shape.face is not None:
                 total += (self.detection_s or 0.0) + faces * self._pass_seconds(shape.face, first=False)
-        last = shape.face if shape.face is not None and faces else next((p for p in reversed(shape.passes) if p.steps), None)
-        if last is not None:  # its decode was priced as one between passes: the answer's instead
-            between = _along(self.betweens, last.work, _TAIL_EXPONENT) or 0.0
-            total += (_along(self.tails, last.work, _TAIL_EXPONENT) or 0.0) - between
+        if shape.passes and shape.passes[-1].steps:  # its decode was priced as one between passes: now the answer's
+            total += _along(self.tails, _work(shape.passes[-1].pixels, shape.images), _TAIL_EXPONENT) or 0.0
         return total
 
     def _pass_seconds(self, sampled: PassShape, *, first: bool) -> float:

@@ -319,6 +319,11 @@ class RequestShape:
         shape = tuple(PassShape(each, 1, handoff=i < per_image - 1) for i in range(per_image))
         return cls(shape, iterations)
 
+    @property
+    def images(self) -> int:
+        """Images the answer carries (every one encoded after the last step)."""
+        return (self.passes[-1].batch if self.passes else 1) * self.iterations
+
     def sequence(self, faces: list[int]) -> list[tuple[PassShape, bool]]:
         """`(pass, detection before it)` by `job_no`, with `faces` known for the first images."""
         out: list[tuple[PassShape, bool]] = []
@@ -355,8 +360,9 @@ class Prior(Protocol):
     def warmup(self) -> float | None:
         """From a request's first sample to its first step shown, less two steps' time."""
 
-    def tail(self, pixels: int, batch: int) -> float | None:
-        """The decode and save after an image's last pass, while the last step shows."""
+    def tail(self, pixels: int, batch: int, images: int) -> float | None:
+        """After the last step of a request's last pass (of this size) until its answer: the
+        decode, then saving and encoding the `images` it carries."""
 
     def detection(self) -> float | None:
         """ADetailer's detection of one image's faces."""
@@ -397,8 +403,8 @@ class _Observed:
             over all its steps seen.
         warmups: Each request's seconds before its first step, beyond the steps' own time.
         leads: `[kind, seconds]` the same before each later pass's first step.
-        tails: `[pixels, batch, seconds]` after the request's last step until its answer
-            (decode, save, encode).
+        tails: `[pixels, batch, seconds, images]` after the request's last pass's last step until
+            its answer (decode, save, encode the `images` it carries).
         betweens: The same after an earlier pass until the next one began (a decode).
         handoffs: The same after a pass whose image went on to hires.
         detections: Seconds of each ADetailer detection seen.
@@ -917,7 +923,7 @@ class StageTracker:
             kind = _tail_kind(shape, final=returned)
             self._learned.tails[kind] = (shape.work, now - log.last_at)
             kept = {HANDOFF: self._observed.handoffs, FINAL: self._observed.tails, BETWEEN: self._observed.betweens}[kind]
-            kept.append([shape.pixels, shape.batch, now - log.last_at])
+            kept.append([shape.pixels, shape.batch, now - log.last_at] + ([self._shape.images] if kind == FINAL else []))
         if job_no < len(sequence) and sequence[job_no][1]:
             request.image_end = now  # ADetailer now looks for the faces of the image just made
 
@@ -988,7 +994,7 @@ class StageTracker:
         kind = _tail_kind(shape, final=job_no >= len(self._sequence()) - 1)
         tails = self._learned.tails
         if kind == FINAL and FINAL not in tails and self.prior is not None:
-            prior = self.prior.tail(shape.pixels, shape.batch)
+            prior = self.prior.tail(shape.pixels, shape.batch, self._shape.images)
             if prior is not None:
                 return prior
         seen = tails.get(kind) or (None if kind == HANDOFF else tails.get(BETWEEN if kind == FINAL else FINAL))

@@ -57,7 +57,7 @@ def test_a_stage_keeps_its_step_rate_warm_up_and_the_tail_until_the_answer():
     kept = tracker.timing()
     assert kept["rates"] == [[768 * 768, 2, pytest.approx(1.0)]]
     assert kept["warmups"] == [pytest.approx(1.5)]  # from the first sample (0.5 s) to step 1 (two steps' work) at 4 s
-    assert kept["tails"] == [[768 * 768, 2, pytest.approx(2.5)]]
+    assert kept["tails"] == [[768 * 768, 2, pytest.approx(2.5), 2]]  # its answer carried 2 images
     assert kept["requests"] == [14.5]
 
 
@@ -134,8 +134,15 @@ def test_a_request_is_priced_pass_by_pass():
     face = PassShape(4, MPX, kind="face")
     shape = RequestShape((PassShape(20, MPX),), iterations=2, face=face)
     per_image = 20 * 0.5 + 0.25 + 0.5 + 2 * (0.3 + 4 * 0.5 + 0.25)  # steps, decode, detection, two faces
-    last = 1.0 - 0.25  # the last face ends with the answer, not a decode between passes
-    assert model.request_seconds(shape) == pytest.approx(2.0 + 2 * per_image + 0.2 + last)  # the second image's lead
+    answer = 2 * (1.0 - 0.25)  # after its decode, the answer's two images take twice what the one seen took
+    assert model.request_seconds(shape) == pytest.approx(2.0 + 2 * per_image + 0.2 + answer)  # the second image's lead
+
+
+def test_the_tail_after_the_last_step_is_the_decode_and_then_each_image_the_answer_carries():
+    model = CostModel.fit([timing((MPX, 0.5), tail=0.5, between=0.1)])  # a one-image answer: 0.4 s beyond its decode
+    assert model.tail(MPX, 1, 1) == pytest.approx(0.5)
+    assert model.tail(MPX, 1, 4) == pytest.approx(0.1 + 4 * 0.4)  # n_iter 4: one decode after the last step
+    assert model.tail(MPX, 4, 4) == pytest.approx(4 * 0.1 + 4 * 0.4)  # batch 4: the decode is four images'
 
 
 def test_nothing_timed_is_no_model():

@@ -602,7 +602,7 @@ class _History:
     def warmup(self) -> float:
         return 3.0
 
-    def tail(self, pixels: int, batch: int) -> float:
+    def tail(self, pixels: int, batch: int, images: int) -> float:
         return 1.0
 
     def detection(self) -> None:
