@@ -28,9 +28,9 @@ from sdjobs import machine
 from sdjobs.client import DEFAULT_URL, WebUIClient, WebUIError
 from sdjobs.expand import DEFAULT_LIMIT, load_jobs
 from sdjobs.exits import EXIT_BROKEN_PIPE, EXIT_CANCELLED, EXIT_FAILED, EXIT_TERMINATED, EXIT_USAGE
-from sdjobs.frontends.formatting import format_duration, plural, printable
+from sdjobs.frontends.formatting import format_clock, format_duration, plural, printable
 from sdjobs.frontends.pipe import silence
-from sdjobs.history import Estimate, ServerHistory, plan_queue
+from sdjobs.history import Estimate, ServerHistory, plan_queue, queue_end
 from sdjobs.hooks import Hooks, describe_plugins, make_plugin_manager, plugin_loggers
 from sdjobs.job import JobSettings
 from sdjobs.lanes import DEFAULT_HEALTH_INTERVAL, Lane, Lanes
@@ -314,8 +314,10 @@ def build_parser(frontend_names: Collection[str]) -> argparse.ArgumentParser:
         if name == "show":
             _add_job_id(shown)
         else:
-            shown.add_argument("--webui", metavar="URL", help="the WebUI whose history prices the jobs "
-                               f"(default: $SDJOBS_WEBUI, else {DEFAULT_URL})")  # fmt: skip
+            shown.add_argument("--webui", metavar="URL", action="append", help="a WebUI whose history prices the jobs; "
+                               f"repeat it for several, each running one job at a time (default: --servers, else ${SERVERS_ENV}, "
+                               f"else $SDJOBS_WEBUI, else {DEFAULT_URL})")  # fmt: skip
+            shown.add_argument("--servers", type=Path, metavar="FILE", help=f"TOML listing the WebUIs as [[servers]] tables (default: ${SERVERS_ENV})")
         shown.add_argument("--json", action="store_true", help="print JSON")
         _add_queue_option(shown)
     cancel = queue_commands.add_parser("cancel", help="cancel a job; a running one is stopped by its worker within a second")
@@ -729,35 +731,37 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 def _queue_list(store: Store, args: argparse.Namespace) -> int:
     jobs, paused = store.list(), store.queue_paused()
     now = time.time()
-    planned = plan_queue(jobs, ServerHistory.load(store, _server(args)), now=now, paused=paused)
+    servers = _servers(args)
+    planned = plan_queue(jobs, {server.url: ServerHistory.load(store, server.url) for server in servers}, now=now, paused=paused)
+    names = {server.url: server.name for server in servers}
     if args.json:
-        print(json.dumps({"paused": paused, "jobs": [
+        print(json.dumps({"paused": paused, "expected_end": queue_end(planned), "jobs": [
             {"position": n, **_job_json(job.record), "expected": _estimate_json(job.estimate),
-             "expected_start": job.start, "expected_end": job.end} for n, job in enumerate(planned, 1)]}, indent=2))  # fmt: skip
+             "expected_start": job.start, "expected_end": job.end, "expected_server": names.get(job.server)}
+            for n, job in enumerate(planned, 1)]}, indent=2))  # fmt: skip
         return 0
     if paused:
         print("The queue is paused: no job starts until `sdjobs queue resume`.")
     if not jobs:
         print("The queue is empty.")
         return 0
+    several = len(servers) > 1
     rows = [[str(n), job.short_id, printable(job.spec.name), f"{job.next_stage}/{len(job.spec.stages)}", job.shown_state, str(job.attempts),
              _expected_text(plan.estimate, short=True), _clock_time(plan.start, now), _clock_time(plan.end, now)]
+            + ([printable(names.get(plan.server, "-"))] if several else [])
             for n, (job, plan) in enumerate(((plan.record, plan) for plan in planned), 1)]  # fmt: skip
-    _print_table(["#", "id", "name", "stages", "state", "attempts", "expected", "start", "end"], rows)
-    ends = [plan.end for plan in planned if plan.start is not None or plan.record.state is JobState.RUNNING]
-    if ends and None not in ends:
-        print(f"The last job should end at {_clock_time(max(ends), now)} (in {format_duration(max(ends) - now)}).")
-    elif ends:
-        print("When the last job ends: unknown: no history for this server yet")
+    _print_table(["#", "id", "name", "stages", "state", "attempts", "expected", "start", "end"] + (["server"] if several else []), rows)
+    end = queue_end(planned)
+    if end is not None:
+        print(f"The last job should end at {_clock_time(end, now)} (in {format_duration(end - now)}).")
+    elif any(plan.runs for plan in planned):
+        print(f"When the last job ends: unknown: no history for {'a server' if several else 'this server'} yet")
     return 0
 
 
 def _clock_time(moment: float | None, now: float) -> str:
     """`"14:05"` today, `"Tue 02:10"` on another day; `"-"` for none."""
-    if moment is None:
-        return "-"
-    local = datetime.fromtimestamp(moment)
-    return local.strftime("%H:%M" if local.date() == datetime.fromtimestamp(now).date() else "%a %H:%M")
+    return "-" if moment is None else format_clock(moment, now)
 
 
 def _queue_show(store: Store, args: argparse.Namespace) -> int:

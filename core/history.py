@@ -35,7 +35,7 @@ from sdjobs.spec import JobSpec, StagePlan, StageSpec
 from sdjobs.status import JobState, StageResult
 from sdjobs.store import JobRecord, Store
 
-__all__ = ["HISTORY_JOBS", "CostModel", "Estimate", "Planned", "ServerHistory", "plan_queue"]
+__all__ = ["HISTORY_JOBS", "CostModel", "Estimate", "Planned", "ServerHistory", "plan_queue", "queue_end"]
 
 #: The latest jobs of a server its history learns from.
 HISTORY_JOBS = 50
@@ -356,36 +356,76 @@ class ServerHistory:
 @attrs.frozen
 class Planned:
     """A job of the queue with its expected duration (None: unknown), start and end (Unix time;
-    None: unknown, or held back: a paused job or queue)."""
+    None: unknown, or held back: a paused job or queue), and the server it is planned on.
+
+    Attributes:
+        record: The job.
+        estimate: Its expected duration on that server; None: unknown (no history there).
+        start: When it should start (a running job: when it did).
+        end: When it should end.
+        server: The server's URL; None for a job held back or planned nowhere.
+    """
 
     record: JobRecord
     estimate: Estimate | None
     start: float | None
     end: float | None
+    server: str | None = None
+
+    @property
+    def runs(self) -> bool:
+        """It runs now, or is planned to (not held back, not after jobs of unknown length)."""
+        return self.start is not None or self.record.state is JobState.RUNNING
 
 
-def plan_queue(records: Sequence[JobRecord], history: ServerHistory | None, *, now: float, paused: bool) -> list[Planned]:
-    """When each job of the queue (`Store.list`, in order) should start and end, run one after another.
+def plan_queue(
+    records: Sequence[JobRecord], histories: Mapping[str, ServerHistory | None], *, now: float, paused: bool
+) -> list[Planned]:
+    """When each job of the queue (`Store.list`, in order) should start and end on the servers of
+    `histories` (each URL with its history; None: none yet), each running one job at a time.
 
-    A running job ends when its start plus its estimate says (at the earliest now; a
-    resumed one: now plus its stages left); the queued ones follow in order.  A held
-    job (paused, or every queued one while the queue is paused) gets no start; after a
-    job of unknown duration, no later job has one.
+    Every job is priced by its own server's history.  A running job ends on the server it
+    runs on (else the first) when its start plus its estimate says (at the earliest now; a
+    resumed one: now plus its stages left).  Each queued job in turn goes to the server free
+    first.  A held job (paused, or every queued one while the queue is paused) gets no start.
+    A job of unknown duration leaves its server's free time unknown: no later job is planned
+    there, and once no server's is known, no later job has a start.
     """
-    planned, clock = [], now
+    free: dict[str, float | None] = dict.fromkeys(histories, now)
+    first = next(iter(histories), None)
+    ends: dict[str, tuple[Estimate | None, float | None, str | None]] = {}
     for record in records:
-        estimate = None if history is None else history.estimate(record.spec, from_stage=record.next_stage)
         if record.state is JobState.RUNNING:
-            start = record.started_at
+            server = record.server if record.server in histories else first
+            history = None if server is None else histories[server]
+            estimate = None if history is None else history.estimate(record.spec, from_stage=record.next_stage)
             end = None if estimate is None else now + estimate.seconds
-            if estimate is not None and record.attempts == 1 and start is not None:
-                end = max(now, start + history.estimate(record.spec).seconds)
-        elif record.paused or paused:
+            if history is not None and record.attempts == 1 and record.started_at is not None:
+                end = max(now, record.started_at + history.estimate(record.spec).seconds)
+            if server is not None:
+                free[server] = None if end is None or free[server] is None else max(free[server], end)
+            ends[record.id] = (estimate, end, server)
+    planned = []
+    for record in records:
+        if record.state is JobState.RUNNING:
+            estimate, end, server = ends[record.id]
+            planned.append(Planned(record, estimate, record.started_at, end, server))
+            continue
+        known = [server for server, at in free.items() if at is not None]
+        if record.paused or paused or not known:
+            history = None if first is None else histories[first]
+            estimate = None if history is None else history.estimate(record.spec, from_stage=record.next_stage)
             planned.append(Planned(record, estimate, None, None))
             continue
-        else:
-            start = clock
-            end = None if clock is None or estimate is None else clock + estimate.seconds
-        clock = None if clock is None or end is None else max(clock, end)
-        planned.append(Planned(record, estimate, start, end))
+        server = min(known, key=lambda url: free[url])
+        history, start = histories[server], free[server]
+        estimate = None if history is None else history.estimate(record.spec, from_stage=record.next_stage)
+        free[server] = None if estimate is None else start + estimate.seconds
+        planned.append(Planned(record, estimate, start, free[server], server))
     return planned
+
+
+def queue_end(planned: Sequence[Planned]) -> float | None:
+    """When the last job that runs should end; None when one's end is unknown, or none runs."""
+    ends = [plan.end for plan in planned if plan.runs]
+    return max(ends) if ends and None not in ends else None

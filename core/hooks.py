@@ -360,8 +360,8 @@ class Hooks:
     def queue_drained(self, outcomes: Mapping[str, JobState]) -> None:
         self._observe("sdjobs_queue_drained", outcomes=outcomes)
 
-    def queue_changed(self, jobs: tuple[JobRecord, ...]) -> None:
-        self._observe("sdjobs_queue_changed", jobs=jobs)
+    def queue_changed(self, jobs: tuple[JobRecord, ...], expected_end: float | None = None) -> None:
+        self._observe("sdjobs_queue_changed", jobs=jobs, expected_end=expected_end)
 
     def history_changed(self, jobs: tuple[JobRecord, ...]) -> None:
         self._observe("sdjobs_history_changed", jobs=jobs)

@@ -82,11 +82,15 @@ def sdjobs_queue_drained(outcomes: Mapping[str, JobState]) -> None:
 
 
 @hookspec
-def sdjobs_queue_changed(jobs: tuple[JobRecord, ...]) -> None:
+def sdjobs_queue_changed(jobs: tuple[JobRecord, ...], expected_end: float | None) -> None:
     """The queue a worker runs from changed: a job was added, moved, claimed, ended, removed.
 
     ``jobs`` are the jobs that have not ended, running ones too, in the order
-    workers claim them (`sdjobs run`: only the jobs it added).  Fires when the
+    workers claim them (`sdjobs run`: only the jobs it added).  ``expected_end``
+    is when the last of them should end (Unix time), as `sdjobs queue list`
+    plans them on the worker's servers from each one's history (it fires again
+    when that changes); None when unknown (no history for a server yet) or when
+    none will run (all held back).  Fires when the
     worker starts and then within a second of every change, made by any
     process, on the worker's watch thread (not the runner's: job hooks may run
     at the same time).  The return value is ignored; raising is logged and

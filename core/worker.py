@@ -415,7 +415,7 @@ class Worker:
 
     def _watch(self) -> None:
         """Look at the store every `watch_interval` until the worker stops (see the module's doc)."""
-        shown = QueueView(self.runner.hooks)
+        shown = QueueView(self.runner.hooks, servers=tuple(runner.client.base_url for runner in self.runners))
         self._look(shown)
         while not self._stop.wait(self.watch_interval):
             self._look(shown)

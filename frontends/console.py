@@ -31,6 +31,7 @@ from sdjobs.frontend import FrontendOptions, Session
 from sdjobs.frontends.formatting import (
     format_duration,
     format_eta,
+    format_queue_end,
     outcome_line,
     outcome_text,
     plural,
@@ -85,6 +86,7 @@ class ConsoleFrontend:
         self._living = threading.Lock()  # jobs start and end on their servers' threads
         self._cancelling = False
         self._waiting: int | None = None  # jobs queued behind the running one; None outside a worker
+        self._queue_end: float | None = None  # when the last of them should end (Unix time), if known
         self._down: tuple[str, float, float] | None = None  # the WebUI's error, down since, next ping (monotonic)
         self._preview = PreviewFiles(options.preview)
 
@@ -107,6 +109,8 @@ class ConsoleFrontend:
         if not running:
             return Text("")
         waiting = "" if self._waiting is None else f" · {self._waiting} queued"
+        if (end := self._queue_end) is not None:
+            waiting += f" · {format_queue_end(end, time.time())}"
         if len(running) > 1 or where(running[0]) is not None:
             lines: list[RenderableType] = [self._server_line(status) for status in running]
             lines += self._preview_lines(running)
@@ -238,8 +242,10 @@ class ConsoleFrontend:
             self._say(Text("Cancelled with Ctrl-C: no further job runs.", style="yellow"))
 
     @hookimpl
-    def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...]) -> None:
-        self._waiting = sum(job.state is JobState.QUEUED for job in jobs)  # one assignment: read by the live view's thread
+    def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...], expected_end: float | None) -> None:
+        # one assignment each: read by the live view's thread
+        self._queue_end = expected_end
+        self._waiting = sum(job.state is JobState.QUEUED for job in jobs)
 
     @hookimpl
     def sdjobs_server_up(self, server: str, url: str) -> None:

@@ -8,6 +8,7 @@ name or message passes it through `printable` itself.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 
 from sdjobs.status import JobState, RuntimeStatus, StageResult
 
@@ -39,6 +40,19 @@ def format_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m {secs:02d}s"
     return f"{secs}s"
+
+
+def format_clock(moment: float, now: float) -> str:
+    """A Unix time as a clock shows it: `"14:05"` today, `"Tue 02:10"` on another day."""
+    local = datetime.fromtimestamp(moment)
+    return local.strftime("%H:%M" if local.date() == datetime.fromtimestamp(now).date() else "%a %H:%M")
+
+
+def format_queue_end(moment: float | None, now: float) -> str:
+    """When the queue's last job should end: `"queue ends about 14:05 (in 2h 03m)"`; `"queue end unknown"`."""
+    if moment is None:
+        return "queue end unknown"
+    return f"queue ends about {format_clock(moment, now)} (in {format_duration(moment - now)})"
 
 
 def format_eta(seconds: float | None) -> str:

@@ -68,7 +68,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "stage_finished": (*STATUS_FIELDS, "images", "partial", "elapsed"),
     "job_finished": (*STATUS_FIELDS, "outcome", "error"),
     "queue_drained": ("outcomes",),
-    "queue_changed": ("jobs",),
+    "queue_changed": ("jobs", "expected_end"),
     "queue_paused": (),
     "queue_resumed": (),
     "server_up": ("server", "url"),
@@ -154,8 +154,8 @@ class JsonlFrontend:
         self._write("queue_drained", outcomes={job: outcome.value for job, outcome in outcomes.items()})
 
     @hookimpl
-    def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...]) -> None:
-        self._write("queue_changed", jobs=[job.id for job in jobs])
+    def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...], expected_end: float | None) -> None:
+        self._write("queue_changed", jobs=[job.id for job in jobs], expected_end=expected_end)
 
     @hookimpl
     def sdjobs_queue_paused(self) -> None:

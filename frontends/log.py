@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import IO
 
@@ -24,6 +25,7 @@ from sdjobs.frontend import FrontendError, FrontendOptions, Session
 from sdjobs.frontends.formatting import (
     drained_line,
     format_duration,
+    format_queue_end,
     outcome_line,
     plural,
     printable,
@@ -111,7 +113,7 @@ class LogFrontend:
         self._ledger = JobLedger()
         self._next_percent: dict[str, int] = {}  # per running job: several run at once on several servers
         self._guard = PipeGuard()
-        self._waiting: list[str] = []  # the ids of the jobs waiting, as last logged
+        self._waiting: tuple[list[str], float | None] | None = None  # the jobs waiting and the queue's end, as last logged
         self._preview = PreviewFiles(options.preview)
         self._preview_said: dict[str, set[int]] = {}  # by job id: the stages whose preview was logged
 
@@ -201,12 +203,15 @@ class LogFrontend:
         log.log(_OUTCOME_LEVELS[outcome], "%s", outcome_line(_who(status), outcome, error, entry.elapsed, results))
 
     @hookimpl
-    def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...]) -> None:
-        """One record when the jobs waiting change (not when the running job's record does)."""
+    def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...], expected_end: float | None) -> None:
+        """One record when the jobs waiting or the queue's expected end change (not when the running
+        job's record does)."""
         waiting = [job for job in jobs if job.state is JobState.QUEUED]
-        if [job.id for job in waiting] != self._waiting:
-            self._waiting = [job.id for job in waiting]
-            log.info("queue: %s waiting%s", len(waiting), f", next {waiting[0].spec.name}" if waiting else "")
+        shown = ([job.id for job in waiting], expected_end)
+        if shown != self._waiting:
+            self._waiting = shown
+            end = f"; {format_queue_end(expected_end, time.time())}" if jobs else ""
+            log.info("queue: %s waiting%s%s", len(waiting), f", next {waiting[0].spec.name}" if waiting else "", end)
 
     @hookimpl
     def sdjobs_queue_paused(self) -> None:

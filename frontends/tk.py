@@ -36,7 +36,7 @@ import attrs
 from sdjobs import hookimpl
 from sdjobs.exits import EXIT_CANCELLED
 from sdjobs.frontend import FrontendOptions, FrontendUnavailable, QueueControl, Session
-from sdjobs.frontends.formatting import drained_line
+from sdjobs.frontends.formatting import drained_line, format_queue_end
 from sdjobs.frontends.interrupt import ctrl_c_cancels
 from sdjobs.frontends.ledger import JobLedger
 from sdjobs.frontends.tk_panel import JobPanel
@@ -303,9 +303,10 @@ class TkFrontend:
         self._show_on_server(status, ended=True)
 
     @hookimpl
-    def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...]) -> None:
+    def sdjobs_queue_changed(self, jobs: tuple[JobRecord, ...], expected_end: float | None) -> None:
         rows = [(job.spec.name, job.shown_state) for job in jobs]
-        self.call_soon(lambda panel: panel.show_queue(rows))
+        end = format_queue_end(expected_end, time.time()) if jobs else ""
+        self.call_soon(lambda panel: (panel.show_queue(rows), panel.show_queue_end(end)))
 
     @hookimpl
     def sdjobs_history_changed(self, jobs: tuple[JobRecord, ...]) -> None:

@@ -105,6 +105,7 @@ class JobPanel(ttk.Frame):
         self.open_button = ttk.Button(folder_row, text="Open folder", command=self._open_folder)
         queue_bar = ttk.Frame(self)
         self.queue_label = ttk.Label(queue_bar, text="Queue:")
+        self.queue_end = ttk.Label(queue_bar, text="")
         self.pause_button = ttk.Button(queue_bar, text="Pause queue", command=lambda: self._pause(True))
         self.resume_button = ttk.Button(queue_bar, text="Resume queue", command=lambda: self._pause(False))
         self.servers = _list(self, {"Server": 90, "State": 50, "Job": 130, "Stage": 90, "Progress": 60}, selectmode="none")
@@ -140,6 +141,7 @@ class JobPanel(ttk.Frame):
         self.cancel_button.pack(side="left")
         self.cancel_after_stage_button.pack(side="left", padx=(8, 0))
         self.queue_label.pack(side="left")
+        self.queue_end.pack(side="left", padx=(8, 0))
         self.resume_button.pack(side="right")
         self.pause_button.pack(side="right", padx=(0, 8))
         self._enable_cancel(False)
@@ -161,6 +163,10 @@ class JobPanel(ttk.Frame):
         self.queued.delete(*self.queued.get_children())
         for position, (name, state) in enumerate(jobs, 1):
             self.queued.insert("", "end", values=(position, printable(name), state))
+
+    def show_queue_end(self, text: str) -> None:
+        """When the queue's last job should end (`format_queue_end`), beside the queue's title."""
+        self.queue_end.configure(text=text)
 
     def show_history(self, jobs: Sequence[JobRecord]) -> None:
         """The latest ended jobs, latest first: outcome, name and output folder."""

@@ -7,17 +7,20 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 
 import pytest
 from process_helpers import sdjobs
 from runner_helpers import Background, job_spec, make_runner
 from sdjobs.clock import FakeClock
 from sdjobs.sim import SimSettings
-from sdjobs.history import CostModel, Estimate, ServerHistory
+from sdjobs import hookimpl
+from sdjobs.history import CostModel, Estimate, ServerHistory, plan_queue, queue_end
 from sdjobs.progress import PassShape, RequestShape, StageTracker
 from sdjobs.spec import JobSpec
 from sdjobs.sqlite_store import SQLiteStore
 from sdjobs.status import JobState, StageResult
+from sdjobs.store import JobRecord
 from sdjobs.testing import idle_sample, sample
 from sdjobs.worker import Worker
 from test_kill import job_file
@@ -297,3 +300,81 @@ def test_check_and_queue_list_price_jobs_by_the_servers_history(webui_client, qu
     assert re.search(r"\nThe last job should end at \d\d:\d\d \(in \d+s\)\.\n$", table), table
     elsewhere = sdjobs("queue", "list", "--webui", "http://127.0.0.1:9").stdout
     assert elsewhere.endswith("\nWhen the last job ends: unknown: no history for this server yet\n")
+
+
+# -- the queue's plan, on one server or several ----------------------------------------------------
+
+
+def priced_at(seconds_per_step: float, server: str = SERVER) -> ServerHistory:
+    """A server whose history prices `four_steps()` at 4 steps of `seconds_per_step` and nothing else."""
+    model = CostModel.fit([timing((MPX, seconds_per_step), warmup=0.0, tail=0.001, between=0.001)] * 3)
+    return ServerHistory(server, {None: model}, stages=3)
+
+
+def queued(n: int, **fields) -> JobRecord:
+    return JobRecord(f"job-{n}", four_steps(), JobState.QUEUED, n, **fields)
+
+
+def test_one_server_runs_the_queue_in_order_after_the_running_job():
+    history = priced_at(1.0)
+    job = history.estimate(four_steps()).seconds
+    running = JobRecord("job-0", four_steps(), JobState.RUNNING, 0, attempts=1, started_at=START - 1.0, server=SERVER)
+    planned = plan_queue([running, queued(1), queued(2, paused=True), queued(3)], {SERVER: history}, now=START, paused=False)
+    assert [plan.start for plan in planned] == pytest.approx([START - 1.0, START - 1.0 + job, None, START - 1.0 + 2 * job])
+    assert [plan.end for plan in planned] == pytest.approx([START - 1.0 + job, START - 1.0 + 2 * job, None, START - 1.0 + 3 * job])
+    assert queue_end(planned) == pytest.approx(START - 1.0 + 3 * job)
+    assert queue_end(plan_queue([queued(1)], {SERVER: history}, now=START, paused=True)) is None  # all held
+
+
+def test_several_servers_each_take_the_next_job_when_free_priced_by_their_own_history():
+    fast, slow = "http://fast:7860", "http://slow:7860"
+    histories = {slow: priced_at(1.0, slow), fast: priced_at(0.25, fast)}
+    quick, long = histories[fast].estimate(four_steps()).seconds, histories[slow].estimate(four_steps()).seconds
+    assert long > 2 * quick
+    running = JobRecord("job-0", four_steps(), JobState.RUNNING, 0, attempts=1, started_at=START, server=slow)
+    planned = plan_queue([running, *(queued(n) for n in (1, 2, 3))], histories, now=START, paused=False)
+    assert [plan.server for plan in planned] == [slow, fast, fast, slow if long < 2 * quick else fast]
+    assert planned[0].end == START + long
+    assert [(plan.start, plan.end) for plan in planned[1:3]] == [(START, START + quick), (START + quick, pytest.approx(START + 2 * quick))]
+    assert queue_end(planned) == max(plan.end for plan in planned)
+
+
+def test_a_server_with_no_history_leaves_the_queue_s_end_unknown_but_not_the_other_server_s_jobs():
+    histories = {"http://new:7860": None, SERVER: priced_at(1.0)}
+    planned = plan_queue([queued(n) for n in (1, 2, 3)], histories, now=START, paused=False)
+    assert [plan.server for plan in planned] == ["http://new:7860", SERVER, SERVER]
+    assert planned[0].estimate is None and planned[0].start == START and planned[0].end is None
+    assert planned[2].start == planned[1].end is not None
+    assert queue_end(planned) is None
+    alone = plan_queue([queued(n) for n in (1, 2)], {"http://new:7860": None}, now=START, paused=False)
+    assert [(plan.start, plan.end) for plan in alone] == [(START, None), (None, None)]  # one server: nothing after
+
+
+class QueueEnds:
+    """Each `sdjobs_queue_changed` a worker fires: how many jobs, and when the last should end."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[int, float | None]] = []
+
+    @hookimpl
+    def sdjobs_queue_changed(self, jobs, expected_end):
+        self.told.append((len(jobs), expected_end))
+
+
+def test_a_worker_tells_its_front_ends_when_the_queue_s_last_job_should_end(webui_client, queue_file, tmp_path):
+    with SQLiteStore(queue_file) as store:
+        store.add([job_spec(name="first", steps=8)])
+        first = QueueEnds()
+        runner, _ = make_runner(webui_client, [], tmp_path / "out", plugins=[first])
+        Background(Worker(store, runner, until_empty=True).run).join(timeout=30)
+        assert first.told[0] == (1, None)  # no history for this server yet
+
+        store.add([job_spec(name=name, steps=8) for name in ("second", "third")])
+        each = ServerHistory.load(store, webui_client.base_url).estimate(job_spec(steps=8)).seconds
+        then = QueueEnds()
+        runner, _ = make_runner(webui_client, [], tmp_path / "out", plugins=[then])
+        before = time.time()
+        Background(Worker(store, runner, until_empty=True).run).join(timeout=30)
+        jobs, end = then.told[0]
+        assert jobs == 2 and before + 2 * each <= end <= time.time() + 2 * each
+        assert then.told[-1] == (0, None)  # nothing left to run

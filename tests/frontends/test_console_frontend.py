@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+import time
+from datetime import datetime
 
 from rich.console import Console
 from scripted import UNREACHABLE, job_spec
@@ -63,20 +65,25 @@ def test_on_a_terminal_a_live_view_shows_the_status_line_and_both_bars(make_sess
     assert "\x1b[" in out.getvalue()
 
 
-def test_the_status_line_shows_how_many_jobs_wait_in_the_queue(make_session):
-    frontend = ConsoleFrontend(FrontendOptions(), console=Console(file=io.StringIO(), width=120, force_terminal=True))
+def test_the_status_line_shows_how_many_jobs_wait_in_the_queue_and_when_the_last_should_end(make_session):
+    frontend = ConsoleFrontend(FrontendOptions(), console=Console(file=io.StringIO(), width=160, force_terminal=True))
     views = []
+    jobs = tuple(JobRecord(job_id, job_spec("sea"), state, 0) for job_id, state in
+                 (("a1", JobState.RUNNING), ("b2", JobState.QUEUED), ("c3", JobState.QUEUED)))  # fmt: skip
+    end = time.time() + 3725 + 20
 
     def look(hook, status):
-        if hook == "progress" and status.stage_index == 1:
-            frontend.sdjobs_queue_changed(
-                tuple(JobRecord(job_id, job_spec("sea"), state, 0) for job_id, state in
-                      (("a1", JobState.RUNNING), ("b2", JobState.QUEUED), ("c3", JobState.QUEUED)))  # fmt: skip
-            )
+        if hook == "progress" and status.stage_index == 1 and not views:
+            frontend.sdjobs_queue_changed(jobs, None)  # no history for the server yet
+            views.append(rendered(frontend.view()))
+            frontend.sdjobs_queue_changed(jobs, end)
             views.append(rendered(frontend.view()))
 
     frontend.run(make_session(frontend, [job_spec("sea")], watch=look))
-    assert "· seed 1234567890 · 2 queued" in views[0]
+    unknown, known = views
+    assert re.search(r"· seed 1234567890 · 2 queued\n", unknown), unknown
+    clock = datetime.fromtimestamp(end).strftime("%H:%M")
+    assert re.search(rf"· seed 1234567890 · 2 queued · queue ends about (\w{{3}} )?{clock} \(in\s+1h 02m\)\n", known), known
 
 
 def test_a_webui_that_is_down_is_one_printed_line_and_a_countdown_in_the_live_view(make_session):

@@ -66,7 +66,7 @@ def queue_events() -> list[dict]:
     frontend = JsonlFrontend(FrontendOptions(), stream=stream)
     jobs = tuple(JobRecord(job_id, job_spec(name), JobState.QUEUED, position) for position, (job_id, name) in enumerate((("b2", "sky"), ("a1", "sea"))))
     frontend.sdjobs_queue_paused()
-    frontend.sdjobs_queue_changed(jobs)
+    frontend.sdjobs_queue_changed(jobs, 1_800_000_000.5)
     frontend.sdjobs_queue_resumed()
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
@@ -90,6 +90,7 @@ def test_queue_events_carry_no_job_and_the_ids_in_order():
     assert [(event["event"], event.get("jobs")) for event in events] == [
         ("queue_paused", None), ("queue_changed", ["b2", "a1"]), ("queue_resumed", None)
     ]
+    assert events[1]["expected_end"] == 1_800_000_000.5
     assert not any("job" in event for event in events)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import types
+from datetime import datetime
 
 import pytest
 from scripted import UNREACHABLE, job_spec
@@ -165,15 +167,22 @@ def test_queue_changes_are_logged(caplog):
     frontend = LogFrontend(FrontendOptions())
     jobs = tuple(JobRecord(job_id, job_spec(name), state, n) for n, (job_id, name, state) in
                  enumerate((("a1", "sea", JobState.RUNNING), ("b2", "sky", JobState.QUEUED))))  # fmt: skip
+    end = time.time() + 605
     with caplog.at_level(logging.INFO, logger="sdjobs.jobs"):
-        frontend.sdjobs_queue_changed(jobs)
-        frontend.sdjobs_queue_changed(jobs)  # the same jobs waiting: nothing to say
+        frontend.sdjobs_queue_changed(jobs, None)
+        frontend.sdjobs_queue_changed(jobs, None)  # the same jobs waiting: nothing to say
+        frontend.sdjobs_queue_changed(jobs, end)  # a job ended elsewhere: now the history knows
         frontend.sdjobs_queue_paused()
         frontend.sdjobs_queue_resumed()
-        frontend.sdjobs_queue_changed(jobs[:1])
-    assert [(record.levelname, record.getMessage()) for record in caplog.records] == [
-        ("INFO", "queue: 1 waiting, next sky"),
+        frontend.sdjobs_queue_changed(jobs[:1], end)
+        frontend.sdjobs_queue_changed((), None)
+    clock = datetime.fromtimestamp(end).strftime("%H:%M")
+    messages = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert messages[:1] + messages[2:4] + messages[5:] == [
+        ("INFO", "queue: 1 waiting, next sky; queue end unknown"),
         ("WARNING", "queue paused: no job starts until it is resumed"),
         ("INFO", "queue resumed"),
         ("INFO", "queue: 0 waiting"),
     ]
+    assert re.fullmatch(rf"queue: 1 waiting, next sky; queue ends about (\w{{3}} )?{clock} \(in 10m 0\ds\)", messages[1][1])
+    assert re.fullmatch(rf"queue: 0 waiting; queue ends about (\w{{3}} )?{clock} \(in 10m 0\ds\)", messages[4][1])

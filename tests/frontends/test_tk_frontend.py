@@ -11,8 +11,11 @@ import base64
 import io
 import logging
 import queue
+import re
 import signal
 import threading
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -240,18 +243,21 @@ def test_the_queue_shows_each_job_s_position_and_the_history_its_outcome_and_fol
             frontend.sdjobs_queue_changed((
                 record("sea", JobState.RUNNING, 3), record("sky", JobState.QUEUED, 5),
                 record("moon", JobState.QUEUED, 9, paused=True),
-            ))  # fmt: skip
+            ), seen.setdefault("end", time.time() + 605))  # fmt: skip
             frontend.sdjobs_history_changed((
                 record("old", JobState.DONE, 1, folder=folder), record("bad", JobState.FAILED, 2, error="HTTP 500"),
             ))  # fmt: skip
         elif hook == "job_started" and status.name == "sky":  # the runner's own idea of the queue comes after
             seen["queue"] = on_tk(frontend, lambda panel: rows(panel.queued))
+            seen["queue end"] = on_tk(frontend, lambda panel: str(panel.queue_end["text"]))
             seen["history"] = on_tk(frontend, lambda panel: rows(panel.history))
             on_tk(frontend, lambda panel: (double_click(panel.history, 1), double_click(panel.history, 0)))
             seen["opened"] = list(opened)
 
     frontend.run(make_session(frontend, [job_spec("sea"), job_spec("sky")], watch=watch))
     assert seen["queue"] == [("1", "sea", "running"), ("2", "sky", "queued"), ("3", "moon", "paused")]
+    clock = datetime.fromtimestamp(seen["end"]).strftime("%H:%M")
+    assert re.fullmatch(rf"queue ends about (\w{{3}} )?{clock} \(in 10m 0\ds\)", seen["queue end"])
     assert seen["history"] == [("Done", "old", str(folder)), ("Failed", "bad", "-")]
     assert seen["opened"] == [folder]  # the failed job made no folder: nothing to open
 
