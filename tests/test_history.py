@@ -9,9 +9,10 @@ import math
 import re
 import time
 
+import attrs
 import pytest
 from process_helpers import sdjobs
-from runner_helpers import Background, job_spec, make_runner
+from runner_helpers import FAST, Background, job_spec, make_runner
 from sdjobs.clock import FakeClock
 from sdjobs.sim import SimSettings
 from sdjobs import hookimpl
@@ -378,3 +379,19 @@ def test_a_worker_tells_its_front_ends_when_the_queue_s_last_job_should_end(webu
         jobs, end = then.told[0]
         assert jobs == 2 and before + 2 * each <= end <= time.time() + 2 * each
         assert then.told[-1] == (0, None)  # nothing left to run
+
+
+def test_a_long_decode_the_history_expects_is_no_stall(webui_client, queue_file, tmp_path):
+    """At 2048² the simulator decodes for about 16 steps' time after the last step, then encodes the
+    image: without history a stall (the run expects a decode of half a step); once a job has shown
+    it, no stall, even with `stall_after` far shorter than the decode."""
+    settings = attrs.evolve(FAST, stall_after=0.4)
+    stalls = {}
+    with SQLiteStore(queue_file) as store:
+        for name in ("first", "second"):
+            store.add([job_spec(name=name, steps=4, width=2048, height=2048)])
+            runner, log = make_runner(webui_client, [], tmp_path / "out", settings=settings)
+            Background(Worker(store, runner, until_empty=True).run).join(timeout=60)
+            stalls[name] = log.names().count("job_stalled")
+        assert [job.state for job in store.history()] == [JobState.DONE, JobState.DONE]
+    assert stalls == {"first": 1, "second": 0}
