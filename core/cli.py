@@ -431,10 +431,11 @@ def _routed(specs: list[JobSpec], servers: Sequence[ServerConfig] | None) -> lis
 
 
 def _runs_on(stage: StageSpec, servers: Sequence[ServerConfig] | None) -> str:
-    """`" · on desk or rented"`: where `sdjobs check` says a stage runs; "" when it may run anywhere."""
+    """`" · on desk or rented"`: where `sdjobs check` says a stage runs, given the servers; without
+    them, what the stage asks for ("" when nothing)."""
     if servers is not None:
         names = [server.name for server in servers if server.takes(stage)]
-        return "" if len(names) == len(servers) else f" · on {' or '.join(map(printable, names))}"
+        return " · on any server" if len(names) == len(servers) else f" · on {' or '.join(map(printable, names))}"
     tagged = f"tagged {', '.join(stage.tags)}" if stage.tags else ""
     if stage.server is None:
         return printable(f" · on a server {tagged}") if tagged else ""

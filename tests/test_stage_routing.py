@@ -102,6 +102,9 @@ def test_check_shows_where_each_stage_runs_and_refuses_a_server_no_one_has(tmp_p
     stages = [line for line in checked.stdout.splitlines() if line.startswith("  1.") or line.startswith("  2.")]
     assert [line.rsplit(" · ", 1)[1] for line in stages] == ["on a", "on b"]
     assert sdjobs("check", job).stdout.count(" · on ") == 2  # without the servers: as the file asks
+    job.write_text(JOB_FILE.replace('server = "a"\n', ""))
+    anywhere = sdjobs("check", job, "--servers", servers).stdout.splitlines()
+    assert anywhere[2].endswith("· on any server") and anywhere[3].endswith("· on b")
     job.write_text(JOB_FILE.replace('server = "a"', 'server = "c"'))
     for command in (("check", job), ("queue", "add", job, "--queue", tmp_path / "q.db")):
         refused = sdjobs(*command, env={"SDJOBS_SERVERS": str(servers)})
