@@ -10,11 +10,14 @@ import socket
 from pathlib import Path
 
 import attrs
+import psycopg
 import pytest
 from plugin_helpers import install_distribution
 from process_helpers import Lines, start
 from runner_helpers import job_spec
 from sdjobs.feed import Publisher
+from sdjobs.postgres_server import fresh_url
+from sdjobs.postgres_store import PostgresStore, migrate
 from sdjobs.queues import open_store
 from sdjobs.sqlite_store import SQLiteStore
 from sdjobs.status import JobState, RuntimeStatus, StageResult
@@ -167,3 +170,19 @@ def test_a_publisher_writes_a_jobs_end_at_once_with_what_was_queued_before_it(qu
         [started, finished] = store.feed()
         assert (started.kind, finished.kind, finished.body["outcome"]) == ("job_started", "job_finished", "done")
         assert [StageResult.from_dict(result) for result in finished.body["results"]] == [StageResult("txt2img", 0)]
+
+
+def test_a_queue_a_watcher_cannot_use_is_one_line_and_status_2(tmp_path, postgres_url):
+    """A folder, and a PostgreSQL queue made by an sdjobs without the feed (schema 1): named, with what to do."""
+    status, errors = finish(start("watch", "--queue", tmp_path, "--frontend", "jsonl"))
+    assert (status, errors) == (2, f"sdjobs: error: {tmp_path}: is a folder, not a queue file\n")
+    url = fresh_url(postgres_url)
+    migrate(url)
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("DROP TABLE sdjobs_feed")
+        connection.execute("UPDATE sdjobs_settings SET value = '1' WHERE key = 'schema_version'")
+    status, errors = finish(start("watch", "--queue", url, "--frontend", "jsonl"))
+    assert status == 2 and errors.endswith("has an older sdjobs queue (schema 1); run: sdjobs queue migrate --queue URL\n"), errors
+    assert migrate(url) == 1
+    with PostgresStore(url) as store:
+        assert store.feed() == []
