@@ -192,20 +192,42 @@ class Lanes:
         return lane.runner.run_held(store, worker_id, record, stop=stages.stop,
                                     problems=unroutable(record.spec, record.next_stage, self.lanes))  # fmt: skip
 
-    def start(self, lane: Lane, record: JobRecord, run: Callable[[Runner, JobRecord], JobState | None],
-              ended: Callable[[Lane, JobRecord, JobState | None], None]) -> None:  # fmt: skip
-        """Run ``record`` on ``lane`` on a thread of its own: ``run(runner, record)``, then ``ended`` with its outcome."""
+    def take(self, record: JobRecord) -> Lane | None:
+        """The free lane ``record`` should run on now (as `pick` chooses), kept for it until `run` on it
+        ends or `put_back`; None when it must wait or run elsewhere.  (Jobs dispatched one at a time.)"""
+        with self._lock:
+            lane = route(record.spec, self.lanes, record.next_stage)
+            if lane is not None:
+                lane.job = record
+            return lane
+
+    def put_back(self, lane: Lane) -> None:
+        """Free a lane `take` kept for a job that will not run on it after all."""
+        with self._lock:
+            lane.job = None
+
+    def run(self, lane: Lane, record: JobRecord, run: Callable[[Runner, JobRecord], JobState | None]) -> JobState | None:
+        """Run ``record`` on ``lane`` here: ``run(runner, record)``, the lane busy meanwhile; its outcome."""
         with self._lock:
             lane.job = record
             lane.started += 1
+        try:
+            return run(lane.runner, record)
+        finally:
+            with self._lock:
+                lane.job = None
+
+    def start(self, lane: Lane, record: JobRecord, run: Callable[[Runner, JobRecord], JobState | None],
+              ended: Callable[[Lane, JobRecord, JobState | None], None]) -> None:  # fmt: skip
+        """Run ``record`` on ``lane`` on a thread of its own (`run`), then ``ended`` with its outcome."""
+        with self._lock:
+            lane.job = record  # busy from now, so the next `pick` passes it by
 
         def work() -> None:
             outcome = None
             try:
-                outcome = run(lane.runner, record)
+                outcome = self.run(lane, record, run)
             finally:
-                with self._lock:
-                    lane.job = None
                 ended(lane, record, outcome)
 
         thread = threading.Thread(target=work, name=f"sdjobs-lane-{lane.server.name}", daemon=True)

@@ -16,6 +16,12 @@ and passes the same contract tests; what differs is how:
   one, is refused with that command in the message.
 - A URL's user name and password never appear in `location`, a repr or a
   message (`redact`).
+- Procrastinate dispatches the jobs (`sdjobs.dispatch`): every write that
+  changes which jobs a worker may claim, or their order, makes Procrastinate's
+  waiting jobs match in the same transaction (`_dispatch`): one `TASK` job on
+  the `QUEUE` queue for each job a worker may claim, its priority its place in
+  the queue.  A cancel or a recall of a running job asks Procrastinate to abort
+  the job running it, which reaches its worker over LISTEN/NOTIFY.
 
 Without the extra installed, opening one is one line naming it (`needs_extra`).
 """
@@ -80,6 +86,38 @@ FEED_LOCK = WRITE_LOCK + 1
 
 #: The channel `publish` notifies and `wait_feed` listens on.
 FEED_CHANNEL = "sdjobs_feed"
+
+#: The Procrastinate task that runs one sdjobs job (its argument ``job_id``), and its queue.
+TASK = "sdjobs.run_job"
+QUEUE = "sdjobs"
+
+#: Makes Procrastinate's waiting `TASK` jobs match the jobs a worker may claim (as `claim` without ids
+#: takes them): one each, none for any other, each one's priority minus its place in the queue, as
+#: Procrastinate fetches the highest priority first.  One statement: its parts see the same snapshot.
+_DISPATCH = """
+WITH wanted AS MATERIALIZED (
+    SELECT id, -row_number() OVER (ORDER BY priority DESC, position)::int AS priority FROM sdjobs_jobs
+    WHERE state = 'queued' AND NOT paused AND (owner IS NULL OR owner NOT IN (SELECT id FROM sdjobs_workers))
+    AND NOT EXISTS (SELECT 1 FROM sdjobs_settings WHERE key = 'queue_paused' AND value = 'true')
+), waiting AS MATERIALIZED (
+    SELECT id, priority, args->>'job_id' AS job_id FROM procrastinate_jobs WHERE status = 'todo' AND task_name = %(task)s
+), dropped AS (
+    DELETE FROM procrastinate_jobs WHERE id IN (
+        SELECT waiting.id FROM waiting LEFT JOIN wanted ON wanted.id = waiting.job_id WHERE wanted.id IS NULL)
+), reordered AS (
+    UPDATE procrastinate_jobs SET priority = wanted.priority FROM waiting JOIN wanted ON wanted.id = waiting.job_id
+    WHERE procrastinate_jobs.id = waiting.id AND waiting.priority <> wanted.priority
+)
+INSERT INTO procrastinate_jobs (queue_name, task_name, priority, args)
+SELECT %(queue)s, %(task)s, wanted.priority, jsonb_build_object('job_id', wanted.id)
+FROM wanted LEFT JOIN waiting ON waiting.job_id = wanted.id WHERE waiting.id IS NULL ORDER BY wanted.priority DESC
+"""
+
+#: Finds a `TASK` job by the sdjobs job it runs (made by `migrate`).
+_DISPATCH_INDEX = (
+    "CREATE INDEX IF NOT EXISTS sdjobs_procrastinate_job_id ON procrastinate_jobs ((args->>'job_id'))"
+    f" WHERE task_name = '{TASK}'"
+)
 
 #: `MIGRATIONS[i]` takes the schema from version i to i + 1.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -219,6 +257,10 @@ class PostgresStore(Store):
     @property
     def location(self) -> str:
         return redact(self._url)
+
+    def conninfo(self) -> str:
+        """The URL as given, credentials included: for Procrastinate's connections (`sdjobs.dispatch`), never to show."""
+        return self._url
 
     def close(self) -> None:
         with self._lock:
@@ -405,6 +447,7 @@ class PostgresStore(Store):
             added = connection.execute(
                 f"SELECT {_JOB_COLUMNS} FROM sdjobs_jobs WHERE position > %s ORDER BY position", (last,)
             ).fetchall()
+            self._dispatch(connection)
             return self._records(connection, added)
 
     def get(self, job_id: str) -> JobRecord:
@@ -467,12 +510,14 @@ class PostgresStore(Store):
                 (order,),
             )
             connection.execute("UPDATE sdjobs_jobs SET priority = %s WHERE id = %s", (anchor.priority, job.id))
+            self._dispatch(connection)
             return self._job(connection, job.id)
 
     def set_priority(self, job_id: str, priority: int) -> JobRecord:
         with self._write() as connection:
             job = self._open_job(connection, job_id, "change the priority of")
             connection.execute("UPDATE sdjobs_jobs SET priority = %s WHERE id = %s", (priority, job.id))
+            self._dispatch(connection)
             return self._job(connection, job.id)
 
     def pause(self, job_id: str | None = None, *, now: bool = False) -> None:
@@ -496,6 +541,8 @@ class PostgresStore(Store):
                 recalled, ids = "id = %s", (job.id,)
             if recall:
                 connection.execute(f"UPDATE sdjobs_jobs SET recall = TRUE WHERE state = 'running' AND {recalled}", ids)
+                _abort(connection, f"SELECT id FROM sdjobs_jobs WHERE state = 'running' AND recall AND {recalled}", ids)
+            self._dispatch(connection)
 
     def queue_paused(self) -> bool:
         with self._read() as connection:
@@ -507,8 +554,11 @@ class PostgresStore(Store):
             job = self._open_job(connection, job_id, "cancel")
             if job.state is JobState.QUEUED:
                 self._end(connection, job.id, JobState.CANCELLED, None, cancel=mode)
+                self._undispatch(connection, job.id)
             elif job.cancel is None or mode.urgency > job.cancel.urgency:
                 connection.execute("UPDATE sdjobs_jobs SET cancel = %s WHERE id = %s", (str(mode), job.id))
+                if stops_job(mode):
+                    _abort(connection, "SELECT %s::text", (job.id,))
             return self._job(connection, job.id)
 
     def cancel_requested(self, job_id: str) -> CancelMode | None:
@@ -521,6 +571,7 @@ class PostgresStore(Store):
             if job.state is JobState.RUNNING:
                 raise InvalidState(f"job {job.short_id} is running: cancel it before removing it")
             connection.execute("DELETE FROM sdjobs_jobs WHERE id = %s", (job.id,))
+            self._undispatch(connection, job.id)
 
     def retry(self, job_id: str) -> JobRecord:
         with self._write() as connection:
@@ -532,6 +583,7 @@ class PostgresStore(Store):
                 " position = (SELECT max(position) FROM sdjobs_jobs) + 1 WHERE id = %s",
                 (job.id,),
             )
+            self._dispatch(connection)
             return self._job(connection, job.id)
 
     # -- workers ------------------------------------------------------------------
@@ -564,6 +616,7 @@ class PostgresStore(Store):
         with self._write() as connection:
             connection.execute("DELETE FROM sdjobs_workers WHERE id = %s", (worker_id,))
             self._take_back_orphans(connection)
+            self._dispatch(connection)
 
     def workers(self) -> list[WorkerInfo]:
         with self._read() as connection:
@@ -580,9 +633,12 @@ class PostgresStore(Store):
             for row in connection.execute("SELECT * FROM sdjobs_workers").fetchall()
             if _worker(row).gone(now=now, lease=self.lease, host=self.host)
         ]
-        if gone:
-            connection.execute("DELETE FROM sdjobs_workers WHERE id = ANY(%s)", (gone,))
-        return self._take_back_orphans(connection)
+        if not gone:
+            return []
+        connection.execute("DELETE FROM sdjobs_workers WHERE id = ANY(%s)", (gone,))
+        taken = self._take_back_orphans(connection)
+        self._dispatch(connection)  # their jobs, and those they added for themselves, are anyone's now
+        return taken
 
     def _take_back_orphans(self, connection: psycopg.Connection[Any]) -> list[JobRecord]:
         """Running jobs whose worker is no longer registered: back to the queue (or cancelled)."""
@@ -683,10 +739,19 @@ class PostgresStore(Store):
     def release(self, job_id: str, worker_id: str) -> JobRecord:
         with self._write() as connection:
             job = self._held(connection, job_id, worker_id)
-            return self._take_back(connection, job.id, lost=False)
+            taken = self._take_back(connection, job.id, lost=False)
+            self._dispatch(connection)
+            return taken
 
+    def _dispatch(self, connection: psycopg.Connection[Any]) -> None:
+        """Make Procrastinate's waiting jobs match the jobs a worker may claim now (`_DISPATCH`)."""
+        connection.execute(_DISPATCH, {"task": TASK, "queue": QUEUE})
 
-    # -- the progress feed ---------------------------------------------------------
+    def _undispatch(self, connection: psycopg.Connection[Any], job_id: str) -> None:
+        """A queued job ended or went: Procrastinate no longer waits to hand it out (the rest keep their order)."""
+        connection.execute(
+            "DELETE FROM procrastinate_jobs WHERE status = 'todo' AND task_name = %s AND args->>'job_id' = %s", (TASK, job_id)
+        )
 
     def publish(self, worker: str, events: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
         if not events:
@@ -739,6 +804,19 @@ class PostgresStore(Store):
             ).rowcount
 
 
+def _abort(connection: psycopg.Connection[Any], jobs: str, params: Sequence[object]) -> None:
+    """Ask Procrastinate to abort the jobs running the sdjobs jobs that the query ``jobs`` selects: its
+    trigger notifies their workers (LISTEN/NOTIFY), which then read what was asked of them."""
+    connection.execute(
+        "UPDATE procrastinate_jobs SET abort_requested = TRUE WHERE status = 'doing' AND NOT abort_requested"
+        f" AND task_name = %s AND args->>'job_id' IN ({jobs})",
+        (TASK, *params),
+    )
+
+
+    # -- the progress feed ---------------------------------------------------------
+
+
 def migrate(url: str) -> int:
     """Make or bring up to date the queue in the database at `url`: sdjobs' tables (up to
     `SCHEMA_VERSION`) and, when missing, Procrastinate's, all in one transaction.
@@ -770,6 +848,7 @@ def migrate(url: str) -> int:
             )
             if connection.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()[0] is None:
                 connection.execute(SchemaManager.get_schema())
+            connection.execute(_DISPATCH_INDEX)
     except psycopg.Error as error:
         text = " ".join(str(error).split())
         for secret in _secrets(url):

@@ -35,6 +35,12 @@ front ends hear of the queue's changes (`sdjobs_queue_changed`,
 
 Its jobs' hooks also go into the store's progress feed (a `feed.Publisher`
 among the plugins while it runs), where `sdjobs watch` on any host reads them.
+
+On a PostgreSQL queue, `sdjobs worker` is a Procrastinate worker instead
+(`sdjobs.dispatch`): Procrastinate hands it the jobs, one per server at once,
+and a cancel or a recall reaches it as Procrastinate's abort over LISTEN/NOTIFY;
+the watch thread then only tells the front ends, every `DISPATCHED_WATCH_INTERVAL`.
+Heartbeat, claims, fencing and hand-backs are the same.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from sdjobs.feed import PLUGIN_NAME as PUBLISHER_NAME
 from sdjobs.feed import Publisher
 from sdjobs.history import ServerHistory
 from sdjobs.job import PING_BACKOFF
-from sdjobs.lanes import Lane, Lanes
+from sdjobs.lanes import Lane, Lanes, unroutable
 from sdjobs.outputs import SHORT_ID_LENGTH
 from sdjobs.queue_view import QueueView, nothing_to_run
 from sdjobs.runner import Runner
@@ -65,6 +71,9 @@ DEFAULT_IDLE_POLL = 1.0
 
 #: Seconds between two looks of the watch thread at the store.
 DEFAULT_WATCH_INTERVAL = 0.25
+
+#: Seconds between two looks of a dispatched worker's watch thread (it only tells the front ends).
+DISPATCHED_WATCH_INTERVAL = 1.0
 
 
 @attrs.frozen
@@ -223,7 +232,9 @@ class Worker:
             self._pause_after_crash()
             self._add_own()
             watching.start()  # after `sdjobs run`'s jobs are queued: its first look shows them
-            if self.lanes is None:
+            if self.dispatched:
+                self._serve_dispatched()
+            elif self.lanes is None:
                 self._claim_and_run()
             else:
                 self._run_lanes(self.lanes)
@@ -244,6 +255,103 @@ class Worker:
     def _name(self) -> str:
         """`"3fa2b1c0 on gpu1"`: this worker as `sdjobs watch` names it."""
         return f"{self._worker_id[:SHORT_ID_LENGTH]} on {self._host}"
+
+    @property
+    def dispatched(self) -> bool:
+        """Procrastinate hands this worker its jobs: `sdjobs worker` on a PostgreSQL queue."""
+        return self._ids is None and callable(getattr(self.store, "conninfo", None))
+
+    def _serve_dispatched(self) -> None:
+        """Run the jobs Procrastinate hands over, one per server at once, until stopped (see `sdjobs.dispatch`)."""
+        from sdjobs.dispatch import Dispatch
+
+        if self.lanes is not None:
+            self.lanes.changed = self._wake.set
+            self.lanes.check_health(self._stop)
+            while not self._stop.is_set() and any(lane.up is None for lane in self.lanes.lanes):
+                self._wake.wait(self.idle_poll)  # each server's lists known first, to route the first jobs
+                self._wake.clear()
+        try:
+            Dispatch(self.store.conninfo(), len(self.runners), self._run_dispatched, self._act_on_requests,  # type: ignore[attr-defined]
+                     self._tick, self.lease, interval=self.idle_poll).serve()  # fmt: skip
+        finally:
+            if self.lanes is not None:
+                self.lanes.join_jobs()
+
+    def _run_dispatched(self, job_id: str) -> None:
+        """Claim the job Procrastinate handed over and run it on a free server that fits it; a job that is
+        not queued any more (taken, paused, ended) is let be.  `PassOn` when no free server here should run it.
+
+        An error the claim loop would stop on stops the worker the same way (`run` raises it; the job
+        goes back to the queue as it leaves); Procrastinate hands the job on.
+        """
+        from sdjobs.dispatch import PassOn
+
+        try:
+            self._claim_dispatched(job_id)
+        except PassOn:
+            raise
+        except Exception as exc:  # noqa: BLE001  (raised again by `run`)
+            self._error = exc
+            self._stop.set()
+            raise PassOn("this worker stops") from None
+
+    def _claim_dispatched(self, job_id: str) -> None:
+        from sdjobs.dispatch import PassOn
+
+        if self.runner.stopped:
+            raise PassOn("this worker is stopping")
+        lane = None
+        if self.lanes is not None:
+            record = self.store.get(job_id)
+            if record.state is not JobState.QUEUED:
+                return
+            if unroutable(record.spec, record.next_stage, self.lanes.lanes) or (lane := self.lanes.take(record)) is None:
+                raise PassOn(f"no free server here takes job {record.short_id}")  # another worker's may
+        server = self.runner.client.base_url if lane is None else lane.server.url  # as `Store.claim` records them
+        worker_id = self._worker_id
+        claimed = None
+        try:
+            claimed = self.store.claim(worker_id, server=server, ids=[job_id])
+        except NotHeld:
+            self._rejoin(worker_id)
+            raise PassOn("this worker registered again") from None
+        finally:
+            if lane is not None and claimed is None:
+                self.lanes.put_back(lane)
+        if claimed is None:
+            return
+        self._announce(claimed)
+        self._last = claimed.id
+        if lane is not None:
+            lanes = self.lanes
+            self._lane_ended(lane, claimed, lanes.run(lane, claimed, lambda _, job: lanes.run_held(lane, self.store, worker_id, job)))
+            return
+        with self._switch:
+            self._running = claimed.id
+        outcome = self.runner.run_held(self.store, worker_id, claimed)
+        with self._switch:
+            self._running = None
+        if outcome is None:
+            self._hand_over(claimed, worker_id)
+        elif outcome is JobState.FAILED and self.runner.webui_down and not self._wait_for_webui():
+            self._stop.set()  # `sdjobs worker --until-empty` stops (the jobs not run stay queued)
+
+    def _tick(self) -> bool:
+        """Every second of a dispatched worker: take back the jobs of workers that are gone, which the
+        store dispatches again; True when the worker is to stop (a stop asked, or with ``until_empty``
+        no job is queued or running, a lost worker's counted as running until it is taken back)."""
+        try:
+            self.store.recover()
+            if self._stop.is_set() or self.runner.stopped:
+                return True
+            busy = self._running is not None or (self.lanes is not None and self.lanes.busy)
+            if busy or not self.until_empty:
+                return False
+            return nothing_to_run(self.store) or (self.lanes is not None and self._gives_up(self.lanes))
+        except StoreError as exc:  # locked a while: the next tick may get through
+            log.warning("watching the queue: %s", exc)
+            return False
 
     def _pause_after_crash(self) -> None:
         if self.pause_after_crash and (lost := self.store.recover()):
@@ -417,30 +525,35 @@ class Worker:
         """Look at the store every `watch_interval` until the worker stops (see the module's doc)."""
         shown = QueueView(self.runner.hooks, servers=tuple(runner.client.base_url for runner in self.runners))
         self._look(shown)
-        while not self._stop.wait(self.watch_interval):
+        interval = max(self.watch_interval, DISPATCHED_WATCH_INTERVAL) if self.dispatched else self.watch_interval
+        while not self._stop.wait(interval):
             self._look(shown)
         self._look(shown)  # the queue as the worker leaves it, before `sdjobs_queue_drained`
 
     def _look(self, shown: QueueView) -> None:
         try:
-            self._act_on_requests()
+            if not self.dispatched:  # a dispatched worker hears of requests as Procrastinate's aborts
+                self._act_on_requests()
             if shown.look(self.store, self._ids):  # a change wakes an idle worker
                 self._wake.set()
         except StoreError as exc:  # locked a while: the next look may get through
             log.warning("watching the queue: %s", exc)
 
-    def _act_on_requests(self) -> None:
-        """Pass a cancel or a recall of the running job to the runner; again at every look while it
-        runs, as the runner drops one that came between two jobs (repeats are harmless).
+    def _act_on_requests(self, job_id: str | None = None) -> None:
+        """Pass a cancel or a recall of the running jobs (or only of ``job_id``) to their runners; again at
+        every look while one runs, as the runner drops one that came between two jobs (repeats are harmless).
 
         Under `_switch`, so that a request read for one job never reaches the next one.
         """
-        if self.lanes is not None:
-            self.lanes.each_running(lambda runner, job: self._pass_request(runner, job.id))
-            return
-        with self._switch:
-            if self._running is not None:
-                self._pass_request(self.runner, self._running)
+        try:
+            if self.lanes is not None:
+                self.lanes.each_running(lambda runner, job: job_id in (None, job.id) and self._pass_request(runner, job.id))
+                return
+            with self._switch:
+                if self._running is not None and job_id in (None, self._running):
+                    self._pass_request(self.runner, self._running)
+        except StoreError as exc:  # locked a while: the next pass may get through
+            log.warning("watching the queue: %s", exc)
 
     def _pass_request(self, runner: Runner, job_id: str) -> None:
         job = self.store.get(job_id)

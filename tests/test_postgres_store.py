@@ -1,6 +1,7 @@
 """What the PostgreSQL store does beyond the store contract (tests/test_store_contract.py runs that
 on it): the extra it needs, its schema made by `sdjobs queue migrate`, credentials kept out of
-every message, a lock holder named, a newer schema refused."""
+every message, a lock holder named, a newer schema refused, and Procrastinate's waiting jobs kept
+matching the jobs a worker may claim."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from process_helpers import sdjobs
 from sdjobs import cli
 from sdjobs.postgres_server import fresh_url
-from sdjobs.postgres_store import SCHEMA_VERSION, WRITE_LOCK, PostgresStore, migrate, redact
+from runner_helpers import job_spec
+from sdjobs.postgres_store import QUEUE, SCHEMA_VERSION, TASK, WRITE_LOCK, PostgresStore, migrate, redact
 from sdjobs.store import StoreLocked, StoreTooNew, StoreUnreadable
 from test_kill import job_file
 
@@ -108,3 +110,43 @@ def test_a_lost_connection_is_a_store_error_and_the_next_call_reconnects(postgre
         with pytest.raises(StoreUnreadable, match="cannot use the queue"):
             store.list()
         assert store.list() == []
+
+
+def waiting_in_procrastinate(url: str) -> list[str]:
+    """The sdjobs jobs Procrastinate waits to hand out, in the order its workers fetch them."""
+    with psycopg.connect(url) as connection:
+        rows = connection.execute(
+            "SELECT args->>'job_id' FROM procrastinate_jobs WHERE status = 'todo' AND task_name = %s AND queue_name = %s"
+            " ORDER BY priority DESC, id",
+            (TASK, QUEUE),
+        ).fetchall()
+    return [job_id for (job_id,) in rows]
+
+
+def test_procrastinate_waits_with_one_job_for_each_job_a_worker_may_claim_in_the_queues_order(postgres_queue):
+    with PostgresStore(postgres_queue) as store:
+        a, b, c = (job.id for job in store.add([job_spec(name=name) for name in "abc"]))
+        assert waiting_in_procrastinate(postgres_queue) == [a, b, c]
+        store.move(c, before=a)
+        assert waiting_in_procrastinate(postgres_queue) == [c, a, b]
+        store.set_priority(b, 5)
+        assert waiting_in_procrastinate(postgres_queue) == [b, c, a]
+        store.pause(a)
+        assert waiting_in_procrastinate(postgres_queue) == [b, c]
+        store.pause()
+        assert waiting_in_procrastinate(postgres_queue) == []
+        store.resume()
+        store.resume(a)
+        assert waiting_in_procrastinate(postgres_queue) == [b, c, a]
+        store.request_cancel(c)
+        store.remove(a)
+        assert waiting_in_procrastinate(postgres_queue) == [b]
+        worker = store.register_worker()
+        [own] = (job.id for job in store.add([job_spec(name="own")], owner=worker.id))
+        assert waiting_in_procrastinate(postgres_queue) == [b], "a living worker's own job is its own"
+        store.claim(worker.id, ids=[b])
+        store.release(b, worker.id)
+        store.unregister_worker(worker.id)
+        assert waiting_in_procrastinate(postgres_queue) == [b, own]
+        store.retry(c)
+        assert waiting_in_procrastinate(postgres_queue) == [b, own, c]
