@@ -17,13 +17,21 @@ server from its first unfinished stage.
   Procrastinate retries it a second later, on whichever worker fetches it.
 - Lost workers: `tick` runs every second on every worker; the sdjobs worker
   takes back there the jobs of workers that are gone (`Store.recover`: its own
-  heartbeat and lease, the attempt token), and the store defers them again.
+  heartbeat and lease, the attempt token), and the store defers them again as
+  new Procrastinate jobs.  The Procrastinate jobs of runs whose worker's
+  Procrastinate heartbeat is older than the lease (its stalled jobs) are closed
+  as aborted.  They are not retried themselves: Procrastinate ends a job by its
+  id alone, so a stalled worker that wakes would end the job another worker
+  then ran under that id, and a cancel would no longer reach that one.  Such a
+  woken worker's sdjobs writes are refused (`NotHeld`); its end of the closed
+  job is one logged line.
 - Procrastinate's own rows are deleted once done: the sdjobs tables keep the history.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -78,6 +86,8 @@ class Dispatch:
         import procrastinate
         from procrastinate.job_context import AbortReason
 
+        asyncio.get_running_loop().set_exception_handler(_one_line)
+
         app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=self.conninfo, min_size=1))
 
         @app.task(name=TASK, queue=QUEUE, pass_context=True,
@@ -100,6 +110,7 @@ class Dispatch:
                 )  # fmt: skip
             )
             while not worker.done() and not await asyncio.to_thread(self.tick):
+                await self._close_stalled(app)
                 await asyncio.wait([worker], timeout=self.interval)
             if worker.done():  # it stopped by itself: a side task of it failed (it logged why)
                 worker.result()
@@ -107,9 +118,26 @@ class Dispatch:
             worker.cancel()  # Procrastinate's graceful stop: it waits for the running jobs
             await asyncio.gather(worker, return_exceptions=True)
 
+    async def _close_stalled(self, app: Any) -> None:
+        """Close the Procrastinate jobs of runs whose worker's heartbeat is older than the lease (see the module's doc)."""
+        from procrastinate.exceptions import ConnectorException
+        from procrastinate.jobs import Status
+
+        for job in await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=self.lease, task_name=TASK):
+            log.info("closing Procrastinate job %s of a lost worker (sdjobs job %s)", job.id, job.task_kwargs.get("job_id"))
+            with contextlib.suppress(ConnectorException):  # closed meanwhile by another worker, or ended by its own
+                await app.job_manager.finish_job(job, status=Status.ABORTED, delete_job=True)
+
     async def _pass_abort(self, job_id: str, running: asyncio.Future[Any]) -> None:
         """Pass an abort to the job's runner, again every `ABORT_REPEAT` until the job ends."""
         while not running.done():
             await asyncio.to_thread(self.abort, job_id)
             await asyncio.wait([running], timeout=ABORT_REPEAT)
 
+
+def _one_line(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """An error no task of the worker's event loop awaited (a woken stalled worker ending a job closed
+    meanwhile): one line, not a traceback."""
+    error = context.get("exception")
+    why = f"{error} ({error.__cause__})" if error is not None and error.__cause__ else error or context["message"]
+    log.warning("Procrastinate: %s", " ".join(str(why).split()))

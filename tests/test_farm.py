@@ -2,13 +2,16 @@
 silent (SIGSTOP: a frozen or cut-off host, whose pid no other host can check) loses its job to
 another worker after the lease, which resumes it at its first unfinished stage; when the silent
 one wakes, it records nothing more of that job.  (Two workers sharing a job list, kill -9 and a
-cancel from a third process run on both backends in test_kill.py and test_queue_commands.py.)"""
+cancel from a third process run on both backends in test_kill.py and test_queue_commands.py.)  On
+PostgreSQL these workers are Procrastinate workers (`sdjobs.dispatch`): a killed worker's run is
+closed in Procrastinate once its heartbeat is older than the lease."""
 
 from __future__ import annotations
 
 import json
 import signal
 
+import psycopg
 import pytest
 from process_helpers import Lines, start
 from runner_helpers import GENERATION_PATHS, STEPS, job_spec, requests_to
@@ -60,3 +63,32 @@ def test_a_silent_worker_loses_its_job_after_the_lease_and_records_nothing_when_
     assert json.loads((done.folder / "manifest.json").read_text())["outcome"] == "done"
     assert "Traceback" not in silent_log.text() + errors
     assert 2 <= len(requests_to(webui_sim, GENERATION_PATHS)) <= 3  # stage 1; stage 2 by the silent one, maybe by the rescuer
+
+
+def procrastinate_jobs(url: str) -> list[tuple[str, str]]:
+    """Procrastinate's jobs left in the database: (sdjobs job id, status)."""
+    with psycopg.connect(url) as connection:
+        return connection.execute("SELECT args->>'job_id', status::text FROM procrastinate_jobs ORDER BY id").fetchall()
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
+def test_a_killed_workers_job_resumes_in_another_and_procrastinate_closes_the_lost_run(postgres_queue, webui_sim, tmp_path):
+    out = tmp_path / "out"
+    with PostgresStore(postgres_queue) as store:
+        [job] = store.add([job_spec(("txt2img", "img2img"), name="sea")])
+        killed, _ = worker(webui_sim, out)
+        webui_sim.release(STEPS)
+        until(lambda: store.get(job.id).stages, "stage 1 recorded")
+        assert procrastinate_jobs(postgres_queue) == [(job.id, "doing")]
+        killed.kill()
+        killed.wait(timeout=30)
+        rescuer, rescuer_log = worker(webui_sim, out)
+        try:
+            webui_sim.release(1000)
+            done = until(lambda: (record := store.get(job.id)).ended and record, "the job ended", timeout=60)
+            until(lambda: procrastinate_jobs(postgres_queue) == [], "the lost run's Procrastinate job closed")
+        finally:
+            rescuer.terminate()
+            status, errors = finish(rescuer)
+    assert (done.state, done.attempts, done.next_stage) == (JobState.DONE, 2, 2)
+    assert status == 143 and "Traceback" not in errors + rescuer_log.text()
