@@ -1,14 +1,16 @@
 """A farm on one PostgreSQL queue: worker processes, each with simulated WebUIs of its own.
 
 Starts a throwaway PostgreSQL server on loopback (`sdjobs.postgres_server`) and
-the simulators in this process, then measures:
+the simulators in this process; the workers are Procrastinate workers (`sdjobs.dispatch`).
+Then it measures:
 
 - enqueue: `sdjobs queue add`'s store call for 5,000 jobs (target ≥ 2,000 jobs/s);
 - throughput: --jobs one-stage jobs through --workers `sdjobs worker` processes
   of --servers simulators each, against what the servers alone can do (one bare txt2img timed on each, summed;
   target ≥ 0.9 ×), timed from the queue's resume once every worker waits on it;
 - cancel-to-interrupt: `request_cancel` of a running job (as `sdjobs queue cancel`
-  from any host) until the simulator receives the interrupt (target ≤ 1 s);
+  from any host; Procrastinate's abort over LISTEN/NOTIFY) until the simulator
+  receives the interrupt (target ≤ 1 s);
 - a worker lost: its job claimed again by another worker, after kill -9 (this
   host sees the pid gone) and after SIGSTOP (a silent host: only the heartbeat
   lease tells; target ≤ lease + 5 s); the job must end done with every stage once.
