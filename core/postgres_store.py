@@ -819,7 +819,8 @@ def _abort(connection: psycopg.Connection[Any], jobs: str, params: Sequence[obje
 
 def migrate(url: str) -> int:
     """Make or bring up to date the queue in the database at `url`: sdjobs' tables (up to
-    `SCHEMA_VERSION`) and, when missing, Procrastinate's, all in one transaction.
+    `SCHEMA_VERSION`) and, when missing, Procrastinate's, all in one transaction; every job a
+    worker may claim then waits in Procrastinate.
 
     Returns the sdjobs schema version found.  `StoreTooNew` for a newer one; a
     failing step leaves the database as it was.
@@ -849,6 +850,7 @@ def migrate(url: str) -> int:
             if connection.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()[0] is None:
                 connection.execute(SchemaManager.get_schema())
             connection.execute(_DISPATCH_INDEX)
+            connection.execute(_DISPATCH, {"task": TASK, "queue": QUEUE})  # jobs queued before Procrastinate dispatched
     except psycopg.Error as error:
         text = " ".join(str(error).split())
         for secret in _secrets(url):

@@ -150,3 +150,13 @@ def test_procrastinate_waits_with_one_job_for_each_job_a_worker_may_claim_in_the
         assert waiting_in_procrastinate(postgres_queue) == [b, own]
         store.retry(c)
         assert waiting_in_procrastinate(postgres_queue) == [b, own, c]
+
+
+def test_queue_migrate_has_procrastinate_wait_for_jobs_queued_without_it(postgres_queue):
+    with PostgresStore(postgres_queue) as store:
+        ids = [job.id for job in store.add([job_spec(name=name) for name in "ab"])]
+    with psycopg.connect(postgres_queue) as connection:
+        connection.execute("DELETE FROM procrastinate_jobs")  # as a queue of an sdjobs before Procrastinate dispatched
+    migrate(postgres_queue)
+    assert waiting_in_procrastinate(postgres_queue) == ids
+
