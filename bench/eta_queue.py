@@ -117,9 +117,10 @@ def pct(estimate: float, truth: float) -> float:
     return 100 * (estimate - truth) / truth
 
 
-def one_round(with_history: bool) -> tuple[list[list[str]], dict[str, list[float]]]:
+def one_round(with_history: bool) -> tuple[list[list[str]], dict[str, list[float]], list[bool]]:
+    """The table's rows, the absolute % errors, and whether each job's time lay within the range check printed."""
     errors: dict[str, list[float]] = {"check": [], "queue": [], "job eta": []}
-    rows = []
+    rows, within = [], []
     with tempfile.TemporaryDirectory() as folder, simulator() as url, WebUIClient(url) as client:
         with SQLiteStore(Path(folder) / "queue.db") as store:
             if with_history:
@@ -127,15 +128,18 @@ def one_round(with_history: bool) -> tuple[list[list[str]], dict[str, list[float
                 work(store, client, Path(folder) / "out", Watch())
             records = store.add(QUEUE)
             history = ServerHistory.load(store, client.base_url)
-            planned = plan_queue(records, history, now=time.time(), paused=False)
+            planned = plan_queue(records, {client.base_url: history}, now=time.time(), paused=False)
             queued_at = time.monotonic()
             watch = Watch()
             work(store, client, Path(folder) / "out", watch)
         for record, plan in zip(records, planned, strict=True):
             truth = watch.ended[record.id] - watch.started[record.id]
-            expected = "unknown" if plan.estimate is None else f"{plan.estimate.seconds:.1f} ({pct(plan.estimate.seconds, truth):+.0f}%)"
+            expected = "unknown"
             if plan.estimate is not None:
                 errors["check"].append(abs(pct(plan.estimate.seconds, truth)))
+                within.append(plan.estimate.low <= truth <= plan.estimate.high)
+                shown = "" if plan.estimate.sure else f", range {plan.estimate.low:.1f}–{plan.estimate.high:.1f}" + ("" if within[-1] else " missed")
+                expected = f"{plan.estimate.seconds:.1f} ({pct(plan.estimate.seconds, truth):+.0f}%{shown})"
             cells = []
             for share in POINTS:
                 moment = watch.started[record.id] + share * truth
@@ -157,21 +161,22 @@ def one_round(with_history: bool) -> tuple[list[list[str]], dict[str, list[float
             errors["queue"].append(abs(pct(queue_estimate, last)))
             queue_cell = f"{queue_estimate:.1f} ({pct(queue_estimate, last):+.0f}%)"
         rows.append(["**the queue's end**", f"{last:.1f}", queue_cell, "", "", ""])
-    return rows, errors
+    return rows, errors, within
 
 
 def main() -> None:
     summary = []
     for with_history in (False, True):
         label = "one job run before" if with_history else "no history"
-        rows, errors = one_round(with_history)
+        rows, errors, within = one_round(with_history)
         print(f"\n{label}:\n")
         print(table(["job", "took s", "expected s (check)", *(f"job ETA at {p:.0%}" for p in POINTS)], rows))
         for what, values in errors.items():
             cell = f"{statistics.median(values):.0f} / {max(values):.0f}" if values else "—"
-            summary.append([label, what, cell, str(len(values))])
-    print("\nAbsolute error in % (median / worst; n: estimates shown):\n")
-    print(table(["history", "estimate", "error %", "n"], summary))
+            inside = f"{sum(within)} of {len(within)}" if what == "check" and within else ""
+            summary.append([label, what, cell, str(len(values)), inside])
+    print("\nAbsolute error in % (median / worst; n: estimates shown; in range: jobs whose time lay within what check printed):\n")
+    print(table(["history", "estimate", "error %", "n", "in range"], summary))
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ class CostModel:
         leads: The same before a later pass's first step, by its kind (`PassShape.kind`).
         detection_s: ADetailer's detection of one image's faces.
         faces: Faces ADetailer found per image, on average.
+        face_range: The fewest and the most it found in one image.
         stages: Stages it learned from.
     """
 
@@ -121,6 +122,7 @@ class CostModel:
     leads: Mapping[str, float] = attrs.field(factory=dict)
     detection_s: float | None = None
     faces: float | None = None
+    face_range: tuple[int, int] | None = None
     stages: int = 0
 
     @classmethod
@@ -154,6 +156,7 @@ class CostModel:
             leads={kind: median for kind, seconds in leads.items() if (median := _median(seconds)) is not None},
             detection_s=_median(every("detections")),
             faces=statistics.fmean(faces) if faces else None,
+            face_range=(min(faces), max(faces)) if faces else None,
             stages=len(timings),
         )
 
@@ -183,9 +186,11 @@ class CostModel:
 
     # -- before a run ------------------------------------------------------------
 
-    def request_seconds(self, shape: RequestShape) -> float:
-        """One request of this shape: warm-up, every pass's lead, steps and tail, detection and faces."""
-        faces = self.faces if self.faces is not None else shape.faces
+    def request_seconds(self, shape: RequestShape, faces: float | None = None) -> float:
+        """One request of this shape: warm-up, every pass's lead, steps and tail, detection and
+        faces (as many per image as usual here, unless given)."""
+        if faces is None:
+            faces = self.faces if self.faces is not None else shape.faces
         total = self.warmup_s or 0.0
         for image in range(shape.iterations):
             for number, sampled in enumerate(shape.passes):
@@ -234,16 +239,12 @@ def _stage_checkpoint(spec: JobSpec, index: int, result: StageResult | None = No
 
 @attrs.frozen
 class Estimate:
-    """An expected duration in seconds; `low` < `high` when the model is unsure (few samples)."""
+    """An expected duration in seconds; `low` < `high` when the model is unsure (few samples,
+    ADetailer's faces)."""
 
     seconds: float
     low: float
     high: float
-
-    @classmethod
-    def of(cls, seconds: float, *, sure: bool) -> Estimate:
-        spread = 0.0 if sure else _UNSURE
-        return cls(seconds, seconds * (1 - spread), seconds * (1 + spread))
 
     @property
     def sure(self) -> bool:
@@ -319,13 +320,17 @@ class ServerHistory:
         key = _stage_checkpoint(spec, index) or self.latest
         return self.models.get(key, self.models[None])
 
-    def _priced(self, spec: JobSpec, index: int, plan: StagePlan, *, calibrated: bool = True) -> float | None:
-        """Seconds stage `index` should take; None for an extras upscale this server has no history of."""
+    def _priced(
+        self, spec: JobSpec, index: int, plan: StagePlan, *, calibrated: bool = True, faces: float | None = None
+    ) -> float | None:
+        """Seconds stage `index` should take (with `faces` per image when given); None for an extras
+        upscale this server has no history of."""
         stage = spec.stages[index]
         if plan.endpoint == "extra-single-image":
             per_request = _along(self.extras, _work(*plan.size), _TAIL_EXPONENT)
             return None if per_request is None else per_request * plan.requests
-        seconds = plan.requests * self.model_for(spec, index).request_seconds(RequestShape.for_stage(stage, plan))
+        shape = RequestShape.for_stage(stage, plan)
+        seconds = plan.requests * self.model_for(spec, index).request_seconds(shape, faces)
         return seconds * (self.calibration if calibrated else 1.0)
 
     def stage_seconds(self, spec: JobSpec, index: int) -> float | None:
@@ -336,21 +341,29 @@ class ServerHistory:
         """How long `spec` should take on this server from stage `from_stage` on (all of it by default).
 
         A range when the model is unsure: few stages learned from, a size far from
-        those it has timed, or a stage it cannot price (an extras upscale never run here).
+        those it has timed, or a stage it cannot price (an extras upscale never run
+        here), ± `_UNSURE`; and ADetailer's faces, a draw per image: from the fewest to
+        the most found in one image here.
         """
         plans = spec.plan()
-        total, sure = (self.between if from_stage == 0 else 0.0), self.stages >= _SURE_STAGES
+        total = low = high = self.between if from_stage == 0 else 0.0
+        sure = self.stages >= _SURE_STAGES
         for index in range(from_stage, len(plans)):
             seconds = self._priced(spec, index, plans[index])
             if seconds is None:
                 sure = False
                 continue
             total += seconds
+            fewest = most = seconds
             if plans[index].endpoint != "extra-single-image":
                 model = self.model_for(spec, index)
                 shape = RequestShape.for_stage(spec.stages[index], plans[index])
                 sure = sure and model.stages >= _SURE_STAGES and model.covers(shape)
-        return Estimate.of(total, sure=sure)
+                if shape.face is not None and model.face_range is not None:
+                    fewest, most = (self._priced(spec, index, plans[index], faces=n) for n in model.face_range)
+            low, high = low + fewest, high + most
+        spread = 0.0 if sure else _UNSURE
+        return Estimate(total, min(low, total) * (1 - spread), max(high, total) * (1 + spread))
 
 
 @attrs.frozen

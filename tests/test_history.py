@@ -16,7 +16,7 @@ from runner_helpers import FAST, Background, job_spec, make_runner
 from sdjobs.clock import FakeClock
 from sdjobs.sim import SimSettings
 from sdjobs import hookimpl
-from sdjobs.history import CostModel, Estimate, ServerHistory, plan_queue, queue_end
+from sdjobs.history import CostModel, ServerHistory, plan_queue, queue_end
 from sdjobs.progress import PassShape, RequestShape, StageTracker
 from sdjobs.spec import JobSpec
 from sdjobs.sqlite_store import SQLiteStore
@@ -235,10 +235,17 @@ def test_each_checkpoint_has_its_costs_and_a_job_naming_none_gets_the_latest_use
     assert history.model_for(four_steps(checkpoint="never_used"), 0).seconds_per_step(MPX, 1) == 0.05  # pooled
 
 
-def test_an_unsure_estimate_is_a_range_around_it():
-    assert Estimate.of(65, sure=True) == Estimate(65, 65, 65)
-    unsure = Estimate.of(100, sure=False)
-    assert unsure.low < 100 < unsure.high and not unsure.sure
+def test_adetailer_s_faces_make_the_estimate_a_range_from_the_fewest_to_the_most_found():
+    model = CostModel.fit([timing((MPX, 0.5), faces=(0, 3, 1), detection=0.5)] * 3)
+    history = ServerHistory(SERVER, {None: model}, stages=3)
+    faces = JobSpec.from_mapping({"name": "faces", "seed": 1, "settings": {"steps": 4, "width": 1024, "height": 1024},
+                                  "stages": [{"type": "txt2img"}, {"type": "adetailer", "ad_model": "face_yolov8n.pt"}]})  # fmt: skip
+    shape = RequestShape.for_stage(faces.stages[1], faces.plan()[1])
+    none, three = (model.request_seconds(shape, n) for n in (0, 3))
+    estimate = history.estimate(faces)
+    assert estimate.low < estimate.seconds < estimate.high  # as many as usual (4/3 an image) in between
+    assert estimate.high - estimate.low == pytest.approx(three - none)
+    assert history.estimate(four_steps()).sure  # no ADetailer: no range
 
 
 # -- a real run: the first job's stages teach the second job's ETA -----------------------------
