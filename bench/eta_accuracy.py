@@ -95,6 +95,11 @@ class Run:
             prior=prior,
         )
 
+    @property
+    def adetailer(self) -> bool:
+        """ADetailer runs on it: its faces are a draw no estimate knows before the detection."""
+        return any(name.lower() == "adetailer" for name in self.request.get("alwayson_scripts", {}))
+
     def at(self, share: float) -> float:
         """The time `share` of the way through the run."""
         return self.sent + share * (self.returned - self.sent)
@@ -231,9 +236,11 @@ INTERRUPTED = ("05_txt2img_20steps_interrupt_at_40pct.jsonl",)
 
 def errors_of(runs: list[Run]) -> tuple[list[str], dict[str, list[list[float]]], int]:
     """Table rows and absolute % errors per point: `ours`, `history` (ours with the server's other
-    runs as history), `a1111` (all its points), `paired` (A1111 where sdjobs has an estimate too);
+    runs as history), `plain` (the same for the runs without ADetailer), `a1111` (all its points),
+    `paired` (A1111 where sdjobs has an estimate too);
     and how many points had two timed steps but no estimate."""
-    errors: dict[str, list[list[float]]] = {who: [[] for _ in POINTS] for who in ("ours", "history", "a1111", "paired")}
+    whos = ("ours", "history", "plain", "a1111", "paired")
+    errors: dict[str, list[list[float]]] = {who: [[] for _ in POINTS] for who in whos}
     rows, missing = [], 0
     for run, prior in zip(runs, leave_one_out(runs), strict=True):
         cells = []
@@ -242,6 +249,8 @@ def errors_of(runs: list[Run]) -> tuple[list[str], dict[str, list[list[float]]],
             truth = run.returned - run.at(POINTS[i])
             if with_history[i] is not None:
                 errors["history"][i].append(100 * abs(with_history[i] - truth) / truth)
+                if not run.adetailer:
+                    errors["plain"][i].append(100 * abs(with_history[i] - truth) / truth)
             if ours is not None:
                 errors["ours"][i].append(100 * abs(ours - truth) / truth)
             elif _timed_steps(run, run.at(POINTS[i])) >= 2:
@@ -270,7 +279,8 @@ def _timed_steps(run: Run, moment: float) -> int:
 
 def _summary(label: str, errors: dict[str, list[list[float]]], missing: int) -> list[str]:
     out = []
-    named = (("ours", "sdjobs"), ("history", "sdjobs, with history"), ("paired", "A1111, same points"), ("a1111", "A1111, all points"))
+    named = (("ours", "sdjobs"), ("history", "sdjobs, with history"), ("plain", "sdjobs, with history, no ADetailer"),
+             ("paired", "A1111, same points"), ("a1111", "A1111, all points"))  # fmt: skip
     for who, name in named:
         cells = []
         for point in errors[who]:
