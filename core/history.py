@@ -52,8 +52,10 @@ _LEAST_SECONDS = 0.001
 _SLOPES = (0.0, 2.0)
 
 #: Below this many stages learned from, or for a size outside those seen by more than
-#: `_EXTRAPOLATED` times, an estimate is a range of ± `_UNSURE` of its value.
+#: `_EXTRAPOLATED` times, an estimate is a range of ± `_UNSURE` of its value.  Until ADetailer
+#: has looked at `_SURE_IMAGES` images here, the fewest faces it may find is none.
 _SURE_STAGES = 3
+_SURE_IMAGES = 3
 _EXTRAPOLATED = 2.0
 _UNSURE = 0.3
 
@@ -110,7 +112,8 @@ class CostModel:
         leads: The same before a later pass's first step, by its kind (`PassShape.kind`).
         detection_s: ADetailer's detection of one image's faces.
         faces: Faces ADetailer found per image, on average.
-        face_range: The fewest and the most it found in one image.
+        face_range: The fewest and the most it found in one image (the fewest: none until it
+            has looked at `_SURE_IMAGES` images).
         stages: Stages it learned from.
     """
 
@@ -156,7 +159,7 @@ class CostModel:
             leads={kind: median for kind, seconds in leads.items() if (median := _median(seconds)) is not None},
             detection_s=_median(every("detections")),
             faces=statistics.fmean(faces) if faces else None,
-            face_range=(min(faces), max(faces)) if faces else None,
+            face_range=((min(faces) if len(faces) >= _SURE_IMAGES else 0), max(faces)) if faces else None,
             stages=len(timings),
         )
 

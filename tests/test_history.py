@@ -246,6 +246,8 @@ def test_adetailer_s_faces_make_the_estimate_a_range_from_the_fewest_to_the_most
     assert estimate.low < estimate.seconds < estimate.high  # as many as usual (4/3 an image) in between
     assert estimate.high - estimate.low == pytest.approx(three - none)
     assert history.estimate(four_steps()).sure  # no ADetailer: no range
+    once = CostModel.fit([timing((MPX, 0.5), faces=(2,), detection=0.5)] * 2)  # two images, two faces each
+    assert once.face_range == (0, 2)  # too few images to say that none is rare
 
 
 # -- a real run: the first job's stages teach the second job's ETA -----------------------------
