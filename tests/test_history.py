@@ -404,3 +404,22 @@ def test_a_long_decode_the_history_expects_is_no_stall(webui_client, queue_file,
             stalls[name] = log.names().count("job_stalled")
         assert [job.state for job in store.history()] == [JobState.DONE, JobState.DONE]
     assert stalls == {"first": 1, "second": 0}
+
+
+def test_queue_list_with_several_servers_plans_each_job_on_one_and_names_it(webui_client, queue_file, tmp_path):
+    url, new = webui_client.base_url, "http://127.0.0.1:9"
+    with SQLiteStore(queue_file) as store:
+        store.add([job_spec(name="first", steps=8)])
+        runner, _ = make_runner(webui_client, [], tmp_path / "out")
+        Background(Worker(store, runner, until_empty=True).run).join(timeout=30)
+        store.add([job_spec(name=name, steps=8) for name in ("a", "b", "c")])
+    listed = json.loads(sdjobs("queue", "list", "--webui", url, "--webui", new, "--json").stdout)
+    here = url.split("://", 1)[1]  # a server given by URL is named HOST:PORT
+    assert [job["expected_server"] for job in listed["jobs"]] == [here, "127.0.0.1:9", here]
+    first, unknown, third = listed["jobs"]
+    assert unknown["expected"] is None and unknown["expected_end"] is None  # no history there: it keeps that server
+    assert third["expected_start"] == first["expected_end"]  # the next job waits for the server that knows
+    assert listed["expected_end"] is None
+    table = sdjobs("queue", "list", "--webui", url, "--webui", new).stdout
+    assert table.endswith("\nWhen the last job ends: unknown: no history for a server yet\n"), table
+    assert re.match(r"#\s+id\s+name\s+stages\s+state\s+attempts\s+expected\s+start\s+end\s+server\n", table), table
