@@ -42,7 +42,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from sdjobs.outputs import SHORT_ID_LENGTH, random_job_id
 from sdjobs.spec import JobSpec
-from sdjobs.sqlite_store import _json
+from sdjobs.sql_store import _json
 from sdjobs.status import CancelMode, JobState, StageResult
 from sdjobs.store import (
     FEED_BATCH,

@@ -12,6 +12,11 @@ queue and its `user_version` is the schema version.  A file of another
 application, a damaged one or one a newer sdjobs wrote is refused
 (`StoreUnreadable`, `StoreTooNew`) before anything is written to it.  An older
 schema is migrated forward (`MIGRATIONS`) in one transaction.
+
+The queue's logic is `sdjobs.sql_store.SQLStore`'s, shared with the
+PostgreSQL store; this module holds what is SQLite's own: the file, its locks
+and their messages, the schema, and the feed's waiting (a look every
+`FEED_POLL` seconds).
 """
 
 from __future__ import annotations
@@ -23,33 +28,19 @@ import socket
 import sqlite3
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import platformdirs
 
-from sdjobs.outputs import SHORT_ID_LENGTH, random_job_id
-from sdjobs.spec import JobSpec
-from sdjobs.status import CancelMode, JobState, StageResult
+from sdjobs.sql_store import SQLStore, _worker
 from sdjobs.store import (
     DEFAULT_LEASE,
-    FEED_BATCH,
     FEED_POLL,
-    MIN_PREFIX,
-    FeedEvent,
-    InvalidState,
-    JobRecord,
-    NotHeld,
-    Store,
     StoreLocked,
     StoreTooNew,
     StoreUnreadable,
-    UnknownJob,
     WorkerInfo,
-    stops_job,
 )
 
 #: The environment variable naming the queue file when no `--queue` is given.
@@ -123,11 +114,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _BUSY, _LOCKED, _CORRUPT, _NOTADB = 5, 6, 11, 26
 _UNREADABLE = {3, 8, 10, 13, 14, 23}  # PERM, READONLY, IOERR, FULL, CANTOPEN, AUTH
 
-_JOB_COLUMNS = (
-    "id, spec, state, position, priority, paused, owner, attempts, worker, server, lost_server, folder, error, cancel,"
-    " recall, added_at, started_at, ended_at"
-)
-_QUEUE_ORDER = "priority DESC, position"
 
 
 def default_path() -> Path:
@@ -208,19 +194,7 @@ def _command_line(pid: int) -> str | None:
     return None
 
 
-def _without_credentials(url: str | None) -> str | None:
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-
-
-def _json(data: Any) -> str:
-    # `default=str`: a TOML date passed through to the WebUI is kept as the text it is sent as.
-    return json.dumps(data, sort_keys=True, default=str)
-
-
-class SQLiteStore(Store):
+class SQLiteStore(SQLStore):
     """The queue in one SQLite file; see `Store` for what each call does.
 
     Safe to share between threads (calls are serialised); each process opens
@@ -366,393 +340,17 @@ class SQLiteStore(Store):
                 if connection.in_transaction:
                     connection.execute("COMMIT")
 
-    # -- reading jobs -----------------------------------------------------------
+    def _now(self, connection: sqlite3.Connection) -> float:
+        return self._clock()
 
-    def _row(self, connection: sqlite3.Connection, job_id: str) -> sqlite3.Row:
-        """The job with this id, or the one job whose id starts with it."""
-        row = connection.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is not None:
-            return row
-        rows = []
-        if len(job_id) >= MIN_PREFIX:
-            rows = connection.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE substr(id, 1, ?) = ? LIMIT 2", (len(job_id), job_id)
-            ).fetchall()
-        if len(rows) != 1:
-            which = "no job" if not rows else "more than one job"
-            raise UnknownJob(f"{self.location}: {which} with id {job_id!r}")
-        return rows[0]
-
-    def _record(self, connection: sqlite3.Connection, row: sqlite3.Row) -> JobRecord:
-        try:
-            results = connection.execute(
-                "SELECT result FROM stages WHERE job_id = ? ORDER BY stage_index", (row["id"],)
-            ).fetchall()
-            return JobRecord(
-                id=row["id"],
-                spec=JobSpec.from_dict(json.loads(row["spec"])),
-                state=JobState(row["state"]),
-                position=row["position"],
-                priority=row["priority"],
-                paused=bool(row["paused"]),
-                owner=row["owner"],
-                attempts=row["attempts"],
-                worker=row["worker"],
-                server=row["server"],
-                lost_server=row["lost_server"],
-                folder=None if row["folder"] is None else Path(row["folder"]),
-                stages=tuple(StageResult.from_dict(json.loads(result)) for (result,) in results),
-                error=row["error"],
-                cancel=None if row["cancel"] is None else CancelMode(row["cancel"]),
-                recall=bool(row["recall"]),
-                added_at=row["added_at"],
-                started_at=row["started_at"],
-                ended_at=row["ended_at"],
-            )
-        except (ValueError, TypeError, KeyError) as error:
-            raise StoreUnreadable(f"{self.location}: job {row['id']} cannot be read ({error})") from None
-
-    def _job(self, connection: sqlite3.Connection, job_id: str) -> JobRecord:
-        return self._record(connection, self._row(connection, job_id))
-
-    def _open_job(self, connection: sqlite3.Connection, job_id: str, doing: str) -> JobRecord:
-        """A job that has not ended; `InvalidState` naming what could not be done otherwise."""
-        job = self._job(connection, job_id)
-        if job.ended:
-            raise InvalidState(f"job {job.short_id} has ended ({job.state}): cannot {doing} it")
-        return job
-
-    def _held(self, connection: sqlite3.Connection, job_id: str, worker_id: str) -> JobRecord:
-        job = self._job(connection, job_id)
-        if job.state is not JobState.RUNNING or job.worker != worker_id:
-            raise NotHeld(
-                f"job {job.short_id} is not held by worker {worker_id[:SHORT_ID_LENGTH]} ({job.state}"
-                + (f", held by {job.worker[:SHORT_ID_LENGTH]})" if job.worker else ")")
-            )
-        return job
-
-    # -- the queue --------------------------------------------------------------
-
-    def add(
-        self, specs: Iterable[JobSpec], *, priority: int = 0, paused: bool = False, owner: str | None = None
-    ) -> list[JobRecord]:
-        rows = [(random_job_id(), spec.name, _json(spec.to_dict())) for spec in specs]
-        now = self._clock()
-        with self._write() as connection:
-            (last,) = connection.execute("SELECT coalesce(max(position), 0) FROM jobs").fetchone()
-            connection.executemany(
-                "INSERT INTO jobs (id, name, spec, state, position, priority, paused, owner, added_at)"
-                " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                [(*row, last + number, priority, paused, owner, now) for number, row in enumerate(rows, 1)],
-            )
-            return [self._job(connection, job_id) for job_id, _, _ in rows]
-
-    def get(self, job_id: str) -> JobRecord:
-        with self._read() as connection:
-            return self._job(connection, job_id)
-
-    def list(self) -> list[JobRecord]:
-        with self._read() as connection:
-            rows = connection.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE ended_at IS NULL ORDER BY {_QUEUE_ORDER}"
-            ).fetchall()
-            return [self._record(connection, row) for row in rows]
-
-    def history(
-        self,
-        *,
-        name: str | None = None,
-        outcome: JobState | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int | None = None,
-        server: str | None = None,
-    ) -> list[JobRecord]:
-        with self._read() as connection:
-            rows = connection.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE ended_at IS NOT NULL"
-                " AND (:name IS NULL OR name = :name) AND (:outcome IS NULL OR state = :outcome)"
-                " AND (:since IS NULL OR ended_at >= :since) AND (:until IS NULL OR ended_at < :until)"
-                " AND (:server IS NULL OR server = :server)"
-                " ORDER BY ended_at DESC, position DESC LIMIT :limit",
-                {
-                    "name": name,
-                    "outcome": None if outcome is None else str(outcome),
-                    "since": since,
-                    "until": until,
-                    "server": server,
-                    "limit": -1 if limit is None else limit,
-                },
-            ).fetchall()
-            return [self._record(connection, row) for row in rows]
-
-    def move(self, job_id: str, *, before: str | None = None, after: str | None = None) -> JobRecord:
-        if (before is None) == (after is None):
-            raise ValueError("move a job either before or after another one")
-        with self._write() as connection:
-            job = self._open_job(connection, job_id, "move")
-            anchor = self._open_job(connection, before if after is None else after, "move a job next to")
-            if anchor.id == job.id:
-                return job
-            order = [
-                row[0]
-                for row in connection.execute(f"SELECT id FROM jobs WHERE ended_at IS NULL ORDER BY {_QUEUE_ORDER}")
-                if row[0] != job.id
-            ]
-            order.insert(order.index(anchor.id) + (after is not None), job.id)
-            connection.executemany(
-                "UPDATE jobs SET position = ? WHERE id = ?", [(number, job_id) for number, job_id in enumerate(order, 1)]
-            )
-            connection.execute("UPDATE jobs SET priority = ? WHERE id = ?", (anchor.priority, job.id))
-            return self._job(connection, job.id)
-
-    def set_priority(self, job_id: str, priority: int) -> JobRecord:
-        with self._write() as connection:
-            job = self._open_job(connection, job_id, "change the priority of")
-            connection.execute("UPDATE jobs SET priority = ? WHERE id = ?", (priority, job.id))
-            return self._job(connection, job.id)
-
-    def pause(self, job_id: str | None = None, *, now: bool = False) -> None:
-        self._set_paused(job_id, True, recall=now)
-
-    def resume(self, job_id: str | None = None) -> None:
-        self._set_paused(job_id, False)
-
-    def _set_paused(self, job_id: str | None, paused: bool, *, recall: bool = False) -> None:
-        with self._write() as connection:
-            if job_id is None:
-                connection.execute(
-                    "INSERT OR REPLACE INTO settings (key, value) VALUES ('queue_paused', ?)", (json.dumps(paused),)
-                )
-                recalled, ids = "owner IS NULL", ()
-            else:
-                job = self._open_job(connection, job_id, "pause or resume")
-                connection.execute("UPDATE jobs SET paused = ? WHERE id = ?", (paused, job.id))
-                recalled, ids = "id = ?", (job.id,)
-            if recall:
-                connection.execute(f"UPDATE jobs SET recall = 1 WHERE state = 'running' AND {recalled}", ids)
-
-    def queue_paused(self) -> bool:
-        with self._read() as connection:
-            return self._queue_paused(connection)
-
-    @staticmethod
-    def _queue_paused(connection: sqlite3.Connection) -> bool:
-        row = connection.execute("SELECT value FROM settings WHERE key = 'queue_paused'").fetchone()
-        return row is not None and json.loads(row[0])
-
-    def request_cancel(self, job_id: str, mode: CancelMode = CancelMode.NOW) -> JobRecord:
-        mode = CancelMode(mode)
-        with self._write() as connection:
-            job = self._open_job(connection, job_id, "cancel")
-            if job.state is JobState.QUEUED:
-                self._end(connection, job.id, JobState.CANCELLED, None, cancel=mode)
-            elif job.cancel is None or mode.urgency > job.cancel.urgency:
-                connection.execute("UPDATE jobs SET cancel = ? WHERE id = ?", (str(mode), job.id))
-            return self._job(connection, job.id)
-
-    def cancel_requested(self, job_id: str) -> CancelMode | None:
-        with self._read() as connection:
-            return self._job(connection, job_id).cancel
-
-    def remove(self, job_id: str) -> None:
-        with self._write() as connection:
-            job = self._job(connection, job_id)
-            if job.state is JobState.RUNNING:
-                raise InvalidState(f"job {job.short_id} is running: cancel it before removing it")
-            connection.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
-
-    def retry(self, job_id: str) -> JobRecord:
-        with self._write() as connection:
-            job = self._job(connection, job_id)
-            if job.state not in (JobState.FAILED, JobState.CANCELLED):
-                raise InvalidState(f"job {job.short_id} is {job.state}: only a failed or cancelled job is retried")
-            connection.execute(
-                "UPDATE jobs SET state = 'queued', error = NULL, cancel = NULL, ended_at = NULL,"
-                " position = (SELECT max(position) FROM jobs) + 1 WHERE id = ?",
-                (job.id,),
-            )
-            return self._job(connection, job.id)
-
-    # -- workers ------------------------------------------------------------------
-
-    def register_worker(self) -> WorkerInfo:
-        now = self._clock()
-        worker = WorkerInfo(uuid.uuid4().hex, self.host, os.getpid(), now, now)
-        with self._write() as connection:
-            connection.execute(
-                "INSERT INTO workers (id, host, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
-                (worker.id, worker.host, worker.pid, worker.started_at, worker.heartbeat_at),
-            )
-        return worker
-
-    def heartbeat(self, worker_id: str) -> None:
-        with self._write() as connection:
-            changed = connection.execute(
-                "UPDATE workers SET heartbeat_at = ? WHERE id = ?", (self._clock(), worker_id)
-            ).rowcount
-            if not changed:
-                raise NotHeld(self._gone_message(worker_id))
-
-    def _gone_message(self, worker_id: str) -> str:
-        return (
-            f"{self.location}: worker {worker_id[:SHORT_ID_LENGTH]} is not registered"
-            " (it was counted gone and its jobs went back to the queue)"
-        )
-
-    def unregister_worker(self, worker_id: str) -> None:
-        with self._write() as connection:
-            connection.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
-            self._take_back_orphans(connection)
-
-    def workers(self) -> list[WorkerInfo]:
-        with self._read() as connection:
-            return [_worker(row) for row in connection.execute("SELECT * FROM workers ORDER BY started_at")]
-
-    def recover(self) -> list[JobRecord]:
-        with self._write() as connection:
-            return self._recover(connection)
-
-    def _recover(self, connection: sqlite3.Connection) -> list[JobRecord]:
-        now = self._clock()
-        for row in connection.execute("SELECT * FROM workers").fetchall():
-            if _worker(row).gone(now=now, lease=self.lease, host=self.host):
-                connection.execute("DELETE FROM workers WHERE id = ?", (row["id"],))
-        return self._take_back_orphans(connection)
-
-    def _take_back_orphans(self, connection: sqlite3.Connection) -> list[JobRecord]:
-        """Running jobs whose worker is no longer registered: back to the queue (or cancelled)."""
-        orphans = [
-            row[0]
-            for row in connection.execute(
-                "SELECT id FROM jobs WHERE state = 'running' AND (worker IS NULL OR worker NOT IN (SELECT id FROM workers))"
-            )
-        ]
-        return [self._take_back(connection, job_id, lost=True) for job_id in orphans]
-
-    def _take_back(self, connection: sqlite3.Connection, job_id: str, *, lost: bool) -> JobRecord:
-        """A running job back to the queue (or cancelled); `lost`: its worker died, mid-request maybe."""
-        job = self._job(connection, job_id)
-        if stops_job(job.cancel):
-            self._end(connection, job.id, JobState.CANCELLED, None)
-        else:
-            connection.execute(
-                "UPDATE jobs SET state = 'queued', worker = NULL, recall = 0, lost_server = ? WHERE id = ?",
-                (job.server if lost else None, job.id),
-            )
-        return self._job(connection, job.id)
-
-    def _end(
-        self, connection: sqlite3.Connection, job_id: str, outcome: JobState, error: str | None, cancel: CancelMode | None = None
-    ) -> None:
-        connection.execute(
-            "UPDATE jobs SET state = ?, error = ?, ended_at = ?, worker = NULL, lost_server = NULL, recall = 0,"
-            " cancel = coalesce(?, cancel) WHERE id = ?",
-            (str(outcome), error, self._clock(), None if cancel is None else str(cancel), job_id),
-        )
-
-    # -- a worker's job -----------------------------------------------------------
-
-    def claim(self, worker_id: str, *, server: str | None = None, ids: Sequence[str] | None = None) -> JobRecord | None:
-        with self._write() as connection:
-            self._recover(connection)
-            if connection.execute("SELECT 1 FROM workers WHERE id = ?", (worker_id,)).fetchone() is None:
-                raise NotHeld(self._gone_message(worker_id))
-            if ids is not None:
-                row = connection.execute(
-                    "SELECT id FROM jobs WHERE state = 'queued' AND NOT paused"
-                    f" AND id IN (SELECT value FROM json_each(?)) ORDER BY {_QUEUE_ORDER} LIMIT 1",
-                    (json.dumps(list(ids)),),
-                ).fetchone()
-            elif self._queue_paused(connection):
-                row = None
-            else:
-                row = connection.execute(
-                    "SELECT id FROM jobs WHERE state = 'queued' AND NOT paused"
-                    " AND (owner IS NULL OR owner = ? OR owner NOT IN (SELECT id FROM workers))"
-                    f" ORDER BY {_QUEUE_ORDER} LIMIT 1",
-                    (worker_id,),
-                ).fetchone()
-            if row is None:
-                return None
-            connection.execute(
-                "UPDATE jobs SET state = 'running', worker = ?, server = ?, attempts = attempts + 1,"
-                " started_at = coalesce(started_at, ?) WHERE id = ?",
-                (worker_id, _without_credentials(server), self._clock(), row[0]),
-            )
-            return self._job(connection, row[0])
-
-    def set_folder(self, job_id: str, worker_id: str, folder: Path) -> JobRecord:
-        with self._write() as connection:
-            job = self._held(connection, job_id, worker_id)
-            if job.folder is not None and job.folder != Path(folder):
-                raise InvalidState(f"job {job.short_id} already writes into {job.folder}")
-            connection.execute("UPDATE jobs SET folder = ? WHERE id = ?", (str(folder), job.id))
-            return self._job(connection, job.id)
-
-    def record_stage(self, job_id: str, worker_id: str, result: StageResult) -> JobRecord:
-        with self._write() as connection:
-            job = self._held(connection, job_id, worker_id)
-            job.check_stage(result)
-            connection.execute(
-                "INSERT OR REPLACE INTO stages (job_id, stage_index, partial, result) VALUES (?, ?, ?, ?)",
-                (job.id, result.stage_index, result.partial, _json(result.to_dict())),
-            )
-            connection.execute("UPDATE jobs SET lost_server = NULL WHERE id = ?", (job.id,))
-            return self._job(connection, job.id)
-
-    def finish(self, job_id: str, worker_id: str, outcome: JobState, error: str | None = None) -> JobRecord:
-        outcome = JobState(outcome)
-        if not outcome.terminal:
-            raise ValueError(f"a job finishes done, failed or cancelled, not {outcome}")
-        with self._write() as connection:
-            job = self._held(connection, job_id, worker_id)
-            self._end(connection, job.id, outcome, error)
-            return self._job(connection, job.id)
-
-    def release(self, job_id: str, worker_id: str) -> JobRecord:
-        with self._write() as connection:
-            job = self._held(connection, job_id, worker_id)
-            return self._take_back(connection, job.id, lost=False)
-
-
-    # -- the progress feed ---------------------------------------------------------
-
-    def publish(self, worker: str, events: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
-        if not events:
-            return
-        now = self._clock()
-        with self._write() as connection:
-            connection.executemany(
-                "INSERT INTO feed (job_id, worker, kind, at, body) VALUES (?, ?, ?, ?, ?)",
-                [(job_id, worker, kind, now, _json(body)) for job_id, kind, body in events],
-            )
-
-    def feed(self, after: int = 0, *, limit: int = FEED_BATCH) -> list[FeedEvent]:
-        with self._read() as connection:
-            rows = connection.execute(
-                "SELECT seq, job_id, worker, kind, body, at FROM feed WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
-            ).fetchall()
-        return [FeedEvent(row["seq"], row["job_id"], row["worker"], row["kind"], json.loads(row["body"]), row["at"]) for row in rows]
+    def _member(self, column: str, values: Sequence[str]) -> tuple[str, object]:
+        return f"{column} IN (SELECT value FROM json_each(?))", json.dumps(list(values))
 
     def wait_feed(self, after: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while True:
-            with self._read() as connection:
-                (last,) = connection.execute("SELECT coalesce(max(seq), 0) FROM feed").fetchone()
+            last = self._last_event()
             left = deadline - time.monotonic()
             if last > after or left <= 0:
                 return last > after
             time.sleep(min(FEED_POLL, left))
-
-    def prune_feed(self, keep: float) -> int:
-        with self._write() as connection:
-            return connection.execute(
-                "DELETE FROM feed WHERE at < ? AND (kind = 'progress' OR job_id NOT IN (SELECT id FROM jobs WHERE state = 'running'))",
-                (self._clock() - keep,),
-            ).rowcount
-
-
-def _worker(row: sqlite3.Row) -> WorkerInfo:
-    return WorkerInfo(row["id"], row["host"], row["pid"], row["started_at"], row["heartbeat_at"])
-
