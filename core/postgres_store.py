@@ -18,10 +18,16 @@ and passes the same contract tests; what differs is how:
   message (`redact`).
 - Procrastinate dispatches the jobs (`sdjobs.dispatch`): every write that
   changes which jobs a worker may claim, or their order, makes Procrastinate's
-  waiting jobs match in the same transaction (`_dispatch`): one `TASK` job on
+  waiting jobs match in the same transaction (`_claimable_changed`): one `TASK` job on
   the `QUEUE` queue for each job a worker may claim, its priority its place in
   the queue.  A cancel or a recall of a running job asks Procrastinate to abort
   the job running it, which reaches its worker over LISTEN/NOTIFY.
+- The progress feed (`sdjobs watch`) takes an advisory lock of its own, not the
+  write lock, and NOTIFYs `FEED_CHANNEL`, on which `wait_feed` LISTENs.
+
+The queue's logic is `sdjobs.sql_store.SQLStore`'s, shared with the SQLite
+store; this module holds what is PostgreSQL's own: the connection, the locks,
+the clock, the schema, COPY for adding jobs and LISTEN/NOTIFY.
 
 Without the extra installed, opening one is one line naming it (`needs_extra`).
 """
@@ -29,37 +35,16 @@ Without the extra installed, opening one is one line naming it (`needs_extra`).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-from sdjobs.outputs import SHORT_ID_LENGTH, random_job_id
-from sdjobs.spec import JobSpec
-from sdjobs.sql_store import _json
-from sdjobs.status import CancelMode, JobState, StageResult
-from sdjobs.store import (
-    FEED_BATCH,
-    MIN_PREFIX,
-    FeedEvent,
-    InvalidState,
-    JobRecord,
-    NotHeld,
-    Store,
-    StoreError,
-    StoreLocked,
-    StoreTooNew,
-    StoreUnreadable,
-    UnknownJob,
-    WorkerInfo,
-    stops_job,
-)
+from sdjobs.sql_store import SQLStore
+from sdjobs.store import StoreError, StoreLocked, StoreTooNew, StoreUnreadable
 
 if TYPE_CHECKING:
     import psycopg
@@ -177,11 +162,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 #: The schema version this sdjobs writes.
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_JOB_COLUMNS = (
-    "id, spec, state, position, priority, paused, owner, attempts, worker, server, lost_server, folder, error, cancel,"
-    " recall, added_at, started_at, ended_at"
-)
-_QUEUE_ORDER = "priority DESC, position"
 _SERVER_NOW = "SELECT extract(epoch FROM clock_timestamp())::float8 AS now"
 
 
@@ -213,7 +193,7 @@ def _import_psycopg(location: str) -> Any:
     return psycopg
 
 
-class PostgresStore(Store):
+class PostgresStore(SQLStore):
     """The queue in a PostgreSQL database; see `Store` for what each call does.
 
     Safe to share between threads (calls are serialised on one connection);
@@ -226,6 +206,9 @@ class PostgresStore(Store):
         clock: Unix time; None: the database server's clock, shared by every host.
         host: This machine's name, to tell whether a worker's pid can be checked here.
     """
+
+    TABLE_PREFIX = "sdjobs_"
+    PARAM = "%s"
 
     def __init__(
         self,
@@ -358,428 +341,60 @@ class PostgresStore(Store):
             return self._clock()
         return connection.execute(_SERVER_NOW).fetchone()["now"]
 
-    # -- reading jobs -------------------------------------------------------------
+    def _member(self, column: str, values: Sequence[str]) -> tuple[str, object]:
+        return f"{column} = ANY(?)", list(values)
 
-    def _row(self, connection: psycopg.Connection[Any], job_id: str) -> dict[str, Any]:
-        """The job with this id, or the one job whose id starts with it."""
-        row = connection.execute(f"SELECT {_JOB_COLUMNS} FROM sdjobs_jobs WHERE id = %s", (job_id,)).fetchone()
-        if row is not None:
-            return row
-        rows = []
-        if len(job_id) >= MIN_PREFIX:
-            rows = connection.execute(
-                f"SELECT {_JOB_COLUMNS} FROM sdjobs_jobs WHERE starts_with(id, %s) LIMIT 2", (job_id,)
-            ).fetchall()
-        if len(rows) != 1:
-            which = "no job" if not rows else "more than one job"
-            raise UnknownJob(f"{self.location}: {which} with id {job_id!r}")
-        return rows[0]
+    def _insert_jobs(self, connection: psycopg.Connection[Any], rows: Sequence[Sequence[object]]) -> None:
+        """By COPY: thousands of jobs a second (see docs/benchmarks.md)."""
+        with connection.cursor().copy(
+            "COPY sdjobs_jobs (id, name, spec, state, position, priority, paused, owner, added_at) FROM STDIN"
+        ) as copy:
+            for row in rows:
+                copy.write_row(row)
 
-    def _records(self, connection: psycopg.Connection[Any], rows: Sequence[dict[str, Any]]) -> list[JobRecord]:
-        """The jobs of these rows, their stages read in one query."""
-        stages: dict[str, list[StageResult]] = {row["id"]: [] for row in rows}
-        if rows:
-            for stage in connection.execute(
-                "SELECT job_id, result FROM sdjobs_stages WHERE job_id = ANY(%s) ORDER BY job_id, stage_index",
-                (list(stages),),
-            ):
-                stages[stage["job_id"]].append(StageResult.from_dict(json.loads(stage["result"])))
-        return [self._record(row, stages[row["id"]]) for row in rows]
-
-    def _record(self, row: dict[str, Any], stages: list[StageResult]) -> JobRecord:
-        try:
-            return JobRecord(
-                id=row["id"],
-                spec=JobSpec.from_dict(json.loads(row["spec"])),
-                state=JobState(row["state"]),
-                position=row["position"],
-                priority=row["priority"],
-                paused=row["paused"],
-                owner=row["owner"],
-                attempts=row["attempts"],
-                worker=row["worker"],
-                server=row["server"],
-                lost_server=row["lost_server"],
-                folder=None if row["folder"] is None else Path(row["folder"]),
-                stages=tuple(stages),
-                error=row["error"],
-                cancel=None if row["cancel"] is None else CancelMode(row["cancel"]),
-                recall=row["recall"],
-                added_at=row["added_at"],
-                started_at=row["started_at"],
-                ended_at=row["ended_at"],
-            )
-        except (ValueError, TypeError, KeyError) as error:
-            raise StoreUnreadable(f"{self.location}: job {row['id']} cannot be read ({error})") from None
-
-    def _job(self, connection: psycopg.Connection[Any], job_id: str) -> JobRecord:
-        return self._records(connection, [self._row(connection, job_id)])[0]
-
-    def _open_job(self, connection: psycopg.Connection[Any], job_id: str, doing: str) -> JobRecord:
-        job = self._job(connection, job_id)
-        if job.ended:
-            raise InvalidState(f"job {job.short_id} has ended ({job.state}): cannot {doing} it")
-        return job
-
-    def _held(self, connection: psycopg.Connection[Any], job_id: str, worker_id: str) -> JobRecord:
-        job = self._job(connection, job_id)
-        if job.state is not JobState.RUNNING or job.worker != worker_id:
-            raise NotHeld(
-                f"job {job.short_id} is not held by worker {worker_id[:SHORT_ID_LENGTH]} ({job.state}"
-                + (f", held by {job.worker[:SHORT_ID_LENGTH]})" if job.worker else ")")
-            )
-        return job
-
-    # -- the queue --------------------------------------------------------------
-
-    def add(
-        self, specs: Iterable[JobSpec], *, priority: int = 0, paused: bool = False, owner: str | None = None
-    ) -> list[JobRecord]:
-        rows = [(random_job_id(), spec.name, _json(spec.to_dict())) for spec in specs]
-        with self._write() as connection:
-            now = self._now(connection)
-            last = connection.execute("SELECT coalesce(max(position), 0) AS last FROM sdjobs_jobs").fetchone()["last"]
-            with connection.cursor().copy(
-                "COPY sdjobs_jobs (id, name, spec, state, position, priority, paused, owner, added_at) FROM STDIN"
-            ) as copy:
-                for number, row in enumerate(rows, 1):
-                    copy.write_row((*row, "queued", last + number, priority, paused, owner, now))
-            added = connection.execute(
-                f"SELECT {_JOB_COLUMNS} FROM sdjobs_jobs WHERE position > %s ORDER BY position", (last,)
-            ).fetchall()
-            self._dispatch(connection)
-            return self._records(connection, added)
-
-    def get(self, job_id: str) -> JobRecord:
-        with self._read() as connection:
-            return self._job(connection, job_id)
-
-    def list(self) -> list[JobRecord]:
-        with self._read() as connection:
-            rows = connection.execute(
-                f"SELECT {_JOB_COLUMNS} FROM sdjobs_jobs WHERE ended_at IS NULL ORDER BY {_QUEUE_ORDER}"
-            ).fetchall()
-            return self._records(connection, rows)
-
-    def history(
-        self,
-        *,
-        name: str | None = None,
-        outcome: JobState | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int | None = None,
-        server: str | None = None,
-    ) -> list[JobRecord]:
-        with self._read() as connection:
-            rows = connection.execute(
-                f"SELECT {_JOB_COLUMNS} FROM sdjobs_jobs WHERE ended_at IS NOT NULL"
-                " AND (%(server)s::text IS NULL OR server = %(server)s)"
-                " AND (%(name)s::text IS NULL OR name = %(name)s) AND (%(outcome)s::text IS NULL OR state = %(outcome)s)"
-                " AND (%(since)s::float8 IS NULL OR ended_at >= %(since)s)"
-                " AND (%(until)s::float8 IS NULL OR ended_at < %(until)s)"
-                " ORDER BY ended_at DESC, position DESC LIMIT %(limit)s",
-                {
-                    "name": name,
-                    "outcome": None if outcome is None else str(outcome),
-                    "since": since,
-                    "until": until,
-                    "server": server,
-                    "limit": limit,
-                },
-            ).fetchall()
-            return self._records(connection, rows)
-
-    def move(self, job_id: str, *, before: str | None = None, after: str | None = None) -> JobRecord:
-        if (before is None) == (after is None):
-            raise ValueError("move a job either before or after another one")
-        with self._write() as connection:
-            job = self._open_job(connection, job_id, "move")
-            anchor = self._open_job(connection, before if after is None else after, "move a job next to")
-            if anchor.id == job.id:
-                return job
-            order = [
-                row["id"]
-                for row in connection.execute(f"SELECT id FROM sdjobs_jobs WHERE ended_at IS NULL ORDER BY {_QUEUE_ORDER}")
-                if row["id"] != job.id
-            ]
-            order.insert(order.index(anchor.id) + (after is not None), job.id)
-            connection.execute(
-                "UPDATE sdjobs_jobs SET position = ordered.number FROM unnest(%s::text[]) WITH ORDINALITY AS ordered (id, number)"
-                " WHERE sdjobs_jobs.id = ordered.id",
-                (order,),
-            )
-            connection.execute("UPDATE sdjobs_jobs SET priority = %s WHERE id = %s", (anchor.priority, job.id))
-            self._dispatch(connection)
-            return self._job(connection, job.id)
-
-    def set_priority(self, job_id: str, priority: int) -> JobRecord:
-        with self._write() as connection:
-            job = self._open_job(connection, job_id, "change the priority of")
-            connection.execute("UPDATE sdjobs_jobs SET priority = %s WHERE id = %s", (priority, job.id))
-            self._dispatch(connection)
-            return self._job(connection, job.id)
-
-    def pause(self, job_id: str | None = None, *, now: bool = False) -> None:
-        self._set_paused(job_id, True, recall=now)
-
-    def resume(self, job_id: str | None = None) -> None:
-        self._set_paused(job_id, False)
-
-    def _set_paused(self, job_id: str | None, paused: bool, *, recall: bool = False) -> None:
-        with self._write() as connection:
-            if job_id is None:
-                connection.execute(
-                    "INSERT INTO sdjobs_settings (key, value) VALUES ('queue_paused', %s)"
-                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (_json(paused),),
-                )
-                recalled, ids = "owner IS NULL", ()
-            else:
-                job = self._open_job(connection, job_id, "pause or resume")
-                connection.execute("UPDATE sdjobs_jobs SET paused = %s WHERE id = %s", (paused, job.id))
-                recalled, ids = "id = %s", (job.id,)
-            if recall:
-                connection.execute(f"UPDATE sdjobs_jobs SET recall = TRUE WHERE state = 'running' AND {recalled}", ids)
-                _abort(connection, f"SELECT id FROM sdjobs_jobs WHERE state = 'running' AND recall AND {recalled}", ids)
-            self._dispatch(connection)
-
-    def queue_paused(self) -> bool:
-        with self._read() as connection:
-            return _queue_paused(connection)
-
-    def request_cancel(self, job_id: str, mode: CancelMode = CancelMode.NOW) -> JobRecord:
-        mode = CancelMode(mode)
-        with self._write() as connection:
-            job = self._open_job(connection, job_id, "cancel")
-            if job.state is JobState.QUEUED:
-                self._end(connection, job.id, JobState.CANCELLED, None, cancel=mode)
-                self._undispatch(connection, job.id)
-            elif job.cancel is None or mode.urgency > job.cancel.urgency:
-                connection.execute("UPDATE sdjobs_jobs SET cancel = %s WHERE id = %s", (str(mode), job.id))
-                if stops_job(mode):
-                    _abort(connection, "SELECT %s::text", (job.id,))
-            return self._job(connection, job.id)
-
-    def cancel_requested(self, job_id: str) -> CancelMode | None:
-        with self._read() as connection:
-            return self._job(connection, job_id).cancel
-
-    def remove(self, job_id: str) -> None:
-        with self._write() as connection:
-            job = self._job(connection, job_id)
-            if job.state is JobState.RUNNING:
-                raise InvalidState(f"job {job.short_id} is running: cancel it before removing it")
-            connection.execute("DELETE FROM sdjobs_jobs WHERE id = %s", (job.id,))
-            self._undispatch(connection, job.id)
-
-    def retry(self, job_id: str) -> JobRecord:
-        with self._write() as connection:
-            job = self._job(connection, job_id)
-            if job.state not in (JobState.FAILED, JobState.CANCELLED):
-                raise InvalidState(f"job {job.short_id} is {job.state}: only a failed or cancelled job is retried")
-            connection.execute(
-                "UPDATE sdjobs_jobs SET state = 'queued', error = NULL, cancel = NULL, ended_at = NULL,"
-                " position = (SELECT max(position) FROM sdjobs_jobs) + 1 WHERE id = %s",
-                (job.id,),
-            )
-            self._dispatch(connection)
-            return self._job(connection, job.id)
-
-    # -- workers ------------------------------------------------------------------
-
-    def register_worker(self) -> WorkerInfo:
-        with self._write() as connection:
-            now = self._now(connection)
-            worker = WorkerInfo(uuid.uuid4().hex, self.host, os.getpid(), now, now)
-            connection.execute(
-                "INSERT INTO sdjobs_workers (id, host, pid, started_at, heartbeat_at) VALUES (%s, %s, %s, %s, %s)",
-                (worker.id, worker.host, worker.pid, worker.started_at, worker.heartbeat_at),
-            )
-        return worker
-
-    def heartbeat(self, worker_id: str) -> None:
-        with self._write() as connection:
-            changed = connection.execute(
-                "UPDATE sdjobs_workers SET heartbeat_at = %s WHERE id = %s", (self._now(connection), worker_id)
-            ).rowcount
-            if not changed:
-                raise NotHeld(self._gone_message(worker_id))
-
-    def _gone_message(self, worker_id: str) -> str:
-        return (
-            f"{self.location}: worker {worker_id[:SHORT_ID_LENGTH]} is not registered"
-            " (it was counted gone and its jobs went back to the queue)"
+    def _renumber(self, connection: psycopg.Connection[Any], order: Sequence[str]) -> None:
+        self._execute(
+            connection,
+            "UPDATE {jobs} SET position = ordered.number FROM unnest(?::text[]) WITH ORDINALITY AS ordered (id, number)"
+            " WHERE {jobs}.id = ordered.id",
+            (list(order),),
         )
 
-    def unregister_worker(self, worker_id: str) -> None:
-        with self._write() as connection:
-            connection.execute("DELETE FROM sdjobs_workers WHERE id = %s", (worker_id,))
-            self._take_back_orphans(connection)
-            self._dispatch(connection)
+    # -- Procrastinate: the jobs handed out, and aborts --------------------------------
 
-    def workers(self) -> list[WorkerInfo]:
-        with self._read() as connection:
-            return [_worker(row) for row in connection.execute("SELECT * FROM sdjobs_workers ORDER BY started_at")]
-
-    def recover(self) -> list[JobRecord]:
-        with self._write() as connection:
-            return self._recover(connection)
-
-    def _recover(self, connection: psycopg.Connection[Any]) -> list[JobRecord]:
-        now = self._now(connection)
-        gone = [
-            row["id"]
-            for row in connection.execute("SELECT * FROM sdjobs_workers").fetchall()
-            if _worker(row).gone(now=now, lease=self.lease, host=self.host)
-        ]
-        if not gone:
-            return []
-        connection.execute("DELETE FROM sdjobs_workers WHERE id = ANY(%s)", (gone,))
-        taken = self._take_back_orphans(connection)
-        self._dispatch(connection)  # their jobs, and those they added for themselves, are anyone's now
-        return taken
-
-    def _take_back_orphans(self, connection: psycopg.Connection[Any]) -> list[JobRecord]:
-        """Running jobs whose worker is no longer registered: back to the queue (or cancelled)."""
-        orphans = [
-            row["id"]
-            for row in connection.execute(
-                "SELECT id FROM sdjobs_jobs WHERE state = 'running'"
-                " AND (worker IS NULL OR worker NOT IN (SELECT id FROM sdjobs_workers))"
-            )
-        ]
-        return [self._take_back(connection, job_id, lost=True) for job_id in orphans]
-
-    def _take_back(self, connection: psycopg.Connection[Any], job_id: str, *, lost: bool) -> JobRecord:
-        job = self._job(connection, job_id)
-        if stops_job(job.cancel):
-            self._end(connection, job.id, JobState.CANCELLED, None)
-        else:
-            connection.execute(
-                "UPDATE sdjobs_jobs SET state = 'queued', worker = NULL, recall = FALSE, lost_server = %s WHERE id = %s",
-                (job.server if lost else None, job.id),
-            )
-        return self._job(connection, job.id)
-
-    def _end(
-        self,
-        connection: psycopg.Connection[Any],
-        job_id: str,
-        outcome: JobState,
-        error: str | None,
-        cancel: CancelMode | None = None,
-    ) -> None:
-        connection.execute(
-            "UPDATE sdjobs_jobs SET state = %s, error = %s, ended_at = %s, worker = NULL, lost_server = NULL,"
-            " recall = FALSE, cancel = coalesce(%s, cancel) WHERE id = %s",
-            (str(outcome), error, self._now(connection), None if cancel is None else str(cancel), job_id),
-        )
-
-    # -- a worker's job -----------------------------------------------------------
-
-    def claim(self, worker_id: str, *, server: str | None = None, ids: Sequence[str] | None = None) -> JobRecord | None:
-        with self._write() as connection:
-            self._recover(connection)
-            if connection.execute("SELECT 1 FROM sdjobs_workers WHERE id = %s", (worker_id,)).fetchone() is None:
-                raise NotHeld(self._gone_message(worker_id))
-            if ids is not None:
-                row = connection.execute(
-                    "SELECT id FROM sdjobs_jobs WHERE state = 'queued' AND NOT paused"
-                    f" AND id = ANY(%s) ORDER BY {_QUEUE_ORDER} LIMIT 1",
-                    (list(ids),),
-                ).fetchone()
-            elif _queue_paused(connection):
-                row = None
-            else:
-                row = connection.execute(
-                    "SELECT id FROM sdjobs_jobs WHERE state = 'queued' AND NOT paused"
-                    " AND (owner IS NULL OR owner = %s OR owner NOT IN (SELECT id FROM sdjobs_workers))"
-                    f" ORDER BY {_QUEUE_ORDER} LIMIT 1",
-                    (worker_id,),
-                ).fetchone()
-            if row is None:
-                return None
-            connection.execute(
-                "UPDATE sdjobs_jobs SET state = 'running', worker = %s, server = %s, attempts = attempts + 1,"
-                " started_at = coalesce(started_at, %s) WHERE id = %s",
-                (worker_id, None if server is None else redact(server), self._now(connection), row["id"]),
-            )
-            return self._job(connection, row["id"])
-
-    def set_folder(self, job_id: str, worker_id: str, folder: Path) -> JobRecord:
-        with self._write() as connection:
-            job = self._held(connection, job_id, worker_id)
-            if job.folder is not None and job.folder != Path(folder):
-                raise InvalidState(f"job {job.short_id} already writes into {job.folder}")
-            connection.execute("UPDATE sdjobs_jobs SET folder = %s WHERE id = %s", (str(folder), job.id))
-            return self._job(connection, job.id)
-
-    def record_stage(self, job_id: str, worker_id: str, result: StageResult) -> JobRecord:
-        with self._write() as connection:
-            job = self._held(connection, job_id, worker_id)
-            job.check_stage(result)
-            connection.execute(
-                "INSERT INTO sdjobs_stages (job_id, stage_index, partial, result) VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT (job_id, stage_index) DO UPDATE SET partial = excluded.partial, result = excluded.result",
-                (job.id, result.stage_index, result.partial, _json(result.to_dict())),
-            )
-            connection.execute("UPDATE sdjobs_jobs SET lost_server = NULL WHERE id = %s", (job.id,))
-            return self._job(connection, job.id)
-
-    def finish(self, job_id: str, worker_id: str, outcome: JobState, error: str | None = None) -> JobRecord:
-        outcome = JobState(outcome)
-        if not outcome.terminal:
-            raise ValueError(f"a job finishes done, failed or cancelled, not {outcome}")
-        with self._write() as connection:
-            job = self._held(connection, job_id, worker_id)
-            self._end(connection, job.id, outcome, error)
-            return self._job(connection, job.id)
-
-    def release(self, job_id: str, worker_id: str) -> JobRecord:
-        with self._write() as connection:
-            job = self._held(connection, job_id, worker_id)
-            taken = self._take_back(connection, job.id, lost=False)
-            self._dispatch(connection)
-            return taken
-
-    def _dispatch(self, connection: psycopg.Connection[Any]) -> None:
+    def _claimable_changed(self, connection: psycopg.Connection[Any]) -> None:
         """Make Procrastinate's waiting jobs match the jobs a worker may claim now (`_DISPATCH`)."""
         connection.execute(_DISPATCH, {"task": TASK, "queue": QUEUE})
 
-    def _undispatch(self, connection: psycopg.Connection[Any], job_id: str) -> None:
-        """A queued job ended or went: Procrastinate no longer waits to hand it out (the rest keep their order)."""
+    def _unqueued(self, connection: psycopg.Connection[Any], job_id: str) -> None:
+        """Procrastinate no longer waits to hand the job out (the rest keep their order)."""
         connection.execute(
             "DELETE FROM procrastinate_jobs WHERE status = 'todo' AND task_name = %s AND args->>'job_id' = %s", (TASK, job_id)
         )
 
-    def publish(self, worker: str, events: Sequence[tuple[str, str, Mapping[str, Any]]]) -> None:
-        if not events:
-            return
-        with self._transaction("SELECT pg_advisory_xact_lock(%s)", FEED_LOCK) as connection:
-            now = self._now(connection)
-            with connection.cursor() as cursor:
-                cursor.executemany(
-                    "INSERT INTO sdjobs_feed (job_id, worker, kind, at, body) VALUES (%s, %s, %s, %s, %s)",
-                    [(job_id, worker, kind, now, _json(body)) for job_id, kind, body in events],
-                )
-            connection.execute("SELECT pg_notify(%s, '')", (FEED_CHANNEL,))
+    def _stop_asked(self, connection: psycopg.Connection[Any], job_ids: Sequence[str]) -> None:
+        """Ask Procrastinate to abort the jobs running these sdjobs jobs: its trigger notifies their workers
+        (LISTEN/NOTIFY), which then read what was asked of them."""
+        connection.execute(
+            "UPDATE procrastinate_jobs SET abort_requested = TRUE WHERE status = 'doing' AND NOT abort_requested"
+            " AND task_name = %s AND args->>'job_id' = ANY(%s)",
+            (TASK, list(job_ids)),
+        )
 
-    def feed(self, after: int = 0, *, limit: int = FEED_BATCH) -> list[FeedEvent]:
-        with self._read() as connection:
-            rows = connection.execute(
-                "SELECT seq, job_id, worker, kind, body, at FROM sdjobs_feed WHERE seq > %s ORDER BY seq LIMIT %s",
-                (after, limit),
-            ).fetchall()
-        return [FeedEvent(row["seq"], row["job_id"], row["worker"], row["kind"], json.loads(row["body"]), row["at"]) for row in rows]
+    # -- the progress feed ---------------------------------------------------------
+
+    def _feed_write(self) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]:
+        return self._transaction("SELECT pg_advisory_xact_lock(%s)", FEED_LOCK)
+
+    def _published(self, connection: psycopg.Connection[Any]) -> None:
+        connection.execute("SELECT pg_notify(%s, '')", (FEED_CHANNEL,))
 
     def wait_feed(self, after: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._errors():
             listener = self._listening()
             while True:
-                with self._read() as connection:
-                    last = connection.execute("SELECT coalesce(max(seq), 0) AS last FROM sdjobs_feed").fetchone()["last"]
+                last = self._last_event()
                 left = deadline - time.monotonic()
                 if last > after or left <= 0:
                     return last > after
@@ -794,27 +409,6 @@ class PostgresStore(Store):
                 self._listener = self._psycopg.connect(self._url, autocommit=True, connect_timeout=max(1, round(self.timeout)))
                 self._listener.execute(f"LISTEN {FEED_CHANNEL}")
             return self._listener
-
-    def prune_feed(self, keep: float) -> int:
-        with self._transaction("SELECT pg_advisory_xact_lock(%s)", FEED_LOCK) as connection:
-            return connection.execute(
-                "DELETE FROM sdjobs_feed WHERE at < %s"
-                " AND (kind = 'progress' OR job_id NOT IN (SELECT id FROM sdjobs_jobs WHERE state = 'running'))",
-                (self._now(connection) - keep,),
-            ).rowcount
-
-
-def _abort(connection: psycopg.Connection[Any], jobs: str, params: Sequence[object]) -> None:
-    """Ask Procrastinate to abort the jobs running the sdjobs jobs that the query ``jobs`` selects: its
-    trigger notifies their workers (LISTEN/NOTIFY), which then read what was asked of them."""
-    connection.execute(
-        "UPDATE procrastinate_jobs SET abort_requested = TRUE WHERE status = 'doing' AND NOT abort_requested"
-        f" AND task_name = %s AND args->>'job_id' IN ({jobs})",
-        (TASK, *params),
-    )
-
-
-    # -- the progress feed ---------------------------------------------------------
 
 
 def migrate(url: str) -> int:
@@ -868,14 +462,3 @@ def _schema_version(connection: psycopg.Connection[Any]) -> int:
     row = connection.execute("SELECT value FROM sdjobs_settings WHERE key = 'schema_version'").fetchone()
     value = None if row is None else row["value"] if isinstance(row, dict) else row[0]
     return 0 if value is None else int(value)
-
-
-def _queue_paused(connection: psycopg.Connection[Any]) -> bool:
-    row = connection.execute("SELECT value FROM sdjobs_settings WHERE key = 'queue_paused'").fetchone()
-    return row is not None and json.loads(row["value"])
-
-
-
-def _worker(row: dict[str, Any]) -> WorkerInfo:
-    return WorkerInfo(row["id"], row["host"], row["pid"], row["started_at"], row["heartbeat_at"])
-

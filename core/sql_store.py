@@ -108,6 +108,18 @@ class SQLStore(Store):
         """SQL true when ``column`` is one of ``values``, and its one parameter."""
         raise NotImplementedError
 
+    # Where the workers are told rather than look (PostgreSQL's, through Procrastinate), a backend
+    # tells them in the same transaction; by default nothing is done: the workers look.
+
+    def _claimable_changed(self, connection: Any) -> None:
+        """Which jobs a worker may claim, or their order, may have changed in this transaction."""
+
+    def _unqueued(self, connection: Any, job_id: str) -> None:
+        """A queued job ended or went in this transaction: it is no longer to be handed out."""
+
+    def _stop_asked(self, connection: Any, job_ids: Sequence[str]) -> None:
+        """A cancel that stops them, or a recall, was asked of these running jobs in this transaction."""
+
     # -- SQL --------------------------------------------------------------------
 
     def _sql(self, sql: str) -> str:
@@ -213,6 +225,7 @@ class SQLStore(Store):
             last = self._one(connection, "SELECT coalesce(max(position), 0) AS last FROM {jobs}")["last"]
             self._insert_jobs(connection, [(*job, "queued", last + number, priority, paused, owner, now)
                                            for number, job in enumerate(jobs, 1)])  # fmt: skip
+            self._claimable_changed(connection)
             added = self._all(connection, f"SELECT {_JOB_COLUMNS} FROM {{jobs}} WHERE position > ? ORDER BY position", (last,))
             return self._records(connection, added)
 
@@ -267,6 +280,7 @@ class SQLStore(Store):
             order.insert(order.index(anchor.id) + (after is not None), job.id)
             self._renumber(connection, order)
             self._execute(connection, "UPDATE {jobs} SET priority = ? WHERE id = ?", (anchor.priority, job.id))
+            self._claimable_changed(connection)
             return self._job(connection, job.id)
 
     def _renumber(self, connection: Any, order: Sequence[str]) -> None:
@@ -277,6 +291,7 @@ class SQLStore(Store):
         with self._write() as connection:
             job = self._open_job(connection, job_id, "change the priority of")
             self._execute(connection, "UPDATE {jobs} SET priority = ? WHERE id = ?", (priority, job.id))
+            self._claimable_changed(connection)
             return self._job(connection, job.id)
 
     def pause(self, job_id: str | None = None, *, now: bool = False) -> None:
@@ -301,6 +316,9 @@ class SQLStore(Store):
                 recalled, ids = "id = ?", (job.id,)
             if recall:
                 self._execute(connection, f"UPDATE {{jobs}} SET recall = TRUE WHERE state = 'running' AND {recalled}", ids)
+                asked = self._all(connection, f"SELECT id FROM {{jobs}} WHERE state = 'running' AND recall AND {recalled}", ids)
+                self._stop_asked(connection, [row["id"] for row in asked])
+            self._claimable_changed(connection)
 
     def queue_paused(self) -> bool:
         with self._read() as connection:
@@ -316,8 +334,11 @@ class SQLStore(Store):
             job = self._open_job(connection, job_id, "cancel")
             if job.state is JobState.QUEUED:
                 self._end(connection, job.id, JobState.CANCELLED, None, cancel=mode)
+                self._unqueued(connection, job.id)
             elif job.cancel is None or mode.urgency > job.cancel.urgency:
                 self._execute(connection, "UPDATE {jobs} SET cancel = ? WHERE id = ?", (str(mode), job.id))
+                if stops_job(mode):
+                    self._stop_asked(connection, [job.id])
             return self._job(connection, job.id)
 
     def cancel_requested(self, job_id: str) -> CancelMode | None:
@@ -330,6 +351,7 @@ class SQLStore(Store):
             if job.state is JobState.RUNNING:
                 raise InvalidState(f"job {job.short_id} is running: cancel it before removing it")
             self._execute(connection, "DELETE FROM {jobs} WHERE id = ?", (job.id,))
+            self._unqueued(connection, job.id)
 
     def retry(self, job_id: str) -> JobRecord:
         with self._write() as connection:
@@ -342,6 +364,7 @@ class SQLStore(Store):
                 " position = (SELECT max(position) FROM {jobs}) + 1 WHERE id = ?",
                 (job.id,),
             )
+            self._claimable_changed(connection)
             return self._job(connection, job.id)
 
     # -- workers ------------------------------------------------------------------
@@ -375,6 +398,7 @@ class SQLStore(Store):
         with self._write() as connection:
             self._execute(connection, "DELETE FROM {workers} WHERE id = ?", (worker_id,))
             self._take_back_orphans(connection)
+            self._claimable_changed(connection)
 
     def workers(self) -> list[WorkerInfo]:
         with self._read() as connection:
@@ -388,10 +412,13 @@ class SQLStore(Store):
         now = self._now(connection)
         gone = [row["id"] for row in self._all(connection, "SELECT * FROM {workers}")
                 if _worker(row).gone(now=now, lease=self.lease, host=self.host)]  # fmt: skip
-        if gone:
-            member, values = self._member("id", gone)
-            self._execute(connection, f"DELETE FROM {{workers}} WHERE {member}", (values,))
-        return self._take_back_orphans(connection)
+        if not gone:
+            return []  # a worker's jobs are taken back as it goes (here, or as it leaves): none is left behind
+        member, values = self._member("id", gone)
+        self._execute(connection, f"DELETE FROM {{workers}} WHERE {member}", (values,))
+        taken = self._take_back_orphans(connection)
+        self._claimable_changed(connection)  # their jobs, and those they added for themselves, are anyone's now
+        return taken
 
     def _take_back_orphans(self, connection: Any) -> list[JobRecord]:
         """Running jobs whose worker is no longer registered: back to the queue (or cancelled)."""
@@ -486,7 +513,9 @@ class SQLStore(Store):
     def release(self, job_id: str, worker_id: str) -> JobRecord:
         with self._write() as connection:
             job = self._held(connection, job_id, worker_id)
-            return self._take_back(connection, job.id, lost=False)
+            taken = self._take_back(connection, job.id, lost=False)
+            self._claimable_changed(connection)
+            return taken
 
     # -- the progress feed ---------------------------------------------------------
 
