@@ -560,6 +560,18 @@ def test_a_stage_keeps_what_it_showed_of_the_servers_speed(store, worker):
     assert store.get(job.id).stages[0].timing == recorded.timing
 
 
+def test_a_job_routed_per_stage_keeps_its_servers_and_tags_and_each_stage_the_server_that_ran_it(store, worker):
+    """A job whose stages run on several servers (README "Several servers")."""
+    routed = JobSpec.from_mapping({"name": "cat", "seed": 1, "stages": [{"type": "txt2img", "server": "desk"},
+                                                                         {"type": "img2img", "tags": ["sdxl"]}]})  # fmt: skip
+    [job] = store.add([routed])
+    store.claim(worker.id)
+    store.record_stage(job.id, worker.id, attrs.evolve(result(0, "txt2img"), server="desk"))
+    back = store.get(job.id)
+    assert back.spec == routed and (back.spec.stages[0].server, back.spec.stages[1].tags) == ("desk", ("sdxl",))
+    assert back.stages[0].server == "desk"
+
+
 # --------------------------------------------------------------------------
 # Workers that die
 # --------------------------------------------------------------------------
