@@ -94,8 +94,10 @@ class _ServerChecks:
 class _Port:
     """One job's way out to the WebUI: calls on short-lived threads, answers as events.
 
-    Every event is put on the runner's queue tagged with the job's id, so the
-    answer of a request that a cancelled job stopped waiting for is dropped.
+    Every event is put on the runner's queue tagged with the port, so the answer
+    of a request that a cancelled job stopped waiting for is dropped, as is one
+    of an earlier attempt of the same job on this runner (a request sent again
+    to a server that came back, answered after the job went back to the queue).
     """
 
     def __init__(self, client: WebUIClient, events: queue.SimpleQueue, job_id: str, *,
@@ -119,7 +121,7 @@ class _Port:
         return self.client.follows_task_ids
 
     def _put(self, trigger: str, **kwargs: object) -> None:
-        self._events.put((self._job_id, trigger, kwargs))
+        self._events.put((self, trigger, kwargs))
 
     def _in_background(self, name: str, call: Callable[[], None]) -> None:
         """Run `call` on a thread of its own; an error it did not expect (a bug) fails the job at
@@ -448,12 +450,12 @@ class Runner:
         deadline = job.deadline
         timeout = _TICK if deadline is None else max(0.0, min(_TICK, deadline - self.clock()))
         try:
-            job_id, trigger, kwargs = self._events.get(timeout=timeout)
+            sender, trigger, kwargs = self._events.get(timeout=timeout)
         except queue.Empty:
             pass
         else:
-            if job_id != job.job_id or job.finished:
-                pass  # for a job that has ended, or between jobs
+            if sender not in (job.port, job.job_id) or job.finished:
+                pass  # for a job (or an attempt) that has ended, or between jobs; a cancel names the job
             elif trigger == "let_go":
                 job.detach()
                 self._handle(job, "hand_back", {})

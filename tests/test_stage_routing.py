@@ -147,6 +147,37 @@ def test_stage_two_runs_on_the_other_server_from_the_image_stage_one_wrote(tmp_p
     assert manifest["outcome"] == "done" and [stage["server"] for stage in manifest["stages"]] == ["a", "b"]
 
 
+def test_a_stage_whose_only_server_went_down_waits_for_it_and_runs_there_once_it_is_back(tmp_path) -> None:
+    with SimulatedWebUI(SimSettings(step_time=0.001)) as a, SQLiteStore(tmp_path / "queue.db") as store:
+        b = SimulatedWebUI(SimSettings(stepping=True, catalog=SDXL)).start()
+        port = int(b.url.rsplit(":", 1)[1])
+        [job] = store.add([two_stages(tags=("sdxl",), checkpoint="sdxl")])
+        lanes, log = make_lanes({"a": a.url, "b": b.url}, tmp_path / "out", health_interval=0.1)
+        lanes.lanes[1].server = attrs.evolve(lanes.lanes[1].server, tags=frozenset({"sdxl"}))
+        worker = Worker(store, lanes=lanes, until_empty=True, idle_poll=0.05)
+        working = Background(worker.run)
+        try:
+            assert log.wait_for("stage_started", lambda call: call["status"].server == "b", timeout=10)
+            b.stop()  # in stage 2, its request unanswered
+            assert log.wait_for("job_finished", lambda call: call["outcome"] is JobState.HANDED_BACK
+                                and call["status"].server == "b", timeout=10)  # fmt: skip
+            with SimulatedWebUI(SimSettings(step_time=0.001, catalog=SDXL), port=port) as back:
+                working.join(timeout=30)
+                back_url, generated = back.url, [path for _, _, path in back.requests if path.endswith("2img")]
+        finally:
+            worker.cancel(rest=True)
+            working.join(timeout=10)
+        record = store.get(job.id)
+        on_a = [path for _, _, path in a.requests if path.endswith(("txt2img", "img2img"))]
+    assert worker.outcomes == {job.id: JobState.DONE} and record.server == back_url, record.error
+    assert on_a == ["/sdapi/v1/txt2img"]  # a, free all along, never ran stage 2
+    # stage 2 ran on b once back (the client may also have sent the lost attempt's request again
+    # once b answered: its answer is not the new attempt's and is dropped)
+    assert set(generated) == {"/sdapi/v1/img2img"}
+    assert sorted(path.relative_to(record.folder).as_posix() for path in record.folder.rglob("*.png")) == [
+        "01-txt2img/001.png", "02-img2img/001.png"]  # fmt: skip
+
+
 def test_a_job_whose_stage_no_server_of_the_worker_takes_fails_saying_so(tmp_path) -> None:
     """Queued where no servers file was known: the worker's servers are the first to see it."""
     with SimulatedWebUI(SimSettings(step_time=0.001)) as a, SimulatedWebUI(SimSettings(step_time=0.001)) as b, \
