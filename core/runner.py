@@ -339,8 +339,9 @@ class Runner:
             self._events.put((self._current, "hand_back", {}))
 
     def let_go(self) -> None:
-        """The store gave the held job to another worker: stop it, writing nothing more."""
-        self._events.put((self._current, "let_go", {}))
+        """The store gave the held job to another worker: stop it, writing nothing more.  Meant for the
+        attempt running now: one asked as it ends never reaches the job's next attempt here."""
+        self._events.put((self._held, "let_go", {}))
 
     def ask_lists(self) -> ServerCatalog:
         """Ask the server for all its lists anew (a health check found it up): the next jobs' checks use them."""
@@ -454,7 +455,7 @@ class Runner:
         except queue.Empty:
             pass
         else:
-            if sender not in (job.port, job.job_id) or job.finished:
+            if sender is None or sender not in (job.port, job.job_id, self._held) or job.finished:
                 pass  # for a job (or an attempt) that has ended, or between jobs; a cancel names the job
             elif trigger == "let_go":
                 job.detach()

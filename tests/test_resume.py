@@ -10,10 +10,11 @@ from pathlib import Path
 
 import attrs
 import pytest
-from runner_helpers import GENERATION_PATHS, job_spec, make_runner, requests_to
+from runner_helpers import GENERATION_PATHS, Background, job_spec, make_runner, requests_to
 
 from sdjobs import hookimpl
 from sdjobs.outputs import MANIFEST
+from sdjobs.sim import SimSettings
 from sdjobs.sqlite_store import SQLiteStore
 from sdjobs.status import JobState
 
@@ -132,3 +133,31 @@ def test_a_job_whose_stages_all_finished_ends_done_without_a_request(webui_sim, 
     assert log.names() == ["job_started", "job_finished"]
     assert log.one("job_finished")["status"].job_progress == 1.0
     assert store.get(job_id).state is JobState.DONE
+
+
+class LetGoAgain:
+    """Asks the runner to let its job go once more as the attempt ends: what a worker's look at the store
+    does when it reads the recall just then."""
+
+    runner = None
+
+    @hookimpl
+    def sdjobs_job_finished(self, status, outcome):
+        if outcome is JobState.HANDED_BACK:
+            self.runner.let_go()
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.05)])
+def test_a_let_go_asked_as_an_attempt_ends_does_not_stop_the_next_attempt_on_the_same_runner(webui_sim, webui_client,
+                                                                                             store, tmp_path):  # fmt: skip
+    [job] = store.add([job_spec()])
+    worker = store.register_worker()
+    again = LetGoAgain()
+    runner, log = make_runner(webui_client, [], tmp_path / "out", plugins=[again])
+    again.runner = runner
+    first = Background(runner.run_held, store, worker.id, store.claim(worker.id, ids=[job.id]))
+    assert log.wait_for("stage_started")
+    runner.let_go()
+    assert first.join(timeout=10) is None  # let go: the worker hands it back
+    store.release(job.id, worker.id)
+    assert runner.run_held(store, worker.id, store.claim(worker.id, ids=[job.id])) is JobState.DONE
