@@ -27,6 +27,12 @@ TEST_SERVER_ENV = "SDJOBS_TEST_POSTGRES"
 #: The user a root process runs the server as.
 SERVER_USER = "postgres"
 
+#: The folder prefix of every throwaway server, under the temporary folder.
+FOLDER_PREFIX = "sdjobs-postgres-"
+
+#: The file, in a throwaway server's folder, naming the process that started it.
+OWNER_FILE = "owner.pid"
+
 
 def server_binaries() -> Path | None:
     """The folder holding `initdb` and `pg_ctl`, or None when PostgreSQL's server is not installed."""
@@ -46,9 +52,9 @@ def schema_url(url: str, schema: str) -> str:
 class ThrowawayPostgres:
     """A PostgreSQL server of its own, started by `start` and gone (with its data) after `stop`."""
 
-    def __init__(self, binaries: Path) -> None:
+    def __init__(self, binaries: Path, folder: Path | None = None) -> None:
         self.binaries = binaries
-        self.folder = Path(tempfile.mkdtemp(prefix="sdjobs-postgres-"))
+        self.folder = folder or Path(tempfile.mkdtemp(prefix=FOLDER_PREFIX))
         self.data = self.folder / "data"
         self.port = 0
         self.url = ""
@@ -63,7 +69,12 @@ class ThrowawayPostgres:
             raise RuntimeError(f"{command[0]} failed ({done.returncode}): {done.stdout}{done.stderr}")
 
     def start(self) -> str:
-        """Make the data folder, start the server, return its URL (database ``postgres``, user ``sdjobs``)."""
+        """Make the data folder, start the server, return its URL (database ``postgres``, user ``sdjobs``).
+
+        First stops the servers that killed test runs left behind (`reap`).
+        """
+        reap(self.binaries, self.folder.parent)
+        (self.folder / OWNER_FILE).write_text(str(os.getpid()))
         if os.geteuid() == 0:
             user = pwd.getpwnam(SERVER_USER)
             os.chown(self.folder, user.pw_uid, user.pw_gid)
@@ -81,10 +92,43 @@ class ThrowawayPostgres:
 
     def stop(self) -> None:
         """Stop the server at once and remove its data."""
-        if self.url:
+        if self.url or (self.data / "postmaster.pid").exists():
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
             self.url = ""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def reap(binaries: Path, temporary: Path) -> list[Path]:
+    """Stop the throwaway servers under `temporary` whose starter is gone, and remove their data.
+
+    `pg_ctl` detaches the server, so a test run killed (SIGKILL, a timeout) before its
+    teardown leaves it running, listening and holding memory; the next run stops it.
+    Returns the folders removed.
+    """
+    reaped = []
+    for folder in temporary.glob(f"{FOLDER_PREFIX}*"):
+        try:
+            owner = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not started yet, or not ours
+        if _alive(owner):
+            continue
+        try:
+            ThrowawayPostgres(binaries, folder).stop()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired):
+            continue  # left for a look by hand
+        reaped.append(folder)
+    return reaped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 def fresh_url(url: str) -> str:
