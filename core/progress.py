@@ -1099,25 +1099,23 @@ class JobTracker:
     ) -> float | None:
         """Seconds left in the job: this stage's ETA plus the later stages' costs.
 
-        Later stages take what the server's history expects of them (`seconds`),
-        else are timed at the latest observed `seconds_per_step` (a stage
+        Each later stage takes what the server's history expects of it (`seconds`),
+        else its cost timed at the latest observed `seconds_per_step` (a stage
         without steps, such as an upscale, keeps the one before it).
-        None while the stage's ETA is unknown, or while later stages are left
-        and neither history nor a timed step prices them.
+        None while the stage's ETA is unknown, or while a later stage is left
+        that neither history nor a timed step prices.
         """
         if seconds_per_step is not None and math.isfinite(seconds_per_step) and seconds_per_step > 0:
             self._seconds_per_step = seconds_per_step
         if stage_eta is None:
             return None
-        later = self._before[-1] - self._before[stage_index + 1]
-        if not later:
-            return stage_eta
-        expected = None if self.seconds is None else self.seconds[stage_index + 1 :]
-        if expected and all(seconds is not None for seconds in expected):
-            return stage_eta + sum(expected)
-        if self._seconds_per_step is None:
-            return None
-        return stage_eta + later * self._seconds_per_step
+        left = stage_eta
+        for index in range(stage_index + 1, len(self.costs)):
+            expected = None if self.seconds is None else self.seconds[index]
+            if expected is None and self._seconds_per_step is None:
+                return None
+            left += expected if expected is not None else self.costs[index] * self._seconds_per_step
+        return left
 
 
 class StallEvent(enum.Enum):

@@ -432,6 +432,13 @@ def test_job_eta_counts_later_stages_at_the_observed_step_rate():
     assert jobs.job_eta(1, 2.0) == pytest.approx(2.5)  # the last rate is remembered
 
 
+def test_job_eta_takes_each_later_stage_from_history_where_it_knows_it_else_at_the_step_rate():
+    jobs = JobTracker(costs=(20.0, 8.0, 2.0), seconds=(30.0, 12.0, None))  # an upscale never run there
+    assert jobs.job_eta(0, 10.0) is None  # the upscale: neither history nor a timed step prices it
+    assert jobs.job_eta(0, 10.0, seconds_per_step=0.5) == pytest.approx(10.0 + 12.0 + 2 * 0.5)
+    assert jobs.job_eta(1, 4.0) == pytest.approx(4.0 + 2 * 0.5)
+
+
 @pytest.mark.parametrize("costs", [(), (1.0, 0.0), (1.0, -2.0), (math.nan,)])
 def test_job_costs_must_be_positive(costs):
     with pytest.raises(ValueError, match="costs"):
