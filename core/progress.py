@@ -698,7 +698,8 @@ class StageTracker:
             per_request = sum(self._durations) / len(self._durations)
         else:
             per_request = now - self._sent_at + current
-        return current + left * per_request
+        total = current + left * per_request
+        return total if math.isfinite(total) else None  # a server's absurd ETA, times the requests left
 
     def stalled_for(self, now: float) -> float | None:
         """Seconds our running job has shown neither progress nor a new step or pass.

@@ -17,7 +17,7 @@ from sdjobs.progress import (
     StallEvent,
     StallWatch,
 )
-from sdjobs.status import ProgressInfo
+from sdjobs.status import ProgressInfo, TaskProgress
 from sdjobs.testing import (
     COMPLETED,
     QUEUED,
@@ -443,6 +443,14 @@ def test_job_eta_takes_each_later_stage_from_history_where_it_knows_it_else_at_t
 def test_job_costs_must_be_positive(costs):
     with pytest.raises(ValueError, match="costs"):
         JobTracker(costs=costs)
+
+
+def test_a_server_eta_too_large_for_the_requests_left_is_no_estimate():
+    tracker = StageTracker(requests=3)
+    tracker.request_sent(0.0, baseline=None, task_mode=True)
+    task = TaskProgress(active=True, queued=False, completed=False, progress=0.5, eta=6e307)
+    tracker.fold(None, task, 1.0)  # no step detail: the server's own figure, times three requests
+    assert tracker.eta(1.0) is None
 
 
 # -- properties ------------------------------------------------------------------------------
