@@ -9,9 +9,13 @@ their first unfinished stage (`JobRecord.next_stage`).  Every call is one
 transaction, so two workers in two processes never hold the same job.
 
 `Store` is the interface; `sdjobs.sqlite_store.SQLiteStore` is the embedded
-backend.  A backend keeps the rules written here (`WorkerInfo.gone`,
-`JobRecord.next_stage`, `stops_job`) and passes `tests/test_store_contract.py`
-unchanged.
+backend, `sdjobs.postgres_store.PostgresStore` the farm's, both on the logic
+they share (`sdjobs.sql_store.SQLStore`).  A backend keeps the rules written
+here (`WorkerInfo.gone`, `JobRecord.next_stage`, `stops_job`) and passes
+`tests/test_store_contract.py` unchanged.
+
+Workers also publish their running jobs' hooks into the store's progress feed
+(`publish`, `feed`, `wait_feed`, `prune_feed`), which `sdjobs watch` reads.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "payloads": (["payloads.py"], ["tests/test_payloads.py"]),
     "outputs": (["outputs.py"], ["tests/test_outputs.py"]),
     # the SQLite store only: the PostgreSQL backend of the contract suite needs a server
-    "store": (["store.py", "sqlite_store.py"], ["tests/test_store_contract.py", "tests/test_sqlite_store.py", "-k", "not postgres"]),
+    "store": (["store.py", "sql_store.py", "sqlite_store.py"], ["tests/test_store_contract.py", "tests/test_sqlite_store.py", "-k", "not postgres"]),
 }
 
 #: mutmut's exit codes that mean the tests noticed the mutant (a failure, an error, a timeout).
