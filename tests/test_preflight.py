@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import attrs
 import pytest
 from sdjobs.expand import load_jobs
 from sdjobs.preflight import (
+    LISTS,
     CatalogError,
     Choices,
     ServerCatalog,
@@ -301,3 +303,107 @@ def test_a_job_that_names_no_checkpoint_vae_or_lora_needs_only_the_lists_of_what
 def test_a_bad_name_is_reported_under_its_own_key(job, named, webui_client):
     (problem,) = preflight(job, ServerCatalog.from_client(webui_client))
     assert problem.startswith(f"{named} is not on the server; choose one of: ")
+
+
+# -------------------------------------------------------------------------
+# Names in every prompt, lists read from small answers, a file's jobs named
+# -------------------------------------------------------------------------
+
+#: A server with one sampler, scheduler, VAE and LoRA, each with an alias where A1111 has one.
+SMALL = {
+    "samplers": [{"name": "Euler a", "aliases": ["k_euler_a"]}, {"name": "DPM++ 2M", "aliases": []}],
+    "upscalers": [{"name": "Lanczos"}],
+    "sd_models": [{"title": "base.safetensors [abc]", "model_name": "base"}],
+    "adetailer_models": ["face_yolov8n.pt"],
+    "adetailer_schema": {"title": "ADetailer"},  # a schema that lists no settings
+    "schedulers": [{"name": "karras", "label": "Karras", "aliases": ["Karras sched"]}],
+    "sd_vae": [{"model_name": "kl-f8.pt", "filename": "/models/VAE/kl-f8.pt"}],
+    "loras": [{"name": "detail", "alias": "det"}, {"name": "plain", "alias": ""}],
+}
+
+
+def small(**changes: Any) -> ServerCatalog:
+    return ServerCatalog.from_answers({**SMALL, **changes})
+
+
+FACE = {"type": "adetailer", "ad_model": "face_yolov8n.pt"}
+
+
+@pytest.mark.parametrize(
+    ("job", "key"),
+    [
+        (spec(prompt="<lora:missing:1>"), "prompt"),
+        (spec(negative_prompt="<lora:missing:1>"), "negative_prompt"),
+        (spec(settings={"hr_prompt": "<lora:missing:1>"}), "stage 1 (txt2img): hr_prompt"),
+        (spec(settings={"hr_negative_prompt": "<lora:missing:1>"}), "stage 1 (txt2img): hr_negative_prompt"),
+        (spec({**FACE, "ad_prompt": "<lora:missing:1>"}), "stage 2 (adetailer): ad_prompt"),
+        (spec({**FACE, "ad_negative_prompt": "<lora:missing:1>"}), "stage 2 (adetailer): ad_negative_prompt"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_a_lora_missing_from_any_prompt_is_reported_under_its_key_and_needs_the_list(job, key):
+    catalog = attrs.evolve(small(), ad_fields=frozenset({"ad_model", "ad_prompt", "ad_negative_prompt"}))
+    assert [_without_choices(problem) for problem in preflight(job, catalog)] == [f"{key}: LoRA 'missing' is not on the server"]
+    assert "loras" in lists_needed([job])
+
+
+def test_a_server_without_loras_says_so_in_the_choices():
+    (problem,) = preflight(spec(prompt="<lora:detail:1>"), small(loras=[]))
+    assert problem == "prompt: LoRA 'detail' is not on the server; choose one of: (the server has none)"
+
+
+def test_the_lists_are_read_with_their_aliases():
+    catalog = small()
+    assert preflight(spec(prompt="<lora:detail:1> <lora:det:1> <lora:plain:1>"), catalog) == []
+    assert catalog.loras == Choices(("detail", "plain"), frozenset({"det"}))
+    assert catalog.vaes == Choices(("kl-f8.pt",))
+    assert catalog.schedulers == Choices(("Karras",), frozenset({"karras", "Karras sched"}))
+    assert catalog.ad_fields == frozenset()  # a schema without properties allows nothing
+
+
+def test_an_adetailer_scheduler_may_keep_the_samplers_or_name_a_scheduler_by_its_alias():
+    job = spec({**FACE, "ad_scheduler": "Use same scheduler"}, {**FACE, "ad_scheduler": "Karras sched"})
+    catalog = attrs.evolve(small(), ad_fields=frozenset({"ad_model", "ad_scheduler"}))
+    assert preflight(job, catalog) == []
+
+
+def test_without_a_vae_list_any_vae_passes():
+    assert preflight(spec({**FACE, "ad_vae": "anything.pt"}), attrs.evolve(small(sd_vae=None), ad_fields=None)) == []
+
+
+def test_an_old_name_is_split_only_into_a_sampler_the_server_has():
+    catalog = small()
+    job = spec({**FACE, "ad_sampler": "DPM++ 2M Karras"}, settings={"sampler_name": "Euler Karras"})
+    split, notes = split_sampler_names([job], catalog)
+    assert notes == ["ad_sampler 'DPM++ 2M Karras' is sampler 'DPM++ 2M' with scheduler 'Karras' on this server; sent so"]
+    assert split[0].stages[1].adetailer["ad_sampler"] == "DPM++ 2M" and split[0].stages[1].adetailer["ad_scheduler"] == "Karras"
+    assert split[0].stages[0].settings["sampler_name"] == "Euler Karras"  # no sampler "Euler" here: kept, and reported
+    assert [_without_choices(problem) for problem in preflight(split[0], catalog)][0] == (
+        "stage 1 (txt2img): sampler_name 'Euler Karras' is not on the server (did you mean 'Euler a'?)"
+    )
+
+
+@pytest.mark.parametrize(("bad", "named"), [(3, "(in 'j0', 'j1', 'j2')"), (4, "(in 'j0', 'j1', 'j2' and 1 more)")])
+def test_a_name_bad_in_some_jobs_names_three_of_them_and_counts_the_rest(bad, named):
+    jobs = [spec(name=f"j{i}", **({"checkpoint": "v15"} if i < bad else {})) for i in range(5)]
+    (problem,) = check_against_server(jobs, small())
+    assert problem.endswith(named)
+
+
+def test_the_lists_are_asked_for_at_once():
+    """Each list waits for all the others to be asked: they are asked in parallel, or never answered."""
+    waiting = threading.Barrier(len(LISTS), timeout=10)
+
+    class AllAtOnce(RecordedServer):
+        def __getattribute__(self, name: str) -> Any:
+            method = super().__getattribute__(name)
+            if name not in LISTS:
+                return method
+
+            def asked() -> Any:
+                waiting.wait()
+                return method()
+
+            return asked
+
+    assert ServerCatalog.from_client(AllAtOnce()) == ServerCatalog.from_client(RecordedServer())

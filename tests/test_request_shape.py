@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sdjobs.progress import PassShape, RequestShape
+from sdjobs.spec import StagePlan, StageSpec
 
 BASE = 512 * 512
 
@@ -61,8 +62,8 @@ def test_a_txt2img_request_runs_its_passes_at_their_sizes(settings, passes, iter
     ],
 )
 def test_an_img2img_request_samples_the_denoised_share_of_its_steps(settings, steps):
-    shape = RequestShape.of("img2img", {**settings, "width": 64, "height": 32, "enable_hr": True})
-    assert shape == RequestShape((PassShape(steps, 64 * 32, 1),))
+    shape = RequestShape.of("img2img", {**settings, "width": 64, "height": 32, "enable_hr": True, "batch_size": 3})
+    assert shape == RequestShape((PassShape(steps, 64 * 32, 3),))
 
 
 @pytest.mark.parametrize(
@@ -72,6 +73,7 @@ def test_an_img2img_request_samples_the_denoised_share_of_its_steps(settings, st
         ({"ad_steps": 10}, 9),  # its own steps count only when it is told to use them
         ({"ad_use_steps": True}, 12),  # then 28 by default: int(0.4 * 28) + 1
         ({"ad_use_steps": True, "ad_steps": 10, "ad_denoising_strength": 0.5}, 6),
+        ({"ad_use_steps": True, "ad_denoising_strength": 0.99}, 28),  # int(0.99 * 28) + 1
     ],
 )
 def test_adetailer_adds_one_pass_per_face_of_one_image_at_the_final_size(tab, face_steps):
@@ -82,8 +84,27 @@ def test_adetailer_adds_one_pass_per_face_of_one_image_at_the_final_size(tab, fa
 
 
 def test_an_adetailer_stage_samples_nothing_before_the_faces():
-    shape = RequestShape.of("adetailer", {"steps": 20, "width": 64, "height": 48, "n_iter": 2})
-    assert shape == RequestShape((PassShape(0, 64 * 48, 1),), 2, PassShape(9, 64 * 48, 1, "face"))
+    shape = RequestShape.of("adetailer", {"steps": 20, "width": 64, "height": 48, "n_iter": 2, "batch_size": 2})
+    assert shape == RequestShape((PassShape(0, 64 * 48, 2),), 2, PassShape(9, 64 * 48, 1, "face"))
+    tab = {"ad_use_steps": True, "ad_steps": 10, "ad_denoising_strength": 0.5}
+    assert RequestShape.of("adetailer", {"steps": 20}, tab).face == PassShape(6, 512 * 512, 1, "face")
+
+
+def test_a_stage_after_the_first_is_sampled_at_the_size_of_its_input():
+    first = StageSpec("txt2img", settings={"width": 512, "height": 768, "steps": 20})
+    upscale = StageSpec("upscale", settings={"steps": 20, "denoising_strength": 0.5}, upscaler="Lanczos", scale=2.0, via="img2img")
+    faces = StageSpec("adetailer", settings={"steps": 20}, adetailer={"ad_denoising_strength": 0.5})
+    extras = StageSpec("upscale", upscaler="Lanczos", scale=2.0, via="extras")
+    plans = [StagePlan.of(first, None)]
+    for stage in (upscale, faces, extras):
+        plans.append(StagePlan.of(stage, plans[-1]))
+    assert RequestShape.for_stage(first, plans[0]) == RequestShape((PassShape(20, 512 * 768, 1),))
+    # an upscale through img2img samples the denoised share of its steps at twice the size
+    assert RequestShape.for_stage(upscale, plans[1]) == RequestShape((PassShape(11, 1024 * 1536, 1),))
+    assert RequestShape.for_stage(faces, plans[2]) == RequestShape(
+        (PassShape(0, 1024 * 1536, 1),), face=PassShape(11, 1024 * 1536, 1, "face")
+    )
+    assert RequestShape.for_stage(extras, plans[3]) is None  # extras sample nothing: not polled
 
 
 def test_the_sequence_uses_the_faces_counted_and_assumes_them_for_the_rest():

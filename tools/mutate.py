@@ -31,7 +31,13 @@ WORK = ROOT / ".mutate"
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
     "progress": (
         ["progress.py"],
-        ["tests/test_progress.py", "tests/test_request_shape.py", "tests/test_progress_reading.py", "tests/test_progress_traces.py"],
+        [
+            "tests/test_progress.py",
+            "tests/test_request_shape.py",
+            "tests/test_progress_reading.py",
+            "tests/test_eta_steady.py",
+            "tests/test_progress_traces.py",
+        ],
     ),
     "job": (
         ["job.py", "machine.py", "stage.py"],
