@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import re
-from datetime import UTC, datetime, timedelta, timezone
+import time
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,19 @@ def test_a_job_id_cannot_leave_the_output_folder(tmp_path, job_id):
 def test_stage_folders_are_numbered_from_one(folder):
     assert folder.stage_dir(0, "txt2img") == folder.path / "01-txt2img"
     assert folder.stage_dir(3, "upscale").is_dir()
+    assert folder.stage_dir(3, "upscale") == folder.path / "04-upscale"  # asked again: the same folder
+
+
+def test_a_naive_time_is_taken_as_utc_whatever_the_local_zone(monkeypatch):
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        naive = datetime(2024, 2, 26, 13, 5, 9)
+        assert folder_name("00ff" * 8, "cat", naive) == "20240226-130509-cat-00ff00ff"
+        assert folder_name("00ff" * 8, "cat", NOW) == "20240226-130509-cat-00ff00ff"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_a_reopened_folder_keeps_the_finished_stages_and_clears_what_an_interrupted_attempt_left(folder):
@@ -147,8 +162,11 @@ def test_a_reopened_folder_keeps_the_finished_stages_and_clears_what_an_interrup
 
 
 def test_a_job_folder_that_is_gone_cannot_be_reopened(tmp_path):
-    with pytest.raises(FileNotFoundError, match="folder is gone"):
+    with pytest.raises(FileNotFoundError) as error:
         JobFolder.open(tmp_path / "nowhere", "x", finished_stages=0)
+    assert (error.value.errno, error.value.strerror, error.value.filename) == (
+        errno.ENOENT, "the job's folder is gone", str(tmp_path / "nowhere")
+    )
 
 
 # --------------------------------------------------------------------------
@@ -186,8 +204,9 @@ def test_text_beyond_latin1_survives(folder):
 
 def test_an_image_is_never_overwritten_and_a_refused_write_leaves_no_scratch(folder):
     first = folder.write_image(0, "txt2img", 1, png("first"), provenance={})
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError) as error:
         folder.write_image(0, "txt2img", 1, png("second"), provenance={})
+    assert (error.value.errno, error.value.strerror, error.value.filename) == (errno.EEXIST, "will not overwrite", str(first))
     assert read_parameters(first.read_bytes()) == "first"
     assert sorted(path.name for path in folder.path.iterdir()) == ["01-txt2img"]
 
@@ -209,8 +228,38 @@ def test_image_numbers_start_at_one(folder):
 def test_only_png_images_are_accepted():
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, "JPEG")
-    with pytest.raises(ValueError, match="samples_format"):
+    with pytest.raises(ValueError, match=r"^not a PNG image \(is the server's samples_format set to png\?\)$"):
         with_text_chunks(buffer.getvalue(), {"a": "b"})
+    assert read_text_chunks(buffer.getvalue()) == {}  # nor does a JPEG carry text chunks to read
+
+
+def chunks(data: bytes) -> list[str]:
+    """The chunk types of a PNG, in order."""
+    position, kinds = 8, []
+    while position < len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        kinds.append(data[position + 4 : position + 8].decode("ascii"))
+        position += 12 + length
+    return kinds
+
+
+def test_text_chunks_go_after_the_header_and_before_the_image_data():
+    source = png()
+    assert chunks(with_text_chunks(source, {"a": "b", "c": "ü ☃"})) == ["IHDR", "tEXt", "iTXt", "IDAT", "IEND"]
+    assert chunks(source) == ["IHDR", "IDAT", "IEND"]
+
+
+def test_a_png_cut_short_is_kept_as_it_is_or_refused():
+    source = png()
+    data_at = source.index(b"IDAT") - 4
+    # cut right after the image data's chunk header: every byte is still kept
+    whole = with_text_chunks(source, {"a": "b"})
+    text = whole[data_at : data_at + len(whole) - len(source)]
+    cut = source[: data_at + 8]
+    assert with_text_chunks(cut, {"a": "b"}) == cut[:data_at] + text + cut[data_at:]
+    for short in (source[:data_at], source[: data_at + 7]):  # no image data's header left
+        with pytest.raises(ValueError, match="^a PNG without image data$"):
+            with_text_chunks(short, {"a": "b"})
 
 
 def test_an_image_without_text_reads_as_having_none():
@@ -288,6 +337,17 @@ def test_the_manifest_records_spec_stages_and_outcome(folder):
     ]  # fmt: skip
 
 
+def test_the_manifest_records_dates_as_text_and_images_outside_the_folder_by_their_path(folder, tmp_path):
+    spec = JobSpec.from_mapping(
+        {"name": "cat", "seed": 1, "stages": [{"type": "txt2img", "extra": {"when": date(2026, 1, 2)}}]}
+    )
+    elsewhere = tmp_path / "elsewhere.png"
+    results = [StageResult("txt2img", 0, (elsewhere,), (), (1,), 100.0, 1.0)]
+    manifest = json.loads(folder.write_manifest(spec, results, outcome=JobState.DONE).read_text())
+    assert manifest["spec"]["stages"][0]["extra"] == {"when": "2026-01-02"}
+    assert manifest["stages"][0]["images"] == [str(elsewhere)]
+
+
 def test_the_manifest_is_replaced_whole_and_leaves_no_scratch_file(folder):
     spec = JobSpec.from_mapping({"name": "cat", "seed": 1, "stages": [{"type": "txt2img"}]})
     folder.write_manifest(spec, [], outcome="running")
@@ -312,6 +372,8 @@ def test_an_image_and_the_last_manifest_reach_the_disk_before_their_names_do(fol
     monkeypatch.setattr(os, "fsync", fsync)
     spec = JobSpec.from_mapping({"name": "cat", "seed": 1, "stages": [{"type": "txt2img"}]})
     folder.write_image(0, "txt2img", 1, png(), provenance={"seed": 1})
+    assert flushed == [".01-txt2img-001.png.partial", "01-txt2img"]
     folder.write_manifest(spec, [], outcome="running")
+    assert flushed == [".01-txt2img-001.png.partial", "01-txt2img"]
     folder.write_manifest(spec, [], outcome=JobState.DONE)
     assert flushed == [".01-txt2img-001.png.partial", "01-txt2img", ".manifest.json.partial", "."]

@@ -251,3 +251,104 @@ def test_progress_faults_never_break_the_job(webui_sim, webui_client, tmp_path):
         assert "progress" not in log.names()
     assert_monotonic(log.statuses())
     assert log.statuses("stage_finished")[0].progress == 1.0
+
+
+# -- previews, failures, a queued task ------------------------------------------------------
+
+
+class Calls(Samples):
+    """A report that raises, or stops its poller, on every call."""
+
+    def __init__(self, action) -> None:
+        super().__init__()
+        self.action = action
+
+    def __call__(self, info, task) -> None:
+        super().__call__(info, task)
+        self.action()
+
+
+def test_a_failing_report_is_logged_once_with_its_traceback_then_at_debug_level(webui_sim, webui_client, caplog):
+    caplog.set_level("DEBUG", logger=POLLER)
+
+    def fail() -> None:
+        raise RuntimeError("a plugin's report broke")
+
+    calls = Calls(fail)
+    poller = ThreadPoller(PollRequest(client=webui_client, interval=0.005, report=calls)).start()
+    assert calls.wait_for(lambda *_: len(calls.received) >= 3)
+    poller.stop()
+    failures = [record for record in caplog.records if record.name == POLLER]
+    assert [(record.levelname, record.getMessage()) for record in failures[:2]] == [
+        ("WARNING", "progress sample failed; sampling goes on"),
+        ("DEBUG", "progress sample failed again"),
+    ]
+    assert all(record.exc_info and "a plugin's report broke" in str(record.exc_info[1]) for record in failures)
+
+
+def test_a_report_may_stop_its_own_poller(webui_sim, webui_client, caplog):
+    poller: list[ThreadPoller] = []
+    calls = Calls(lambda: poller[0].stop())
+    poller.append(ThreadPoller(PollRequest(client=webui_client, interval=0.005, report=calls)))
+    poller[0].start()
+    assert calls.wait_for(lambda *_: True)
+    poller[0].stop()
+    assert len(calls.received) == 1
+    assert [record for record in caplog.records if record.name == POLLER] == []
+
+
+@pytest.mark.parametrize("sim_settings", [stepping()])
+@pytest.mark.parametrize("preview", [True, False])
+def test_a_global_sample_carries_the_preview_only_when_asked_for(webui_sim, webui_client, preview):
+    webui_client.set_options({"show_progress_every_n_steps": 1})
+    samples = Samples()
+    generation = Background(webui_client.txt2img, TXT2IMG)
+    poller = ThreadPoller(PollRequest(client=webui_client, interval=0.005, report=samples, preview=preview)).start()
+    webui_sim.release(3)
+    assert samples.wait_for(lambda info, _: info is not None and info.current_step == 2)
+    count = len(samples.received)
+    assert samples.wait_for(lambda *_: len(samples.received) >= count + 2)
+    poller.stop()
+    webui_sim.release(100)
+    generation.join()
+    assert any(info is not None and info.current_image is not None for info, _ in samples.received) == preview
+
+
+@pytest.mark.parametrize("sim_settings", [stepping()])
+def test_each_preview_of_our_task_is_reported_once(webui_sim, webui_client):
+    webui_client.set_options({"show_progress_every_n_steps": 1})
+    samples = Samples()
+    generation = Background(webui_client.txt2img, TXT2IMG, force_task_id="ours")
+    request = PollRequest(client=webui_client, interval=0.005, report=samples, task_id="ours", preview=True)
+    poller = ThreadPoller(request).start()
+    for step in (1, 2, 3):
+        webui_sim.release(2 if step == 1 else 1)  # step 1 shows once two are released
+        assert samples.wait_for(lambda _, task, step=step: task is not None and task.live_preview is not None and len(previews(samples)) == step)
+        count = len(samples.received)
+        assert samples.wait_for(lambda *_: len(samples.received) >= count + 2)  # asked again: nothing new
+    poller.stop()
+    webui_sim.release(100)
+    generation.join()
+    assert previews(samples) == [1, 2, 3]
+
+
+def previews(samples: Samples) -> list[int]:
+    return [task.id_live_preview for _, task in list(samples.received) if task is not None and task.live_preview is not None]
+
+
+@pytest.mark.parametrize("sim_settings", [stepping()])
+def test_while_our_task_waits_in_the_queue_no_global_sample_is_taken(webui_sim, webui_client):
+    first = Background(webui_client.txt2img, TXT2IMG, force_task_id="theirs")
+    assert webui_sim.wait_for(lambda state: state.job_count > 0)
+    samples = Samples()
+    ours = Background(webui_client.txt2img, TXT2IMG, force_task_id="ours")
+    assert webui_sim.wait_for(lambda state: state.pending_tasks == ("ours",))
+    poller = ThreadPoller(PollRequest(client=webui_client, interval=0.005, report=samples, task_id="ours")).start()
+    assert samples.wait_for(lambda _, task: task is not None and task.queued)
+    count = len(samples.received)
+    assert samples.wait_for(lambda *_: len(samples.received) >= count + 2)
+    poller.stop()
+    webui_sim.release(100)
+    first.join(), ours.join()
+    assert [info for info, task in samples.received if task is not None and not task.active] != []
+    assert all(info is None for info, task in samples.received if task is None or not task.active)
