@@ -837,6 +837,8 @@ class StoreModel(RuleBasedStateMachine):
 
 
 def test_the_store_agrees_with_a_reference_model(backend):
+    # 40 examples, or fewer where the profile asks for fewer (`./dev mutate` runs it once per mutant)
+    examples = min(40, settings.default.max_examples)
     run_state_machine_as_test(
-        lambda: StoreModel(backend), settings=settings(max_examples=40, stateful_step_count=25, deadline=None)
+        lambda: StoreModel(backend), settings=settings(max_examples=examples, stateful_step_count=25, deadline=None)
     )
