@@ -55,13 +55,26 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["client.py"],
         # less the end-to-end run through a hostile proxy: it needs every route asked in time,
         # which the slower mutated code does not always manage
-        ["tests/test_client.py", "tests/test_client_messages.py", "tests/test_hostile_answers.py", "-k", "not ends_done"],
+        [
+            "tests/test_client.py",
+            "tests/test_client_calls.py",
+            "tests/test_client_messages.py",
+            "tests/test_hostile_answers.py",
+            "-k",
+            "not ends_done",
+        ],
     ),
     "payloads": (["payloads.py"], ["tests/test_payloads.py"]),
     "outputs": (["outputs.py"], ["tests/test_outputs.py"]),
     # the SQLite store only: the PostgreSQL backend of the contract suite needs a server
     "store": (["store.py", "sql_store.py", "sqlite_store.py"], ["tests/test_store_contract.py", "tests/test_sqlite_store.py", "-k", "not postgres"]),
 }
+
+#: Lines not mutated, as regular expressions, each with its reason:
+NOT_MUTATED = [
+    # debug-level log lines: text for a developer reading `--log-level debug`, promised to no one
+    r"\blog\.debug\(",
+]
 
 #: mutmut's exit codes that mean the tests noticed the mutant (a failure, an error, a timeout).
 KILLED = {1, 3, 24, -24, 36, 152, 255}
@@ -83,6 +96,7 @@ def lay_out(group: str, modules: list[str], tests: list[str]) -> Path:
         "[tool.mutmut]",
         'source_paths = ["src"]',
         f"only_mutate = {json.dumps([f'src/sdjobs/{m}' for m in modules])}",
+        f"do_not_mutate_patterns = {json.dumps(NOT_MUTATED)}",
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
         'also_copy = ["examples", "docs", "bench", "README.md"]',
     ]

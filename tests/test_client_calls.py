@@ -1,0 +1,297 @@
+"""Each `WebUIClient` call against the simulated WebUI, and against small real servers for the
+answers the simulator never gives (odd shapes, HTML pages, a 500 while we ask about task ids)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from runner_helpers import Background
+
+from sdjobs.client import Timeouts, WebUIClient, WebUIError, WebUITimeout, WebUIUnreachable
+from sdjobs.sim import SimSettings
+
+TXT2IMG = {"prompt": "a lighthouse", "seed": 1234, "steps": 3, "width": 64, "height": 64}
+
+#: What a route answers: (status, body, Content-Type or None for no such header).
+Answer = tuple[int, object, str | None]
+
+
+@pytest.fixture
+def routes() -> Iterator[Callable[[dict[str, Answer]], tuple[str, Counter]]]:
+    """A real HTTP server on 127.0.0.1 answering each path as told (404 for the others),
+    counting the requests to each.  Returns ``serve(answers) -> (url, counts)``."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def serve(answers: dict[str, Answer]) -> tuple[str, Counter]:
+        counts: Counter = Counter()
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = self.path.split("?")[0]
+                counts[path] += 1
+                status, body, kind = answers.get(path, (404, {"detail": "Not Found"}, "application/json"))
+                payload = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(status)
+                if kind is not None:
+                    self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", counts
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+# -- generation, lists and settings on the simulator ---------------------------------------
+
+
+def test_each_generation_route_answers_through_generate(webui_client):
+    made = webui_client.generate("txt2img", TXT2IMG)
+    again = webui_client.generate("img2img", {**TXT2IMG, "init_images": [_b64(made.images[0])]}, force_task_id="mine")
+    upscaled = webui_client.generate("extra-single-image", {"image": _b64(made.images[0]), "upscaling_resize": 2})
+    assert len(made.images) == len(again.images) == len(upscaled.images) == 1
+    assert webui_client.internal_progress("mine").completed  # img2img went with our task id
+    assert set(upscaled.info) == {"html_info"} and upscaled.info["html_info"]
+
+
+def _b64(png: bytes) -> str:
+    import base64
+
+    return base64.b64encode(png).decode()
+
+
+def test_options_are_set_and_read_back(webui_client):
+    webui_client.set_options({"show_progress_every_n_steps": 3})
+    assert webui_client.options()["show_progress_every_n_steps"] == 3
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.0, version="1.10")])
+def test_the_lists_of_a_server_that_has_them(webui_client):
+    assert {"Karras", "Automatic"} <= {scheduler["label"] for scheduler in webui_client.schedulers()}
+    assert isinstance(webui_client.sd_vae(), list) and isinstance(webui_client.loras(), list)
+    assert "face_yolov8n.pt" in webui_client.adetailer_models()
+    assert "ad_model" in webui_client.adetailer_schema()["properties"]
+    assert webui_client.upscalers() and webui_client.sd_models()
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.0, version="1.7")])
+def test_a_list_an_older_server_lacks_is_none(webui_client):
+    assert webui_client.schedulers() is None
+
+
+def test_lists_and_answers_of_the_wrong_shape_are_webui_errors(routes):
+    url, _ = routes({
+        "/sdapi/v1/upscalers": (200, {"name": "Lanczos"}, "application/json"),
+        "/sdapi/v1/sd-models": (200, {"title": "x"}, "application/json"),
+        "/sdapi/v1/loras": (200, {"name": "x"}, "application/json"),
+        "/sdapi/v1/options": (200, [1], "application/json"),
+        "/adetailer/v1/ad_model": (200, ["face_yolov8n.pt"], "application/json"),
+        "/adetailer/v1/schema": (200, [], "application/json"),
+    })  # fmt: skip
+    client = WebUIClient(url, retries=0)
+    for call, wanted in (("upscalers", "an array"), ("sd_models", "an array"), ("loras", "an array"),
+                         ("options", "an object"), ("adetailer_models", "an object"), ("adetailer_schema", "an object")):  # fmt: skip
+        with pytest.raises(WebUIError, match=f"expected {wanted}, got "):
+            getattr(client, call)()
+    assert client.sd_vae() is None and client.schedulers() is None  # 404: not listed
+
+
+def test_adetailers_models_must_be_an_array(routes):
+    url, _ = routes({"/adetailer/v1/ad_model": (200, {"ad_model": "face_yolov8n.pt"}, "application/json")})
+    with pytest.raises(WebUIError) as error:
+        WebUIClient(url, retries=0).adetailer_models()
+    assert str(error.value) == f"{url}/adetailer/v1/ad_model answered 200: expected an array in 'ad_model', got a string"
+    url, _ = routes({})
+    assert WebUIClient(url, retries=0).adetailer_models() is None  # no ADetailer
+
+
+@pytest.mark.parametrize(
+    ("route", "call", "body"),
+    [
+        ("txt2img", lambda client: client.txt2img(TXT2IMG), {"images": ["not base64!"]}),
+        ("img2img", lambda client: client.img2img(TXT2IMG), {"images": ["not base64!"]}),
+        ("extra-single-image", lambda client: client.extra_single_image({}), {"image": "not base64!"}),
+        ("txt2img", lambda client: client.txt2img(TXT2IMG), {"images": True}),
+    ],
+)
+def test_a_bad_image_names_its_route(routes, route, call, body):
+    url, _ = routes({f"/sdapi/v1/{route}": (200, body, "application/json")})
+    with pytest.raises(WebUIError, match=f"^{url}/sdapi/v1/{route} answered 200: the answer has a bad image: ") as error:
+        call(WebUIClient(url, retries=0))
+    if body.get("images") is True:
+        assert str(error.value).endswith("expected an array, got a boolean")
+
+
+def test_an_extras_answer_without_an_image_has_none(routes):
+    url, _ = routes({"/sdapi/v1/extra-single-image": (200, {"html_info": "<p>done</p>"}, "application/json")})
+    result = WebUIClient(url, retries=0).extra_single_image({})
+    assert result.images == () and result.info == {"html_info": "<p>done</p>"}
+
+
+@pytest.mark.parametrize(
+    ("info", "parsed"),
+    [
+        ("[1, 2]", {"text": "[1, 2]"}),  # JSON, but not an object
+        (42, {"text": "42"}),  # not a string at all
+        ("not json", {"text": "not json"}),
+        ({"seed": 3}, {"seed": 3}),
+    ],
+)
+def test_the_info_is_an_object_or_its_text(routes, info, parsed):
+    url, _ = routes({"/sdapi/v1/txt2img": (200, {"images": [], "info": info}, "application/json")})
+    assert WebUIClient(url, retries=0).txt2img(TXT2IMG).info == parsed
+
+
+# -- what a failed answer says ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "detail"),
+    [
+        ("<html><body>Bad gateway</body></html>", "text/plain", "HTML"),  # an HTML page sent as text
+        ("\n  <!DOCTYPE html><html></html>", None, "HTML"),  # after blank lines, no Content-Type
+        ("Bad gateway", "text/html; charset=utf-8", "HTML"),  # said to be HTML
+        ("oops", None, "the answer is not JSON"),
+    ],
+)
+def test_an_answer_that_is_not_json_says_what_it_is(routes, body, kind, detail):
+    url, _ = routes({"/sdapi/v1/samplers": (200, body, kind)})
+    with pytest.raises(WebUIError) as error:
+        WebUIClient(url, retries=0).samplers()
+    wanted = "the answer is an HTML page, not JSON: is this a WebUI started with --api?" if detail == "HTML" else detail
+    assert error.value.detail == wanted
+
+
+@pytest.mark.parametrize(
+    ("detail", "message"),
+    [
+        ([{"loc": ["body", "override_settings", "sd_vae"], "msg": "bad"}], "override_settings.sd_vae: bad"),
+        (["a plain complaint"], "a plain complaint"),
+        ("x" * 400, "x" * 300),
+        ({"why": 1}, "{'why': 1}"),
+    ],
+)
+def test_the_servers_detail_is_shown_briefly(routes, detail, message):
+    url, _ = routes({"/sdapi/v1/txt2img": (422, {"detail": detail}, "application/json")})
+    with pytest.raises(WebUIError) as error:
+        WebUIClient(url, retries=0).txt2img(TXT2IMG)
+    assert error.value.detail == message
+
+
+def test_a_refused_connection_says_so_in_full(closed_port_url):
+    with pytest.raises(WebUIUnreachable) as error:
+        WebUIClient(closed_port_url, retries=0).samplers()
+    assert str(error.value) == f"cannot reach {closed_port_url}/sdapi/v1/samplers: connection refused (is the WebUI running, with --api?)"
+
+
+def test_a_client_shows_whether_it_has_credentials_never_them():
+    assert repr(WebUIClient("http://127.0.0.1:1")) == "WebUIClient('http://127.0.0.1:1')"
+    assert repr(WebUIClient("http://me:pw@127.0.0.1:1")) == "WebUIClient('http://127.0.0.1:1', auth=***)"
+
+
+# -- a hung server: interrupt, ping, progress ---------------------------------------------------
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(hang=True)])
+def test_an_interrupt_waits_for_its_answer_as_long_as_it_is_told(webui_sim):
+    client = WebUIClient(webui_sim.url, timeouts=Timeouts(read=0.3), retries=0)
+    with pytest.raises(WebUITimeout) as error:
+        client.interrupt(timeout=0.1)
+    assert (error.value.seconds, error.value.connecting) == (0.1, False)
+    with pytest.raises(WebUITimeout) as error:
+        client.interrupt()
+    assert error.value.seconds == 0.3
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(hang=True)])
+def test_a_progress_call_that_timed_out_says_so_until_one_is_answered(webui_sim):
+    client = WebUIClient(webui_sim.url, timeouts=Timeouts(read=0.1), retries=0)
+    assert client.internal_progress("ours") is None and client.progress_timed_out()
+    webui_sim.hang(False)
+    assert client.internal_progress("ours") is not None and not client.progress_timed_out()
+    webui_sim.hang(True)
+    assert client.get_progress() is None and client.progress_timed_out()
+    webui_sim.hang(False)
+    client.get_progress()
+    assert not client.progress_timed_out()
+
+
+def test_a_progress_call_that_failed_with_an_answer_did_not_time_out(routes):
+    url, _ = routes({"/internal/progress": (500, {"error": "boom"}, "application/json")})
+    client = WebUIClient(url, retries=0)
+    assert client.internal_progress("ours") is None and not client.progress_timed_out()
+
+
+def test_each_thread_knows_only_its_own_progress_calls(routes):
+    url, _ = routes({})
+    client = WebUIClient(url, retries=0)
+    assert not client.progress_timed_out()
+    assert not Background(client.progress_timed_out).join()
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(hang=True)])
+def test_ping_raises_only_when_the_server_is_not_there(webui_sim, routes, closed_port_url):
+    with pytest.raises(WebUITimeout):
+        WebUIClient(webui_sim.url, timeouts=Timeouts(read=0.1), retries=0).ping()
+    with pytest.raises(WebUIUnreachable) as error:
+        WebUIClient(closed_port_url, retries=0).ping()
+    assert error.value.down
+    answering, _ = routes({"/sdapi/v1/progress": (500, {"error": "busy"}, "application/json")})
+    WebUIClient(answering, retries=0).ping()  # an error answer is an answer
+    gateway, _ = routes({"/sdapi/v1/progress": (502, "Bad Gateway", "text/plain")})
+    with pytest.raises(WebUIError) as error:
+        WebUIClient(gateway, retries=0).ping()
+    assert error.value.status == 502 and error.value.down
+
+
+# -- whether the server follows task ids ----------------------------------------------------------
+
+A1111_PENDING = (200, {"size": 0, "tasks": []}, "application/json")
+INACTIVE = (200, {"active": False, "queued": False, "completed": False}, "application/json")
+
+
+@pytest.mark.parametrize(
+    ("pending", "progress", "follows"),
+    [
+        (A1111_PENDING, INACTIVE, True),
+        (A1111_PENDING, (200, {"active": False, "paused": False}, "application/json"), False),  # SD.Next
+        ((200, {"size": 0}, "application/json"), INACTIVE, False),  # no task list
+        ((200, [], "application/json"), INACTIVE, False),
+        (A1111_PENDING, (200, {"active": True}, "application/json"), False),  # every id "active"
+        (A1111_PENDING, (200, [], "application/json"), False),
+        (A1111_PENDING, (422, {"detail": "no"}, "application/json"), False),
+    ],
+    ids=["a1111", "sdnext", "no task list", "pending not an object", "always active", "progress not an object", "refused"],
+)
+def test_task_ids_are_followed_only_by_a_server_that_answers_as_a1111(routes, pending, progress, follows):
+    url, counts = routes({"/internal/pending-tasks": pending, "/internal/progress": progress})
+    client = WebUIClient(url, retries=0)
+    assert client.supports_task_progress() is follows and client.follows_task_ids is follows
+    assert client.supports_task_progress() is follows
+    assert counts["/internal/pending-tasks"] == 1  # a definite answer is remembered
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_after_a_server_error_task_ids_are_asked_about_again(routes, status):
+    url, counts = routes({"/internal/pending-tasks": (status, {"error": "starting"}, "application/json")})
+    client = WebUIClient(url, retries=0)
+    assert not client.supports_task_progress() and not client.supports_task_progress()
+    assert counts["/internal/pending-tasks"] == 2
