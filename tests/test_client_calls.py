@@ -17,8 +17,9 @@ from sdjobs.sim import SimSettings
 
 TXT2IMG = {"prompt": "a lighthouse", "seed": 1234, "steps": 3, "width": 64, "height": 64}
 
-#: What a route answers: (status, body, Content-Type or None for no such header).
-Answer = tuple[int, object, str | None]
+#: What a route answers: (status, body, Content-Type or None for no such header), and optionally
+#: the status line's reason phrase and more headers.
+Answer = tuple
 
 
 @pytest.fixture
@@ -35,11 +36,14 @@ def routes() -> Iterator[Callable[[dict[str, Answer]], tuple[str, Counter]]]:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 path = self.path.split("?")[0]
                 counts[path] += 1
-                status, body, kind = answers.get(path, (404, {"detail": "Not Found"}, "application/json"))
-                payload = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                self.send_response(status)
+                status, body, kind, *more = answers.get(path, (404, {"detail": "Not Found"}, "application/json"))
+                reason, headers = (more[0] if more else None), (more[1] if len(more) > 1 else {})
+                payload = body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response_only(status, reason)
                 if kind is not None:
                     self.send_header("Content-Type", kind)
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
@@ -295,3 +299,83 @@ def test_after_a_server_error_task_ids_are_asked_about_again(routes, status):
     client = WebUIClient(url, retries=0)
     assert not client.supports_task_progress() and not client.supports_task_progress()
     assert counts["/internal/pending-tasks"] == 2
+
+
+# -- what a request that went wrong says ----------------------------------------------------------
+
+
+def test_each_way_a_request_can_go_wrong_is_named_with_its_url(routes, webui_sim):
+    url, _ = routes({
+        "/gzip": (200, b"not gzip at all", "application/json", None, {"Content-Encoding": "gzip"}),
+        "/loop": (302, b"", None, None, {"Location": "/loop"}),
+        "/sdapi/v1/txt2img": (200, {"images": []}, "application/json"),
+    })  # fmt: skip
+    client = WebUIClient(url, retries=0)
+    for path, detail in (("/gzip", "the answer could not be decompressed"), ("/loop", "too many redirects")):
+        with pytest.raises(WebUIError) as error:
+            client._call("GET", path)
+        assert (type(error.value), str(error.value)) == (WebUIError, f"{url}{path} answered None: {detail}")
+    with pytest.raises(WebUIError) as error:
+        client.txt2img({"cfg_scale": float("nan")})  # not JSON
+    assert str(error.value) == f"{url}/sdapi/v1/txt2img answered None: the request failed (InvalidJSONError)"
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.001, drop_connection_at_step=2)])
+def test_a_dropped_request_says_the_server_closed_it(webui_sim, webui_client):
+    with pytest.raises(WebUIUnreachable) as error:
+        webui_client.txt2img(TXT2IMG)
+    assert str(error.value) == f"cannot reach {webui_sim.url}/sdapi/v1/txt2img: the server closed the connection without answering"
+
+
+def test_a_server_that_cannot_be_found_is_a_failed_connection():
+    url = "http://sdjobs-test.invalid:7860"  # a name that never resolves (RFC 2606)
+    with pytest.raises(WebUIUnreachable) as error:
+        WebUIClient(url, retries=0).samplers()
+    assert str(error.value) == f"cannot reach {url}/sdapi/v1/samplers: connection failed"
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ((500, {"detail": [{"loc": ["body", f"k{i}"], "msg": "bad"} for i in range(12)]}, "application/json"),
+         "; ".join(f"k{i}: bad" for i in range(10))),  # ten at most
+        ((500, {"error": {"code": 5}}, "application/json"), "{'code': 5}"),
+        ((500, {"other": 1}, "application/json"), "{'other': 1}"),
+        ((500, [1, 2], "application/json"), "[1, 2]"),
+        ((500, "y" * 400, "text/plain"), "y" * 300),
+        ((500, "", "text/plain", "Gateway Trouble"), "Gateway Trouble"),
+        ((500, "", "text/plain", ""), "no message"),
+        ((400, {"error": "bad request"}, "application/json"), "bad request"),
+    ],
+    ids=["ten validation errors", "error object", "unknown shape", "array", "long text", "reason", "nothing", "400"],
+)
+def test_an_error_answer_gives_the_servers_message_whatever_its_shape(routes, answer, message):
+    url, _ = routes({"/sdapi/v1/samplers": answer})
+    with pytest.raises(WebUIError) as error:
+        WebUIClient(url, retries=0).samplers()
+    assert (error.value.status, error.value.detail) == (answer[0], message)
+    assert type(error.value).__name__ == ("WebUIServerError" if answer[0] >= 500 else "WebUIError")
+
+
+def test_images_may_come_as_data_uris_and_must_be_strict_base64(routes):
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(40))
+    url, _ = routes({
+        "/sdapi/v1/txt2img": (200, {"images": ["data:image/png;base64," + _b64(png)]}, "application/json"),
+        "/sdapi/v1/img2img": (200, {"images": [_b64(png) + "$$"]}, "application/json"),
+    })  # fmt: skip
+    client = WebUIClient(url, retries=0)
+    assert client.txt2img(TXT2IMG).images == (png,)
+    with pytest.raises(WebUIError, match="bad image"):
+        client.img2img(TXT2IMG)
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
+def test_the_global_progress_carries_the_preview_only_when_asked(webui_sim, webui_client):
+    webui_client.set_options({"show_progress_every_n_steps": 1})
+    generation = Background(webui_client.txt2img, TXT2IMG)
+    webui_sim.release(2)
+    assert webui_sim.wait_for(lambda state: state.sampling_step >= 1)
+    assert webui_client.get_progress().current_image is None  # by default: no image
+    assert webui_client.get_progress(skip_current_image=False).current_image
+    webui_sim.release(100)
+    generation.join()
