@@ -499,6 +499,7 @@ class _Request:
 
 
 def _at_least(low: int):
+    # pragma: no mutate block (it runs once, at import: attrs validators, before mutmut switches a mutant on)
     def check(instance: object, attribute: attrs.Attribute, value: int | None) -> None:
         if value is not None and value < low:
             raise ValueError(f"{attribute.name} must be at least {low}, got {value!r}")
