@@ -43,6 +43,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ["job.py", "machine.py", "stage.py"],
         [
             "tests/test_machine.py",
+            "tests/test_job_paths.py",
             "tests/test_job_properties.py",
             "tests/test_job_start.py",
             "tests/test_hook_sequence.py",
