@@ -225,6 +225,9 @@ def test_a_lock_held_by_another_process_is_waited_for_then_named(path, holder):
         assert time.monotonic() - started >= 0.3
         message = str(locked.value)
         assert message.startswith(f"{path}: the queue stayed locked by another process for 0.3 s")
+        if sys.platform == "linux" and holder == "plain":  # named with its command line, cut to 60 characters
+            command = " ".join(process.args)
+            assert message.endswith(f"(held by pid {process.pid} ({command[:57]}...))")
         if sys.platform == "linux":
             assert f"pid {process.pid} " in message
         if holder == "worker":
@@ -289,3 +292,82 @@ def test_a_job_held_by_a_killed_worker_is_claimed_again_at_its_unfinished_stage(
     assert (job.server, job.lost_server) == ("http://attic:7860", "http://studio:7860")
     assert [worker.id for worker in store.workers()] == [rescuer.id]
     store.close()
+
+
+# -- what the store says when a call cannot be done ------------------------------------------------
+
+
+def test_a_lock_held_in_this_process_names_the_workers_using_the_queue(path):
+    """The lock's holder is this very process (another connection): it cannot be named as another
+    process, so the message names the sdjobs workers registered instead."""
+    with SQLiteStore(path, timeout=0.1) as store:
+        worker = store.register_worker()
+        holder = sqlite3.connect(path)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(StoreLocked) as locked:
+                store.add([SPEC])
+        finally:
+            holder.rollback()
+            holder.close()
+    assert str(locked.value) == (
+        f"{path}: the queue stayed locked by another process for 0.1 s"
+        f" (the holder cannot be named here; sdjobs workers using it: {worker.describe()})"
+    )
+
+
+def test_what_cannot_be_done_to_a_job_is_said_with_its_id(path):
+    with SQLiteStore(path) as store:
+        first, second, third = store.add([SPEC] * 3)
+        worker = store.register_worker()
+        ended = store.claim(worker.id)
+        store.finish(ended.id, worker.id, JobState.DONE)
+        calls = {
+            "move": lambda: store.move(ended.id, before=second.id),
+            "move a job next to": lambda: store.move(second.id, before=ended.id),
+            "change the priority of": lambda: store.set_priority(ended.id, 3),
+            "pause or resume": lambda: store.pause(ended.id),
+        }
+        for doing, call in calls.items():
+            with pytest.raises(Exception) as error:
+                call()
+            assert str(error.value) == f"job {ended.short_id} has ended (done): cannot {doing} it"
+        with pytest.raises(Exception) as error:
+            store.get("0" * 31 + "x")
+        assert str(error.value) == f"{path}: no job with id '{'0' * 31}x'"
+        with pytest.raises(Exception) as error:
+            store.finish(second.id, worker.id, JobState.DONE)
+        assert str(error.value) == f"job {second.short_id} is not held by worker {worker.id[:8]} (queued)"
+        held = store.claim(worker.id)
+        with pytest.raises(Exception) as error:
+            store.finish(held.id, "someone-else", JobState.DONE)
+        assert str(error.value) == f"job {held.short_id} is not held by worker someone- (running, held by {worker.id[:8]})"
+
+
+def test_a_prefix_of_several_ids_names_none(path):
+    with SQLiteStore(path) as store:
+        ids = sorted(job.id for job in store.add([SPEC] * 2000))  # two of them share their first 4 digits
+        common = next(a[:4] for a, b in zip(ids, ids[1:]) if a[:4] == b[:4])  # prefixes of 4 or more name a job
+        with pytest.raises(Exception) as error:
+            store.get(common)
+        assert str(error.value) == f"{path}: more than one job with id {common!r}"
+
+
+def test_a_worker_is_listed_as_registered(path):
+    now = [100.0]
+    with SQLiteStore(path, clock=lambda: now[0]) as store:
+        worker = store.register_worker()
+        now[0] = 105.0
+        store.heartbeat(worker.id)
+        [listed] = store.workers()
+    assert (listed.id, listed.host, listed.pid, listed.started_at) == (worker.id, worker.host, os.getpid(), 100.0)
+    assert listed.heartbeat_at == 105.0
+
+
+def test_a_date_in_a_spec_is_queued_as_the_text_it_is_sent_as(path):
+    import datetime
+
+    spec = JobSpec.from_mapping({"name": "cat", "seed": 1, "stages": [{"type": "txt2img", "extra": {"when": datetime.date(2026, 1, 2)}}]})
+    with SQLiteStore(path) as store:
+        [job] = store.add([spec])
+        assert store.get(job.id).spec.stages[0].extra == {"when": "2026-01-02"}
