@@ -36,6 +36,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_request_shape.py",
             "tests/test_progress_reading.py",
             "tests/test_eta_steady.py",
+            "tests/test_progress_details.py",
             "tests/test_progress_traces.py",
         ],
     ),
