@@ -195,3 +195,31 @@ def test_what_the_stage_showed_is_kept_for_the_history():
 
 def flat(rows) -> list:
     return [value for row in rows for value in row]
+
+
+def test_a_phase_running_late_is_expected_to_end_soon_not_now():
+    """Past its expected end a phase is late, not done: a quarter of its length is left."""
+    server, shape = Steady(), SHAPES["txt2img"]
+    tail = server.tail(shape.passes[0], "final")
+    samples, end = server.request(shape, 0.0)
+    last_step = end + samples[-1][0]  # the second request's last step shows then; its answer comes `tail` later
+    tracker = StageTracker(requests=2, shape=shape)
+    run_stage_until(tracker, server, shape, last_step)
+    assert tracker.eta(last_step + tail / 2) == pytest.approx(tail / 2)
+    assert tracker.eta(last_step + 2 * tail) == pytest.approx(tail / 4)
+
+
+def run_stage_until(tracker: StageTracker, server: Steady, shape: RequestShape, until: float) -> None:
+    """The stage's requests back to back, folded up to `until` (the request then in flight stays out)."""
+    start = 0.0
+    while True:
+        samples, end = server.request(shape, start)
+        tracker.request_sent(start, baseline=idle_sample(), task_mode=False)
+        for at, answer in samples:
+            if at > until:
+                return
+            tracker.fold(answer, None, at)
+        if end > until:
+            return
+        tracker.request_returned(end)
+        start = end

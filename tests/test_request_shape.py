@@ -105,6 +105,9 @@ def test_a_stage_after_the_first_is_sampled_at_the_size_of_its_input():
         (PassShape(0, 1024 * 1536, 1),), face=PassShape(11, 1024 * 1536, 1, "face")
     )
     assert RequestShape.for_stage(extras, plans[3]) is None  # extras sample nothing: not polled
+    hires = StageSpec("txt2img", settings={"width": 512, "height": 512, "steps": 10, "enable_hr": True, "hr_scale": 2})
+    # a first stage is sampled at its own size, not at the size it ends with
+    assert RequestShape.for_stage(hires, StagePlan.of(hires, None)).passes[0] == PassShape(10, 512 * 512, 1, handoff=True)
 
 
 def test_the_sequence_uses_the_faces_counted_and_assumes_them_for_the_rest():
