@@ -115,7 +115,7 @@ class _Relay(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def hostile_proxy(webui_sim, request) -> Iterator[HostileProxy]:
     proxy = HostileProxy(webui_sim.url, HOSTILE[request.param])
-    serving = threading.Thread(target=proxy.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    serving = threading.Thread(target=proxy.serve_forever, daemon=True)
     serving.start()
     yield proxy
     proxy.shutdown()
