@@ -62,7 +62,8 @@ class Steady:
                 samples.append((now, sample(0, 1, job_no=job_no, job_count=count)))
                 now += self.detection
                 count += faces
-            if not one.steps:  # ADetailer's skipped img2img: nothing sampled, no time
+            if not one.steps:  # ADetailer's skipped img2img: counted, nothing sampled, no time
+                samples.append((now, sample(0, 1, job_no=job_no, job_count=count)))
                 continue
             lead = self.warmup if job_no == 0 else self.leads[one.kind]
             samples.append((now, sample(0, one.steps, job_no=job_no, job_count=count)))
@@ -71,6 +72,8 @@ class Steady:
                 now = begun + lead + (step + 1) * self.rate(one)
                 samples.append((now, sample(step, one.steps, job_no=job_no, job_count=count)))
             now, before = begun + lead + one.steps * self.rate(one), one
+        # the server counts the last pass done while it decodes and saves: job_no == job_count
+        samples.append((now + self.tail(before, "final") / 2, sample(0, 1, job_no=len(plan), job_count=count)))
         return samples, now + self.tail(before, "final")
 
 
@@ -202,7 +205,7 @@ def test_a_phase_running_late_is_expected_to_end_soon_not_now():
     server, shape = Steady(), SHAPES["txt2img"]
     tail = server.tail(shape.passes[0], "final")
     samples, end = server.request(shape, 0.0)
-    last_step = end + samples[-1][0]  # the second request's last step shows then; its answer comes `tail` later
+    last_step = end + samples[-2][0]  # the second request's last step shows then; its answer comes `tail` later
     tracker = StageTracker(requests=2, shape=shape)
     run_stage_until(tracker, server, shape, last_step)
     assert tracker.eta(last_step + tail / 2) == pytest.approx(tail / 2)
@@ -223,3 +226,25 @@ def run_stage_until(tracker: StageTracker, server: Steady, shape: RequestShape, 
             return
         tracker.request_returned(end)
         start = end
+
+
+def test_steps_too_quick_to_time_are_kept_as_the_whole_request_per_step():
+    shape = RequestShape.of("txt2img", TXT2IMG)
+    tracker = StageTracker(shape=shape)
+    tracker.request_sent(0.0, baseline=idle_sample(), task_mode=False)
+    tracker.fold(sample(3, 6), None, 1.0)  # one step seen: no rate
+    tracker.request_returned(3.0)
+    pass_ = shape.passes[0]
+    assert tracker.timing()["rates"] == [[pass_.pixels, pass_.batch, 3.0 / 6]]
+    assert tracker.timing()["faces"] == []  # no ADetailer: no faces counted
+
+
+def test_an_image_adetailer_found_no_face_in_counts_none():
+    shape = RequestShape.of("txt2img", TXT2IMG, FACE)
+    tracker = StageTracker(shape=shape)
+    tracker.request_sent(0.0, baseline=idle_sample(), task_mode=False)
+    for step in range(1, 6):
+        tracker.fold(sample(step, 6), None, float(step))
+    tracker.fold(sample(0, 1, job_no=1, job_count=1), None, 6.0)  # detection; the count never rises
+    tracker.request_returned(7.0)
+    assert tracker.timing()["faces"] == [0]
