@@ -14,10 +14,12 @@ from hypothesis import settings
 
 settings.register_profile("ci", max_examples=200, deadline=None)
 settings.register_profile("dev", max_examples=50, deadline=None)
-# `./dev mutate` runs the tests once per mutant: fewer examples, so a full run fits its time, drawn
+# `./dev mutate` runs the tests once per mutant: fewer examples (and steps), so a full run fits its time, drawn
 # the same way every time (so a mutant's verdict does not change from run to run), and no example
 # database (each mutant's failures would be replayed against the next).
-settings.register_profile("mutate", max_examples=20, deadline=None, derandomize=True, database=None)
+settings.register_profile(
+    "mutate", max_examples=20, stateful_step_count=20, deadline=None, derandomize=True, database=None
+)
 settings.load_profile(os.environ.get("SDJOBS_HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 TRACES = Path(__file__).parent / "data" / "traces"

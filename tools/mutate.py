@@ -38,6 +38,9 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_eta_steady.py",
             "tests/test_progress_details.py",
             "tests/test_progress_traces.py",
+            # less the bench script's own test (it runs every trace through two models: 5 s a mutant)
+            "-k",
+            "not bench_prints_its_table",
         ],
     ),
     "job": (
@@ -68,8 +71,18 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "payloads": (["payloads.py"], ["tests/test_payloads.py"]),
     "outputs": (["outputs.py"], ["tests/test_outputs.py"]),
-    # the SQLite store only: the PostgreSQL backend of the contract suite needs a server
-    "store": (["store.py", "sql_store.py", "sqlite_store.py"], ["tests/test_store_contract.py", "tests/test_sqlite_store.py", "-k", "not postgres"]),
+    # the SQLite store only (the PostgreSQL backend of the contract suite needs a server), less two
+    # slow tests that reach nothing the others do not: specs read back (JobSpec's JSON, over many
+    # specs) and workers in several processes (the mutant lives in this process only)
+    "store": (
+        ["store.py", "sql_store.py", "sqlite_store.py"],
+        [
+            "tests/test_store_contract.py",
+            "tests/test_sqlite_store.py",
+            "-k",
+            "not postgres and not read_back_from_json and not several_processes",
+        ],
+    ),
 }
 
 #: Lines not mutated, as regular expressions, each with its reason:
