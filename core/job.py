@@ -473,13 +473,14 @@ class Job:
         stage, result = self.stage, event.kwargs["result"]
         self.deadline, self._down = None, None
         stage.request.stop_polling()
+        # where an interrupt cut the request, read before the tracker counts the request as answered
+        cut = self._cut() if self.state in ("interrupting", "stall_interrupting") else None
         stage.tracker.request_returned(self.clock())
         first = int(result.info.get("index_of_first_image", 0) or 0)
         source = stage.request.source
         fallback = read_parameters(source) if source else None
         seeds = result.seeds
         images = result.images[first:] if self.folder is not None else ()  # None: detached
-        cut = self._cut() if self.state in ("interrupting", "stall_interrupting") else None
         cut_from = len(images) - int(stage.request.payload.get("batch_size") or 1)  # the batch being sampled
         for i, png in enumerate(images):
             provenance = {"seed": seeds[i] if i < len(seeds) else self.spec.seed}

@@ -14,7 +14,7 @@ from sdjobs.hooks import Hooks, make_plugin_manager
 from sdjobs.job import Job, JobSettings
 from sdjobs.outputs import JobFolder
 from sdjobs.spec import JobSpec
-from sdjobs.status import CancelMode, JobState
+from sdjobs.status import CancelMode, JobState, TaskProgress
 from sdjobs.testing import FakeWebUI, HookRecorder, Quirks, active_task, sample
 
 URL = "http://webui/sdapi/v1/txt2img"
@@ -23,10 +23,18 @@ URL = "http://webui/sdapi/v1/txt2img"
 class Started:
     """A one- or two-stage job begun and prepared, its first request out (task ids followed)."""
 
-    def __init__(self, tmp_path, settings: JobSettings = JobSettings(), stages: int = 1, *, prepared: bool = True) -> None:
-        self.spec = JobSpec.from_mapping(
-            {"name": "cat", "seed": 7, "stages": [{"type": "txt2img"}, *[{"type": "img2img"}] * (stages - 1)]}
-        )
+    def __init__(
+        self,
+        tmp_path,
+        settings: JobSettings = JobSettings(),
+        stages: int = 1,
+        *,
+        prepared: bool = True,
+        first: dict | None = None,
+        later: list[dict] | None = None,
+    ) -> None:
+        later = [{"type": "img2img"}] * (stages - 1) if later is None else later
+        self.spec = JobSpec.from_mapping({"name": "cat", "seed": 7, "stages": [first or {"type": "txt2img"}, *later]})
         self.clock = FakeClock()
         self.webui = FakeWebUI(task_tracking=True, folder=JobFolder.create(tmp_path, "job-1"))
         self.recorder = HookRecorder()
@@ -191,3 +199,39 @@ def test_a_detached_job_writes_and_records_nothing_more(tmp_path):
     assert started.job.outcome is JobState.DONE and len(recorded) == 1
     assert sorted(path.name for path in (tmp_path / "job-1").rglob("*.png")) == ["001.png"]  # stage 1's only
     assert started.job.folder is None and started.job.detached
+
+
+def test_each_progress_shown_carries_what_the_samples_said(tmp_path):
+    started = Started(tmp_path, JobSettings(preview=True), stages=2, first={"type": "txt2img", "steps": 10, "n_iter": 2})
+    started.job.sample(info=None, task=TaskProgress(active=False, queued=True, completed=False, queue_position=(1, 2)))
+    queued = started.recorder.calls[-1][1]["status"]
+    assert queued.queue_position == (1, 2) and queued.step is None
+    for step in (1, 2):
+        started.clock.advance(1.0)
+        task = TaskProgress(active=True, queued=False, completed=False, progress=step / 20,
+                            live_preview="data:image/png;base64,QUJD", id_live_preview=step)  # fmt: skip
+        started.job.sample(info=sample(step, 10, job_count=2), task=task)
+    status = started.recorder.calls[-1][1]["status"]
+    assert (status.step, status.steps, status.image, status.images) == (2, 10, 1, 2)
+    assert (status.pass_kind, status.face, status.queue_position, status.preview) == (None, None, None, "QUJD")
+    assert 0 < status.job_progress < status.progress < 1
+    assert 0 < status.eta < status.job_eta  # the next stage's steps are priced at this stage's rate
+
+
+def test_a_request_cut_short_by_a_cancel_records_where(tmp_path):
+    started = Started(tmp_path, first={"type": "txt2img", "steps": 10, "enable_hr": True, "hr_second_pass_steps": 6})
+    started.job.sample(info=sample(3, 6, job_no=1, job_count=2), task=active_task(0.75))
+    started.job.cancel(mode=CancelMode.NOW)
+    started.answer()
+    [result] = started.job.results
+    assert result.partial and result.cut == {"pass": "hires", "face": None, "step": 3, "steps": 6, "images": [str(result.images[0])]}
+
+
+def test_a_cut_during_a_face_names_the_face(tmp_path):
+    started = Started(tmp_path, later=[{"type": "adetailer", "ad_model": "face_yolov8n.pt", "ad_denoising_strength": 0.4}])
+    started.answer()
+    assert started.job.stage.spec.type == "adetailer"
+    started.job.sample(info=sample(2, 9, job_no=1, job_count=3), task=active_task((1 + 2 / 9) / 3))  # face 1 of 2
+    started.job.cancel(mode=CancelMode.NOW)
+    started.answer()
+    assert started.job.results[-1].cut["pass"] == "face" and started.job.results[-1].cut["face"] == [1, 2]
