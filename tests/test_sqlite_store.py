@@ -29,7 +29,7 @@ from sdjobs.sqlite_store import (
     migrate,
     queue_path,
 )
-from sdjobs.status import JobState, StageResult
+from sdjobs.status import CancelMode, JobState, StageResult
 from sdjobs.store import StoreLocked, StoreTooNew, StoreUnreadable
 
 SPEC = JobSpec.from_mapping({"name": "cat", "seed": 7, "stages": [{"type": "txt2img"}, {"type": "img2img"}]})
@@ -327,6 +327,7 @@ def test_what_cannot_be_done_to_a_job_is_said_with_its_id(path):
             "move a job next to": lambda: store.move(second.id, before=ended.id),
             "change the priority of": lambda: store.set_priority(ended.id, 3),
             "pause or resume": lambda: store.pause(ended.id),
+            "cancel": lambda: store.request_cancel(ended.id, CancelMode.NOW),
         }
         for doing, call in calls.items():
             with pytest.raises(Exception) as error:
@@ -371,3 +372,35 @@ def test_a_date_in_a_spec_is_queued_as_the_text_it_is_sent_as(path):
     with SQLiteStore(path) as store:
         [job] = store.add([spec])
         assert store.get(job.id).spec.stages[0].extra == {"when": "2026-01-02"}
+
+
+def test_a_worker_counted_gone_is_told_so(path):
+    with SQLiteStore(path) as store:
+        with pytest.raises(Exception) as error:
+            store.heartbeat("f00dfeed" * 4)
+    assert str(error.value) == (
+        f"{path}: worker f00dfeed is not registered (it was counted gone and its jobs went back to the queue)"
+    )
+
+
+def test_a_job_that_cannot_be_read_back_is_named(path):
+    with SQLiteStore(path) as store:
+        [job] = store.add([SPEC])
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE jobs SET spec = '{\"name\": 1}' WHERE id = ?", (job.id,))
+    with SQLiteStore(path) as store:
+        with pytest.raises(StoreUnreadable) as error:
+            store.get(job.id)
+    assert str(error.value).startswith(f"{path}: job {job.id} cannot be read (")
+
+
+def test_pausing_or_resuming_a_running_job_does_not_call_it_back(path):
+    with SQLiteStore(path) as store:
+        [job] = store.add([SPEC])
+        worker = store.register_worker()
+        store.claim(worker.id)
+        store.pause(job.id)
+        store.resume(job.id)
+        assert not store.get(job.id).recall
+        store.pause(job.id, now=True)
+        assert store.get(job.id).recall
