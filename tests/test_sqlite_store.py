@@ -404,3 +404,8 @@ def test_pausing_or_resuming_a_running_job_does_not_call_it_back(path):
         assert not store.get(job.id).recall
         store.pause(job.id, now=True)
         assert store.get(job.id).recall
+
+
+def test_a_store_shows_its_file(path):
+    with SQLiteStore(path) as store:
+        assert repr(store) == f"SQLiteStore({str(path)!r})"
