@@ -407,3 +407,11 @@ def test_the_lists_are_asked_for_at_once():
             return asked
 
     assert ServerCatalog.from_client(AllAtOnce()) == ServerCatalog.from_client(RecordedServer())
+
+
+def test_a_server_running_some_of_a_jobs_stages_checks_only_what_they_use():
+    job = spec({"type": "upscale", "upscaler": "Nope"}, checkpoint="v15", settings={"sampler_name": "Eulr a"})
+    problems = [_without_choices(problem) for problem in preflight(job, small(), stages=[1])]
+    # extras load no checkpoint and take no sampler: only the upscaler is this server's business
+    assert problems == ["stage 2 (upscale): upscaler 'Nope' is not on the server"]
+    assert len(preflight(job, small())) == 3  # all of it: the checkpoint, the sampler, the upscaler
