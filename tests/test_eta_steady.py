@@ -248,3 +248,19 @@ def test_an_image_adetailer_found_no_face_in_counts_none():
     tracker.fold(sample(0, 1, job_no=1, job_count=1), None, 6.0)  # detection; the count never rises
     tracker.request_returned(7.0)
     assert tracker.timing()["faces"] == [0]
+
+
+def test_before_the_run_shows_them_a_hires_pass_and_the_decodes_are_guessed_from_the_main_pass():
+    """The guesses: a pass of another size costs the main pass's rate times the square root of its
+    work; a decode not yet seen, half a step of its pass; a later pass's lead, none."""
+    server, shape = Steady(), SHAPES["hires"]
+    main, hires = shape.passes
+    tracker = StageTracker(shape=shape)
+    samples, _ = server.request(shape, 0.0)
+    tracker.request_sent(0.0, baseline=idle_sample(), task_mode=False)
+    for at, answer in samples[:3]:  # the first sample, then steps 1 and 2 of the main pass
+        tracker.fold(answer, None, at)
+    rate = server.rate(main)
+    hires_rate = rate * (hires.work / main.work) ** 0.5
+    left = (main.steps - 1 - 2) * rate + rate / 2 + hires.steps * hires_rate + hires_rate / 2
+    assert tracker.eta(samples[2][0]) == pytest.approx(left)
