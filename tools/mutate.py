@@ -89,11 +89,11 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
 NOT_MUTATED = [
     # debug-level log lines: text for a developer reading `--log-level debug`, promised to no one
     r"\blog\.debug\(",
-    # SQL text (the SQLite store): its string mutants are a change of case, which SQLite does not
+    # SQL text (the stores): its string mutants are a change of case, which SQLite does not
     # see (keywords and names are case-insensitive), or an XX-wrapped statement, a syntax error the
     # first test of the call hits; they cost a whole test run each.  (The lines' other mutants,
     # the statement's arguments, go with them.)
-    r'^\s*(connection\.execute(many)?\()?f?"\s*(SELECT|UPDATE|INSERT|DELETE|PRAGMA|BEGIN|CREATE|AND|OR|ORDER)\b',
+    r'f?"\s*(SELECT|UPDATE|INSERT|DELETE|PRAGMA|BEGIN|CREATE|AND|OR|ORDER|ON CONFLICT)\b',
     r'^\s*f?" [a-z_]+ = ',
     # a column read from an `sqlite3.Row`, whose keys are case-insensitive too: `id=row["id"],`
     r'^\s*\w+=(bool\()?row\["\w+"\]\)?,$',
