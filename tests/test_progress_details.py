@@ -81,13 +81,13 @@ def test_a_stage_progress_over_one_counts_as_that_stage_done_and_nan_as_nothing(
     assert jobs.job_progress(1, math.nan) == 0.5
 
 
-def test_later_stages_take_the_seconds_history_expects_when_it_knows_them_all():
+def test_later_stages_take_the_seconds_history_expects_where_it_knows_them():
     jobs = JobTracker(costs=(10.0, 10.0, 10.0), seconds=(100.0, 30.0, 7.0))
     assert jobs.job_eta(0, 5.0) == 5.0 + 30.0 + 7.0
     assert jobs.job_eta(1, 5.0) == 5.0 + 7.0
     partial = JobTracker(costs=(10.0, 10.0, 10.0), seconds=(100.0, None, 7.0))
-    assert partial.job_eta(0, 5.0) is None  # a later stage history has no figure for: the step rate
-    assert partial.job_eta(0, 5.0, seconds_per_step=0.5) == 5.0 + 20 * 0.5
+    assert partial.job_eta(0, 5.0) is None  # a later stage history has no figure for, and no step timed
+    assert partial.job_eta(0, 5.0, seconds_per_step=0.5) == 5.0 + 10 * 0.5 + 7.0  # that one at the step rate
 
 
 def test_a_step_rate_of_zero_is_no_rate():
