@@ -19,9 +19,10 @@ from sdjobs.feed import Publisher
 from sdjobs.postgres_server import fresh_url
 from sdjobs.postgres_store import PostgresStore, migrate
 from sdjobs.queues import open_store
+from sdjobs.sim import SimSettings
 from sdjobs.sqlite_store import SQLiteStore
 from sdjobs.status import JobState, RuntimeStatus, StageResult
-from test_kill import finish, job_file, sim_process, worker_args  # noqa: F401  (sim_process: a fixture)
+from test_kill import finish, job_file, sim_process, until, worker_args  # noqa: F401  (sim_process: a fixture)
 
 RECORDER = """
     import json, os
@@ -186,3 +187,26 @@ def test_a_queue_a_watcher_cannot_use_is_one_line_and_status_2(tmp_path, postgre
     assert migrate(url) == 1
     with PostgresStore(url) as store:
         assert store.feed() == []
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
+def test_a_watcher_shows_each_workers_job_under_its_own_worker(queue, webui_sim, tmp_path):
+    """Two worker processes, one job each (the simulator holds both until released): the watcher shows both."""
+    with open_store(queue) as store:
+        first, second = store.add([job_spec(("txt2img",), name="sea"), job_spec(("txt2img",), name="sky")])
+        watch, shown, _ = watcher(tmp_path, "--until-empty")
+        workers = [start(*worker_args(webui_sim.url, tmp_path / "out"))]
+        until(lambda: store.get(first.id).state is JobState.RUNNING, "the first worker took the first job")
+        workers.append(start(*worker_args(webui_sim.url, tmp_path / "out")))
+        until(lambda: store.get(second.id).state is JobState.RUNNING, "the second worker took the second job")
+        webui_sim.release(1000)
+        for process in workers:
+            status, errors = finish(process)
+            assert status == 0, errors
+        assert finish(watch, timeout=30)[0] == 0
+        events = [event for event in read_lines(shown.text()) if event.get("worker")]
+        by_job = {job.id: {event["worker"] for event in events if event["job"] == job.id} for job in (first, second)}
+        assert all(len(names) == 1 for names in by_job.values()), by_job
+        assert by_job[first.id] != by_job[second.id], "each job under the worker that ran it"
+        finished = [event["job"] for event in events if event["event"] == "job_finished" and event["outcome"] == "done"]
+        assert sorted(finished) == sorted([first.id, second.id])
