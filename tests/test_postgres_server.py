@@ -32,6 +32,7 @@ def temporary():
     folder = Path(tempfile.mkdtemp(prefix="sdjobs-reap-test-"))
     folder.chmod(0o755)
     yield folder
+    reap(server_binaries(), folder)  # a server the test left, had it failed before reaping
     shutil.rmtree(folder, ignore_errors=True)
 
 
