@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -36,23 +37,38 @@ def queue_file(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
     return folder / "queue.db"
 
 
-@pytest.fixture
-def canned_server() -> Iterator[Callable[[int, object], str]]:
-    """A real HTTP server on 127.0.0.1 that answers every request with one canned reply.
+#: What a route answers: (status, body, Content-Type or None for no such header), and optionally
+#: the status line's reason phrase and more headers.
+Answer = tuple
 
-    For shapes the simulator does not speak (Forge's and SD.Next's error bodies).
-    Returns a function ``serve(status, body) -> url``.
+NOT_FOUND: Answer = (404, {"detail": "Not Found"}, "application/json")
+
+
+@pytest.fixture
+def routes() -> Iterator[Callable[..., tuple[str, Counter]]]:
+    """A real HTTP server on 127.0.0.1 answering each path as told (``default``, 404, for the
+    others), counting the requests to each.  Returns ``serve(answers, default) -> (url, counts)``.
+
+    For what the simulator never answers (odd shapes, HTML pages, Forge's and SD.Next's errors).
     """
     servers: list[ThreadingHTTPServer] = []
 
-    def serve(status: int, body: object) -> str:
-        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    def serve(answers: dict[str, Answer], default: Answer = NOT_FOUND) -> tuple[str, Counter]:
+        counts: Counter = Counter()
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                path = self.path.split("?")[0]
+                counts[path] += 1
+                status, body, kind, *more = answers.get(path, default)
+                reason, headers = (more[0] if more else None), (more[1] if len(more) > 1 else {})
+                payload = body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response_only(status, reason)
+                if kind is not None:
+                    self.send_header("Content-Type", kind)
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
@@ -63,15 +79,26 @@ def canned_server() -> Iterator[Callable[[int, object], str]]:
                 pass
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        # a short poll: shutting the server down at the test's end waits for one
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
         servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
+        return f"http://127.0.0.1:{server.server_address[1]}", counts
 
     yield serve
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def canned_server(routes) -> Callable[[int, object], str]:
+    """`routes` answering every request with one JSON reply (``body`` as given when bytes).
+    Returns ``serve(status, body) -> url``."""
+
+    def serve(status: int, body: object) -> str:
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return routes({}, (status, payload, "application/json"))[0]
+
+    return serve
 
 
 @pytest.fixture

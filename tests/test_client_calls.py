@@ -3,12 +3,6 @@ answers the simulator never gives (odd shapes, HTML pages, a 500 while we ask ab
 
 from __future__ import annotations
 
-import json
-import threading
-from collections import Counter
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 from runner_helpers import Background
 
@@ -16,53 +10,6 @@ from sdjobs.client import Timeouts, WebUIClient, WebUIError, WebUITimeout, WebUI
 from sdjobs.sim import SimSettings
 
 TXT2IMG = {"prompt": "a lighthouse", "seed": 1234, "steps": 3, "width": 64, "height": 64}
-
-#: What a route answers: (status, body, Content-Type or None for no such header), and optionally
-#: the status line's reason phrase and more headers.
-Answer = tuple
-
-
-@pytest.fixture
-def routes() -> Iterator[Callable[[dict[str, Answer]], tuple[str, Counter]]]:
-    """A real HTTP server on 127.0.0.1 answering each path as told (404 for the others),
-    counting the requests to each.  Returns ``serve(answers) -> (url, counts)``."""
-    servers: list[ThreadingHTTPServer] = []
-
-    def serve(answers: dict[str, Answer]) -> tuple[str, Counter]:
-        counts: Counter = Counter()
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                path = self.path.split("?")[0]
-                counts[path] += 1
-                status, body, kind, *more = answers.get(path, (404, {"detail": "Not Found"}, "application/json"))
-                reason, headers = (more[0] if more else None), (more[1] if len(more) > 1 else {})
-                payload = body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                self.send_response_only(status, reason)
-                if kind is not None:
-                    self.send_header("Content-Type", kind)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            do_GET = do_POST = _answer
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}", counts
-
-    yield serve
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
 
 # -- generation, lists and settings on the simulator ---------------------------------------
 
