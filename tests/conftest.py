@@ -38,8 +38,9 @@ def queue_file(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
 
 
 #: What a route answers: (status, body, Content-Type or None for no such header), and optionally
-#: the status line's reason phrase and more headers.
-Answer = tuple
+#: the status line's reason phrase and more headers; or a list of them, one per request in turn
+#: (the last for every request after).
+Answer = tuple | list
 
 NOT_FOUND: Answer = (404, {"detail": "Not Found"}, "application/json")
 
@@ -61,7 +62,10 @@ def routes() -> Iterator[Callable[..., tuple[str, Counter]]]:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 path = self.path.split("?")[0]
                 counts[path] += 1
-                status, body, kind, *more = answers.get(path, default)
+                answer = answers.get(path, default)
+                if isinstance(answer, list):
+                    answer = answer[min(counts[path], len(answer)) - 1]
+                status, body, kind, *more = answer
                 reason, headers = (more[0] if more else None), (more[1] if len(more) > 1 else {})
                 payload = body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else json.dumps(body).encode()
                 self.send_response_only(status, reason)

@@ -326,3 +326,32 @@ def test_the_global_progress_carries_the_preview_only_when_asked(webui_sim, webu
     assert webui_client.get_progress(skip_current_image=False).current_image
     webui_sim.release(100)
     generation.join()
+
+
+# -- which calls are asked again when the server is briefly unavailable ---------------------------
+
+BUSY = (503, {"detail": "Service Unavailable"}, "application/json")
+
+
+def test_a_list_asked_while_the_server_is_briefly_unavailable_is_asked_again(routes):
+    url, counts = routes({"/sdapi/v1/samplers": [BUSY, BUSY, (200, [{"name": "Euler a"}], "application/json")]})
+    assert WebUIClient(url).samplers() == [{"name": "Euler a"}]
+    assert counts["/sdapi/v1/samplers"] == 3
+
+
+def test_a_list_asked_of_a_server_that_stays_unavailable_fails_after_the_retries(routes):
+    url, counts = routes({"/sdapi/v1/samplers": BUSY})
+    with pytest.raises(WebUIError, match="503"):
+        WebUIClient(url, retries=2).samplers()
+    assert counts["/sdapi/v1/samplers"] == 3  # the first ask and two more
+
+
+def test_a_generation_or_a_progress_sample_is_never_asked_again(routes):
+    """A generation sent twice renders twice; a progress sample is worth nothing once the next is due."""
+    url, counts = routes({"/sdapi/v1/txt2img": BUSY, "/sdapi/v1/progress": BUSY, "/internal/progress": BUSY})
+    client = WebUIClient(url)
+    with pytest.raises(WebUIError):
+        client.generate("txt2img", TXT2IMG)
+    assert client.get_progress() is None
+    assert client.internal_progress("task(x)") is None
+    assert counts == {"/sdapi/v1/txt2img": 1, "/sdapi/v1/progress": 1, "/internal/progress": 1}
