@@ -7,7 +7,9 @@ import io
 import json
 import os
 import re
+import struct
 import time
+import zlib
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -372,3 +374,14 @@ def test_an_image_and_the_last_manifest_reach_the_disk_before_their_names_do(fol
     assert flushed == [".01-txt2img-001.png.partial", "01-txt2img"]
     folder.write_manifest(spec, [], outcome=JobState.DONE)
     assert flushed == [".01-txt2img-001.png.partial", "01-txt2img", ".manifest.json.partial", "."]
+
+
+def test_a_text_chunk_that_cannot_be_decoded_is_skipped_and_the_others_read():
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    source = png(INFOTEXT)
+    end = source.rindex(b"IEND") - 4
+    broken = chunk(b"tEXt", b"no keyword separator") + chunk(b"zTXt", b"key\0\0not zlib data")
+    broken += chunk(b"iTXt", b"key\0\1\0\0\0not zlib either") + chunk(b"tEXt", b"late\0read")
+    assert read_text_chunks(source[:end] + broken + source[end:]) == {"parameters": INFOTEXT, "late": "read"}
