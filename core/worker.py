@@ -327,14 +327,7 @@ class Worker:
             lanes = self.lanes
             self._lane_ended(lane, claimed, lanes.run(lane, claimed, lambda _, job: lanes.run_held(lane, self.store, worker_id, job)))
             return
-        with self._switch:
-            self._running = claimed.id
-        outcome = self.runner.run_held(self.store, worker_id, claimed)
-        with self._switch:
-            self._running = None
-        if outcome is None:
-            self._hand_over(claimed, worker_id)
-        elif outcome is JobState.FAILED and self.runner.webui_down and not self._wait_for_webui():
+        if not self._run_held(claimed, worker_id):
             self._stop.set()  # `sdjobs worker --until-empty` stops (the jobs not run stay queued)
 
     def _tick(self) -> bool:
@@ -385,15 +378,20 @@ class Worker:
                 continue
             self._announce(record)
             self._last = record.id
-            with self._switch:
-                self._running = record.id
-            outcome = self.runner.run_held(self.store, worker_id, record)
-            with self._switch:
-                self._running = None
-            if outcome is None:
-                self._hand_over(record, worker_id)
-            elif outcome is JobState.FAILED and self.runner.webui_down and not self._wait_for_webui():
+            if not self._run_held(record, worker_id):
                 return
+
+    def _run_held(self, record: JobRecord, worker_id: str) -> bool:
+        """Run a claimed job on the worker's one server; False when the WebUI stayed down, so the
+        worker should start no other job."""
+        with self._switch:
+            self._running = record.id
+        outcome = self.runner.run_held(self.store, worker_id, record)
+        with self._switch:
+            self._running = None
+        if outcome is None:
+            self._hand_over(record, worker_id)
+        return not (outcome is JobState.FAILED and self.runner.webui_down and not self._wait_for_webui())
 
     def _run_lanes(self, lanes: Lanes) -> None:
         """Start on each free server the job `Lanes.pick` chose for it, until stopped (or, with
