@@ -3,6 +3,11 @@ answers the simulator never gives (odd shapes, HTML pages, a 500 while we ask ab
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
 import pytest
 from runner_helpers import Background
 
@@ -63,6 +68,9 @@ def test_lists_and_answers_of_the_wrong_shape_are_webui_errors(routes):
         with pytest.raises(WebUIError, match=f"expected {wanted}, got "):
             getattr(client, call)()
     assert client.sd_vae() is None and client.schedulers() is None  # 404: not listed
+    with pytest.raises(WebUIError) as error:
+        client.options()
+    assert str(error.value) == f"{url}/sdapi/v1/options answered 200: expected an object, got an array"
 
 
 def test_adetailers_models_must_be_an_array(routes):
@@ -103,6 +111,7 @@ def test_an_extras_answer_without_an_image_has_none(routes):
         ("[1, 2]", {"text": "[1, 2]"}),  # JSON, but not an object
         (42, {"text": "42"}),  # not a string at all
         ("not json", {"text": "not json"}),
+        ("Steps: 20, " * 40, {"text": "Steps: 20, " * 40}),  # not JSON, and kept whole however long
         ({"seed": 3}, {"seed": 3}),
     ],
 )
@@ -128,13 +137,16 @@ def test_an_answer_that_is_not_json_says_what_it_is(routes, body, kind, detail):
     with pytest.raises(WebUIError) as error:
         WebUIClient(url, retries=0).samplers()
     wanted = "the answer is an HTML page, not JSON: is this a WebUI started with --api?" if detail == "HTML" else detail
-    assert error.value.detail == wanted
+    assert str(error.value) == f"{url}/sdapi/v1/samplers answered 200: {wanted}"
 
 
 @pytest.mark.parametrize(
     ("detail", "message"),
     [
         ([{"loc": ["body", "override_settings", "sd_vae"], "msg": "bad"}], "override_settings.sd_vae: bad"),
+        ([{"loc": ["body"], "msg": "not an object"}], "not an object"),  # the whole body: no place to name
+        ([{"loc": "steps", "msg": "bad"}], "bad"),  # a place that is not a list is not spelt out
+        ([{"loc": ["body", "steps"], "type": "missing"}], "steps: "),  # no message: the place alone
         (["a plain complaint"], "a plain complaint"),
         ("x" * 400, "x" * 300),
         ({"why": 1}, "{'why': 1}"),
@@ -331,12 +343,29 @@ def test_the_global_progress_carries_the_preview_only_when_asked(webui_sim, webu
 # -- which calls are asked again when the server is briefly unavailable ---------------------------
 
 BUSY = (503, {"detail": "Service Unavailable"}, "application/json")
+SAMPLERS = (200, [{"name": "Euler a"}], "application/json")
 
 
 def test_a_list_asked_while_the_server_is_briefly_unavailable_is_asked_again(routes):
-    url, counts = routes({"/sdapi/v1/samplers": [BUSY, BUSY, (200, [{"name": "Euler a"}], "application/json")]})
+    url, counts = routes({"/sdapi/v1/samplers": [BUSY, BUSY, SAMPLERS]})
     assert WebUIClient(url).samplers() == [{"name": "Euler a"}]
     assert counts["/sdapi/v1/samplers"] == 3
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_each_answer_of_a_gateway_whose_server_is_down_is_asked_again(routes, status):
+    url, counts = routes({"/sdapi/v1/samplers": [(status, "Bad Gateway", "text/plain"), SAMPLERS]})
+    assert WebUIClient(url).samplers() == [{"name": "Euler a"}]
+    assert counts["/sdapi/v1/samplers"] == 2
+
+
+def test_by_default_a_list_is_asked_four_times_in_all_waiting_between_the_asks(routes):
+    url, counts = routes({"/sdapi/v1/samplers": BUSY})
+    started = time.monotonic()
+    with pytest.raises(WebUIError, match="503"):
+        WebUIClient(url).samplers()
+    assert counts["/sdapi/v1/samplers"] == 4  # the first ask and three more
+    assert time.monotonic() - started >= 0.4, "the asks came back to back: no backoff"
 
 
 def test_a_list_asked_of_a_server_that_stays_unavailable_fails_after_the_retries(routes):
@@ -355,3 +384,59 @@ def test_a_generation_or_a_progress_sample_is_never_asked_again(routes):
     assert client.get_progress() is None
     assert client.internal_progress("task(x)") is None
     assert counts == {"/sdapi/v1/txt2img": 1, "/sdapi/v1/progress": 1, "/internal/progress": 1}
+
+
+@pytest.fixture
+def dropping_server() -> Iterator[tuple[str, list[int]]]:
+    """A server that reads each request and closes the connection unanswered; the list counts them."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
+    dropped = [0]
+    stop = threading.Event()
+
+    def drop() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.recv(65536)
+                dropped[0] += 1
+
+    dropping = threading.Thread(target=drop, daemon=True)
+    dropping.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", dropped
+    stop.set()
+    dropping.join(timeout=5)
+    server.close()
+
+
+def test_a_progress_sample_or_a_ping_whose_connection_drops_is_not_asked_again(dropping_server):
+    url, dropped = dropping_server
+    client = WebUIClient(url)
+    assert client.get_progress() is None
+    with pytest.raises(WebUIUnreachable, match="closed the connection without answering"):
+        client.ping()
+    assert dropped == [2]
+    with pytest.raises(WebUIUnreachable):
+        WebUIClient(url, retries=1).samplers()
+    assert dropped == [4], "a list is asked again"
+
+
+# -- a task's preview -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(stepping=True)])
+def test_a_tasks_progress_carries_a_preview_only_when_asked_and_only_a_new_one(webui_sim, webui_client):
+    webui_client.set_options({"show_progress_every_n_steps": 1})
+    generation = Background(webui_client.txt2img, TXT2IMG, force_task_id="ours")
+    webui_sim.release(2)
+    assert webui_sim.wait_for(lambda state: state.sampling_step >= 1)
+    assert webui_client.internal_progress("ours").live_preview is None  # by default: no preview
+    first = webui_client.internal_progress("ours", preview=True)
+    assert first.live_preview.startswith("data:image/png;base64,")
+    again = webui_client.internal_progress("ours", preview=True, id_live_preview=first.id_live_preview)
+    assert again.active and again.live_preview is None  # the one already had is not sent twice
+    webui_sim.release(100)
+    generation.join()

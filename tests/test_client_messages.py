@@ -14,7 +14,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from sdjobs.client import Timeouts, WebUIClient, WebUIError, WebUINotFound, WebUIServerError, WebUITimeout
+from sdjobs.client import (
+    Timeouts,
+    WebUIClient,
+    WebUIError,
+    WebUINotFound,
+    WebUIServerError,
+    WebUITimeout,
+    parse_base_url,
+)
 from sdjobs.sim import SimSettings
 
 #: A password a user types as it is, unencoded, into `--webui`.
@@ -146,6 +154,15 @@ def test_a_connection_that_cannot_be_opened_says_so_and_how_long_it_waited(full_
             client.samplers()
     assert str(caught.value) == f"{full_url}/sdapi/v1/samplers: could not connect: timed out after 0.2 s"
     assert "connection failed" not in str(caught.value)
+    assert caught.value.down  # no server there yet: worth waiting for, unlike one that went silent
+
+
+def test_setting_options_waits_as_long_as_a_generation(silent_url):
+    """Setting options may load a model: it waits the generation timeout, not the short calls' one."""
+    with WebUIClient(silent_url, timeouts=Timeouts(read=2.0, generation=0.1), retries=0) as client:
+        with pytest.raises(WebUITimeout) as caught:
+            client.set_options({"sd_model_checkpoint": "other.safetensors"})
+    assert str(caught.value) == f"{silent_url}/sdapi/v1/options: no answer: timed out after 0.1 s"
 
 
 # -- answers that are not what a WebUI sends -------------------------------------------------
@@ -183,5 +200,24 @@ def test_a_deeply_nested_error_is_a_short_message(canned_server, body):
 
 
 def test_a_deeply_nested_answer_is_a_webui_error(canned_server):
-    with pytest.raises(WebUIError, match="nested too deeply"):
-        WebUIClient(canned_server(200, DEEP), retries=0).options()
+    url = canned_server(200, DEEP)
+    with pytest.raises(WebUIError) as caught:
+        WebUIClient(url, retries=0).options()
+    assert str(caught.value) == f"{url}/sdapi/v1/options answered 200: the answer is nested too deeply to read"
+
+
+# -- base URLs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "base", "auth"),
+    [
+        ("http://127.0.0.1:7860/", "http://127.0.0.1:7860", None),
+        ("https://GPU-BOX/", "https://GPU-BOX", None),
+        ("http://alice:pa:ss@host:7860", "http://host:7860", ("alice", "pa:ss")),
+        ("https://alice:pa://ss@host", "https://host", ("alice", "pa://ss")),
+    ],
+    ids=["trailing slash", "https", "password with a colon", "password with a scheme's delimiter"],
+)
+def test_a_base_url_is_split_into_the_url_called_and_the_credentials(url, base, auth):
+    assert parse_base_url(url) == (base, auth)
