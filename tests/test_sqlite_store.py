@@ -7,12 +7,16 @@ real process (`subprocess`), synchronised by lines on its pipes.
 from __future__ import annotations
 
 import os
+import select
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import platformdirs
@@ -25,6 +29,7 @@ from sdjobs.sqlite_store import (
     QUEUE_ENV,
     SCHEMA_VERSION,
     SQLiteStore,
+    _command_line,
     default_path,
     migrate,
     queue_path,
@@ -72,6 +77,20 @@ def test_the_queue_is_the_option_else_the_environment_else_the_data_folder(tmp_p
     assert queue_path(tmp_path / "a.db", {QUEUE_ENV: "/env.db"}) == tmp_path / "a.db"
     assert queue_path(None, {QUEUE_ENV: str(tmp_path / "env.db")}) == tmp_path / "env.db"
     assert queue_path(None, {QUEUE_ENV: ""}) == default_path() == platformdirs.user_data_path("sdjobs", appauthor=False) / "queue.db"
+
+
+def test_a_queues_folders_are_made_however_deep(tmp_path):
+    path = tmp_path / "a" / "b" / "queue.db"
+    SQLiteStore(path).close()
+    assert path.is_file()
+
+
+def test_a_queue_whose_folder_cannot_be_made_is_refused(tmp_path):
+    (tmp_path / "notes").write_text("a file, not a folder")
+    path = tmp_path / "notes" / "sdjobs" / "queue.db"
+    with pytest.raises(StoreUnreadable) as error:
+        SQLiteStore(path)
+    assert str(error.value) == f"{path}: cannot make its folder (Not a directory)"
 
 
 def test_a_new_queue_is_made_with_its_folder_marked_and_versioned(path):
@@ -169,7 +188,7 @@ def test_an_empty_file_becomes_a_queue(path):
         assert store.list() == []
 
 
-def test_a_damaged_queue_is_refused_untouched(path):
+def test_a_damaged_queue_is_refused_untouched_quoting_sqlites_report(path):
     with SQLiteStore(path) as store:
         store.add([SPEC] * 50)
     data = bytearray(path.read_bytes())
@@ -177,7 +196,28 @@ def test_a_damaged_queue_is_refused_untouched(path):
     assert len(data) > 3 * page
     data[2 * page + 8 : 3 * page] = b"\xa5" * (page - 8)  # a table page's cells turned to noise
     path.write_bytes(bytes(data))
-    assert "left as it is" in refused(path)
+    with sqlite3.connect(path) as connection:  # SQLite's report: a heading, then the problem
+        [(report,)] = connection.execute("PRAGMA quick_check(1)").fetchall()
+    connection.close()
+    heading, problem = report.splitlines()
+    assert heading == "*** in database main ***"
+    assert refused(path) == f"{path}: the queue is damaged ({problem}); it is left as it is"
+
+
+def test_a_queue_whose_rows_break_its_schema_is_refused_untouched(path):
+    """A row another tool wrote without the schema's constraints: SQLite's report is the problem alone."""
+    with SQLiteStore(path) as store:
+        store.add([SPEC])
+    for step in (
+        "UPDATE sqlite_master SET sql = replace(sql, 'name TEXT NOT NULL', 'name TEXT') WHERE name = 'jobs'",
+        "UPDATE jobs SET name = NULL",
+        "UPDATE sqlite_master SET sql = replace(sql, 'name TEXT,', 'name TEXT NOT NULL,') WHERE name = 'jobs'",
+    ):
+        connection = sqlite3.connect(path, isolation_level=None)  # each step on the schema as the last left it
+        connection.execute("PRAGMA writable_schema = ON")
+        connection.execute(step)
+        connection.close()
+    assert refused(path) == f"{path}: the queue is damaged (NULL value in jobs.name); it is left as it is"
 
 
 def test_a_folder_in_the_queues_place_is_refused(path):
@@ -195,6 +235,76 @@ def test_a_queue_that_cannot_be_read_is_refused(path):
             SQLiteStore(path)
     finally:
         path.chmod(0o600)
+
+
+needs_root = pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="drops to another user: needs root")
+
+
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder every user may use (pytest's own are root's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="sdjobs-test-"))
+    folder.chmod(0o777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def as_nobody(call: Callable[[], object]) -> str:
+    """What ``call`` returns, or the error it raises, as text, run by user nobody (65534) in a fork of this process.
+
+    The tests run as root here, whom no file permission binds: a real refusal needs another user.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read)
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                answer = str(call())
+            except Exception as error:
+                answer = f"{type(error).__name__}: {error}"
+            os.write(write, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        if not select.select([read], [], [], 30)[0]:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the child running as nobody did not answer")
+        chunks = []
+        while chunk := os.read(read, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    return b"".join(chunks).decode()
+
+
+@needs_root
+def test_a_queue_another_user_may_read_but_not_write_is_refused(shared_folder):
+    path = shared_folder / "queue.db"
+    SQLiteStore(path).close()
+    path.chmod(0o644)
+    assert as_nobody(lambda: SQLiteStore(path)) == f"StoreUnreadable: {path}: cannot read and write the queue (permission denied)"
+
+
+@needs_root
+def test_a_worker_of_another_user_on_this_machine_is_not_counted_gone(shared_folder):
+    """Its pid cannot be signalled by this user (PermissionError): the process is there all the same."""
+    path = shared_folder / "queue.db"
+    with SQLiteStore(path, lease=3600) as store:
+        worker = store.register_worker()  # root's: this very process
+        assert store.recover() == [] and store.workers() == [worker]
+    path.chmod(0o666)
+
+    def recover_as_another_user() -> list[str]:
+        with SQLiteStore(path, lease=3600) as theirs:
+            theirs.recover()
+            return [registered.id for registered in theirs.workers()]
+
+    assert as_nobody(recover_as_another_user) == str([worker.id])
 
 
 # --------------------------------------------------------------------------
@@ -239,6 +349,84 @@ def test_a_lock_held_by_another_process_is_waited_for_then_named(path, holder):
         process.wait(timeout=30)
     assert len(store.add([SPEC])) == 1, "the lock is free again once the holder is gone"
     store.close()
+
+
+# A process using the queue, its command line then set to argv[3] (hex), as setproctitle does: with
+# "open" it only has the queue open (holding the read locks every connection takes), with "write" it
+# holds SQLite's write lock, with a number that byte of the file (as another program might).
+HOLD_AS = """
+import ctypes, fcntl, sqlite3
+from pathlib import Path
+if sys.argv[2] == "open":
+    store = SQLiteStore(sys.argv[1])
+elif sys.argv[2] == "write":
+    connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+    connection.execute("BEGIN IMMEDIATE")
+elif sys.argv[2] != "open":
+    file = open(sys.argv[1], "r+b")
+    fcntl.lockf(file, fcntl.LOCK_EX, 1, int(sys.argv[2]))
+title = bytes.fromhex(sys.argv[3])
+fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+start, end = int(fields[45]), int(fields[46])  # where this process's command line lies in its memory
+ctypes.memmove(start, title.ljust(end - start, b"\\0"), end - start)
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def release(processes: list[subprocess.Popen[str]]) -> None:
+    for process in processes:
+        process.stdin.close()
+    for process in processes:
+        process.wait(timeout=30)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the lock holders are read from Linux's /proc")
+def test_a_lock_with_several_holders_names_each_of_them_and_only_them(path):
+    SQLiteStore(path).close()
+    store = SQLiteStore(path, timeout=0.3)
+    processes = []
+    try:
+        processes.append(idle := child(HOLD_AS, path, "open", b"idle".hex()))
+        processes.append(writer := child(HOLD_AS, path, "write", (b"holder \xff" + b"a" * 52).hex()))  # 60 bytes
+        processes.append(long := child(HOLD_AS, path, "0", (b"b" * 61).hex()))
+        processes.append(untitled := child(HOLD_AS, path, "1", b"".hex()))
+        holders = {
+            f"pid {writer.pid} (holder \ufffd{'a' * 52})",  # 60 characters: whole, a byte not UTF-8 replaced
+            f"pid {long.pid} ({'b' * 57}...)",  # 61: cut to 60
+            f"pid {untitled.pid}",  # no command line to show
+        }
+        for call in (lambda: store.add([SPEC]), lambda: SQLiteStore(path, timeout=0.3)):  # a call, and opening
+            with pytest.raises(StoreLocked) as locked:
+                call()
+            message = str(locked.value)
+            start = f"{path}: the queue stayed locked by another process for 0.3 s (held by "
+            assert message.startswith(start) and message.endswith(")")
+            assert set(message[len(start) : -1].split(", ")) == holders, f"pid {idle.pid} holds no lock"
+    finally:
+        release(processes)
+    store.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the lock holders are read from Linux's /proc")
+def test_a_lock_on_a_queue_whose_shared_memory_file_was_removed_is_still_reported(path):
+    SQLiteStore(path).close()
+    store = SQLiteStore(path, timeout=0.3)
+    process = child(HOLD_THE_LOCK, path, "plain")
+    try:
+        Path(f"{path}-shm").unlink()  # by hand, say, taken for a stale lock file
+        with pytest.raises(StoreLocked) as locked:
+            store.add([SPEC])
+    finally:
+        release([process])
+    assert str(locked.value) == f"{path}: the queue stayed locked by another process for 0.3 s (the holder cannot be named here)"
+    store.close()
+
+
+def test_a_process_that_ended_has_no_command_line_to_show():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait(timeout=30)
+    assert _command_line(process.pid) is None
 
 
 CLAIM_ALL = """
@@ -300,8 +488,10 @@ def test_a_job_held_by_a_killed_worker_is_claimed_again_at_its_unfinished_stage(
 def test_a_lock_held_in_this_process_names_the_workers_using_the_queue(path):
     """The lock's holder is this very process (another connection): it cannot be named as another
     process, so the message names the sdjobs workers registered instead."""
+    with SQLiteStore(path, host="attic") as elsewhere:  # a worker on another machine sharing the queue
+        workers = [elsewhere.register_worker()]
     with SQLiteStore(path, timeout=0.1) as store:
-        worker = store.register_worker()
+        workers.append(store.register_worker())
         holder = sqlite3.connect(path)
         holder.execute("BEGIN IMMEDIATE")
         try:
@@ -310,10 +500,10 @@ def test_a_lock_held_in_this_process_names_the_workers_using_the_queue(path):
         finally:
             holder.rollback()
             holder.close()
-    assert str(locked.value) == (
-        f"{path}: the queue stayed locked by another process for 0.1 s"
-        f" (the holder cannot be named here; sdjobs workers using it: {worker.describe()})"
-    )
+    start = f"{path}: the queue stayed locked by another process for 0.1 s (the holder cannot be named here; sdjobs workers using it: "
+    message = str(locked.value)
+    assert message.startswith(start) and message.endswith(")")
+    assert sorted(message[len(start) : -1].split(", ")) == sorted(worker.describe() for worker in workers)
 
 
 def test_what_cannot_be_done_to_a_job_is_said_with_its_id(path):
@@ -363,6 +553,8 @@ def test_a_worker_is_listed_as_registered(path):
         [listed] = store.workers()
     assert (listed.id, listed.host, listed.pid, listed.started_at) == (worker.id, worker.host, os.getpid(), 100.0)
     assert listed.heartbeat_at == 105.0
+    with SQLiteStore(path, host="attic") as elsewhere:
+        assert elsewhere.register_worker().host == "attic"
 
 
 def test_a_date_in_a_spec_is_queued_as_the_text_it_is_sent_as(path):
