@@ -256,14 +256,14 @@ class RequestShape:
     (`faces` assumed until the server counts them).
 
     Attributes:
-        passes: One iteration's sampling passes.
-        iterations: `n_iter`.
+        passes: One iteration's sampling passes (at least one).
+        iterations: `n_iter` (at least 1).
         face: ADetailer's inpaint pass for one face; None without ADetailer.
         faces: Faces assumed per image until the detection has run.
     """
 
-    passes: tuple[PassShape, ...]
-    iterations: int = 1
+    passes: tuple[PassShape, ...] = attrs.field(validator=attrs.validators.min_len(1))
+    iterations: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     face: PassShape | None = None
     faces: int = ASSUMED_FACES
 
@@ -322,7 +322,7 @@ class RequestShape:
     @property
     def images(self) -> int:
         """Images the answer carries (every one encoded after the last step)."""
-        return (self.passes[-1].batch if self.passes else 1) * self.iterations
+        return self.passes[-1].batch * self.iterations
 
     def sequence(self, faces: list[int]) -> list[tuple[PassShape, bool]]:
         """`(pass, detection before it)` by `job_no`, with `faces` known for the first images."""
@@ -602,7 +602,7 @@ class StageTracker:
             return
         self._end_passes(self._request.job_no + 1, now, returned=True)
         self._observe_request(now)
-        self._in_flight, self.running, self.queue_position = False, False, None
+        self._in_flight, self.running, self.silent, self.queue_position = False, False, False, None
         self._durations.append(now - self._sent_at)
         self._returned = min(self._returned + 1, self.requests)
         self._raise_progress(self._returned / self.requests)
@@ -819,7 +819,7 @@ class StageTracker:
         sequence = self._sequence()
         j = request.job_no
         if j >= len(sequence):  # every pass is done: the last one's tail runs until the answer
-            if not sequence or self._rate_at(sequence[-1][0]) is None:
+            if self._rate_at(sequence[-1][0]) is None:
                 return None
             last = request.logs.get(len(sequence) - 1)
             tail = self._tail(sequence[-1][0], len(sequence) - 1)
@@ -868,8 +868,7 @@ class StageTracker:
             sequence = sequence[: j + 1] + [(attrs.evolve(s, steps=each), d) for s, d in sequence[j + 1 :]]
         count = request.job_count or 0
         if count > len(sequence):  # the server added passes no plan knew of
-            last = sequence[-1][0] if sequence else PassShape(None)
-            sequence += [(attrs.evolve(last, kind=EXTRA, handoff=False), False)] * (count - len(sequence))
+            sequence += [(attrs.evolve(sequence[-1][0], kind=EXTRA, handoff=False), False)] * (count - len(sequence))
         return sequence
 
     def _observe_request(self, now: float) -> None:
@@ -916,7 +915,7 @@ class StageTracker:
         """
         request = self._request
         sequence = self._sequence()
-        if not sequence or (job_no >= len(sequence) and not returned):
+        if job_no >= len(sequence) and not returned:
             return
         current = min(request.job_no, len(sequence) - 1)
         log = request.logs.get(current)
@@ -1029,8 +1028,7 @@ class StageTracker:
         prior = None if self.prior is None else self.prior.detection()
         if prior is not None:
             return prior
-        main = self._shape.passes[0] if self._shape.passes else PassShape(None)
-        return self._rate_at(main) or 0.0
+        return self._rate_at(self._shape.passes[0]) or 0.0
 
     def _pass_cost(self, shape: PassShape, job_no: int) -> float:
         steps = self._steps_of(shape, None)
@@ -1042,12 +1040,12 @@ class StageTracker:
     def _quiet_expected(self) -> float:
         """How long the run expects the phase it is in to show nothing: a tail or a detection."""
         request = self._request
-        if not self._in_flight or request.last is None:
+        if request.last is None:
             return 0.0
         sequence = self._sequence()
         j = request.job_no
-        if j >= len(sequence):
-            return 0.0
+        if j >= len(sequence):  # every pass is done: the answer's decode and save
+            return self._tail(sequence[-1][0], len(sequence) - 1)
         shape, detect = sequence[j]
         if detect:
             return self._detection()

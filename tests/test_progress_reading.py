@@ -36,12 +36,15 @@ def test_a_sample_reads_as_the_share_of_the_request_it_shows(sample, fraction, j
 def test_a_given_eta_replaces_the_samples_and_an_unusable_one_is_none():
     assert _Reading.of_info(info(eta=5.0), eta=9.0).server_eta == 9.0
     assert _Reading.of_info(info(eta=5.0)).server_eta == 5.0
+    assert _Reading.of_info(info(eta=0.5)).server_eta == 0.5
+    assert _Reading.of_info(info(eta=0.0)).server_eta == 0.0  # nothing left: usable too
     assert _Reading.of_info(info(eta=-1.0)).server_eta is None
 
 
 def test_a_task_at_one_says_nothing_about_the_share_and_below_it_says_its_own():
     assert _Reading.of_task(active_task(1.0)).fraction is None
     assert _Reading.of_task(active_task(0.25)).fraction == 0.25
+    assert _Reading.of_task(active_task(None)).fraction is None  # no figure at all
 
 
 @pytest.mark.parametrize(

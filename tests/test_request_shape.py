@@ -133,3 +133,9 @@ def test_the_sequence_uses_the_faces_counted_and_assumes_them_for_the_rest():
 )
 def test_a_shape_from_counts_alone_shares_the_steps_evenly(steps, passes, iterations, expected):
     assert RequestShape.even(steps, passes, iterations) == expected
+
+
+@pytest.mark.parametrize("bad", [{"passes": ()}, {"passes": (PassShape(10),), "iterations": 0}], ids=["no pass", "no iteration"])
+def test_a_request_samples_at_least_one_pass_once(bad):
+    with pytest.raises(ValueError, match="passes|iterations"):
+        RequestShape(**bad)
