@@ -54,8 +54,8 @@ class SampleTap:
         previous: list[tuple[ProgressInfo | None, TaskProgress | None]] = []
 
         def report(info: ProgressInfo | None, task: TaskProgress | None) -> None:
+            request.report(info, task)  # first: a test waiting for the sample then finds it queued for the job
             self.samples(info, task)
-            request.report(info, task)
             if self.stale and previous:
                 request.report(*previous[-1])
             previous.append((info, task))
