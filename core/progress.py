@@ -600,7 +600,7 @@ class StageTracker:
         """The request in flight answered: its share counts as done."""
         if not self._in_flight:
             return
-        self._end_passes(self._request.job_no + 1, now, returned=True)
+        self._end_passes(now, next_pass=None)
         self._observe_request(now)
         self._in_flight, self.running, self.silent, self.queue_position = False, False, False, None
         self._durations.append(now - self._sent_at)
@@ -766,7 +766,7 @@ class StageTracker:
         if request.at is not None and (reading.job_no, step) < request.at:
             return  # a step never goes back within one job: a glitch, ignored like a lower value
         if reading.job_no != request.job_no:
-            self._end_passes(reading.job_no, now)
+            self._end_passes(now, next_pass=reading.job_no)
             request.job_no, self.steps = reading.job_no, None
             request.logs[reading.job_no] = _PassLog(begun=now)
         # `sampling_steps` keeps the last pass's value until this pass samples: trust
@@ -828,27 +828,23 @@ class StageTracker:
         rate = self._rate_at(shape)
         if rate is None:
             return None
-        log = request.logs.get(j)
-        if detect:
+        log = request.logs[j]  # made when the pass was first seen
+        steps = self._steps_of(shape, log)
+        if detect:  # ADetailer looks for the faces of the image just made, since this pass began
             detection = self._detection()
-            since = request.image_end if request.image_end is not None else (log.begun if log else now)
-            left = _late(since + detection - now, detection) + self._pass_cost(shape, j)
-        elif log is not None and log.marks:
-            steps = self._steps_of(shape, log)
+            left = _late(log.begun + detection - now, detection) + self._pass_cost(shape, j)
+        elif log.marks:
             step, seen = log.marks[-1]
             tail = self._tail(shape, j)
             if step < steps - 1:
                 left = _late(seen + (steps - 1 - step) * rate - now, rate) + tail
             else:
                 left = _late((log.last_at or seen) + tail - now, tail)
+        elif steps == 0:
+            left = 0.0
         else:
-            steps = self._steps_of(shape, log)
-            if steps == 0:
-                left = 0.0
-            else:
-                begun = log.begun if log is not None else now
-                head = self._lead(j) + min(steps, 2) * rate
-                left = _late(begun + head - now, rate) + max(steps - 2, 0) * rate + self._tail(shape, j)
+            head = self._lead(j) + min(steps, 2) * rate
+            left = _late(log.begun + head - now, rate) + max(steps - 2, 0) * rate + self._tail(shape, j)
         for later, (shape, detect) in enumerate(sequence[j + 1 :], start=j + 1):
             left += (self._detection() if detect else 0.0) + self._pass_cost(shape, later)
         return left
@@ -907,32 +903,32 @@ class StageTracker:
             request.image_end = None
         request.logs[request.job_no] = _PassLog(begun=now)  # its first face begins now
 
-    def _end_passes(self, job_no: int, now: float, *, returned: bool = False) -> None:
-        """The passes before `job_no` are over at `now`: learn the tail of the one that ran last.
+    def _end_passes(self, now: float, *, next_pass: int | None) -> None:
+        """The passes before `next_pass` are over at `now`: learn the tail of the one that ran last.
 
-        The last pass's tail runs until the answer (the server saves and encodes
-        the images after counting its last pass done), so it is learned on `returned`.
+        `next_pass` None: the request answered.  The last pass's tail runs until the answer (the
+        server saves and encodes the images after counting its last pass done), so it is learned then.
         """
         request = self._request
         sequence = self._sequence()
-        if job_no >= len(sequence) and not returned:
+        if next_pass is not None and next_pass >= len(sequence):
             return
         current = min(request.job_no, len(sequence) - 1)
         log = request.logs.get(current)
         if log is not None and log.last_at is not None:
             shape = sequence[current][0]
-            kind = _tail_kind(shape, final=returned)
+            kind = _tail_kind(shape, final=next_pass is None)
             self._learned.tails[kind] = (shape.work, now - log.last_at)
             kept = {HANDOFF: self._observed.handoffs, FINAL: self._observed.tails, BETWEEN: self._observed.betweens}[kind]
             kept.append([shape.pixels, shape.batch, now - log.last_at] + ([self._shape.images] if kind == FINAL else []))
-        if job_no < len(sequence) and sequence[job_no][1]:
+        if next_pass is not None and sequence[next_pass][1]:
             request.image_end = now  # ADetailer now looks for the faces of the image just made
 
     def _note_mark(self, step: int, now: float) -> None:
         """Step `step` (>= 1) of the current pass was first seen at `now`."""
         request, learned = self._request, self._learned
         j = request.job_no
-        log = request.logs.setdefault(j, _PassLog(begun=request.sent))
+        log = request.logs[j]  # made when the pass was first seen
         sequence = self._sequence()
         if j < len(sequence) and sequence[j][1]:  # sampling where a face was assumed: none was found
             request.faces.append(0)
@@ -1049,8 +1045,7 @@ class StageTracker:
         shape, detect = sequence[j]
         if detect:
             return self._detection()
-        log = request.logs.get(j)
-        if log is not None and log.last_at is not None:
+        if request.logs[j].last_at is not None:
             return self._tail(shape, j)
         return 0.0
 

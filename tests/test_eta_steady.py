@@ -62,8 +62,9 @@ class Steady:
                 samples.append((now, sample(0, 1, job_no=job_no, job_count=count)))
                 now += self.detection
                 count += faces
-            if not one.steps:  # ADetailer's skipped img2img: counted, nothing sampled, no time
+            if not one.steps:  # ADetailer's skipped img2img: counted, nothing sampled, no time, no decode after
                 samples.append((now, sample(0, 1, job_no=job_no, job_count=count)))
+                before = None
                 continue
             lead = self.warmup if job_no == 0 else self.leads[one.kind]
             samples.append((now, sample(0, one.steps, job_no=job_no, job_count=count)))
@@ -141,6 +142,8 @@ SHAPES = {
         "txt2img", {**TXT2IMG, "n_iter": 2, "enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 3}, FACE
     ),
     "ADetailer stage": RequestShape.of("adetailer", {"steps": 10, "width": 640, "height": 640}, FACE),
+    "ADetailer stage, 2 images": RequestShape.of("adetailer", {"steps": 10, "n_iter": 2}, FACE),
+    "hires of 2 steps": RequestShape.of("txt2img", {**TXT2IMG, "enable_hr": True, "hr_second_pass_steps": 2}),
 }
 
 
@@ -194,6 +197,7 @@ def test_what_the_stage_showed_is_kept_for_the_history():
     betweens = [[hires.pixels, 1, server.tail(hires, "between")], [shape.face.pixels, 1, server.tail(shape.face, "between")]]
     assert flat(timing["betweens"]) == pytest.approx(flat([betweens[0], betweens[1], betweens[0]] * 2))
     assert flat(tail[:3] for tail in timing["tails"]) == pytest.approx([shape.face.pixels, 1, server.tail(shape.face, "final")] * 2)
+    assert [tail[3] for tail in timing["tails"]] == [2, 2]  # the images each answer carries
 
 
 def flat(rows) -> list:
@@ -250,10 +254,12 @@ def test_an_image_adetailer_found_no_face_in_counts_none():
     assert tracker.timing()["faces"] == [0]
 
 
-def test_before_the_run_shows_them_a_hires_pass_and_the_decodes_are_guessed_from_the_main_pass():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_before_the_run_shows_them_a_hires_pass_and_the_decodes_are_guessed_from_the_main_pass(batch):
     """The guesses: a pass of another size costs the main pass's rate times the square root of its
     work; a decode not yet seen, half a step of its pass; a later pass's lead, none."""
-    server, shape = Steady(), SHAPES["hires"]
+    server = Steady()
+    shape = RequestShape.of("txt2img", {**TXT2IMG, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 4, "batch_size": batch})
     main, hires = shape.passes
     tracker = StageTracker(shape=shape)
     samples, _ = server.request(shape, 0.0)

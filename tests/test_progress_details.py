@@ -211,14 +211,262 @@ def test_the_requests_still_to_send_take_the_mean_time_of_those_answered():
 
 def test_the_answers_decode_and_save_after_the_last_pass_is_no_stall_within_what_the_run_expects():
     """A1111 counts the last pass done (`job_no == job_count`) while it decodes and saves: that
-    quiet phase is expected as long as the stage's first answer took after its last step."""
-    tracker = StageTracker(requests=2, shape=RequestShape((PassShape(10),)))
-    for start in (0.0, 30.0):
+    quiet phase is expected as long as the stage's first answer took after its last step (not
+    as the quick decode between its two images)."""
+    tracker = StageTracker(requests=2, shape=RequestShape((PassShape(10),), iterations=2))
+    for start in (0.0, 50.0):
         sent_at(tracker, start)
-        for step in range(1, 10):
-            tracker.fold(sample(step, 10), None, start + step)
-        tracker.fold(sample(0, 10, job_no=1, job_count=1), None, start + 9.5)  # the last pass counted done
+        for job_no, begun in ((0, start), (1, start + 10.0)):  # the second image 2 s after the first one
+            for step in range(1, 10):
+                tracker.fold(sample(step, 10, job_no=job_no, job_count=2), None, begun + step)
+        tracker.fold(sample(0, 10, job_no=2, job_count=2), None, start + 19.5)  # every pass counted done
         if start == 0.0:
-            tracker.request_returned(start + 29.0)  # 20 s after its last step
-    assert tracker.stalled_for(39.5 + 25.0) == 0.0  # within twice the 20 s the first one took
-    assert tracker.stalled_for(39.5 + 45.0) == 5.0
+            tracker.request_returned(start + 39.0)  # 20 s after its last step
+    assert tracker.stalled_for(69.5 + 25.0) == 0.0  # within twice the 20 s the first one took
+    assert tracker.stalled_for(69.5 + 45.0) == 5.0
+
+
+# -- the in-run model: which steps time a pass, what the server shows beyond the plan ---------------
+
+BASE = 512 * 512
+ONE_PASS = RequestShape((PassShape(10),))
+
+
+def steps_of(tracker: StageTracker, times, steps: int = 10, **where) -> None:
+    """Steps 1, 2, ... of a pass first seen at `times`."""
+    for step, now in enumerate(times, start=1):
+        tracker.fold(sample(step, steps, **where), None, now)
+
+
+def test_the_rate_is_that_of_the_last_4_steps_and_the_history_keeps_the_mean_of_the_pass():
+    tracker = sent_at(StageTracker(shape=ONE_PASS), 0.0)
+    steps_of(tracker, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 10.0])  # step 8 took 3 s
+    assert tracker.seconds_per_step == pytest.approx((10.0 - 4.0) / 4)  # steps 5..8 (docs/benchmarks.md)
+    tracker.fold(sample(9, 10), None, 11.0)
+    tracker.request_returned(12.0)
+    assert tracker.timing()["rates"] == [[BASE, 1, pytest.approx((11.0 - 1.0) / (9 - 1))]]  # steps 2..9
+
+
+def test_a_later_pass_is_timed_by_its_first_step_from_its_start():
+    tracker = sent_at(StageTracker(steps_per_request=20, passes_per_request=2), 0.0)
+    steps_of(tracker, [1.0 * s for s in range(1, 10)], job_count=2)  # 1 s a step
+    tracker.fold(sample(0, 10, job_no=1, job_count=2), None, 10.0)  # the second pass begins
+    tracker.fold(sample(1, 10, job_no=1, job_count=2), None, 13.0)
+    assert tracker.seconds_per_step == pytest.approx(3.0 / 2)  # steps 0 and 1 in 3 s
+
+
+def test_steps_seen_at_the_same_instant_give_no_rate():
+    tracker = sent_at(StageTracker(), 2.0)
+    tracker.fold(sample(1, 10), None, 5.0)
+    tracker.fold(sample(2, 10), None, 5.0)
+    assert tracker.seconds_per_step is None and tracker.eta(5.0) is None
+    tracker.request_returned(8.0)
+    assert [rate for *_, rate in tracker.timing()["rates"]] == [pytest.approx((8.0 - 2.0) / 10)]  # the request, per step
+
+
+def test_a_pass_the_server_samples_more_steps_in_than_planned_goes_by_the_servers_steps():
+    tracker = sent_at(StageTracker(shape=ONE_PASS), 0.0)
+    steps_of(tracker, [1.0 * s for s in range(1, 13)], 16)  # 1 s a step, 16 steps where the plan said 10
+    assert tracker.eta(12.0) == pytest.approx((15 - 12) * 1.0 + 0.5)  # steps 13..15, then half a step's decode
+    tracker.fold(sample(13, 16), None, 13.0)
+    tracker.fold(sample(14, 16), None, 14.0)
+    tracker.fold(sample(15, 16), None, 15.0)
+    tracker.request_returned(17.0)
+    assert tracker.timing()["tails"] == [[BASE, 1, pytest.approx(2.0), 1]]  # from its last step, at 15 s
+
+
+def test_steps_too_quick_to_time_are_kept_per_step_the_server_showed():
+    tracker = sent_at(StageTracker(shape=RequestShape((PassShape(6),))), 2.0)
+    tracker.fold(sample(3, 12), None, 3.0)  # one step seen, of 12 where the plan said 6
+    tracker.request_returned(8.0)
+    assert tracker.timing()["rates"] == [[BASE, 1, pytest.approx((8.0 - 2.0) / 12)]]
+
+
+def test_a_pass_sampled_past_the_servers_own_count_is_not_timed_as_one_of_the_plan():
+    tracker = sent_at(StageTracker(shape=ONE_PASS), 0.0)
+    steps_of(tracker, [1.0 * s for s in range(1, 10)])
+    steps_of(tracker, [11.0, 13.0], 5, job_no=1, job_count=1)  # a pass nobody counted, 2 s a step
+    tracker.request_returned(14.0)
+    assert tracker.timing()["rates"] == [[BASE, 1, pytest.approx(1.0)]]
+
+
+def test_passes_the_server_adds_are_priced_as_the_last_one_and_kept_as_extra():
+    tracker = sent_at(StageTracker(shape=ONE_PASS), 0.0)
+    steps_of(tracker, [1.0 * s for s in range(1, 10)], job_count=2)  # the server counts one pass more
+    # at the last step: half a step's decode (none seen yet), then the added pass's 10 steps and its decode
+    assert tracker.eta(9.0) == pytest.approx(0.5 + 10 * 1.0 + 0.5)
+    tracker.fold(sample(0, 10, job_no=1, job_count=2), None, 10.0)
+    steps_of(tracker, [11.0 + s for s in range(1, 10)], job_no=1, job_count=2)
+    assert tracker.current_pass == (None, None)
+    tracker.request_returned(21.0)
+    timing = tracker.timing()
+    assert [kind for kind, _ in timing["leads"]] == ["extra"]
+    assert (timing["betweens"], timing["tails"], timing["handoffs"]) == ([[BASE, 1, 1.0]], [[BASE, 1, 1.0, 1]], [])
+
+
+def test_from_counts_alone_the_passes_to_come_share_the_steps_the_passes_seen_left():
+    tracker = sent_at(StageTracker(steps_per_request=12, passes_per_request=3), 0.0)
+    steps_of(tracker, [1.0 * s for s in range(1, 6)], job_count=3)  # the first pass samples 10 of the 12
+    # steps 6..9 and a hand-over; then two passes of one step each (1 s), each with half a step's decode
+    assert tracker.eta(5.0) == pytest.approx(4.0 + 0.5 + 2 * (1.0 + 0.5))
+
+
+def test_a_pass_that_has_not_shown_its_steps_counts_one_when_no_plan_says_how_many():
+    tracker = sent_at(StageTracker(passes_per_request=2), 0.0)
+    steps_of(tracker, [1.0 * s for s in range(1, 10)], job_count=2)
+    tracker.fold(sample(0, 10, job_no=1, job_count=2), None, 10.0)  # the second pass begins; its steps unknown
+    assert tracker.eta(10.0) == pytest.approx(1.0 + 0.5)  # one step, then half a step's decode
+
+
+def test_with_no_step_timed_a_decode_or_a_detection_is_expected_to_take_nothing():
+    tracker = sent_at(StageTracker(), 10.0)
+    tracker.fold(sample(9, 10), None, 20.0)  # the first sample of ours is the last step
+    assert tracker.stalled_for(23.0) == 3.0
+    adetailer = sent_at(StageTracker(shape=RequestShape.of("adetailer", {"steps": 10}, {})), 10.0)
+    adetailer.fold(sample(0, 1, job_no=0, job_count=1), None, 11.0)  # the skipped img2img pass
+    adetailer.fold(sample(0, 1, job_no=1, job_count=1), None, 12.0)  # the detection
+    assert adetailer.stalled_for(15.0) == 3.0
+
+
+def test_before_one_is_seen_a_detection_is_expected_to_take_one_step_of_the_main_pass():
+    shape = RequestShape.of("txt2img", {"steps": 10, "width": 512, "height": 768}, {})
+    tracker = sent_at(StageTracker(shape=shape), 10.0)
+    steps_of(tracker, [10.0 + s for s in range(1, 10)])  # 1 s a step at 512 x 768
+    tracker.fold(sample(0, 10, job_no=1, job_count=1), None, 20.0)  # the detection begins
+    assert tracker.stalled_for(22.8) == pytest.approx(2.8 - 2 * 1.0)  # stalled past twice its length
+
+
+def test_the_last_passes_decode_goes_from_its_last_step_and_from_now_when_that_was_not_seen():
+    past = sent_at(StageTracker(shape=ONE_PASS), 0.0)
+    steps_of(past, [1.0 * s for s in range(1, 10)])
+    past.fold(sample(10, 10), None, 10.0)  # the counter past the last step (seen at 9 s)
+    assert past.eta(10.0) == pytest.approx(0.5 / 4)  # half a step's decode from 9 s: late, so a quarter of it left
+    missed = sent_at(StageTracker(shape=ONE_PASS), 0.0)
+    steps_of(missed, [1.0 * s for s in range(1, 6)])
+    missed.fold(sample(0, 10, job_no=1, job_count=1), None, 8.0)  # every pass done; the last steps not seen
+    assert missed.eta(8.0) == pytest.approx(0.5)
+    first = sent_at(StageTracker(shape=ONE_PASS), 0.0)
+    first.fold(sample(0, 10, job_no=1, job_count=1), None, 1.0)  # every pass done before one was timed
+    assert first.eta(1.0) is None
+
+
+class PartialHistory:
+    """A prior that knows 2 s a step at 512 x 512 (no other size), 1 s an image after the last
+    step, and nothing else."""
+
+    def seconds_per_step(self, pixels: int, batch: int) -> float | None:
+        return 2.0 if pixels == BASE else None
+
+    def warmup(self) -> None:
+        return None
+
+    def tail(self, pixels: int, batch: int, images: int) -> float:
+        return 1.0 * images
+
+    def detection(self) -> None:
+        return None
+
+    def lead(self, kind: str) -> None:
+        return None
+
+
+def test_a_prior_without_a_warm_up_adds_none_and_its_tail_counts_the_images():
+    tracker = sent_at(StageTracker(shape=RequestShape((PassShape(10, BASE, 2),)), prior=PartialHistory()), 0.0)
+    tracker.fold(sample(0, 10), None, 0.5)
+    assert tracker.eta(0.5) == pytest.approx(10 * 2.0 + 2 * 1.0)  # a batch of 2: two images saved
+
+
+def test_a_size_the_prior_does_not_know_is_scaled_from_the_run_by_the_square_root_of_its_work():
+    shape = RequestShape.of("txt2img", {"steps": 10, "enable_hr": True, "hr_second_pass_steps": 10})
+    main, hires = shape.passes
+    tracker = sent_at(StageTracker(shape=shape, prior=PartialHistory()), 0.0)
+    steps_of(tracker, [1.0, 2.0, 3.0], job_count=2)  # 1 s a step today
+    hires_rate = 1.0 * (hires.work / main.work) ** 0.5
+    # main: steps 4..9, half a step's hand-over; hires: 10 steps, then the prior's tail for its one image
+    assert tracker.eta(3.0) == pytest.approx(6 * 1.0 + 0.5 + 10 * hires_rate + 1.0)
+
+
+def test_the_next_requests_first_pass_is_priced_by_the_rate_timed_before_and_no_warm_up_none_was_seen():
+    tracker = sent_at(StageTracker(requests=2, steps_per_request=20, passes_per_request=2), 0.0)
+    tracker.fold(sample(5, 10, job_count=2), None, 5.0)  # one step of the first pass: no rate, no warm-up
+    tracker.fold(sample(0, 10, job_no=1, job_count=2), None, 11.0)
+    tracker.fold(sample(1, 10, job_no=1, job_count=2), None, 13.0)  # the second pass: 1 s a step
+    tracker.request_returned(25.0)
+    sent_at(tracker, 25.0)
+    tracker.fold(sample(0, 10, job_count=2), None, 26.0)
+    # 10 steps and half a step's hand-over, then 10 steps and half a step's decode
+    assert tracker.eta(26.0) == pytest.approx(2 * (10 * 1.0 + 0.5))
+
+
+# -- ADetailer's faces as the server counts them ------------------------------------------------
+
+FACES = {"ad_steps": 10, "ad_use_steps": True, "ad_denoising_strength": 0.4}  # 5 steps a face
+
+
+@pytest.mark.parametrize("first_faces", [0, 1], ids=["no face in the first image", "one face in the first image"])
+def test_the_second_images_faces_counted_in_its_first_face_sample_are_numbered_and_kept(first_faces):
+    tracker = sent_at(StageTracker(shape=RequestShape.of("txt2img", {"steps": 10, "n_iter": 2}, FACES)), 0.0)
+    steps_of(tracker, [1.0 * s for s in range(1, 10)], job_count=2)
+    tracker.fold(sample(0, 10, job_no=1, job_count=2), None, 10.0)  # the first image's detection
+    if first_faces:
+        tracker.fold(sample(0, 10, job_no=1, job_count=3), None, 11.0)  # found one
+        steps_of(tracker, [11.0 + s for s in range(1, 5)], 5, job_no=1, job_count=3)
+    count = 2 + first_faces
+    steps_of(tracker, [20.0 + s for s in range(1, 10)], job_no=1 + first_faces, job_count=count)  # the second image
+    assert tracker.current_pass == (None, None)
+    tracker.fold(sample(1, 5, job_no=2 + first_faces, job_count=count + 2), None, 30.0)  # two faces, counted late
+    assert tracker.current_pass == ("face", (1, 2))
+    tracker.request_returned(35.0)
+    assert tracker.timing()["faces"] == [first_faces, 2]
+    assert tracker.timing()["detections"] == ([1.0] if first_faces else [])  # only a detection seen ending
+
+
+def test_a_count_rising_after_the_faces_of_the_last_image_adds_no_faces():
+    tracker = sent_at(StageTracker(shape=RequestShape.of("txt2img", {"steps": 10}, FACES)), 0.0)
+    steps_of(tracker, [1.0 * s for s in range(1, 10)])
+    tracker.fold(sample(0, 10, job_no=1, job_count=1), None, 10.0)
+    tracker.fold(sample(1, 5, job_no=1, job_count=3), None, 11.0)  # two faces
+    tracker.fold(sample(1, 5, job_no=3, job_count=4), None, 20.0)  # a script adds a pass after them
+    tracker.request_returned(25.0)
+    assert tracker.timing()["faces"] == [2]
+
+
+def test_without_adetailer_a_count_rising_mid_pass_keeps_the_pass_as_timed():
+    tracker = sent_at(StageTracker(shape=ONE_PASS), 0.0)
+    tracker.fold(sample(0, 10), None, 1.0)
+    steps_of(tracker, [4.0, 5.0, 6.0, 7.0])  # a warm-up of 1 s beyond steps 0 and 1 (1 s each)
+    tracker.fold(sample(5, 10, job_count=2), None, 8.0)  # a script adds a pass
+    for step, now in zip(range(6, 10), (9.0, 10.0, 11.0, 12.0)):
+        tracker.fold(sample(step, 10, job_count=2), None, now)
+    tracker.request_returned(13.0)
+    assert tracker.timing()["warmups"] == [pytest.approx(4.0 - 1.0 - 2 * 1.0)]
+
+
+# -- a decode not seen yet, priced as another one seen ---------------------------------------------
+
+
+def eta_after_a_first_request_missing_a_decode(shape: RequestShape, answer_after: float) -> float:
+    """The ETA at step 5 of the second request, after a first whose first pass's last step was
+    never sampled (so the decode after it was not seen) and whose answer came `answer_after` s
+    after its last step; 1 s a step throughout."""
+    tracker = sent_at(StageTracker(requests=2, shape=shape), 0.0)
+    steps_of(tracker, [1.0 * s for s in range(1, 7)], job_count=2)
+    for step in range(2, 10):  # the next pass, first sampled at its step 2
+        tracker.fold(sample(step, 10, job_no=1, job_count=2), None, 8.0 + step)
+    end = 17.0 + answer_after
+    tracker.request_returned(end)
+    sent_at(tracker, end)
+    steps_of(tracker, [end + s for s in range(1, 6)], job_count=2)
+    return tracker.eta(end + 5)
+
+
+def test_a_decode_between_images_not_seen_yet_is_priced_as_the_answers_decode_seen():
+    shape = RequestShape((PassShape(10),), iterations=2)
+    slower = eta_after_a_first_request_missing_a_decode(shape, 6.0) - eta_after_a_first_request_missing_a_decode(shape, 0.5)
+    assert slower == pytest.approx(2 * (6.0 - 0.5))  # the decode between the images, and the answer's
+
+
+def test_a_hand_over_to_hires_not_seen_yet_is_not_priced_as_the_answers_decode():
+    shape = RequestShape.of("txt2img", {"steps": 10, "enable_hr": True, "hr_second_pass_steps": 10})
+    slower = eta_after_a_first_request_missing_a_decode(shape, 6.0) - eta_after_a_first_request_missing_a_decode(shape, 0.5)
+    assert slower == pytest.approx(6.0 - 0.5)  # the answer's decode only
