@@ -18,6 +18,7 @@ from sdjobs.progress import (
     StallWatch,
 )
 from sdjobs.status import ProgressInfo, TaskProgress
+from progress_helpers import sent, steps_at
 from sdjobs.testing import (
     COMPLETED,
     QUEUED,
@@ -31,12 +32,6 @@ from sdjobs.testing import (
 )
 
 OURS, OTHER, OLD = TIMESTAMPS[:3]
-
-
-def sent(tracker: StageTracker | None = None, *, baseline: ProgressInfo | None = None, now: float = 0.0) -> StageTracker:
-    tracker = tracker or StageTracker()
-    tracker.request_sent(now, baseline=baseline or idle_sample(), task_mode=False)
-    return tracker
 
 
 def fold_all(tracker: StageTracker, answers, start: float = 1.0, every: float = 1.0) -> list[float]:
@@ -249,21 +244,15 @@ def test_a_nonsensical_plan_is_refused(bad):
 # -- task mode -----------------------------------------------------------------------------
 
 
-def sent_task(tracker: StageTracker | None = None) -> StageTracker:
-    tracker = tracker or StageTracker()
-    tracker.request_sent(0.0, baseline=None, task_mode=True)
-    return tracker
-
-
 def test_task_mode_queued_shows_the_position_and_no_progress():
-    tracker = sent_task()
+    tracker = sent(task_mode=True)
     assert tracker.fold(None, QUEUED, 1.0) is True
     assert tracker.queue_position == (2, 3) and tracker.progress == 0.0 and not tracker.running
     assert tracker.stalled_for(500.0) is None
 
 
 def test_task_mode_active_uses_the_global_sample_for_steps():
-    tracker = sent_task()
+    tracker = sent(task_mode=True)
     tracker.fold(None, QUEUED, 1.0)
     assert tracker.fold(sample(4), active_task(0.4), 2.0) is True
     assert (tracker.progress, tracker.step, tracker.steps, tracker.queue_position) == (0.4, 4, 10, None)
@@ -271,7 +260,7 @@ def test_task_mode_active_uses_the_global_sample_for_steps():
 
 
 def test_task_mode_a_global_sample_that_disagrees_with_the_task_gives_only_the_tasks_figure():
-    tracker = sent_task()
+    tracker = sent(task_mode=True)
     tracker.fold(sample(8, stamp=OTHER), active_task(0.0), 1.0)  # taken while the job before ours ended
     assert (tracker.progress, tracker.step) == (0.0, None)
     tracker.fold(None, active_task(0.3), 2.0)
@@ -279,14 +268,14 @@ def test_task_mode_a_global_sample_that_disagrees_with_the_task_gives_only_the_t
 
 
 def test_task_mode_samples_without_our_task_are_not_ours():
-    tracker = sent_task()
+    tracker = sent(task_mode=True)
     for now, task in enumerate((None, WAITING), start=1):
         assert tracker.fold(sample(5), task, now) is False
     assert tracker.progress == 0.0
 
 
 def test_task_mode_completed_means_no_longer_running():
-    tracker = sent_task()
+    tracker = sent(task_mode=True)
     tracker.fold(sample(5), active_task(0.5), 1.0)
     tracker.fold(None, COMPLETED, 2.0)
     assert not tracker.running and tracker.progress == 0.5
@@ -351,7 +340,7 @@ def test_the_servers_eta_is_used_only_when_its_samples_show_no_steps():
 
 
 def test_the_task_eta_is_used_when_the_global_sample_is_missing():
-    tracker = sent_task()
+    tracker = sent(task_mode=True)
     tracker.fold(None, active_task(0.0), 1.0)
     assert tracker.eta(1.0) is None
     tracker.fold(None, active_task(0.25, eta=12.0), 2.0)
@@ -359,7 +348,7 @@ def test_the_task_eta_is_used_when_the_global_sample_is_missing():
 
 
 def test_eta_is_none_while_queued():
-    tracker = sent_task()
+    tracker = sent(task_mode=True)
     tracker.fold(sample(5, stamp=OTHER), QUEUED, 1.0)
     assert tracker.eta(2.0) is None
 
@@ -528,12 +517,6 @@ def test_job_progress_is_monotonic_and_within_bounds(calls):
 
 
 # -- the in-run model: recent rate, tails, sizes, added passes, quiet phases -----------------
-
-
-def steps_at(tracker: StageTracker, times, steps: int = 10, **where) -> None:
-    """Steps 1, 2, ... of a pass first seen at `times`."""
-    for step, now in enumerate(times, start=1):
-        tracker.fold(sample(step, steps, **where), None, now)
 
 
 def test_the_rate_follows_the_latest_steps_not_the_mean_of_the_pass():
