@@ -366,6 +366,36 @@ def test_auth_covers_generation_and_progress(webui_sim, webui_client):
             anonymous.txt2img(TXT2IMG)
 
 
+# -- the environment: read once, when the client is made --------------------------
+
+
+def test_a_proxy_from_the_environment_carries_every_call(routes, monkeypatch):
+    answer = (200, [{"name": "Euler"}], "application/json")
+    proxy, asked = routes({"http://webui.invalid:7860/sdapi/v1/samplers": answer})
+    for name in ("no_proxy", "NO_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    with WebUIClient("http://webui.invalid:7860", retries=0) as client:
+        assert client.samplers() == [{"name": "Euler"}]
+        assert client.samplers() == [{"name": "Euler"}]
+    assert asked == {"http://webui.invalid:7860/sdapi/v1/samplers": 2}
+
+
+@pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.001, api_auth=f"alice:{SECRET}")])
+def test_credentials_from_netrc_are_sent(webui_sim, tmp_path, monkeypatch):
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1 login alice password {SECRET}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    with WebUIClient(webui_sim.url) as client:
+        assert client.samplers()
+        assert client.txt2img(TXT2IMG).images
+        assert SECRET not in repr(client) and repr(client).endswith("auth=***)")
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    with WebUIClient(webui_sim.url) as anonymous, pytest.raises(WebUIAuthError):
+        anonymous.samplers()
+
+
 def test_credentials_in_the_url_never_show(closed_port_url):
     url = closed_port_url.replace("http://", f"http://alice:{SECRET}@")
     client = WebUIClient(url, retries=0)
