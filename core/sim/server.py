@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -22,10 +24,12 @@ _POLL_INTERVAL = 0.05  # how quickly serve_forever notices shutdown()
 
 
 class _HttpServer(ThreadingHTTPServer):
-    """One daemon thread per request, all joined by `server_close()`.
+    """One daemon thread per connection, all joined by `server_close()`.
 
     (The stdlib joins only non-daemon request threads; daemon ones cannot keep the
-    interpreter alive when a test forgets to stop its simulator.)
+    interpreter alive when a test forgets to stop its simulator.)  Connections are
+    kept open between requests, as A1111's uvicorn keeps them; `server_close()`
+    shuts the open ones, so that a thread waiting for a connection's next request ends.
     """
 
     api: Api
@@ -33,10 +37,14 @@ class _HttpServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         self._request_threads: list[threading.Thread] = []  # before binding: a failed bind closes
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
         self.hang = HangSwitch()
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
         thread = threading.Thread(
             target=self.process_request_thread,
             args=(request, client_address),
@@ -47,8 +55,18 @@ class _HttpServer(ThreadingHTTPServer):
         self._request_threads.append(thread)
         thread.start()
 
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
     def server_close(self) -> None:
         super().server_close()
+        with self._connections_lock:
+            open_connections = list(self._connections)
+        for connection in open_connections:
+            with contextlib.suppress(OSError):  # closed meanwhile
+                connection.shutdown(socket.SHUT_RDWR)
         for thread in self._request_threads:
             thread.join()
 
@@ -83,8 +101,9 @@ class _Handler(BaseHTTPRequestHandler):
     """Reads a request, lets `Api` answer it, writes JSON with A1111's headers."""
 
     server: _HttpServer
-    protocol_version = "HTTP/1.0"  # one request per connection: no idle keep-alive threads
-    timeout = 10  # seconds a client may take to send its request
+    protocol_version = "HTTP/1.1"  # connections kept open between requests, as by uvicorn
+    timeout = 5  # seconds a connection waits for its next request (uvicorn's keep-alive), or a request for its body
+    disable_nagle_algorithm = True  # the body goes at once after the headers, not after the client's delayed ACK
 
     def do_GET(self) -> None:
         self._serve("GET")
@@ -115,7 +134,8 @@ class _Handler(BaseHTTPRequestHandler):
             response = self.server.api.handle(request)
             self.server.hang.wait_off()  # a request in flight when the server hung stays unanswered
         except (ConnectionDropped, SimulatorClosed):
-            return  # the connection is closed with no answer at all
+            self.close_connection = True  # closed with no answer at all
+            return
         payload = json.dumps(response.body, ensure_ascii=False, separators=(",", ":")).encode()
         try:
             self.send_response(response.status)

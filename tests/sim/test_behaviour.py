@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import threading
@@ -313,6 +314,26 @@ def test_stop_lets_blocked_requests_go_and_leaves_no_thread(background) -> None:
     for call in (running, queued):
         with pytest.raises(requests.ConnectionError):
             call.result()
+    assert set(threading.enumerate()) == before
+
+
+def test_a_connection_serves_request_after_request_and_stop_closes_it_while_idle(background) -> None:
+    """As uvicorn does for A1111: a connection stays open between requests, and the
+    simulator's stop does not wait for the client's next request (5 s) to end it."""
+    before = set(threading.enumerate())
+    sim = SimulatedWebUI(SimSettings(step_time=0.001)).start()
+    connection = http.client.HTTPConnection(*sim.url.removeprefix("http://").split(":"), timeout=10)
+    sockets = set()
+    for path in ("/sdapi/v1/samplers", "/sdapi/v1/progress", "/sdapi/v1/upscalers"):
+        connection.request("GET", path)
+        answer = connection.getresponse()
+        assert answer.status == 200 and json.loads(answer.read()) and not answer.will_close
+        sockets.add(connection.sock)
+    assert len(sockets) == 1
+    stopping = background(sim.stop)
+    assert stopping.done.wait(timeout=2.5)
+    assert connection.sock.recv(1) == b""  # closed by the server
+    connection.close()
     assert set(threading.enumerate()) == before
 
 
