@@ -11,7 +11,8 @@ a timeout of five times their clean duration plus five seconds.
 Prints one line per group, then, last, the raw score: killed / all mutants, where a mutant the
 tests kill by running into the timeout counts as killed and one no test reaches as not killed.
 Survivors are listed in .mutate/survivors.txt; ``cd .mutate/GROUP && mutmut show NAME`` shows one.
-$SDJOBS_MUTATE_CHILDREN sets how many mutants run at once (default: two per CPU).
+Two groups run at once; $SDJOBS_MUTATE_CHILDREN sets how many mutants each runs at once (default:
+one per CPU).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,27 +170,32 @@ def main(argv: list[str]) -> int:
         print(f"mutate: unknown group {', '.join(unknown)}; the groups: {', '.join(GROUPS)}", file=sys.stderr)
         return 2
     mutmut = Path(sys.executable).parent / "mutmut"
-    # Two mutants per CPU: many tests wait (on the simulator's HTTP, a thread, a timeout) more than they compute.
-    children = int(os.environ.get("SDJOBS_MUTATE_CHILDREN") or 2 * (os.cpu_count() or 1))
+    # Two groups at once, each with a mutant per CPU: a group's own start (mutants generated, the tests
+    # run clean and for their stats) is one process, which the other group's mutants overlap; and
+    # many tests wait (on the simulator's HTTP, a thread, a timeout) more than they compute.
+    children = int(os.environ.get("SDJOBS_MUTATE_CHILDREN") or os.cpu_count() or 1)
     WORK.mkdir(exist_ok=True)
     all_codes: dict[str, int | None] = {}
     survivors: list[str] = []
     started = time.monotonic()
-    for group in argv or list(GROUPS):
-        codes, seconds = run_group(group, mutmut, children)
-        killed = sum(code in KILLED for code in codes.values())
-        timeouts = sum(code in TIMEOUT for code in codes.values())
-        survived = [name for name, code in codes.items() if code == SURVIVED]
-        untested = [name for name, code in codes.items() if code == NO_TEST]
-        survivors += [f"{group} {name} survived" for name in sorted(survived)]
-        survivors += [f"{group} {name} no test" for name in sorted(untested)]
-        all_codes.update(codes)
-        print(
-            f"{group:<10} {len(codes):5} mutants {killed:5} killed ({timeouts} by timeout)"
-            f" {len(survived):4} survived {len(untested):3} no test  {seconds:4.0f} s",
-            flush=True,
-        )
-    (WORK / "survivors.txt").write_text("".join(f"{line}\n" for line in survivors))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = {pool.submit(run_group, group, mutmut, children): group for group in argv or list(GROUPS)}
+        for run in as_completed(runs):
+            group = runs[run]
+            codes, seconds = run.result()
+            killed = sum(code in KILLED for code in codes.values())
+            timeouts = sum(code in TIMEOUT for code in codes.values())
+            survived = [name for name, code in codes.items() if code == SURVIVED]
+            untested = [name for name, code in codes.items() if code == NO_TEST]
+            survivors += [f"{group} {name} survived" for name in sorted(survived)]
+            survivors += [f"{group} {name} no test" for name in sorted(untested)]
+            all_codes.update(codes)
+            print(
+                f"{group:<10} {len(codes):5} mutants {killed:5} killed ({timeouts} by timeout)"
+                f" {len(survived):4} survived {len(untested):3} no test  {seconds:4.0f} s",
+                flush=True,
+            )
+    (WORK / "survivors.txt").write_text("".join(f"{line}\n" for line in sorted(survivors)))
     killed = sum(code in KILLED for code in all_codes.values())
     total = len(all_codes)
     print(f"{len(survivors)} not killed, listed in {WORK / 'survivors.txt'}; {time.monotonic() - started:.0f} s in all")
