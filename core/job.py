@@ -573,11 +573,9 @@ class Job:
         self.stage = StageRun(
             index=index,
             spec=self.spec.stages[index],
-            plan=plan,
             inputs=inputs,
-            tracker=StageTracker(
+            tracker=StageTracker(  # its steps are the shape's (an extras stage has neither)
                 requests=len(inputs),
-                steps_per_request=plan.steps or None,
                 passes_per_request=plan.passes,
                 images_per_request=plan.iterations,
                 shape=shape,

@@ -275,13 +275,9 @@ def as_mermaid(stage_types: tuple[str, ...] = ()) -> str:
     Transitions that change nothing (late arrivals, samples, stall watching) are left out.
     """
     out = ["stateDiagram-v2", "    [*] --> queued"]
-    seen = set()
     for source, trigger, guard, dest, _ in rows():
-        if dest == "-":
-            continue
-        label = f"{trigger} [{guard}]" if guard else trigger
-        if (source, dest, label) not in seen:
-            seen.add((source, dest, label))
+        if dest != "-":
+            label = f"{trigger} [{guard}]" if guard else trigger
             out.append(f"    {source} --> {dest}: {label}")
     out.extend(f"    {end} --> [*]" for end in END_STATES)
     if stage_types:

@@ -1,10 +1,9 @@
 """`StageRun`: what belongs to one running stage of a job, and `Request`, one request of it.
 
 A job makes a new `StageRun` when a stage starts and drops it when the stage
-ends; everything here lives exactly as long as its stage: the plan, the
-images still to send, what came back, the progress tracker and the stall
-watch.  Where the job *is* within the stage is the machine's state, not data
-here.
+ends; everything here lives exactly as long as its stage: the images still
+to send, what came back, the progress tracker and the stall watch.  Where
+the job *is* within the stage is the machine's state, not data here.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from sdjobs.status import ProgressInfo, StageResult
 
 if TYPE_CHECKING:
     from sdjobs.polling import Poller
-    from sdjobs.spec import StagePlan, StageSpec
+    from sdjobs.spec import StageSpec
 
 
 @attrs.define
@@ -56,12 +55,11 @@ class Request:
 
 @attrs.define
 class StageRun:
-    """One stage while it runs: its plan and inputs, its outputs so far, its progress.
+    """One stage while it runs: its inputs, its outputs so far, its progress.
 
     Attributes:
         index: 0-based index of the stage in the job.
         spec: The stage's description.
-        plan: Its steps, passes and images per request.
         inputs: Images still to send, one request each (``[None]`` for txt2img).
         tracker: Its progress, folded from samples.
         stalls: Its stall watch.
@@ -79,7 +77,6 @@ class StageRun:
 
     index: int
     spec: StageSpec
-    plan: StagePlan
     inputs: list[bytes | None]
     tracker: StageTracker
     stalls: StallWatch

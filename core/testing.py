@@ -266,8 +266,14 @@ def png(seed: int, size: tuple[int, int] = (64, 64), parameters: str | None = No
 
 @attrs.define
 class FakePoller:
-    """A poller that samples nothing: the rules hand samples to the job themselves."""
+    """A poller that samples nothing: the rules hand samples to the job themselves.
 
+    Attributes:
+        request: What the job asked of it (`PollRequest`).
+        stopped: The job stopped it.
+    """
+
+    request: Any = None
     stopped: bool = False
 
     def stop(self) -> None:
@@ -285,7 +291,7 @@ class FakeWebUI:
     task_tracking: bool = False
     client: Any = None
     folder: JobFolder | None = None
-    prepares: int = 0
+    prepared: list[str] = attrs.field(factory=list)
     sent: list[tuple[str, dict[str, Any], str | None]] = attrs.field(factory=list)
     probes: list[str | None] = attrs.field(factory=list)
     pollers: list[FakePoller] = attrs.field(factory=list)
@@ -296,8 +302,8 @@ class FakeWebUI:
         """Samples come from the rules directly."""
 
     def prepare(self, spec: JobSpec, job_id: str) -> None:
-        """Noted; the rules answer it with `folder`."""
-        self.prepares += 1
+        """Noted (the job's id, each time); the rules answer it with `folder`."""
+        self.prepared.append(job_id)
 
     def probe(self, task_id: str | None) -> None:
         """Noted; the rules answer it (`JobRules.probe_answers`) or let it time out."""
@@ -315,7 +321,7 @@ class FakeWebUI:
 
     @hookimpl
     def sdjobs_start_polling(self, request: Any) -> FakePoller:
-        self.pollers.append(FakePoller())
+        self.pollers.append(FakePoller(request))
         return self.pollers[-1]
 
     def answer(self, spec: JobSpec, quirks: Quirks | None = None) -> GenerationResult:
@@ -377,11 +383,11 @@ class HookRecorder:
 
     @hookimpl
     def sdjobs_job_started(self, status, spec):
-        self._record("job_started", status=status)
+        self._record("job_started", status=status, spec=spec)
 
     @hookimpl
     def sdjobs_stage_started(self, status, stage):
-        self._record("stage_started", status=status)
+        self._record("stage_started", status=status, stage=stage)
 
     @hookimpl
     def sdjobs_progress(self, status):
@@ -397,7 +403,7 @@ class HookRecorder:
 
     @hookimpl
     def sdjobs_job_finished(self, status, outcome, error, results):
-        self._record("job_finished", status=status, outcome=outcome, error=error)
+        self._record("job_finished", status=status, outcome=outcome, error=error, results=results)
 
 
 class RaisingObserver:

@@ -50,6 +50,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         [
             "tests/test_machine.py",
             "tests/test_job_paths.py",
+            "tests/test_job_records.py",
             "tests/test_job_properties.py",
             "tests/test_job_start.py",
             "tests/test_hook_sequence.py",
