@@ -107,7 +107,7 @@ class JobSettings:
     preview: bool = False
 
 
-def task_id(job_id: str, stage_index: int, number: int, retries: int = 0) -> str:
+def task_id(job_id: str, stage_index: int, number: int, retries: int) -> str:
     """The task id of request ``number`` (1-based) of a stage, sent again ``retries`` times:
     `sdjobs-<job id>-<stage>-<number>[-r<retries>]`, ours beyond doubt."""
     return f"sdjobs-{job_id}-{stage_index + 1}-{number}{f'-r{retries}' if retries else ''}"
@@ -476,7 +476,7 @@ class Job:
         # where an interrupt cut the request, read before the tracker counts the request as answered
         cut = self._cut() if self.state in ("interrupting", "stall_interrupting") else None
         stage.tracker.request_returned(self.clock())
-        first = int(result.info.get("index_of_first_image", 0) or 0)
+        first = int(result.info.get("index_of_first_image") or 0)
         source = stage.request.source
         fallback = read_parameters(source) if source else None
         seeds = result.seeds

@@ -237,6 +237,23 @@ def test_a_cancel_before_any_sample_asks_whose_job_runs_and_interrupts_ours(tmp_
     assert started.job.outcome is JobState.CANCELLED and result.cut["step"] == (None if task_tracking else 1)
 
 
+def test_a_cancel_once_our_job_is_no_longer_seen_running_asks_again_and_cuts_where_the_probe_says(tmp_path):
+    started = Started(tmp_path)
+    for step in (1, 2, 3):
+        started.clock.advance(1.0)
+        started.job.sample(info=sample(step, 10), task=active_task(step / 10))
+    started.clock.advance(1.0)
+    started.job.sample(info=None, task=TaskProgress(active=False, queued=False, completed=False, textinfo="Waiting..."))
+    started.job.cancel(mode=CancelMode.NOW)
+    assert started.job.state == "asking"
+    started.clock.advance(1.0)
+    started.job.probed(info=sample(4, 10), task=active_task(0.4))
+    assert started.job.state == "interrupting"
+    started.answer()
+    [result] = started.job.results
+    assert started.job.outcome is JobState.CANCELLED and result.cut["step"] == 4
+
+
 def test_without_task_ids_the_job_the_server_ran_before_ours_is_not_taken_for_ours(tmp_path):
     started = Started(tmp_path, task_tracking=False)
     assert started.job.state == "baseline"

@@ -60,6 +60,10 @@ def test_each_stage_s_result_says_what_it_made_when_where_and_how_fast(tmp_path)
     assert started.results()[1].started_at == 1003.0 and started.results()[1].elapsed == 2.0
 
 
+#: What a stage has not shown yet when it starts.
+FRESH = ("image", "images", "step", "steps", "pass_kind", "face", "eta", "queue_position", "preview")
+
+
 def test_a_stage_starts_afresh_what_the_last_one_showed_is_not_shown_in_the_next(tmp_path):
     """Queue place, image k/n, step, pass, face, ETA and preview belong to the stage that showed them."""
     faces = {"type": "adetailer", "ad_model": "face_yolov8n.pt", "ad_denoising_strength": 0.4}
@@ -80,14 +84,10 @@ def test_a_stage_starts_afresh_what_the_last_one_showed_is_not_shown_in_the_next
     assert (faces_end.pass_kind, faces_end.face, faces_end.image, faces_end.preview) == ("face", (1, 2), 2, "QUJD")
     calls = started.calls("stage_started")
     assert [call["stage"] for call in calls] == list(started.spec.stages)
-    for call in calls:
+    for index, call in enumerate(calls):
         status = call["status"]
-        assert (status.stage, status.stage_index, status.progress) == (call["stage"].type, calls.index(call), 0.0)
+        assert (status.stage, status.stage_index, status.progress) == (call["stage"].type, index, 0.0)
         assert attrs.asdict(status, filter=lambda field, _: field.name in FRESH) == dict.fromkeys(FRESH)
-
-
-#: What a stage has not shown yet when it starts.
-FRESH = ("image", "images", "step", "steps", "pass_kind", "face", "eta", "queue_position", "preview")
 
 
 def test_a_failed_job_s_manifest_says_why_and_its_status_where(tmp_path):
