@@ -38,7 +38,8 @@ class Started:
         later = [{"type": "img2img"}] * (stages - 1) if later is None else later
         self.spec = JobSpec.from_mapping({"name": "cat", "seed": 7, "stages": [first or {"type": "txt2img"}, *later]})
         self.clock = FakeClock()
-        self.webui = FakeWebUI(task_tracking=task_tracking, folder=JobFolder.create(tmp_path, "job-1"))
+        # its client stands in for the port's, which the job hands to each poller and never calls itself
+        self.webui = FakeWebUI(task_tracking=task_tracking, client=object(), folder=JobFolder.create(tmp_path, "job-1"))
         self.recorder = HookRecorder()
         manager = make_plugin_manager(load_entry_points=False, disabled=["sdjobs.plugins.progress_poller"])
         manager.register(self.recorder, name="recorder")

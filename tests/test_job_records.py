@@ -4,6 +4,7 @@ each hook gets, each stage's result, the images' PNG text and the manifest.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import shutil
@@ -13,6 +14,7 @@ import pytest
 from job_helpers import Started
 from PIL import Image
 
+from sdjobs import hookimpl
 from sdjobs.client import GenerationResult
 from sdjobs.history import CostModel, ServerHistory
 from sdjobs.job import JobSettings
@@ -24,6 +26,42 @@ from sdjobs.testing import GRID_SIZE, Quirks, active_task, png, sample
 
 def manifest(started: Started) -> dict:
     return json.loads((started.webui.folder.path / MANIFEST).read_text())
+
+
+class AmendsPayloads:
+    """A plugin that adds a key to each payload and notes the stage and status it was handed."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[object, int]] = []
+
+    @hookimpl
+    def sdjobs_amend_payload(self, payload, stage, status):
+        self.seen.append((stage, status.stage_index))
+        payload["comment"] = "amended"
+
+
+def test_a_request_goes_out_as_plugins_amended_it_with_a_poller_following_its_task(tmp_path):
+    plugin = AmendsPayloads()
+    started = Started(tmp_path, JobSettings(poll_interval=0.25), plugins=(plugin,))
+    [(endpoint, payload, task)] = started.webui.sent
+    assert (endpoint, payload["comment"], task) == ("txt2img", "amended", "sdjobs-job-1-1-1")
+    assert plugin.seen == [(started.spec.stages[0], 0)]
+    poll = started.webui.pollers[-1].request
+    assert (poll.client, poll.interval, poll.report, poll.task_id) == (started.webui.client, 0.25, started.webui.report, task)
+    assert started.job.deadline is None  # nothing is late while a generation runs: it takes what it takes
+
+
+def test_a_resumed_job_goes_on_at_its_first_unfinished_stage_from_the_images_the_finished_one_wrote(tmp_path):
+    earlier = Started(tmp_path / "earlier", stages=2)
+    earlier.answer()
+    [finished] = earlier.job.results
+    started = Started(tmp_path / "again", stages=2, finished_before=(finished,))
+    [(endpoint, payload, task)] = started.webui.sent
+    assert (endpoint, task) == ("img2img", "sdjobs-job-1-2-1")
+    assert payload["init_images"] == [base64.b64encode(finished.images[0].read_bytes()).decode()]
+    started.answer()
+    assert started.job.outcome is JobState.DONE and [result.stage for result in started.job.results] == ["txt2img", "img2img"]
+    assert [status.stage_index for status in started.statuses("stage_started")] == [1]
 
 
 def test_the_job_s_first_status_names_the_job_its_first_stage_and_its_server(tmp_path):
