@@ -384,7 +384,7 @@ class Job:
         die_at("sample")
         info, task = event.kwargs["info"], event.kwargs["task"]
         stage, now = self.stage, self.clock()
-        changed = stage.tracker.fold(info, task, now, silent=event.kwargs.get("silent", False))
+        changed = stage.tracker.fold(info, task, now, silent=bool(event.kwargs.get("silent")))
         if self.settings.preview and stage.tracker.running:
             preview = (task and task.live_preview) or (info and info.current_image)
             preview = preview and preview.rpartition("base64,")[2]  # a data: URI from /internal
