@@ -1,13 +1,18 @@
-"""The `sdjobs` command as a user runs it: in a process of its own, read as it writes."""
+"""The `sdjobs` command as a user runs it: in a process of its own, read as it writes; and a
+call in a fork of the test process, for what must happen in another process (or as another user)
+to the very code under test."""
 
 from __future__ import annotations
 
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -90,3 +95,46 @@ class Lines:
         """Everything, once the pipe has closed."""
         self._reader.join(timeout)
         return "".join(self.lines)
+
+
+#: The user `in_fork` drops to for a check that binds root to nothing (file permissions, signals).
+NOBODY = 65534
+
+
+def in_fork(call: Callable[[], object], *, user: int | None = None, timeout: float = 30.0) -> tuple[str, int]:
+    """Run ``call`` in a fork of this process, as user ``user`` when given (which needs root).
+
+    Returns what it returned, or the error it raised, as text ("" if the fork was killed first),
+    and how the fork ended (`os.waitpid`'s status).  The fork runs this process's code as it is:
+    under `./dev mutate`, the mutant too, unlike a process started anew.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the fork: never returns into pytest
+        try:
+            os.close(read)
+            if user is not None:
+                os.setgid(user)
+                os.setuid(user)
+            try:
+                answer = str(call())
+            except Exception as error:
+                answer = f"{type(error).__name__}: {error}"
+            os.write(write, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while select.select([read], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            if not (chunk := os.read(read, 65536)):
+                break  # the fork has ended
+            chunks.append(chunk)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"the forked call did not end within {timeout} s")
+    finally:
+        os.close(read)
+        _, status = os.waitpid(pid, 0)
+    return b"".join(chunks).decode(), status

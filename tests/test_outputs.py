@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import signal
 import struct
 import time
 import zlib
@@ -17,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
+from process_helpers import in_fork
 
 from sdjobs.outputs import (
     MANIFEST,
@@ -283,6 +285,21 @@ def test_text_chunks_read_as_pillow_reads_them(texts):
         assert read_text_chunks(buffer.getvalue()) == dict(image.text) == {key: text for key, text, _ in texts}
 
 
+def test_each_kind_of_text_chunk_reads_back():
+    """One of each kind, beyond ASCII (the property test above meets them all only in longer runs)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("plain", "café")
+    info.add_text("zipped", "café au lait", zip=True)
+    info.add_itxt("international", "☃ snow")
+    info.add_itxt("zipped international", "☃ snow, zipped", zip=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, "PNG", pnginfo=info)
+    assert chunks(buffer.getvalue()) == ["IHDR", "tEXt", "zTXt", "iTXt", "iTXt", "IDAT", "IEND"]
+    assert read_text_chunks(buffer.getvalue()) == {
+        "plain": "café", "zipped": "café au lait", "international": "☃ snow", "zipped international": "☃ snow, zipped",
+    }
+
+
 def test_text_after_the_pixels_is_read_too():
     source = png("before")
     end = source.rindex(b"IEND") - 4  # IEND's length field
@@ -352,6 +369,20 @@ def test_the_manifest_is_replaced_whole_and_leaves_no_scratch_file(folder):
     assert sorted(path.name for path in folder.path.iterdir()) == ["manifest.json"]
     manifest = json.loads((folder.path / "manifest.json").read_text())
     assert (manifest["outcome"], manifest["error"]) == ("failed", "stage 1 (txt2img): 500 from the server")
+
+
+def test_a_manifest_rewrite_killed_at_its_rename_leaves_the_last_one_whole(folder):
+    """The kill point tests/test_kill.py kills whole runs at, here in a fork of this process."""
+    spec = JobSpec.from_mapping({"name": "cat", "seed": 1, "stages": [{"type": "txt2img"}]})
+    folder.write_manifest(spec, [], outcome="running")
+
+    def write_killed_at_the_rename() -> None:
+        os.environ["SDJOBS_TEST_DIE_AT"] = "rename-manifest.json"
+        folder.write_manifest(spec, [], outcome=JobState.DONE)
+
+    _, status = in_fork(write_killed_at_the_rename)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert json.loads((folder.path / "manifest.json").read_text())["outcome"] == "running"
 
 
 def test_an_image_and_the_last_manifest_reach_the_disk_before_their_names_do(folder, monkeypatch):

@@ -7,7 +7,6 @@ real process (`subprocess`), synchronised by lines on its pipes.
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import signal
 import sqlite3
@@ -16,11 +15,12 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import platformdirs
 import pytest
+from process_helpers import NOBODY, in_fork
 
 from sdjobs.spec import JobSpec
 from sdjobs.sqlite_store import (
@@ -237,6 +237,7 @@ def test_a_queue_that_cannot_be_read_is_refused(path):
         path.chmod(0o600)
 
 
+#: The tests run as root here, whom no file permission binds: a real refusal needs another user.
 needs_root = pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="drops to another user: needs root")
 
 
@@ -249,45 +250,13 @@ def shared_folder() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def as_nobody(call: Callable[[], object]) -> str:
-    """What ``call`` returns, or the error it raises, as text, run by user nobody (65534) in a fork of this process.
-
-    The tests run as root here, whom no file permission binds: a real refusal needs another user.
-    """
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            os.close(read)
-            os.setgid(65534)
-            os.setuid(65534)
-            try:
-                answer = str(call())
-            except Exception as error:
-                answer = f"{type(error).__name__}: {error}"
-            os.write(write, answer.encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    try:
-        if not select.select([read], [], [], 30)[0]:
-            os.kill(pid, signal.SIGKILL)
-            pytest.fail("the child running as nobody did not answer")
-        chunks = []
-        while chunk := os.read(read, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(read)
-        os.waitpid(pid, 0)
-    return b"".join(chunks).decode()
-
-
 @needs_root
 def test_a_queue_another_user_may_read_but_not_write_is_refused(shared_folder):
     path = shared_folder / "queue.db"
     SQLiteStore(path).close()
     path.chmod(0o644)
-    assert as_nobody(lambda: SQLiteStore(path)) == f"StoreUnreadable: {path}: cannot read and write the queue (permission denied)"
+    refused = f"StoreUnreadable: {path}: cannot read and write the queue (permission denied)"
+    assert in_fork(lambda: SQLiteStore(path), user=NOBODY) == (refused, 0)
 
 
 @needs_root
@@ -304,7 +273,7 @@ def test_a_worker_of_another_user_on_this_machine_is_not_counted_gone(shared_fol
             theirs.recover()
             return [registered.id for registered in theirs.workers()]
 
-    assert as_nobody(recover_as_another_user) == str([worker.id])
+    assert in_fork(recover_as_another_user, user=NOBODY) == (str([worker.id]), 0)
 
 
 # --------------------------------------------------------------------------
