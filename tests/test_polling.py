@@ -131,6 +131,28 @@ def test_a_slow_sample_is_not_followed_by_a_burst(webui_sim):
     assert len([sent for sent in later if sent < slow_sent + interval]) <= 1
 
 
+def test_the_first_sample_is_one_interval_in(webui_sim):
+    """At once, the request has barely left: its first sample would say nothing."""
+    samples = Samples()
+    with WatchedClient(webui_sim.url) as client:
+        started = time.monotonic()
+        poller = ThreadPoller(PollRequest(client=client, interval=0.2, report=samples)).start()
+        assert samples.wait_for(lambda *sample: True)
+        poller.stop()
+    assert client.sent[0] - started >= 0.2
+
+
+def test_a_poller_never_stopped_does_not_keep_the_process_alive(webui_sim):
+    before = set(threading.enumerate())
+    with WebUIClient(webui_sim.url) as client:
+        poller = ThreadPoller(PollRequest(client=client, interval=30, report=Samples())).start()
+        try:
+            [thread] = set(threading.enumerate()) - before
+            assert thread.daemon, "the interpreter would wait for it at exit"
+        finally:
+            poller.stop()
+
+
 @pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.001, progress_latency=2.0)])
 def test_stop_returns_at_once_while_a_progress_request_hangs(webui_sim):
     samples = Samples()
@@ -288,12 +310,23 @@ def test_a_failing_report_is_logged_once_with_its_traceback_then_at_debug_level(
 
 def test_a_report_may_stop_its_own_poller(webui_sim, webui_client, caplog):
     poller: list[ThreadPoller] = []
-    calls = Calls(lambda: poller[0].stop())
+    stopping: list[Exception | None] = []  # what stop() raised on the poller's own thread
+    stopped = threading.Event()
+
+    def stop_own_poller() -> None:
+        try:
+            poller[0].stop()
+            stopping.append(None)
+        except Exception as error:  # handed to the test
+            stopping.append(error)
+        stopped.set()
+
+    calls = Calls(stop_own_poller)
     poller.append(ThreadPoller(PollRequest(client=webui_client, interval=0.005, report=calls)))
     poller[0].start()
-    assert calls.wait_for(lambda *_: True)
+    assert stopped.wait(10)
     poller[0].stop()
-    assert len(calls.received) == 1
+    assert stopping == [None] and len(calls.received) == 1
     assert [record for record in caplog.records if record.name == POLLER] == []
 
 
