@@ -108,7 +108,7 @@ class _Reading:
         """Read a global sample; `eta`, when given, replaces its `eta_relative`."""
         count, job_no = info.job_count, max(info.job_no, 0)
         step = info.current_step if info.current_step is not None and info.current_step >= 0 else None
-        steps = info.total_steps if info.total_steps and info.total_steps > 0 else None
+        steps = info.total_steps if info.total_steps is not None and info.total_steps > 0 else None
         if count < 0:  # `begin()` has run, nothing else yet
             fraction: float | None = 0.0
         elif job_no >= count > 0:
@@ -157,7 +157,7 @@ class _GlobalOwnership:
         ended: Our job has been seen and is over: nothing later is ours.
     """
 
-    busy: bool
+    busy: bool = False
     stamp: str | None = None
     position: tuple[int, int, int] = (0, 0, 0)
     ours: bool = False
@@ -167,7 +167,7 @@ class _GlobalOwnership:
     def after(cls, baseline: ProgressInfo | None) -> _GlobalOwnership:
         """Start from a sample taken just before the request was sent (None: unknown, as idle)."""
         if baseline is None or baseline.idle:
-            return cls(busy=False)
+            return cls()
         return cls(busy=True, stamp=baseline.job_timestamp, position=_position(baseline))
 
     def claim(self, info: ProgressInfo) -> bool:
@@ -271,7 +271,8 @@ class RequestShape:
     def of(
         cls, kind: str, settings: Mapping[str, Any], adetailer: Mapping[str, Any] | None = None
     ) -> RequestShape:
-        """The shape of one `txt2img`, `img2img` or `adetailer` request with these WebUI settings.
+        """The shape of one `txt2img`, `img2img` or `adetailer` request with these WebUI settings
+        (any other kind, such as an upscale stage's, is sent as img2img).
 
         `adetailer` is ADetailer's tab (`ad_*` keys) when ADetailer runs on it
         (always for an `adetailer` stage); `settings` give the image size as sent.
@@ -308,8 +309,7 @@ class RequestShape:
         settings = dict(stage.settings)
         if stage.type != "txt2img":  # sampled at the size of its input, as the plan says
             settings["width"], settings["height"] = plan.size
-        kind = "img2img" if stage.type == "upscale" else stage.type
-        return cls.of(kind, settings, stage.adetailer or None)
+        return cls.of(stage.type, settings, stage.adetailer or None)  # an upscale is an img2img request
 
     @classmethod
     def even(cls, steps: int | None, passes: int, iterations: int) -> RequestShape:
@@ -575,7 +575,7 @@ class StageTracker:
         it failed, taken as idle); in task mode the server names our task.
         """
         self._in_flight, self._task_mode, self.running, self.silent = True, task_mode, False, False
-        self._owner = None if task_mode else _GlobalOwnership.after(baseline)
+        self._owner = _GlobalOwnership.after(baseline)  # asked in global mode only
         self._sent_at = now
         self._request = _Request(moved_at=now, sent=now)
 
@@ -692,9 +692,7 @@ class StageTracker:
         current = self._request_eta(now)
         if current is None:
             return None
-        left = self.requests - self._returned - 1
-        if left <= 0:
-            return current
+        left = max(self.requests - self._returned - 1, 0)
         if self._durations:
             per_request = sum(self._durations) / len(self._durations)
         else:
@@ -716,7 +714,7 @@ class StageTracker:
         if not self.silent and (not self.running or self._blind):
             return None
         quiet = self.quiet_for(now)
-        return max(quiet - _QUIET_ALLOWANCE * self._quiet_expected(), 0.0) if quiet > 0 else quiet
+        return max(quiet - _QUIET_ALLOWANCE * self._quiet_expected(), 0.0)
 
     def quiet_for(self, now: float) -> float:
         """Seconds since the request in flight last showed a change (or was sent)."""
@@ -801,7 +799,7 @@ class StageTracker:
         start, done_then = request.anchor
         if fraction > start:
             done = done_then + (fraction - start) * (1.0 - done_then) / (1.0 - start)
-            request.done = max(request.done, min(done, 1.0))
+            request.done = max(request.done, done)  # never past 1, as the server's share never is
         self._raise_progress((self._returned + request.done) / self.requests)
 
     def _raise_progress(self, value: float) -> None:
@@ -872,15 +870,11 @@ class StageTracker:
         request, observed = self._request, self._observed
         observed.requests.append(now - request.sent)
         sequence = self._sequence()
-        timed = False
-        for j, log in sorted(request.logs.items()):
-            rate = log.mean_rate()
-            if rate is not None and rate > 0 and j < len(sequence):
-                shape = sequence[j][0]
-                observed.rates.append([shape.pixels, shape.batch, rate])
-                timed = True
+        rates = [(sequence[j][0], log.mean_rate()) for j, log in sorted(request.logs.items()) if j < len(sequence)]
+        timed = [[shape.pixels, shape.batch, rate] for shape, rate in rates if rate is not None and rate > 0]
+        observed.rates += timed
         steps = sum(self._steps_of(shape, request.logs.get(j)) for j, (shape, _) in enumerate(sequence))
-        if not timed and request.last is not None and sequence and steps:
+        if not timed and request.last is not None and steps:
             # steps too quick for the polls to time two of one pass: the whole request, per step
             first = sequence[0][0]
             observed.rates.append([first.pixels, first.batch, (now - request.sent) / steps])
@@ -982,7 +976,7 @@ class StageTracker:
             here = self.prior.seconds_per_step(shape.pixels, shape.batch)
             if there and here:
                 return rate * here / there
-        return rate * (shape.work / (max(pixels, 1) * max(batch, 1))) ** _WORK_EXPONENT
+        return rate * (shape.work / PassShape(None, pixels, batch).work) ** _WORK_EXPONENT
 
     def _tail(self, shape: PassShape, job_no: int) -> float:
         """After a pass's last step: the hand-over to hires, the decode before the next pass,

@@ -42,6 +42,7 @@ def test_the_other_job_starting_over_in_the_same_second_is_our_job(baseline, ans
 
 def test_the_other_job_going_on_is_not_ours():
     assert ours_after(sample(5, job_no=1, job_count=2, stamp=OTHER), sample(6, job_no=1, job_count=2, stamp=OTHER)) == [False]
+    assert ours_after(sample(5, stamp=OTHER), sample(5, stamp=OTHER)) == [False]  # still at the same step
 
 
 def test_a_busy_server_counting_no_passes_starts_over_at_begin():
@@ -205,21 +206,31 @@ def test_the_requests_still_to_send_take_the_mean_time_of_those_answered():
     assert tracker.eta(132.0) == 4.0 + 1 * (10.0 + 20.0) / 2
 
 
-def test_the_answers_decode_and_save_after_the_last_pass_is_no_stall_within_what_the_run_expects():
+@pytest.mark.parametrize(
+    "shape",
+    [
+        RequestShape((PassShape(10),)),
+        RequestShape((PassShape(10),), iterations=2),
+        RequestShape.of("txt2img", {"steps": 10, "enable_hr": True, "hr_second_pass_steps": 10}),
+    ],
+    ids=["one pass", "two images", "hires"],
+)
+def test_the_answers_decode_and_save_after_the_last_pass_is_no_stall_within_what_the_run_expects(shape):
     """A1111 counts the last pass done (`job_no == job_count`) while it decodes and saves: that
     quiet phase is expected as long as the stage's first answer took after its last step (not
-    as the quick decode between its two images)."""
-    tracker = StageTracker(requests=2, shape=RequestShape((PassShape(10),), iterations=2))
-    for start in (0.0, 50.0):
+    as a quick decode between passes, nor in proportion to another pass's size)."""
+    passes = len(shape.sequence([]))
+    tracker = StageTracker(requests=2, shape=shape)
+    for start in (0.0, 100.0):
         sent(tracker, now=start)
-        for job_no, begun in ((0, start), (1, start + 10.0)):  # the second image 2 s after the first one
-            for step in range(1, 10):
-                tracker.fold(sample(step, 10, job_no=job_no, job_count=2), None, begun + step)
-        tracker.fold(sample(0, 10, job_no=2, job_count=2), None, start + 19.5)  # every pass counted done
+        for job_no in range(passes):  # 1 s a step, each pass's first step 2 s after the last one's last
+            steps_at(tracker, [start + 10.0 * job_no + s for s in range(1, 10)], job_no=job_no, job_count=passes)
+        last_step = start + 10.0 * passes - 1
+        tracker.fold(sample(0, 10, job_no=passes, job_count=passes), None, last_step + 0.5)  # every pass counted done
         if start == 0.0:
-            tracker.request_returned(start + 39.0)  # 20 s after its last step
-    assert tracker.stalled_for(69.5 + 25.0) == 0.0  # within twice the 20 s the first one took
-    assert tracker.stalled_for(69.5 + 45.0) == 5.0
+            tracker.request_returned(last_step + 20.0)
+    assert tracker.stalled_for(last_step + 0.5 + 25.0) == 0.0  # within twice the 20 s the first one took
+    assert tracker.stalled_for(last_step + 0.5 + 45.0) == 5.0
 
 
 # -- the in-run model: which steps time a pass, what the server shows beyond the plan ---------------
@@ -243,6 +254,24 @@ def test_a_later_pass_is_timed_by_its_first_step_from_its_start():
     tracker.fold(sample(0, 10, job_no=1, job_count=2), None, 10.0)  # the second pass begins
     tracker.fold(sample(1, 10, job_no=1, job_count=2), None, 13.0)
     assert tracker.seconds_per_step == pytest.approx(3.0 / 2)  # steps 0 and 1 in 3 s
+
+
+def test_two_steps_seen_time_the_pass_for_the_history():
+    tracker = sent(StageTracker(), now=2.0)
+    tracker.fold(sample(1, 10), None, 3.0)
+    tracker.fold(sample(3, 10), None, 5.0)
+    tracker.request_returned(14.0)
+    assert [rate for *_, rate in tracker.timing()["rates"]] == [pytest.approx((5.0 - 3.0) / (3 - 1))]
+
+
+def test_finishing_a_stage_with_a_request_still_out_counts_it_answered_then():
+    tracker = sent(StageTracker(), now=2.0)
+    tracker.fold(sample(1, 10), None, 3.0)
+    tracker.fold(sample(3, 10), None, 5.0)
+    tracker.finish(6.0)
+    assert (tracker.progress, tracker.eta(6.0), tracker.running) == (1.0, 0.0, False)
+    assert not tracker.fold(sample(6, 10), None, 7.0)  # a late sample: the stage is over
+    assert tracker.timing()["requests"] == [6.0 - 2.0]
 
 
 def test_steps_seen_at_the_same_instant_give_no_rate():
