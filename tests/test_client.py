@@ -381,6 +381,16 @@ def test_a_proxy_from_the_environment_carries_every_call(routes, monkeypatch):
     assert asked == {"http://webui.invalid:7860/sdapi/v1/samplers": 2}
 
 
+def test_a_proxy_set_after_the_client_is_made_is_not_used(routes, closed_port_url, monkeypatch):
+    url, asked = routes({"/sdapi/v1/samplers": (200, [{"name": "Euler"}], "application/json")})
+    for name in ("no_proxy", "NO_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with WebUIClient(url, retries=0) as client:
+        monkeypatch.setenv("HTTP_PROXY", closed_port_url)  # would refuse every call
+        assert client.samplers() == [{"name": "Euler"}]
+    assert asked == {"/sdapi/v1/samplers": 1}
+
+
 @pytest.mark.parametrize("sim_settings", [SimSettings(step_time=0.001, api_auth=f"alice:{SECRET}")])
 def test_credentials_from_netrc_are_sent(webui_sim, tmp_path, monkeypatch):
     netrc = tmp_path / "netrc"
