@@ -11,15 +11,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 settings.register_profile("ci", max_examples=200, deadline=None)
 settings.register_profile("dev", max_examples=50, deadline=None)
 # `./dev mutate` runs the tests once per mutant: fewer examples (and steps), so a full run fits its time, drawn
-# the same way every time (so a mutant's verdict does not change from run to run), and no example
-# database (each mutant's failures would be replayed against the next).
+# the same way every time (so a mutant's verdict does not change from run to run), no example
+# database (each mutant's failures would be replayed against the next), and no shrinking: a failure
+# kills the mutant as it is, and shrinking it could take until the mutant's timeout.
 settings.register_profile(
-    "mutate", max_examples=20, stateful_step_count=20, deadline=None, derandomize=True, database=None
+    "mutate", max_examples=20, stateful_step_count=20, deadline=None, derandomize=True, database=None,
+    phases=(Phase.explicit, Phase.generate),
 )
 settings.load_profile(os.environ.get("SDJOBS_HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
