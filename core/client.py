@@ -308,7 +308,9 @@ class WebUIClient:
     concurrent request its own connection; nothing else in the session changes
     after `__init__`.  Two generation calls at once are not supported.
 
-    Raises ValueError at once for a URL that is not http(s) with a host.
+    A read-only call (GET) that finds no connection, or a gateway's 502, 503 or 504, is asked again
+    up to ``retries`` times, after 0, 0.4, 0.8, 1.6 ... s; a generation, an interrupt or a progress
+    sample is never asked again.  Raises ValueError at once for a URL that is not http(s) with a host.
     """
 
     def __init__(

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 from runner_helpers import Background
+from urllib3.util.retry import Retry
 
 from sdjobs.client import Timeouts, WebUIClient, WebUIError, WebUITimeout, WebUIUnreachable
 from sdjobs.sim import SimSettings
@@ -359,13 +359,31 @@ def test_each_answer_of_a_gateway_whose_server_is_down_is_asked_again(routes, st
     assert counts["/sdapi/v1/samplers"] == 2
 
 
-def test_by_default_a_list_is_asked_four_times_in_all_waiting_between_the_asks(routes):
+@pytest.fixture
+def waits(monkeypatch) -> list[float]:
+    """The waits urllib3 takes before each ask again, recorded instead of slept."""
+    waited: list[float] = []
+    monkeypatch.setattr(Retry, "_sleep_backoff", lambda retry: waited.append(retry.get_backoff_time()))
+    return waited
+
+
+def test_by_default_a_list_is_asked_four_times_in_all_waiting_longer_each_time(routes, waits):
     url, counts = routes({"/sdapi/v1/samplers": BUSY})
-    started = time.monotonic()
     with pytest.raises(WebUIError, match="503"):
         WebUIClient(url).samplers()
     assert counts["/sdapi/v1/samplers"] == 4  # the first ask and three more
-    assert time.monotonic() - started >= 0.4, "the asks came back to back: no backoff"
+    assert waits == [0, 0.4, 0.8]
+
+
+def test_a_progress_sample_is_not_asked_again_even_when_no_connection_opens(closed_port_url, waits):
+    """Unlike a list: a request not sent at all could be sent again, but the next sample is due anyway."""
+    client = WebUIClient(closed_port_url)
+    assert client.internal_progress("task(x)") is None
+    assert client.get_progress() is None
+    assert waits == []
+    with pytest.raises(WebUIUnreachable):
+        client.samplers()
+    assert waits == [0, 0.4, 0.8]
 
 
 def test_a_list_asked_of_a_server_that_stays_unavailable_fails_after_the_retries(routes):

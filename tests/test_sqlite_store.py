@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import platformdirs
 import pytest
 from process_helpers import NOBODY, in_fork
+from runner_helpers import Background
 
 from sdjobs.spec import JobSpec
 from sdjobs.sqlite_store import (
@@ -290,6 +292,29 @@ connection.execute("BEGIN IMMEDIATE")
 print("ready", flush=True)
 sys.stdin.readline()
 """
+
+
+def test_even_the_first_wait_for_a_lock_gives_up_after_the_stores_timeout(path):
+    """Not after sqlite3's own default (5 s): a lock let go after the store's timeout is too late."""
+    SQLiteStore(path).close()
+    store = SQLiteStore(path, timeout=0.3)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    ended = threading.Event()
+
+    def add() -> None:
+        try:
+            store.add([SPEC])
+        finally:
+            ended.set()
+
+    adding = Background(add)
+    ended.wait(timeout=4)
+    holder.execute("ROLLBACK")
+    holder.close()
+    with pytest.raises(StoreLocked):
+        adding.join()
+    store.close()
 
 
 @pytest.mark.parametrize("holder", ["plain", "worker"])
